@@ -1,0 +1,241 @@
+"""Typed configuration: YAML files in `configs/` loaded into frozen dataclasses.
+
+A config has sections `mesh`, `model`, `run` and an optional `rules` table. Unknown keys,
+wrong types and values out of range are `UserError`s that name the key, the value and the
+fix. `key=value` overrides (`--set model.n_layers=4`) go through the same checks. This module
+imports no JAX, so the CLI can validate a config before JAX starts.
+"""
+
+import dataclasses
+import math
+import os
+import typing
+from typing import Any
+
+import yaml
+
+from jaxpar import axes
+from jaxpar.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Sizes of the mesh axes; one of them may be -1 to take the remaining devices."""
+  data: int = -1
+  stage: int = 1
+  model: int = 1
+  cpu_devices: int = 8  # emulated CPU devices when no accelerator is present
+
+  def shape(self, n_devices: int) -> dict[str, int]:
+    """Resolves -1 and checks the product against `n_devices`; returns {axis: size}."""
+    sizes = {name: getattr(self, name) for name in axes.MESH_AXES}
+    free = [name for name, size in sizes.items() if size == -1]
+    fixed = math.prod(size for size in sizes.values() if size != -1)
+    if len(free) > 1:
+      raise UserError(f"mesh: {', '.join(f'mesh.{n}=-1' for n in free)}: at most one axis "
+                      f"may be -1; set the others to explicit sizes")
+    if free:
+      if n_devices % fixed:
+        raise UserError(f"mesh.{free[0]}=-1 cannot fill {n_devices} devices: the other axes "
+                        f"take {fixed}, which does not divide {n_devices}; fix the sizes so their "
+                        f"product divides the device count")
+      sizes[free[0]] = n_devices // fixed
+    elif fixed != n_devices:
+      desc = " x ".join(f"{n}={s}" for n, s in sizes.items())
+      raise UserError(f"mesh {desc} needs {fixed} devices but {n_devices} are present; set one "
+                      f"axis to -1 (e.g. --set mesh.data=-1) or run with --devices {fixed}")
+    return sizes
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """A decoder-only transformer with GPT-2 numerics."""
+  vocab_size: int = 256
+  d_model: int = 64
+  n_heads: int = 4
+  n_layers: int = 2
+  d_ff: int = 256
+  max_seq_len: int = 128
+  layer_norm_eps: float = 1e-5
+  init_std: float = 0.02
+  dtype: str = "float32"
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.n_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  """The batch a command runs on and how it is timed."""
+  batch: int = 8
+  seq_len: int = 64
+  seed: int = 0
+  verify: bool = False  # recompute on one device and report the max difference
+  warmup: int = 1       # untimed calls after compiling
+  iters: int = 5        # timed calls for steady-state throughput
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  mesh: MeshConfig = MeshConfig()
+  model: ModelConfig = ModelConfig()
+  run: RunConfig = RunConfig()
+  # Ordered (logical name, mesh axis | tuple of mesh axes | None) pairs.
+  rules: tuple = axes.DEFAULT_RULES
+
+
+_SECTIONS = {"mesh": MeshConfig, "model": ModelConfig, "run": RunConfig}
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _check_type(key: str, value: Any, kind: Any) -> Any:
+  """Returns `value` as `kind` (int, float, bool, str) or raises a UserError naming `key`."""
+  if kind is float and isinstance(value, int) and not isinstance(value, bool):
+    return float(value)
+  if kind is int and isinstance(value, bool) or not isinstance(value, kind):
+    raise UserError(f"{key}={value!r} is a {type(value).__name__}, expected {kind.__name__}; "
+                    f"fix the value in the config or the --set override")
+  return value
+
+
+def _rule_value(key: str, value: Any) -> Any:
+  """A rule's target: a mesh axis, a list of mesh axes, or null."""
+  targets = value if isinstance(value, (list, tuple)) else [value]
+  if value is None:
+    return None
+  for target in targets:
+    if target not in axes.MESH_AXES:
+      raise UserError(f"{key}={value!r}: {target!r} is not a mesh axis; use one of "
+                      f"{', '.join(axes.MESH_AXES)}, a list of them, or null (replicated)")
+  return tuple(targets) if isinstance(value, (list, tuple)) else value
+
+
+def _rules(key: str, value: Any) -> tuple:
+  if not isinstance(value, dict):
+    raise UserError(f"{key} is a {type(value).__name__}, expected a mapping of logical names to "
+                    f"mesh axes, e.g. 'rules: {{batch: data, mlp: model}}'")
+  table = []
+  for name, target in value.items():
+    if name not in axes.LOGICAL_NAMES:
+      raise UserError(f"{key}.{name}: unknown logical name {name!r}; known names: "
+                      f"{', '.join(axes.LOGICAL_NAMES)}")
+    table.append((name, _rule_value(f"{key}.{name}", target)))
+  return tuple(table)
+
+
+def _section(name: str, cls: type, raw: Any, base: Any) -> Any:
+  if not isinstance(raw, dict):
+    raise UserError(f"{name} is a {type(raw).__name__}, expected a mapping of keys to values")
+  hints = typing.get_type_hints(cls)
+  fields = {f.name for f in dataclasses.fields(cls)}
+  values = {}
+  for key, value in raw.items():
+    if key not in fields:
+      raise UserError(f"{name}.{key}: unknown key; known keys of '{name}': "
+                      f"{', '.join(sorted(fields))}")
+    values[key] = _check_type(f"{name}.{key}", value, hints[key])
+  return dataclasses.replace(base, **values)
+
+
+def from_dict(raw: dict, *, base: Config | None = None) -> Config:
+  """Builds a Config from a nested dict (as parsed from YAML) on top of `base`."""
+  base = base or Config()
+  if raw is None:
+    raw = {}
+  if not isinstance(raw, dict):
+    raise UserError(f"config is a {type(raw).__name__}, expected a mapping with sections "
+                    f"{', '.join([*_SECTIONS, 'rules'])}")
+  updates = {}
+  for name, value in raw.items():
+    if name == "rules":
+      updates["rules"] = _rules("rules", value)
+    elif name in _SECTIONS:
+      updates[name] = _section(name, _SECTIONS[name], value, getattr(base, name))
+    else:
+      raise UserError(f"{name}: unknown config section; known sections: "
+                      f"{', '.join([*_SECTIONS, 'rules'])}")
+  config = dataclasses.replace(base, **updates)
+  validate(config)
+  return config
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+  """'model.n_layers=4' -> (['model', 'n_layers'], 4). Values are parsed as YAML scalars."""
+  key, sep, value = text.partition("=")
+  if not sep or not key or "." not in key:
+    raise UserError(f"--set {text!r}: expected section.key=value, e.g. --set model.n_layers=4")
+  try:
+    parsed = yaml.safe_load(value) if value else None
+  except yaml.YAMLError:
+    raise UserError(f"--set {text!r}: the value {value!r} is not valid YAML; quote it") from None
+  return key.split("."), parsed
+
+
+def apply_overrides(config: Config, overrides: list[str]) -> Config:
+  """Applies `section.key=value` overrides; `rules.NAME=AXIS` sets one rule."""
+  for text in overrides:
+    path, value = parse_override(text)
+    section, key = path[0], ".".join(path[1:])
+    if section == "rules":
+      rules = dict(config.rules)
+      rules[key] = value
+      config = from_dict({"rules": rules}, base=config)
+    else:
+      config = from_dict({section: {key: value}}, base=config)
+  return config
+
+
+def load(path: str | os.PathLike, overrides: list[str] = ()) -> Config:
+  """Loads a YAML config (safe_load) and applies overrides; every error is a UserError."""
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise UserError(f"--config {path}: no such file; pass a YAML file such as "
+                    f"configs/default.yaml")
+  try:
+    with open(path) as f:
+      raw = yaml.safe_load(f)
+  except yaml.YAMLError as e:
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}" if mark else ""
+    raise UserError(f"--config {path}: not valid YAML{where}; fix the syntax") from None
+  return apply_overrides(from_dict(raw), list(overrides))
+
+
+def validate(config: Config) -> None:
+  """Range checks that need no devices (mesh divisibility is checked in `jaxpar.rules`)."""
+  m, r = config.model, config.run
+  positive = [("model.vocab_size", m.vocab_size), ("model.d_model", m.d_model),
+              ("model.n_heads", m.n_heads), ("model.n_layers", m.n_layers),
+              ("model.d_ff", m.d_ff), ("model.max_seq_len", m.max_seq_len),
+              ("run.batch", r.batch), ("run.seq_len", r.seq_len), ("run.iters", r.iters),
+              ("mesh.cpu_devices", config.mesh.cpu_devices)]
+  for key, value in positive:
+    if value < 1:
+      raise UserError(f"{key}={value}: must be at least 1")
+  if r.warmup < 0:
+    raise UserError(f"run.warmup={r.warmup}: must be 0 or more")
+  for name in axes.MESH_AXES:
+    size = getattr(config.mesh, name)
+    if size == 0 or size < -1:
+      raise UserError(f"mesh.{name}={size}: must be a positive size or -1 (fill)")
+  if m.d_model % m.n_heads:
+    raise UserError(f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; "
+                    f"pick a head count that divides the width")
+  if r.seq_len > m.max_seq_len:
+    raise UserError(f"run.seq_len={r.seq_len} exceeds model.max_seq_len={m.max_seq_len} (the "
+                    f"position table); use --set run.seq_len={m.max_seq_len} or less")
+  if m.dtype not in _DTYPES:
+    raise UserError(f"model.dtype={m.dtype!r}: expected one of {', '.join(_DTYPES)}")
+  names = [name for name, _ in config.rules]
+  for name in set(names):
+    if names.count(name) > 1:
+      raise UserError(f"rules.{name}: listed {names.count(name)} times; give each logical name "
+                      f"one rule")
+
+
+def to_dict(config: Config) -> dict:
+  """A plain dict (rules as an ordered mapping) for printing and JSON."""
+  out = {name: dataclasses.asdict(getattr(config, name)) for name in _SECTIONS}
+  out["rules"] = {name: list(t) if isinstance(t, tuple) else t for name, t in config.rules}
+  return out

@@ -1,0 +1,60 @@
+"""Born-sharded parameters for any Flax NNX model.
+
+A model is held as three things: its NNX graph definition, a pure dict of arrays, and a dict
+of the same structure holding each array's `Logical` names (read from the parameters'
+`out_sharding` metadata). The rule table turns the names into shardings; `jax.jit` with those
+`out_shardings` creates every array directly in its shards, never whole on one device.
+"""
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh
+
+from jaxpar.rules import Logical, Rules, check_tree, tree_shardings
+
+MakeModel = Callable[[nnx.Rngs], nnx.Module]
+
+
+def _names(state: nnx.State) -> dict:
+  def logical(variable: nnx.Variable) -> Logical:
+    names = variable.get_metadata().get("out_sharding")
+    if names is None:
+      raise ValueError(f"a {type(variable).__name__} of shape {variable.shape} has no logical "
+                       f"names: create it with out_sharding=(name, ...)")
+    return Logical(tuple(names))
+  return nnx.to_pure_dict(jax.tree.map(logical, state,
+                                       is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
+
+def abstract(make: MakeModel) -> tuple[nnx.GraphDef, dict, dict]:
+  """(graphdef, ShapeDtypeStruct dict, Logical dict) without allocating anything."""
+  with nnx.use_eager_sharding(False):
+    model = nnx.eval_shape(lambda: make(nnx.Rngs(0)))
+  graphdef, state = nnx.split(model)
+  return graphdef, nnx.to_pure_dict(state), _names(state)
+
+
+def init(make: MakeModel, *, seed: int, mesh: Mesh, rules: Rules,
+         keys: Mapping[str, str] = {}) -> tuple[nnx.GraphDef, dict, dict]:
+  """(graphdef, sharded params, names). Layout errors are raised before anything compiles."""
+  graphdef, shapes, names = abstract(make)
+  check_tree(shapes, names, rules, mesh, keys=keys)
+  shardings = tree_shardings(names, rules, mesh)
+
+  def create() -> dict:
+    with nnx.use_eager_sharding(False):
+      return nnx.to_pure_dict(nnx.state(make(nnx.Rngs(seed))))
+
+  with jax.set_mesh(mesh):
+    params = jax.jit(create, out_shardings=shardings)()
+  return graphdef, params, names
+
+
+def param_bytes_per_device(params: Any) -> int:
+  """Bytes of the parameters held by one device (the first), read from the shards."""
+  device = min(jax.tree.leaves(params)[0].sharding.device_set, key=lambda d: d.id)
+  return sum(shard.data.nbytes for leaf in jax.tree.leaves(params)
+             for shard in leaf.addressable_shards if shard.device == device)
