@@ -64,6 +64,8 @@ BAD = [
     (["--set", "rules.foo=model"], "rules.foo: unknown logical name 'foo'"),
     (["--set", "rules.mlp=tensor"], "'tensor' is not a mesh axis"),
     (["--set", "rules.embed=model", "--set", "mesh.model=2"], "rule conflict"),
+    (["--set", "rules.batch=[data,model]", "--set", "mesh.model=2"],
+     "logical names 'batch' and 'vocab' both map to mesh axis 'model'"),
     (["--set", "run.seq_len=64"], "run.seq_len=64 exceeds model.max_seq_len=32"),
     (["--set", "run.batch=3"], "run.batch=3 does not split over mesh.data=8"),
     (["--set", "mesh.stage=2", "--set", "mesh.data=4"], "mesh.stage=2: the pipeline"),

@@ -68,31 +68,35 @@ def build(config: Config, mesh: Mesh, *, params: dict | None = None,
   """Checks the layout, creates (or places) the parameters and jits the forward pass.
 
   `params` (a dict in the model's structure, e.g. gathered from another mesh) replaces the
-  seeded initialisation; it is placed on this mesh's shardings.
+  seeded initialisation; it is placed on this mesh's shardings. `vocab_multiple` overrides the
+  vocabulary padding (default: the number of ways the rules split `vocab` on this mesh).
   """
   if mesh.shape[axes.STAGE] > 1:
     raise UserError(f"mesh.stage={mesh.shape[axes.STAGE]}: the pipeline over `stage` is not "
                     f"available yet; use --set mesh.stage=1")
   rules = Rules(config.rules)
   check_batch(config, mesh, rules)
-  multiple = vocab_multiple or gpt.vocab_multiple(rules, mesh.shape)
-  make = lambda rngs: gpt.GPT(config.model, vocab_multiple=multiple, rngs=rngs)
-  if params is None:
-    graphdef, params, names = state.init(make, seed=config.run.seed, mesh=mesh, rules=rules,
-                                         keys=gpt.CONFIG_KEYS)
-  else:
-    graphdef, shapes, names = state.abstract(make)
-    check_tree(shapes, names, rules, mesh, keys=gpt.CONFIG_KEYS)
-    params = jax.device_put(params, tree_shardings(names, rules, mesh))
-
-  param_shardings = tree_shardings(names, rules, mesh)
   token_sharding = rules.sharding((axes.BATCH, axes.SEQ), mesh, what="tokens")
   logits_sharding = rules.sharding((axes.BATCH, axes.SEQ, axes.VOCAB), mesh, what="logits")
+  multiple = vocab_multiple or gpt.vocab_multiple(rules, mesh.shape)
+  make = lambda rngs: gpt.GPT(config.model, vocab_multiple=multiple, rngs=rngs)
+  graphdef, shapes, names = state.abstract(make)
+  check_tree(shapes, names, rules, mesh, keys=gpt.CONFIG_KEYS)
+  param_shardings = tree_shardings(names, rules, mesh)
 
   def forward(params: dict, tokens_BT: jax.Array) -> jax.Array:
     with use_rules(rules):
       return nnx.merge(graphdef, params)(tokens_BT)
 
+  # Trace once abstractly: every activation's layout is checked before anything compiles.
+  tokens_shape = jax.ShapeDtypeStruct((config.run.batch, config.run.seq_len), jnp.int32)
+  with jax.set_mesh(mesh):
+    jax.eval_shape(forward, shapes, tokens_shape)
+
+  if params is None:
+    params = state.create(make, seed=config.run.seed, mesh=mesh, shardings=param_shardings)
+  else:
+    params = jax.device_put(params, param_shardings)
   fn = jax.jit(forward, in_shardings=(param_shardings, token_sharding),
                out_shardings=logits_sharding)
   return Forward(config, mesh, rules, graphdef, params, names, fn)

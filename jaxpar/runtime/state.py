@@ -37,19 +37,22 @@ def abstract(make: MakeModel) -> tuple[nnx.GraphDef, dict, dict]:
   return graphdef, nnx.to_pure_dict(state), _names(state)
 
 
+def create(make: MakeModel, *, seed: int, mesh: Mesh, shardings: Any) -> dict:
+  """Runs the model's initialisers under jit, each array created in its shards."""
+  def params() -> dict:
+    with nnx.use_eager_sharding(False):
+      return nnx.to_pure_dict(nnx.state(make(nnx.Rngs(seed))))
+
+  with jax.set_mesh(mesh):
+    return jax.jit(params, out_shardings=shardings)()
+
+
 def init(make: MakeModel, *, seed: int, mesh: Mesh, rules: Rules,
          keys: Mapping[str, str] = {}) -> tuple[nnx.GraphDef, dict, dict]:
   """(graphdef, sharded params, names). Layout errors are raised before anything compiles."""
   graphdef, shapes, names = abstract(make)
   check_tree(shapes, names, rules, mesh, keys=keys)
-  shardings = tree_shardings(names, rules, mesh)
-
-  def create() -> dict:
-    with nnx.use_eager_sharding(False):
-      return nnx.to_pure_dict(nnx.state(make(nnx.Rngs(seed))))
-
-  with jax.set_mesh(mesh):
-    params = jax.jit(create, out_shardings=shardings)()
+  params = create(make, seed=seed, mesh=mesh, shardings=tree_shardings(names, rules, mesh))
   return graphdef, params, names
 
 
