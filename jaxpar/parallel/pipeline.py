@@ -1,0 +1,194 @@
+"""A collective-permute pipeline over the `stage` mesh axis, for any stage function.
+
+The layer stack is cut into S stages; with R repeats (the circular, or interleaved, schedule)
+each stage holds R non-contiguous chunks of layers: chunk (r, s) holds layers
+[(r*S + s) * Lc, (r*S + s + 1) * Lc) with Lc = L / (R*S). R = 1 is GPipe. Parameters arrive as
+a pytree with leaves [S, R, Lc, ...] sharded over `stage` on dim 0 (see `to_stages`), so each
+device holds only its own chunks. The batch is cut into M microbatches (strided, so the `data`
+split of the batch stays inside each microbatch).
+
+Schedule, one `lax.scan` of T = R*M + S - 1 ticks inside `jax.shard_map` over `stage` only
+(`data` and `model` stay automatic, so tensor parallelism inside a stage keeps working):
+
+    msg    = bubble          # the activation each stage received from the previous one
+    parked = [bubble] * M    # stage 0 only (R > 1): activations back from the last stage
+    out    = [0] * M         # last stage only: the finished microbatches
+    for t in range(R*M + S - 1):           # every stage runs every tick (SPMD)
+      i = t - s                            # the work item of stage s: repeat i // M,
+      r, m = i // M, i % M                 #   microbatch i % M; idle unless 0 <= i < R*M
+      if s == 0 and 0 <= t-S < (R-1)*M:    # item t-S left the last stage at tick t-1
+        parked[(t-S) % M] = msg            #   and must wait for its next repeat
+      x = (input[m] if r == 0 else parked[m]) if s == 0 else msg
+      x = x if 0 <= i < R*M else bubble    # bubble ticks compute on filler, never kept
+      y = stage_fn(params[s][r], x)        # chunk r of this stage: a local dynamic index
+      if s == S-1 and r == R-1 and 0 <= i < R*M:
+        out[m] = y
+      msg = ppermute(y, s -> (s+1) % S)    # one collective-permute per tick
+
+Stage 0 needs item (r, m) at tick r*M + m and it comes back at tick (r-1)*M + m + S, so the
+circular schedule needs M >= S (`check` says so up front; with M < S the result would be
+silently wrong). The bubble, the fraction of stage-ticks spent idle, is (S-1) / (R*M + S-1).
+At the end the last stage sends microbatches [k*M/S, (k+1)*M/S) to stage k (S - 1
+collective-permutes), so the output leaves with its batch split over `stage` as well and no
+stage idles through the work that follows (M must be a multiple of S).
+"""
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import Mesh, PartitionSpec as P
+
+from jaxpar.axes import STAGE
+from jaxpar.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+  stages: int
+  microbatches: int
+  repeats: int = 1
+
+  @property
+  def ticks(self) -> int:
+    return self.repeats * self.microbatches + self.stages - 1
+
+  @property
+  def bubble(self) -> float:
+    """Idle fraction of stage-ticks: (S - 1) / (R*M + S - 1)."""
+    return (self.stages - 1) / self.ticks
+
+  def grid(self) -> np.ndarray:
+    """[stages, ticks] int array: the work item i = r*M + m each stage runs, -1 when idle."""
+    t = np.arange(self.ticks)[None, :]
+    s = np.arange(self.stages)[:, None]
+    i = t - s
+    return np.where((i >= 0) & (i < self.repeats * self.microbatches), i, -1)
+
+  def as_dict(self) -> dict:
+    return {"stages": self.stages, "microbatches": self.microbatches, "repeats": self.repeats,
+            "ticks": self.ticks, "bubble": self.bubble}
+
+
+def check(schedule: Schedule, *, n_layers: int, batch: int, data: int = 1) -> None:
+  """One-line UserErrors for layouts the schedule cannot run, before anything compiles."""
+  S, M, R = schedule.stages, schedule.microbatches, schedule.repeats
+  if M < 1 or R < 1:
+    raise UserError(f"pipeline.microbatches={M}, pipeline.repeats={R}: both must be at least 1")
+  if n_layers % (S * R):
+    raise UserError(f"model.n_layers={n_layers} is not divisible by mesh.stage={S} x "
+                    f"pipeline.repeats={R}; choose stages and repeats whose product divides "
+                    f"the layer count")
+  if batch % M:
+    raise UserError(f"run.batch={batch} is not divisible by pipeline.microbatches={M}; choose "
+                    f"a microbatch count that divides the batch")
+  if (batch // M) % data:
+    raise UserError(f"a microbatch of run.batch / pipeline.microbatches = {batch // M} rows "
+                    f"does not split over mesh.data={data}; use fewer microbatches or a batch "
+                    f"that gives each microbatch a multiple of {data} rows")
+  if M % S:
+    raise UserError(f"pipeline.microbatches={M} is not a multiple of mesh.stage={S}: the "
+                    f"finished microbatches are spread evenly over the stages; use "
+                    f"{S}, {2 * S}, {4 * S}, ...")
+  if R > 1 and M < S:
+    raise UserError(f"pipeline.microbatches={M} < mesh.stage={S}: the circular schedule "
+                    f"(pipeline.repeats={R}) needs at least as many microbatches as stages; "
+                    f"set pipeline.microbatches={S} or more")
+
+
+def to_stages(tree: Any, *, stages: int, repeats: int = 1) -> Any:
+  """Leaves [L, ...] -> [S, R, Lc, ...]: chunk (s, r) holds layers of chunk index r*S + s."""
+  def regroup(x):
+    L = x.shape[0]
+    x = x.reshape(repeats, stages, L // (repeats * stages), *x.shape[1:])
+    return jnp.swapaxes(x, 0, 1) if isinstance(x, jax.Array) else np.swapaxes(x, 0, 1)
+  return jax.tree.map(regroup, tree)
+
+
+def from_stages(tree: Any) -> Any:
+  """The inverse of `to_stages`: leaves [S, R, Lc, ...] -> [L, ...]."""
+  def ungroup(x):
+    swap = jnp.swapaxes if isinstance(x, jax.Array) else np.swapaxes
+    x = swap(x, 0, 1)
+    return x.reshape(-1, *x.shape[3:])
+  return jax.tree.map(ungroup, tree)
+
+
+def _varying(x: Any) -> Any:
+  return jax.tree.map(lambda a: lax.pcast(a, (STAGE,), to="varying"), x)
+
+
+def _masked_write(buffer: jax.Array, index, value: jax.Array, keep) -> jax.Array:
+  """buffer[index] = value where `keep`, touching only that slot (no whole-buffer select)."""
+  old = lax.dynamic_index_in_dim(buffer, index, keepdims=False)
+  return lax.dynamic_update_index_in_dim(buffer, jnp.where(keep, value, old), index, 0)
+
+
+def run(stage_fn: Callable[[Any, jax.Array], jax.Array], params: Any, x: jax.Array, *,
+        mesh: Mesh, schedule: Schedule, batch_axes: tuple[str, ...] = (),
+        bubble_fill: float = 0.0) -> jax.Array:
+  """Runs `stage_fn(chunk_params, x_microbatch) -> y_microbatch` as a pipeline over `stage`.
+
+  `params` leaves are [S, R, Lc, ...] (sharded over `stage` on dim 0); `stage_fn` receives
+  [Lc, ...] leaves. `x` is [B, ...] with its batch split over the mesh axes `batch_axes` (not
+  over `stage`). The result has x's shape with the batch split over (*batch_axes, stage): the
+  last stage hands microbatches [k*M/S, (k+1)*M/S) to stage k with one collective-permute each,
+  so work after the pipeline is spread over the stages too. `bubble_fill` is what idle ticks
+  compute on (NaN in tests proves that bubbles never reach the result).
+  """
+  S, M, R = schedule.stages, schedule.microbatches, schedule.repeats
+  if mesh.shape[STAGE] != S:
+    raise ValueError(f"schedule has {S} stages but mesh.stage={mesh.shape[STAGE]}")
+  if M % S:
+    raise ValueError(f"{M} microbatches do not spread over {S} stages (see `check`)")
+  ways = math.prod(mesh.shape[a] for a in batch_axes)
+  B, rest = x.shape[0], x.shape[1:]
+  rows = B // (ways * M)  # rows of one microbatch on one batch shard
+  # Microbatch m takes rows [m*rows, (m+1)*rows) of every batch shard: no data moves.
+  x_M = jnp.swapaxes(x.reshape(ways, M, rows, *rest), 0, 1).reshape(M, ways * rows, *rest)
+  ring = [(k, (k + 1) % S) for k in range(S)]
+  per = M // S  # finished microbatches each stage ends up holding
+
+  def per_stage(params_local, x_M):
+    s = lax.axis_index(STAGE)
+    chunks = jax.tree.map(lambda p: p[0], params_local)  # [R, Lc, ...]: this stage's chunks
+    bubble = jnp.full(x_M.shape[1:], bubble_fill, x_M.dtype)
+    msg = _varying(bubble)
+    parked = _varying(jnp.broadcast_to(bubble, x_M.shape)) if R > 1 else None
+    out = _varying(jnp.zeros_like(x_M))
+
+    def tick(carry, t):
+      msg, parked, out = carry
+      i = t - s
+      valid = (i >= 0) & (i < R * M)
+      i = jnp.clip(i, 0, R * M - 1)
+      r, m = i // M, i % M
+      first = lax.dynamic_index_in_dim(x_M, m, keepdims=False)
+      if R > 1:
+        back = t - S  # the item that left the last stage at tick t - 1
+        arrived = (s == 0) & (back >= 0) & (back < (R - 1) * M)
+        parked = _masked_write(parked, jnp.clip(back, 0, R * M - 1) % M, msg, arrived)
+        first = jnp.where(r == 0, first, lax.dynamic_index_in_dim(parked, m, keepdims=False))
+      x_in = jnp.where(valid, jnp.where(s == 0, first, msg), bubble)
+      chunk = jax.tree.map(lambda p: lax.dynamic_index_in_dim(p, r, keepdims=False), chunks)
+      y = stage_fn(chunk, x_in)
+      out = _masked_write(out, m, y, valid & (s == S - 1) & (r == R - 1))
+      msg = lax.ppermute(y, STAGE, ring)
+      return (msg, parked, out), None
+
+    (_, _, out), _ = lax.scan(tick, (msg, parked, out), jnp.arange(schedule.ticks))
+    # Spread the finished microbatches: stage k gets [k*per, (k+1)*per) from the last stage.
+    mine = out[(S - 1) * per:]  # zeros except on the last stage
+    for k in range(S - 1):
+      mine = mine + lax.ppermute(out[k * per:(k + 1) * per], STAGE, [(S - 1, k)])
+    return mine
+
+  y_M = jax.shard_map(per_stage, mesh=mesh, in_specs=(P(STAGE), P()), out_specs=P(STAGE),
+                      axis_names={STAGE})(params, x_M)
+  y = jnp.swapaxes(y_M.reshape(M, ways, rows, *rest), 0, 1)
+  return y.reshape(B, *rest)
