@@ -36,3 +36,28 @@ DEFAULT_RULES = (
     (VOCAB, MODEL),
     (LAYERS, STAGE),
 )
+
+# Image classification (`jaxpar.models.cnn`, NHWC images). A residual block's first conv is
+# column-parallel (its output `filters` split), its second row-parallel (input `filters` split),
+# so the residual stream's `channels` stay whole: one all-reduce per block, as in an MLP.
+HEIGHT = "height"      # H: image rows (-> a mesh axis for spatial partitioning into strips)
+WIDTH = "width"        # W: image columns
+COLOR = "color"        # I: channels of the input image (3 for RGB, 1 for grey)
+CHANNELS = "channels"  # C: width of the residual stream
+FILTERS = "filters"    # F: inner width of a residual block (column/row-parallel convs)
+KERNEL = "kernel"      # X, Y: the rows and columns of a convolution window
+CLASSES = "classes"    # K: classifier outputs
+
+LOGICAL_NAMES += (HEIGHT, WIDTH, COLOR, CHANNELS, FILTERS, KERNEL, CLASSES)
+
+# Images over `data`, block filters over `model`; `rules.height=stage` splits every image
+# into strips of rows over `stage` (XLA exchanges the halo rows between neighbours).
+DEFAULT_RULES += (
+    (HEIGHT, None),
+    (WIDTH, None),
+    (COLOR, None),
+    (CHANNELS, None),
+    (FILTERS, MODEL),
+    (KERNEL, None),
+    (CLASSES, None),
+)

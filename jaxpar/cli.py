@@ -33,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
                         "(default: run.verify of the config)")
   fwd.add_argument("--save-logits", metavar="OUT.npy",
                    help="write float32 logits [B, T, V] (vocab padding removed)")
+  fwd.add_argument("--schedule-png", metavar="OUT.png",
+                   help="with mesh.stage > 1: save the pipeline schedule (stage x tick) as PNG")
   fwd.add_argument("--json", action="store_true",
                    help="print one JSON object with the results as the last stdout line")
   return parser
@@ -92,6 +94,16 @@ def forward(args, config: config_lib.Config) -> dict:
   _say(f"parameters initialised sharded in {time.perf_counter() - start:.2f} s")
   rows = inspect.param_table(fwd.params, fwd.names, fwd.rules, mesh)
   _say(inspect.format_params(rows))
+  if fwd.schedule is not None:
+    sched = fwd.schedule
+    _say(f"pipeline: {sched.stages} stages, {sched.microbatches} microbatches, "
+         f"{sched.repeats} repeat(s): {sched.ticks} ticks, bubble {sched.bubble:.1%} "
+         f"(cells: the microbatch each stage runs per tick)")
+    _say(inspect.format_schedule(sched.grid(), microbatches=sched.microbatches))
+    if args.schedule_png:
+      inspect.save_schedule_png(sched.grid(), args.schedule_png,
+                                microbatches=sched.microbatches)
+      _say(f"saved the schedule picture to {args.schedule_png}")
 
   tokens_host = inference.seeded_tokens(config)
   tokens = fwd.tokens(tokens_host)
@@ -127,6 +139,8 @@ def forward(args, config: config_lib.Config) -> dict:
       "step_s": seconds,
       "tokens_per_s": tokens_per_s,
   }
+  if fwd.schedule is not None:
+    result["pipeline"] = fwd.schedule.as_dict()
   verify = config.run.verify if args.verify is None else args.verify
   if verify:
     reference = inference.reference_logits(fwd, tokens_host)
@@ -146,11 +160,13 @@ def main(argv: list[str] | None = None) -> int:
     config = config_lib.load(args.config, args.set)
     if args.devices is not None and args.devices < 1:
       raise UserError(f"--devices {args.devices}: must be at least 1")
-    if args.save_logits:
-      folder = os.path.dirname(os.path.abspath(args.save_logits))
-      if not os.path.isdir(folder):
-        raise UserError(f"--save-logits {args.save_logits}: folder {folder} does not exist; "
-                        f"create it or choose another path")
+    for flag in ("save_logits", "schedule_png"):
+      path = getattr(args, flag, None)
+      folder = os.path.dirname(os.path.abspath(path)) if path else None
+      if folder and not os.path.isdir(folder):
+        option = "--" + flag.replace("_", "-")
+        raise UserError(f"{option} {path}: folder {folder} does not exist; create it or "
+                        f"choose another path")
     if "jax" not in sys.modules:
       set_cpu_devices(args.devices or config.mesh.cpu_devices)
     result = forward(args, config)

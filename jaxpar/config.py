@@ -77,15 +77,40 @@ class RunConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class CnnConfig:
+  """A ResNet-style image classifier (`jaxpar.models.cnn`): a stem convolution, `stages`
+  stages of `blocks` residual blocks (each later stage halves the image and doubles the
+  width), global average pooling and a linear head. Runs on `run.batch` images."""
+  image_size: int = 32   # images are resized to image_size x image_size pixels
+  in_channels: int = 3   # 3: RGB, 1: grey
+  width: int = 16        # channels of the first stage; stage s has width * 2**s
+  stages: int = 3
+  blocks: int = 1        # residual blocks per stage
+  num_classes: int = 10
+  norm_eps: float = 1e-5
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+  """The schedule over the `stage` axis (used when mesh.stage > 1)."""
+  microbatches: int = 4  # a multiple of mesh.stage that divides run.batch
+  repeats: int = 1       # 1: GPipe; R > 1: circular, each stage holds R chunks of layers
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
   mesh: MeshConfig = MeshConfig()
   model: ModelConfig = ModelConfig()
   run: RunConfig = RunConfig()
+  pipeline: PipelineConfig = PipelineConfig()
   # Ordered (logical name, mesh axis | tuple of mesh axes | None) pairs.
   rules: tuple = axes.DEFAULT_RULES
+  cnn: CnnConfig = CnnConfig()
 
 
-_SECTIONS = {"mesh": MeshConfig, "model": ModelConfig, "run": RunConfig}
+_SECTIONS = {"mesh": MeshConfig, "model": ModelConfig, "run": RunConfig,
+             "pipeline": PipelineConfig}
+_SECTIONS["cnn"] = CnnConfig
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -209,7 +234,9 @@ def validate(config: Config) -> None:
               ("model.n_heads", m.n_heads), ("model.n_layers", m.n_layers),
               ("model.d_ff", m.d_ff), ("model.max_seq_len", m.max_seq_len),
               ("run.batch", r.batch), ("run.seq_len", r.seq_len), ("run.iters", r.iters),
-              ("mesh.cpu_devices", config.mesh.cpu_devices)]
+              ("mesh.cpu_devices", config.mesh.cpu_devices),
+              ("pipeline.microbatches", config.pipeline.microbatches),
+              ("pipeline.repeats", config.pipeline.repeats)]
   for key, value in positive:
     if value < 1:
       raise UserError(f"{key}={value}: must be at least 1")
@@ -232,6 +259,24 @@ def validate(config: Config) -> None:
     if names.count(name) > 1:
       raise UserError(f"rules.{name}: listed {names.count(name)} times; give each logical name "
                       f"one rule")
+  _validate_cnn(config.cnn)
+
+
+def _validate_cnn(c: CnnConfig) -> None:
+  positive = [("cnn.image_size", c.image_size), ("cnn.width", c.width),
+              ("cnn.stages", c.stages), ("cnn.blocks", c.blocks),
+              ("cnn.num_classes", c.num_classes)]
+  for key, value in positive:
+    if value < 1:
+      raise UserError(f"{key}={value}: must be at least 1")
+  if c.in_channels not in (1, 3):
+    raise UserError(f"cnn.in_channels={c.in_channels}: expected 1 (grey) or 3 (RGB)")
+  if c.norm_eps <= 0:
+    raise UserError(f"cnn.norm_eps={c.norm_eps}: must be positive")
+  halvings = 2 ** (c.stages - 1)
+  if c.image_size % halvings:
+    raise UserError(f"cnn.image_size={c.image_size} cannot be halved {c.stages - 1} times "
+                    f"(cnn.stages={c.stages}); use a multiple of {halvings}")
 
 
 def to_dict(config: Config) -> dict:

@@ -169,3 +169,53 @@ def format_census(census: Census) -> str:
   loops = ", ".join(f"{n} iterations" for n in census.loops.values())
   return (format_table(("collective", "count", "in loop body", "outside loops", "bytes"), rows)
           + (f"\n(loop bodies run {loops})" if loops else ""))
+
+
+def format_schedule(grid: np.ndarray, *, microbatches: int) -> str:
+  """The stage x tick picture of a pipeline: each cell the microbatch a stage works on
+  (prefixed by its repeat's letter when there are several), '.' when idle."""
+  repeats = (int(grid.max()) // microbatches + 1) if grid.max() >= 0 else 1
+
+  def cell(i: int) -> str:
+    if i < 0:
+      return "."
+    r, m = divmod(int(i), microbatches)
+    return f"{chr(ord('a') + r)}{m}" if repeats > 1 else str(m)
+
+  cells = [[cell(i) for i in row] for row in grid]
+  width = max(len(c) for row in cells for c in row)
+  ticks = " ".join(str(t % 10).rjust(width) for t in range(grid.shape[1]))
+  lines = [f"tick     {ticks}"]
+  lines += [f"stage {s:<2} " + " ".join(c.rjust(width) for c in row)
+            for s, row in enumerate(cells)]
+  return "\n".join(lines)
+
+
+def save_schedule_png(grid: np.ndarray, path: str, *, microbatches: int,
+                      cell: int = 16) -> None:
+  """Writes the schedule grid as a PNG: one colour per microbatch, darker for later repeats,
+  white when idle. Plain zlib, no plotting library."""
+  import struct
+  import zlib
+  stages, ticks = grid.shape
+  rgb = np.full((stages * cell, ticks * cell, 3), 255, np.uint8)
+  for s in range(stages):
+    for t in range(ticks):
+      i = int(grid[s, t])
+      if i < 0:
+        continue
+      r, m = divmod(i, microbatches)
+      hue = m / max(microbatches, 1)
+      color = np.array([0.5 + 0.5 * np.cos(2 * np.pi * (hue + k / 3)) for k in range(3)])
+      color = (color * 200 * (0.6 ** r) + 30).clip(0, 255).astype(np.uint8)
+      rgb[s * cell + 1:(s + 1) * cell - 1, t * cell + 1:(t + 1) * cell - 1] = color
+  raw = b"".join(b"\x00" + row.tobytes() for row in rgb)
+
+  def chunk(kind: bytes, data: bytes) -> bytes:
+    return (struct.pack(">I", len(data)) + kind + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+  header = struct.pack(">IIBBBBB", rgb.shape[1], rgb.shape[0], 8, 2, 0, 0, 0)
+  with open(path, "wb") as f:
+    f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
+            + chunk(b"IEND", b""))

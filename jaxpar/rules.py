@@ -54,6 +54,13 @@ class Rules:
           raise UserError(f"rules.{name}={target!r}: {axis!r} is not a mesh axis; use one of "
                           f"{', '.join(axes.MESH_AXES)} or null")
 
+  def replace(self, name: str, target: Any) -> "Rules":
+    """The same table with `name` mapped to `target` (kept in place, or appended)."""
+    names = [n for n, _ in self.table]
+    if name in names:
+      return Rules(tuple((n, target if n == name else t) for n, t in self.table))
+    return Rules(self.table + ((name, target),))
+
   def mesh_axes(self, name: str | None, *, what: str = "a tensor") -> tuple[str, ...]:
     """The mesh axes that logical `name` is split over (() for replicated)."""
     if name is None:
@@ -156,10 +163,14 @@ def constrain(x: jax.Array, names: tuple) -> jax.Array:
   """`with_sharding_constraint` by logical names, under the active rules and mesh.
 
   Never silently does nothing: an unknown name, a wrong rank, a missing mesh or a dim its
-  mesh axes do not divide raises (JAX would quietly replicate the last one).
+  mesh axes do not divide raises (JAX would quietly replicate the last one). Inside
+  `jax.shard_map` the manual axes are already split by hand and are left out of the spec.
   """
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     raise RuntimeError("constrain() needs a mesh: call it under `jax.set_mesh(mesh)`")
-  spec = active_rules().check(x.shape, names, dict(mesh.shape), what="an activation")
+  auto = {name: size for name, size, kind in zip(mesh.axis_names, mesh.axis_sizes,
+                                                 mesh.axis_types)
+          if kind != jax.sharding.AxisType.Manual}
+  spec = active_rules().check(x.shape, names, auto, what="an activation")
   return jax.lax.with_sharding_constraint(x, spec)

@@ -12,6 +12,7 @@ Blocks are stacked on a leading `layers` dim (built with `nnx.vmap`) and run wit
 """
 
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -152,13 +153,7 @@ class GPT(nnx.Module):
 
   def run_blocks(self, x_BTD: jax.Array) -> jax.Array:
     graphdef, stacked = nnx.split(self.blocks)
-
-    def layer(x_BTD, layer_state):
-      with jax.named_scope("block"):
-        return nnx.merge(graphdef, layer_state)(x_BTD), None
-
-    x_BTD, _ = jax.lax.scan(layer, x_BTD, stacked)
-    return x_BTD
+    return scan_layers(graphdef, stacked, x_BTD)
 
   def logits(self, x_BTD: jax.Array) -> jax.Array:
     """Tied, vocab-parallel logits [B, T, V_padded]; padding columns hold the float minimum."""
@@ -171,6 +166,19 @@ class GPT(nnx.Module):
 
   def __call__(self, tokens_BT: jax.Array) -> jax.Array:
     return self.logits(self.run_blocks(self.embed(tokens_BT)))
+
+
+def scan_layers(block_graphdef: nnx.GraphDef, stacked: Any, x_BTD: jax.Array) -> jax.Array:
+  """Runs blocks whose parameters are stacked on a leading dim, in order, with a scan.
+
+  This is also the pipeline's stage function: a stage runs its chunk of layers this way.
+  """
+  def layer(x_BTD, layer_state):
+    with jax.named_scope("block"):
+      return nnx.merge(block_graphdef, layer_state)(x_BTD), None
+
+  x_BTD, _ = jax.lax.scan(layer, x_BTD, stacked)
+  return x_BTD
 
 
 def vocab_multiple(rules, mesh_shape) -> int:

@@ -91,14 +91,13 @@ def check(schedule: Schedule, *, n_layers: int, batch: int, data: int = 1) -> No
     raise UserError(f"a microbatch of run.batch / pipeline.microbatches = {batch // M} rows "
                     f"does not split over mesh.data={data}; use fewer microbatches or a batch "
                     f"that gives each microbatch a multiple of {data} rows")
+  if M < S:
+    raise UserError(f"pipeline.microbatches={M} < mesh.stage={S}: the schedule needs at least "
+                    f"as many microbatches as stages; set pipeline.microbatches={S} or a multiple of it")
   if M % S:
     raise UserError(f"pipeline.microbatches={M} is not a multiple of mesh.stage={S}: the "
                     f"finished microbatches are spread evenly over the stages; use "
                     f"{S}, {2 * S}, {4 * S}, ...")
-  if R > 1 and M < S:
-    raise UserError(f"pipeline.microbatches={M} < mesh.stage={S}: the circular schedule "
-                    f"(pipeline.repeats={R}) needs at least as many microbatches as stages; "
-                    f"set pipeline.microbatches={S} or more")
 
 
 def to_stages(tree: Any, *, stages: int, repeats: int = 1) -> Any:

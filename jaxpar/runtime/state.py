@@ -37,11 +37,15 @@ def abstract(make: MakeModel) -> tuple[nnx.GraphDef, dict, dict]:
   return graphdef, nnx.to_pure_dict(state), _names(state)
 
 
-def create(make: MakeModel, *, seed: int, mesh: Mesh, shardings: Any) -> dict:
-  """Runs the model's initialisers under jit, each array created in its shards."""
+def create(make: MakeModel, *, seed: int, mesh: Mesh, shardings: Any,
+           layout: Callable[[dict], dict] = lambda p: p) -> dict:
+  """Runs the model's initialisers under jit, each array created in its shards.
+
+  `layout` regroups the pure dict inside the same program (e.g. into pipeline stages).
+  """
   def params() -> dict:
     with nnx.use_eager_sharding(False):
-      return nnx.to_pure_dict(nnx.state(make(nnx.Rngs(seed))))
+      return layout(nnx.to_pure_dict(nnx.state(make(nnx.Rngs(seed)))))
 
   with jax.set_mesh(mesh):
     return jax.jit(params, out_shardings=shardings)()
