@@ -206,3 +206,24 @@ def test_fewer_microbatches_than_stages_is_refused(repeats):
   with pytest.raises(UserError, match="pipeline.microbatches=2 < mesh.stage=4: the schedule "
                                       "needs at least as many microbatches as stages"):
     pipeline.check(pipeline.Schedule(4, 2, repeats), n_layers=8, batch=8)
+
+
+def test_cli_reports_the_schedule(root, tmp_path, monkeypatch, capsys):
+  from jaxpar import cli
+  monkeypatch.chdir(root)
+  png = tmp_path / "schedule.png"
+  code = cli.main(["forward", "--config", "configs/pipeline.yaml", "--set", "model.d_model=64",
+                   "--set", "model.vocab_size=250", "--set", "model.d_ff=128", "--set",
+                   "model.n_layers=4", "--verify", "--schedule-png", str(png), "--json"])
+  out = capsys.readouterr().out
+  assert code == 0
+  result = __import__("json").loads(out.strip().splitlines()[-1])
+  assert result["mesh"] == {"data": 2, "stage": 2, "model": 2}
+  assert result["pipeline"] == {"stages": 2, "microbatches": 4, "repeats": 2, "ticks": 9,
+                                "bubble": 1 / 9}
+  assert result["collectives"]["collective-permute"]["count"] == 2
+  assert result["verify_max_abs_diff"] < 1e-5
+  assert "stage 1   . a0 a1 a2 a3 b0 b1 b2 b3" in out
+  data = png.read_bytes()
+  assert data[:8] == b"\x89PNG\r\n\x1a\n"
+  assert int.from_bytes(data[16:20], "big") == 9 * 16 and int.from_bytes(data[20:24], "big") == 2 * 16
