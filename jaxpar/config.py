@@ -9,6 +9,7 @@ imports no JAX, so the CLI can validate a config before JAX starts.
 import dataclasses
 import math
 import os
+import types
 import typing
 from typing import Any
 
@@ -59,6 +60,10 @@ class ModelConfig:
   layer_norm_eps: float = 1e-5
   init_std: float = 0.02
   dtype: str = "float32"
+  # Run the layer stack with a lax.scan (compile time independent of depth) or unrolled
+  # (faster decoding on XLA:CPU, which copies each layer's weights out of a scanned stack
+  # every step). null: unrolled for generation on CPU, scan otherwise.
+  scan_layers: bool | None = None
 
   @property
   def head_dim(self) -> int:
@@ -91,6 +96,17 @@ class CnnConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class GenerateConfig:
+  """Autoregressive generation (`scripts/run.py generate`)."""
+  max_new_tokens: int = 32
+  temperature: float = 0.0  # 0: greedy
+  top_k: int = 0            # 0: no top-k filter
+  top_p: float = 1.0        # 1: no nucleus filter
+  eos_id: int | None = None  # stop token; null: the checkpoint's eos_token_id, if any
+  prompt_len: int = 32      # length of the seeded prompts when none are given
+
+
+@dataclasses.dataclass(frozen=True)
 class PipelineConfig:
   """The schedule over the `stage` axis (used when mesh.stage > 1)."""
   microbatches: int = 4  # a multiple of mesh.stage that divides run.batch
@@ -103,19 +119,25 @@ class Config:
   model: ModelConfig = ModelConfig()
   run: RunConfig = RunConfig()
   pipeline: PipelineConfig = PipelineConfig()
+  generate: GenerateConfig = GenerateConfig()
   # Ordered (logical name, mesh axis | tuple of mesh axes | None) pairs.
   rules: tuple = axes.DEFAULT_RULES
   cnn: CnnConfig = CnnConfig()
 
 
 _SECTIONS = {"mesh": MeshConfig, "model": ModelConfig, "run": RunConfig,
-             "pipeline": PipelineConfig}
+             "pipeline": PipelineConfig, "generate": GenerateConfig}
 _SECTIONS["cnn"] = CnnConfig
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _check_type(key: str, value: Any, kind: Any) -> Any:
-  """Returns `value` as `kind` (int, float, bool, str) or raises a UserError naming `key`."""
+  """Returns `value` as `kind` (int, float, bool, str, or X | None) or raises a UserError."""
+  if isinstance(kind, types.UnionType):
+    inner = [k for k in typing.get_args(kind) if k is not type(None)]
+    if value is None:
+      return None
+    kind = inner[0]
   if kind is float and isinstance(value, int) and not isinstance(value, bool):
     return float(value)
   if kind is int and isinstance(value, bool) or not isinstance(value, kind):
@@ -236,10 +258,17 @@ def validate(config: Config) -> None:
               ("run.batch", r.batch), ("run.seq_len", r.seq_len), ("run.iters", r.iters),
               ("mesh.cpu_devices", config.mesh.cpu_devices),
               ("pipeline.microbatches", config.pipeline.microbatches),
-              ("pipeline.repeats", config.pipeline.repeats)]
+              ("pipeline.repeats", config.pipeline.repeats),
+              ("generate.max_new_tokens", config.generate.max_new_tokens),
+              ("generate.prompt_len", config.generate.prompt_len)]
   for key, value in positive:
     if value < 1:
       raise UserError(f"{key}={value}: must be at least 1")
+  g = config.generate
+  if g.temperature < 0 or g.top_k < 0 or not 0 < g.top_p <= 1:
+    raise UserError(f"generate.temperature={g.temperature}, generate.top_k={g.top_k}, "
+                    f"generate.top_p={g.top_p}: need temperature >= 0, top_k >= 0 and "
+                    f"0 < top_p <= 1")
   if r.warmup < 0:
     raise UserError(f"run.warmup={r.warmup}: must be 0 or more")
   for name in axes.MESH_AXES:

@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from flax import nnx
 
 from jaxpar import axes
@@ -75,20 +76,37 @@ class Attention(nnx.Module):
     self.w_o = _param(rngs, (D, N, H), (EMBED, HEADS, HEAD_DIM), out_std, dtype)
     self.b_o = _const((D,), (EMBED,), 0.0, dtype)
 
-  def __call__(self, x_BTD: jax.Array) -> jax.Array:
+  def _project(self, x_BTD: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     q_BTNH = jnp.einsum("btd,nhd->btnh", x_BTD, self.w_q[...]) + self.b_q[...]
-    k_BSNH = jnp.einsum("bsd,nhd->bsnh", x_BTD, self.w_k[...]) + self.b_k[...]
-    v_BSNH = jnp.einsum("bsd,nhd->bsnh", x_BTD, self.w_v[...]) + self.b_v[...]
-    q_BTNH = constrain(q_BTNH, (BATCH, SEQ, HEADS, HEAD_DIM))
+    k_BTNH = jnp.einsum("btd,nhd->btnh", x_BTD, self.w_k[...]) + self.b_k[...]
+    v_BTNH = jnp.einsum("btd,nhd->btnh", x_BTD, self.w_v[...]) + self.b_v[...]
+    return constrain(q_BTNH, (BATCH, SEQ, HEADS, HEAD_DIM)), k_BTNH, v_BTNH
+
+  def _attend(self, q_BTNH, k_BSNH, v_BSNH, mask_BTS: jax.Array) -> jax.Array:
     scores_BNTS = jnp.einsum("btnh,bsnh->bnts", q_BTNH, k_BSNH).astype(jnp.float32)
     scores_BNTS = scores_BNTS / math.sqrt(q_BTNH.shape[-1])
-    T = x_BTD.shape[1]
-    causal_TS = jnp.tril(jnp.ones((T, T), bool))
-    scores_BNTS = jnp.where(causal_TS, scores_BNTS, jnp.finfo(jnp.float32).min)
+    scores_BNTS = jnp.where(mask_BTS[:, None], scores_BNTS, jnp.finfo(jnp.float32).min)
     probs_BNTS = jax.nn.softmax(scores_BNTS, axis=-1).astype(v_BSNH.dtype)
     out_BTNH = jnp.einsum("bnts,bsnh->btnh", probs_BNTS, v_BSNH)
     out_BTD = jnp.einsum("btnh,dnh->btd", out_BTNH, self.w_o[...]) + self.b_o[...]
     return constrain(out_BTD, (BATCH, SEQ, EMBED))
+
+  def __call__(self, x_BTD: jax.Array) -> jax.Array:
+    q_BTNH, k_BTNH, v_BTNH = self._project(x_BTD)
+    T = x_BTD.shape[1]
+    causal_BTS = jnp.tril(jnp.ones((1, T, T), bool))
+    return self._attend(q_BTNH, k_BTNH, v_BTNH, causal_BTS)
+
+  def cached(self, x_BTD: jax.Array, cache: dict, index: jax.Array,
+             mask_BTS: jax.Array) -> tuple[jax.Array, dict]:
+    """Writes this step's keys and values into `cache` {k, v: [B, S, N, H]} at slot `index`
+    (T slots) and attends over the whole cache under `mask_BTS`."""
+    q_BTNH, k_BTNH, v_BTNH = self._project(x_BTD)
+    k_BSNH = lax.dynamic_update_slice_in_dim(cache["k"], k_BTNH.astype(cache["k"].dtype), index,
+                                             axis=1)
+    v_BSNH = lax.dynamic_update_slice_in_dim(cache["v"], v_BTNH.astype(cache["v"].dtype), index,
+                                             axis=1)
+    return self._attend(q_BTNH, k_BSNH, v_BSNH, mask_BTS), {"k": k_BSNH, "v": v_BSNH}
 
 
 class Mlp(nnx.Module):
@@ -124,6 +142,15 @@ class Block(nnx.Module):
       x_BTD = x_BTD + self.mlp(self.ln_2(x_BTD))
     return x_BTD
 
+  def cached(self, x_BTD: jax.Array, cache: dict, index: jax.Array,
+             mask_BTS: jax.Array) -> tuple[jax.Array, dict]:
+    with jax.named_scope("attn"):
+      attn_BTD, cache = self.attn.cached(self.ln_1(x_BTD), cache, index, mask_BTS)
+      x_BTD = x_BTD + attn_BTD
+    with jax.named_scope("mlp"):
+      x_BTD = x_BTD + self.mlp(self.ln_2(x_BTD))
+    return x_BTD, cache
+
 
 class GPT(nnx.Module):
   """GPT-2. `vocab_multiple` pads the vocabulary so every vocab-split divides it."""
@@ -146,14 +173,38 @@ class GPT(nnx.Module):
     self.blocks = stack(rngs)
     self.ln_f = LayerNorm(cfg, dtype)
 
-  def embed(self, tokens_BT: jax.Array) -> jax.Array:
-    T = tokens_BT.shape[1]
-    x_BTD = jnp.take(self.wte[...], tokens_BT, axis=0) + self.wpe[...][:T]
+  def embed(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None) -> jax.Array:
+    """Token plus position embeddings; positions default to 0..T-1 for every row."""
+    if positions_BT is None:
+      wpe_BTD = self.wpe[...][None, :tokens_BT.shape[1]]
+    else:
+      wpe_BTD = jnp.take(self.wpe[...], positions_BT, axis=0)
+    x_BTD = jnp.take(self.wte[...], tokens_BT, axis=0) + wpe_BTD
     return constrain(x_BTD, (BATCH, SEQ, EMBED))
 
   def run_blocks(self, x_BTD: jax.Array) -> jax.Array:
     graphdef, stacked = nnx.split(self.blocks)
     return scan_layers(graphdef, stacked, x_BTD)
+
+  def cached_blocks(self, x_BTD: jax.Array, caches: Any, index: jax.Array, mask_BTS: jax.Array,
+                    *, scan: bool) -> tuple[jax.Array, Any]:
+    """All blocks with KV caches. `scan`: one stacked cache {k, v: [L, B, S, N, H]} and a
+    scan over layers; otherwise a tuple of per-layer caches and unrolled layers (on XLA:CPU
+    each per-layer cache then updates in place and no layer's weights are copied per step)."""
+    graphdef, stacked = nnx.split(self.blocks)
+    if scan:
+      def layer(x_BTD, inputs):
+        layer_state, cache = inputs
+        with jax.named_scope("block"):
+          return nnx.merge(graphdef, layer_state).cached(x_BTD, cache, index, mask_BTS)
+      return jax.lax.scan(layer, x_BTD, (stacked, caches))
+    new = []
+    for l, cache in enumerate(caches):
+      block = nnx.merge(graphdef, jax.tree.map(lambda a: a[l], stacked))
+      with jax.named_scope(f"block_{l}"):
+        x_BTD, cache = block.cached(x_BTD, cache, index, mask_BTS)
+      new.append(cache)
+    return x_BTD, tuple(new)
 
   def logits(self, x_BTD: jax.Array) -> jax.Array:
     """Tied, vocab-parallel logits [B, T, V_padded]; padding columns hold the float minimum."""
