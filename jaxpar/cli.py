@@ -33,11 +33,86 @@ def _parser() -> argparse.ArgumentParser:
                         "(default: run.verify of the config)")
   fwd.add_argument("--save-logits", metavar="OUT.npy",
                    help="write float32 logits [B, T, V] (vocab padding removed)")
+  fwd.add_argument("--prompt-ids", metavar="IDS",
+                   help="token ids to run on instead of the seeded batch: rows separated by ';', "
+                        "ids by ',' (rows of equal length), e.g. '1,2,3;4,5,6'")
   fwd.add_argument("--schedule-png", metavar="OUT.png",
                    help="with mesh.stage > 1: save the pipeline schedule (stage x tick) as PNG")
   fwd.add_argument("--json", action="store_true",
                    help="print one JSON object with the results as the last stdout line")
+  cls = commands.add_parser("classify", help="sharded CNN image classification")
+  cls.add_argument("--config", required=True, help="YAML config, e.g. configs/cnn.yaml")
+  cls.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value (repeatable), e.g. --set rules.height=stage")
+  cls.add_argument("--devices", type=int, default=None, metavar="N",
+                   help="emulated CPU devices when no accelerator is present "
+                        "(default: mesh.cpu_devices of the config)")
+  cls.add_argument("--platform", choices=("auto", "cpu"), default="auto",
+                   help="auto: the accelerator if its devices fit the mesh, else emulated CPU")
+  cls.add_argument("--images", metavar="DIR",
+                   help="classify the .png/.jpg files of DIR (default: a seeded random batch)")
+  cls.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute on one device and print the max difference "
+                        "(default: run.verify of the config)")
+  cls.add_argument("--save-logits", metavar="OUT.npy",
+                   help="write float32 logits [N, classes] (batch padding removed)")
+  cls.add_argument("--json", action="store_true",
+                   help="print one JSON object with the results as the last stdout line")
+  gen = commands.add_parser("generate", help="autoregressive generation with a sharded KV cache")
+  gen.add_argument("--config", required=True, help="YAML config, e.g. configs/default.yaml")
+  gen.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value (repeatable), e.g. --set model.checkpoint=DIR")
+  gen.add_argument("--devices", type=int, default=None, metavar="N",
+                   help="emulated CPU devices when no accelerator is present "
+                        "(default: mesh.cpu_devices of the config)")
+  gen.add_argument("--platform", choices=("auto", "cpu"), default="auto",
+                   help="auto: the accelerator if its devices fit the mesh, else emulated CPU")
+  gen.add_argument("--prompt-ids", metavar="IDS",
+                   help="prompts as token ids: rows separated by ';', ids by ',' (rows may "
+                        "differ in length), e.g. '1,2,3;4,5'")
+  gen.add_argument("--prompt", action="append", default=[], metavar="TEXT",
+                   help="a text prompt (repeatable); needs tokenizer.json in model.checkpoint")
+  gen.add_argument("--max-new-tokens", type=int, metavar="N",
+                   help="tokens to generate per prompt (generate.max_new_tokens)")
+  gen.add_argument("--temperature", type=float, help="0: greedy (generate.temperature)")
+  gen.add_argument("--top-k", type=int, help="sample among the k likeliest (generate.top_k)")
+  gen.add_argument("--top-p", type=float, help="nucleus sampling mass (generate.top_p)")
+  gen.add_argument("--seed", type=int, help="sampling and seeded-prompt seed (run.seed)")
+  gen.add_argument("--save-tokens", metavar="OUT.npy",
+                   help="write the new tokens, int32 [B, max_new_tokens]; after EOS: EOS")
+  gen.add_argument("--json", action="store_true",
+                   help="print one JSON object with the results as the last stdout line")
   return parser
+
+
+_GENERATE_FLAGS = {"max_new_tokens": "generate.max_new_tokens",
+                   "temperature": "generate.temperature", "top_k": "generate.top_k",
+                   "top_p": "generate.top_p", "seed": "run.seed"}
+
+
+def parse_prompt_ids(text: str, *, equal: bool = False) -> list[list[int]]:
+  """'1,2,3;4,5' -> [[1, 2, 3], [4, 5]] (UserError on anything else)."""
+  rows = []
+  for row in text.split(";"):
+    try:
+      rows.append([int(t) for t in row.split(",") if t.strip()])
+    except ValueError:
+      raise UserError(f"--prompt-ids {text!r}: row {row!r} is not a comma-separated list of "
+                      f"integer token ids; write e.g. '1,2,3;4,5'") from None
+    if not rows[-1]:
+      raise UserError(f"--prompt-ids {text!r}: an empty row; every row needs a token id")
+  if equal and len({len(r) for r in rows}) > 1:
+    raise UserError(f"--prompt-ids {text!r}: forward needs rows of equal length, got lengths "
+                    f"{[len(r) for r in rows]}; use generate for prompts of different lengths")
+  return rows
+
+
+def check_token_ids(rows: list[list[int]], vocab_size: int) -> None:
+  for row in rows:
+    for t in row:
+      if not 0 <= t < vocab_size:
+        raise UserError(f"--prompt-ids: token id {t} is outside the vocabulary [0, "
+                        f"{vocab_size}); use ids below model.vocab_size={vocab_size}")
 
 
 def set_cpu_devices(n: int) -> None:
@@ -105,7 +180,10 @@ def forward(args, config: config_lib.Config) -> dict:
                                 microbatches=sched.microbatches)
       _say(f"saved the schedule picture to {args.schedule_png}")
 
-  tokens_host = inference.seeded_tokens(config)
+  if args.prompt_ids:
+    tokens_host = np.asarray(parse_prompt_ids(args.prompt_ids, equal=True), np.int32)
+  else:
+    tokens_host = inference.seeded_tokens(config)
   tokens = fwd.tokens(tokens_host)
   _say("compiling...")
   start = time.perf_counter()
@@ -154,13 +232,210 @@ def forward(args, config: config_lib.Config) -> dict:
   return result
 
 
+def classify(args, config: config_lib.Config) -> dict:
+  import jax
+  import numpy as np
+
+  from jaxpar import inspect
+  from jaxpar.mesh import describe, make_mesh
+  from jaxpar.rules import Rules
+  from jaxpar.runtime import state, vision
+
+  devices, note = pick_devices(config.mesh, args.platform)
+  if note:
+    _say(note)
+  mesh = make_mesh(config.mesh, devices=devices)
+  vision.check_layout(config, mesh, Rules(config.rules))
+  c, batch = config.cnn, config.run.batch
+  if args.images:
+    files = vision.list_images(args.images)
+    images = vision.load_images(files, config)  # every file decoded before compiling
+  else:
+    files, images = [], None
+  _say(f"mesh: {describe(mesh)}")
+  _say(f"model: ResNet image_size={c.image_size} in_channels={c.in_channels} "
+       f"width={c.width} stages={c.stages} blocks={c.blocks} classes={c.num_classes}; "
+       f"batch {batch}")
+
+  start = time.perf_counter()
+  clf = vision.build(config, mesh)
+  jax.block_until_ready(clf.params)
+  _say(f"parameters initialised sharded in {time.perf_counter() - start:.2f} s")
+  _say(inspect.format_params(inspect.param_table(clf.params, clf.names, clf.rules, mesh)))
+
+  if images is None:
+    images = vision.seeded_images(config)
+    work = [(images, batch)] * config.run.iters
+    _say(f"{config.run.iters} batches of {batch} seeded random images")
+  else:
+    work = list(vision.batches(images, batch))
+    _say(f"{len(files)} images from {args.images} in {len(work)} batches of {batch}")
+  _say("compiling...")
+  start = time.perf_counter()
+  compiled = clf.compile(clf.images(work[0][0]))
+  compile_s = time.perf_counter() - start
+  census = inspect.hlo_census(compiled.as_text())
+  mem = inspect.memory(compiled)
+  _say(f"compiled in {compile_s:.2f} s; collectives in the compiled program:")
+  _say(inspect.format_census(census))
+  param_bytes = state.param_bytes_per_device(clf.params)
+  total_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(clf.params))
+  _say(f"per device: parameters {inspect.human(param_bytes)} (of {inspect.human(total_bytes)} "
+       f"in all), temporaries {inspect.human(mem['temp'])}, peak {inspect.human(mem['peak'])}")
+
+  for _ in range(config.run.warmup):
+    clf(clf.images(work[0][0])).block_until_ready()
+  logits, seconds = [], 0.0
+  for i, (chunk, n) in enumerate(work):
+    start = time.perf_counter()
+    out = clf(clf.images(chunk))
+    out.block_until_ready()
+    took = time.perf_counter() - start
+    seconds += took
+    logits.append(np.asarray(out)[:n])
+    padding = f" + {batch - n} padding" if n < batch else ""
+    _say(f"batch {i + 1}/{len(work)}: {n} images{padding} in {took * 1e3:.2f} ms")
+  n_images = sum(n for _, n in work)
+  images_per_s = n_images / seconds
+  _say(f"classify: {images_per_s:,.1f} images/s ({n_images} images, {len(work)} batches, "
+       f"after {config.run.warmup} warm-up)")
+  logits = np.concatenate(logits) if files else logits[0]
+  result = {
+      "command": "classify",
+      "mesh": dict(mesh.shape),
+      "devices": mesh.devices.size,
+      "platform": mesh.devices.flat[0].platform,
+      "param_bytes_per_device": param_bytes,
+      "param_bytes_total": total_bytes,
+      "collectives": census.counts(),
+      "memory_per_device": mem,
+      "compile_s": compile_s,
+      "images": n_images,
+      "batches": len(work),
+      "step_s": seconds / len(work),
+      "images_per_s": images_per_s,
+  }
+  if files:
+    top = logits.argmax(-1)
+    for path, k in zip(files, top):
+      _say(f"{os.path.basename(path)}: class {k}")
+    result["predictions"] = {os.path.basename(p): int(k) for p, k in zip(files, top)}
+  verify = config.run.verify if args.verify is None else args.verify
+  if verify:
+    reference = vision.reference_logits(clf, work[0][0])[:work[0][1]]
+    diff = float(np.max(np.abs(logits[:work[0][1]] - reference)))
+    _say(f"verify: max |sharded - single-device| = {diff:.3e} over the first batch's logits "
+         f"{list(reference.shape)}")
+    result["verify_max_abs_diff"] = diff
+  if args.save_logits:
+    np.save(args.save_logits, logits.astype(np.float32))
+    _say(f"saved logits {list(logits.shape)} float32 to {args.save_logits}")
+  return result
+
+
+def generate(args, config: config_lib.Config) -> dict:
+  import jax
+  import numpy as np
+
+  from jaxpar import inspect
+  from jaxpar.mesh import describe, make_mesh
+  from jaxpar.runtime import generate as gen_lib
+  from jaxpar.runtime import state
+
+  g = config.generate
+  tokenizer = None
+  if args.prompt:
+    tokenizer = load_tokenizer(config)
+    prompts = [tokenizer.encode(text).ids for text in args.prompt]
+  elif args.prompt_ids:
+    prompts = parse_prompt_ids(args.prompt_ids)
+  else:
+    prompts = gen_lib.seeded_prompts(config)
+  check_token_ids(prompts, config.model.vocab_size)
+  devices, note = pick_devices(config.mesh, args.platform)
+  if note:
+    _say(note)
+  mesh = make_mesh(config.mesh, devices=devices)
+  _say(f"mesh: {describe(mesh)}")
+  m = config.model
+  source = f"checkpoint {m.checkpoint}" if getattr(m, "checkpoint", "") else "seeded weights"
+  _say(f"model: GPT d_model={m.d_model} n_heads={m.n_heads} n_layers={m.n_layers} "
+       f"vocab={m.vocab_size} ({source})")
+  start = time.perf_counter()
+  generator = gen_lib.build(config, mesh)
+  jax.block_until_ready(generator.forward.params)
+  _say(f"parameters ready in {time.perf_counter() - start:.2f} s: "
+       f"{inspect.human(state.param_bytes_per_device(generator.forward.params))} per device")
+  lengths = [len(p) for p in prompts]
+  cache_bytes = generator.cache_bytes_per_device(len(prompts), max(lengths) + g.max_new_tokens)
+  mode = "greedy" if g.temperature == 0 else (
+      f"sampling (temperature {g.temperature}, top_k {g.top_k}, top_p {g.top_p})")
+  _say(f"{len(prompts)} prompts of {min(lengths)}-{max(lengths)} tokens, {g.max_new_tokens} new "
+       f"tokens each, {mode}, eos {generator.eos_id if generator.eos_id >= 0 else 'none'}; "
+       f"layers {'scanned' if generator.scan else 'unrolled'}; KV cache "
+       f"{inspect.human(cache_bytes)} per device")
+  result = generator.generate(prompts, max_new_tokens=g.max_new_tokens,
+                              sampling=gen_lib.Sampling(g.temperature, g.top_k, g.top_p),
+                              seed=config.run.seed, progress=True)
+  new = result.tokens.shape[0] * result.steps
+  total_s = result.prefill_s + result.decode_s
+  _say(f"compiled in {result.compile_s:.2f} s; prefill {result.prefill_s * 1e3:.1f} ms, decode "
+       f"{result.steps} steps in {result.decode_s * 1e3:.1f} ms: {new / total_s:,.1f} tokens/s")
+  for b, row in enumerate(result.tokens[:8]):
+    text = f" {tokenizer.decode(row.tolist())!r}" if tokenizer else ""
+    _say(f"  [{b}] {row.tolist()}{text}")
+  if len(result.tokens) > 8:
+    _say(f"  ... {len(result.tokens) - 8} more rows")
+  if args.save_tokens:
+    np.save(args.save_tokens, result.tokens.astype(np.int32))
+    _say(f"saved new tokens {list(result.tokens.shape)} int32 to {args.save_tokens}")
+  return {
+      "command": "generate",
+      "mesh": dict(mesh.shape),
+      "devices": mesh.devices.size,
+      "platform": mesh.devices.flat[0].platform,
+      "new_tokens": result.tokens.tolist(),
+      "steps": result.steps,
+      "compile_s": result.compile_s,
+      "prefill_s": result.prefill_s,
+      "decode_s": result.decode_s,
+      "tokens_per_s": new / total_s,
+      "kv_cache_bytes_per_device": cache_bytes,
+      "scan_layers": generator.scan,
+  }
+
+
+def load_tokenizer(config: config_lib.Config):
+  """The checkpoint's tokenizer.json, for text prompts."""
+  checkpoint = getattr(config.model, "checkpoint", "")
+  path = os.path.join(checkpoint, "tokenizer.json") if checkpoint else ""
+  if not path or not os.path.isfile(path):
+    raise UserError(f"--prompt needs a tokenizer: no tokenizer.json in model.checkpoint="
+                    f"{checkpoint!r}; pass token ids with --prompt-ids instead")
+  from tokenizers import Tokenizer
+  try:
+    return Tokenizer.from_file(path)
+  except Exception as e:  # the tokenizers library raises its own exception types
+    raise UserError(f"{path}: not a valid tokenizer.json ({e}); re-save it with the "
+                    f"tokenizers library") from None
+
+
 def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   try:
-    config = config_lib.load(args.config, args.set)
+    overrides = list(args.set)
+    for flag, key in _GENERATE_FLAGS.items():
+      if getattr(args, flag, None) is not None:
+        overrides.append(f"{key}={getattr(args, flag)}")
+    if args.command == "forward" and args.prompt_ids:
+      rows = parse_prompt_ids(args.prompt_ids, equal=True)
+      overrides += [f"run.batch={len(rows)}", f"run.seq_len={len(rows[0])}"]
+    config = config_lib.load(args.config, overrides)
+    if args.command == "forward" and args.prompt_ids:
+      check_token_ids(rows, config.model.vocab_size)
     if args.devices is not None and args.devices < 1:
       raise UserError(f"--devices {args.devices}: must be at least 1")
-    for flag in ("save_logits", "schedule_png"):
+    for flag in ("save_logits", "schedule_png", "save_tokens"):
       path = getattr(args, flag, None)
       folder = os.path.dirname(os.path.abspath(path)) if path else None
       if folder and not os.path.isdir(folder):
@@ -169,7 +444,8 @@ def main(argv: list[str] | None = None) -> int:
                         f"choose another path")
     if "jax" not in sys.modules:
       set_cpu_devices(args.devices or config.mesh.cpu_devices)
-    result = forward(args, config)
+    command = {"forward": forward, "classify": classify, "generate": generate}[args.command]
+    result = command(args, config)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
