@@ -141,14 +141,15 @@ _ACTIVE = threading.local()
 
 
 @contextlib.contextmanager
-def use_rules(rules: Rules) -> Iterator[Rules]:
-  """Makes `rules` the table that `constrain` uses while tracing inside this block."""
-  previous = getattr(_ACTIVE, "rules", None)
-  _ACTIVE.rules = rules
+def use_rules(rules: Rules, *, keys: Mapping[str, str] = {}) -> Iterator[Rules]:
+  """Makes `rules` the table that `constrain` uses while tracing inside this block; `keys`
+  name the config keys behind logical sizes, for errors."""
+  previous = getattr(_ACTIVE, "rules", None), getattr(_ACTIVE, "keys", {})
+  _ACTIVE.rules, _ACTIVE.keys = rules, keys
   try:
     yield rules
   finally:
-    _ACTIVE.rules = previous
+    _ACTIVE.rules, _ACTIVE.keys = previous
 
 
 def active_rules() -> Rules:
@@ -172,5 +173,6 @@ def constrain(x: jax.Array, names: tuple) -> jax.Array:
   auto = {name: size for name, size, kind in zip(mesh.axis_names, mesh.axis_sizes,
                                                  mesh.axis_types)
           if kind != jax.sharding.AxisType.Manual}
-  spec = active_rules().check(x.shape, names, auto, what="an activation")
+  spec = active_rules().check(x.shape, names, auto, what="an activation",
+                              keys=getattr(_ACTIVE, "keys", {}))
   return jax.lax.with_sharding_constraint(x, spec)

@@ -19,8 +19,10 @@ def _gelu_tanh(x):
   return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
 
 
-def gpt2_logits(params: dict, tokens: np.ndarray, *, vocab_size: int, eps: float = 1e-5):
+def gpt2_logits(params: dict, tokens: np.ndarray, *, vocab_size: int, n_heads: int,
+                eps: float = 1e-5):
   """Logits [B, T, vocab_size] for token ids [B, T]."""
+  n_heads_of = lambda _: n_heads
   f64 = lambda a: np.asarray(a, np.float64)
   B, T = tokens.shape
   p = params
@@ -32,8 +34,12 @@ def gpt2_logits(params: dict, tokens: np.ndarray, *, vocab_size: int, eps: float
     h = _layer_norm(x, layer("ln_1", "scale"), layer("ln_1", "bias"), eps)
     wq, wk, wv = layer("attn", "w_q"), layer("attn", "w_k"), layer("attn", "w_v")
     bq, bk, bv = layer("attn", "b_q"), layer("attn", "b_k"), layer("attn", "b_v")
-    wo = layer("attn", "w_o")  # [D, N, H]
-    n_heads, head_dim = wq.shape[0], wq.shape[1]
+    n_heads = n_heads_of(params)
+    head_dim = wq.shape[0] // n_heads
+    # Projections are [N*H, D] (heads fused, [out, in]); w_o is [D, N*H].
+    wq, wk, wv = (w.reshape(n_heads, head_dim, -1) for w in (wq, wk, wv))
+    bq, bk, bv = (b.reshape(n_heads, head_dim) for b in (bq, bk, bv))
+    wo = layer("attn", "w_o").reshape(-1, n_heads, head_dim)  # [D, N, H]
     attn = np.zeros_like(x)
     mask = np.tril(np.ones((T, T), bool))
     for n in range(n_heads):

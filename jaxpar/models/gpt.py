@@ -62,25 +62,34 @@ class LayerNorm(nnx.Module):
 
 
 class Attention(nnx.Module):
-  """Causal multi-head self-attention: q/k/v column-parallel, output row-parallel."""
+  """Causal multi-head self-attention: q/k/v column-parallel, output row-parallel.
+
+  Projections are stored as 2-D [out, in] matrices with the heads fused into one dim of
+  N*H (split over `model` in whole heads): XLA:CPU multiplies these in place, while 3-D
+  [N, H, D] weights made it transpose every weight on every decode step.
+  """
 
   def __init__(self, cfg: ModelConfig, dtype, *, rngs: nnx.Rngs):
-    N, H, D = cfg.n_heads, cfg.head_dim, cfg.d_model
+    K, D = cfg.n_heads * cfg.head_dim, cfg.d_model
+    self.n_heads = cfg.n_heads
     std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layers)
-    self.w_q = _param(rngs, (N, H, D), (HEADS, HEAD_DIM, EMBED), std, dtype)
-    self.w_k = _param(rngs, (N, H, D), (HEADS, HEAD_DIM, EMBED), std, dtype)
-    self.w_v = _param(rngs, (N, H, D), (HEADS, HEAD_DIM, EMBED), std, dtype)
-    self.b_q = _const((N, H), (HEADS, HEAD_DIM), 0.0, dtype)
-    self.b_k = _const((N, H), (HEADS, HEAD_DIM), 0.0, dtype)
-    self.b_v = _const((N, H), (HEADS, HEAD_DIM), 0.0, dtype)
-    self.w_o = _param(rngs, (D, N, H), (EMBED, HEADS, HEAD_DIM), out_std, dtype)
+    self.w_q = _param(rngs, (K, D), (HEADS, EMBED), std, dtype)
+    self.w_k = _param(rngs, (K, D), (HEADS, EMBED), std, dtype)
+    self.w_v = _param(rngs, (K, D), (HEADS, EMBED), std, dtype)
+    self.b_q = _const((K,), (HEADS,), 0.0, dtype)
+    self.b_k = _const((K,), (HEADS,), 0.0, dtype)
+    self.b_v = _const((K,), (HEADS,), 0.0, dtype)
+    self.w_o = _param(rngs, (D, K), (EMBED, HEADS), out_std, dtype)
     self.b_o = _const((D,), (EMBED,), 0.0, dtype)
 
   def _project(self, x_BTD: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    q_BTNH = jnp.einsum("btd,nhd->btnh", x_BTD, self.w_q[...]) + self.b_q[...]
-    k_BTNH = jnp.einsum("btd,nhd->btnh", x_BTD, self.w_k[...]) + self.b_k[...]
-    v_BTNH = jnp.einsum("btd,nhd->btnh", x_BTD, self.w_v[...]) + self.b_v[...]
-    return constrain(q_BTNH, (BATCH, SEQ, HEADS, HEAD_DIM)), k_BTNH, v_BTNH
+    B, T, _ = x_BTD.shape
+    heads = lambda y_BTK: constrain(y_BTK.reshape(B, T, self.n_heads, -1),
+                                    (BATCH, SEQ, HEADS, HEAD_DIM))
+    q_BTK = jnp.einsum("btd,kd->btk", x_BTD, self.w_q[...]) + self.b_q[...]
+    k_BTK = jnp.einsum("btd,kd->btk", x_BTD, self.w_k[...]) + self.b_k[...]
+    v_BTK = jnp.einsum("btd,kd->btk", x_BTD, self.w_v[...]) + self.b_v[...]
+    return heads(q_BTK), heads(k_BTK), heads(v_BTK)
 
   def _attend(self, q_BTNH, k_BSNH, v_BSNH, mask_BTS: jax.Array) -> jax.Array:
     scores_BNTS = jnp.einsum("btnh,bsnh->bnts", q_BTNH, k_BSNH).astype(jnp.float32)
@@ -88,8 +97,9 @@ class Attention(nnx.Module):
     scores_BNTS = jnp.where(mask_BTS[:, None], scores_BNTS, jnp.finfo(jnp.float32).min)
     probs_BNTS = jax.nn.softmax(scores_BNTS, axis=-1).astype(v_BSNH.dtype)
     out_BTNH = jnp.einsum("bnts,bsnh->btnh", probs_BNTS, v_BSNH)
-    out_BTD = jnp.einsum("btnh,dnh->btd", out_BTNH, self.w_o[...]) + self.b_o[...]
-    return constrain(out_BTD, (BATCH, SEQ, EMBED))
+    B, T, N, H = out_BTNH.shape
+    out_BTD = jnp.einsum("btk,dk->btd", out_BTNH.reshape(B, T, N * H), self.w_o[...])
+    return constrain(out_BTD + self.b_o[...], (BATCH, SEQ, EMBED))
 
   def __call__(self, x_BTD: jax.Array) -> jax.Array:
     q_BTNH, k_BTNH, v_BTNH = self._project(x_BTD)
@@ -187,10 +197,11 @@ class GPT(nnx.Module):
     return scan_layers(graphdef, stacked, x_BTD)
 
   def cached_blocks(self, x_BTD: jax.Array, caches: Any, index: jax.Array, mask_BTS: jax.Array,
-                    *, scan: bool) -> tuple[jax.Array, Any]:
+                    *, scan: bool, layers: Any = None) -> tuple[jax.Array, Any]:
     """All blocks with KV caches. `scan`: one stacked cache {k, v: [L, B, S, N, H]} and a
     scan over layers; otherwise a tuple of per-layer caches and unrolled layers (on XLA:CPU
-    each per-layer cache then updates in place and no layer's weights are copied per step)."""
+    each per-layer cache then updates in place). `layers`, per-layer parameter dicts, replace
+    slices of the stack: separate buffers that no step has to cut out of the stack."""
     graphdef, stacked = nnx.split(self.blocks)
     if scan:
       def layer(x_BTD, inputs):
@@ -200,7 +211,8 @@ class GPT(nnx.Module):
       return jax.lax.scan(layer, x_BTD, (stacked, caches))
     new = []
     for l, cache in enumerate(caches):
-      block = nnx.merge(graphdef, jax.tree.map(lambda a: a[l], stacked))
+      block = nnx.merge(graphdef, layers[l] if layers is not None else
+                        jax.tree.map(lambda a: a[l], stacked))
       with jax.named_scope(f"block_{l}"):
         x_BTD, cache = block.cached(x_BTD, cache, index, mask_BTS)
       new.append(cache)

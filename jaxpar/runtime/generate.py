@@ -22,6 +22,7 @@ from jaxpar.axes import BATCH, HEAD_DIM, HEADS, LAYERS, SEQ
 from jaxpar.config import Config
 from jaxpar.errors import UserError
 from jaxpar.rules import constrain, use_rules
+from jaxpar.models import gpt
 from jaxpar.runtime import inference
 
 
@@ -86,10 +87,23 @@ class Generator:
   forward: inference.Forward
   scan: bool
   eos_id: int  # -1: none
+  # Unrolled layers: the blocks' parameters as one dict per layer (separate buffers), and
+  # the other parameters; the stacked blocks are rebuilt inside the programs only for
+  # `nnx.merge` and never used, so XLA drops them.
+  layers: tuple | None = None
+  rest: dict | None = None
+  _compiled: dict = dataclasses.field(default_factory=dict)
 
   @property
   def mesh(self):
     return self.forward.mesh
+
+  @property
+  def params(self) -> tuple:
+    """What the compiled programs take: (parameters, per-layer blocks or None)."""
+    if self.layers is None:
+      return self.forward.params, None
+    return self.rest, self.layers
 
   def cache_bytes_per_device(self, batch: int, length: int) -> int:
     m, mesh = self.forward.config.model, self.mesh
@@ -99,7 +113,8 @@ class Generator:
     per = jax.sharding.NamedSharding(mesh, spec).shard_shape(shape)
     return 2 * int(np.prod(per)) * jnp.dtype(m.dtype).itemsize
 
-  def _fns(self, batch: int, prompt_len: int, max_new: int, sampling: Sampling):
+  def _fns(self, batch: int, prompt_len: int, max_new: int, sampling: Sampling,
+           progress: bool):
     fwd, scan, eos = self.forward, self.scan, self.eos_id
     rules, graphdef, m = fwd.rules, fwd.graphdef, fwd.config.model
     S = prompt_len + max_new
@@ -115,22 +130,30 @@ class Generator:
         return {"k": zeros(), "v": zeros()}
       return tuple({"k": zeros(), "v": zeros()} for _ in range(m.n_layers))
 
+    def model_of(params):
+      rest, layers = params
+      if layers is None:
+        return nnx.merge(graphdef, rest), None
+      stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+      return nnx.merge(graphdef, {**rest, "blocks": stacked}), layers
+
     def prefill(params, tokens_BT, mask_BT, key):
-      with use_rules(rules):
-        model = nnx.merge(graphdef, params)
+      with use_rules(rules, keys=gpt.CONFIG_KEYS):
+        model, layers = model_of(params)
         positions_BT = jnp.maximum(jnp.cumsum(mask_BT, axis=1) - 1, 0)
         valid_BS = jnp.concatenate([mask_BT, jnp.ones((batch, max_new), bool)], axis=1)
         causal_TS = jnp.arange(S)[None, :] <= jnp.arange(prompt_len)[:, None]
         mask_BTS = causal_TS[None] & valid_BS[:, None, :]
         x_BTD = model.embed(tokens_BT, positions_BT)
-        x_BTD, caches = model.cached_blocks(x_BTD, caches_for(batch), 0, mask_BTS, scan=scan)
+        x_BTD, caches = model.cached_blocks(x_BTD, caches_for(batch), 0, mask_BTS, scan=scan,
+                                            layers=layers)
         logits_BV = model.logits(x_BTD[:, -1:])[:, 0]
         token_B = sample(logits_BV, jax.random.fold_in(key, 0), sampling)
         return token_B, caches
 
     def decode(params, caches, first_B, mask_BT, key):
-      with use_rules(rules):
-        model = nnx.merge(graphdef, params)
+      with use_rules(rules, keys=gpt.CONFIG_KEYS):
+        model, layers = model_of(params)
         lengths_B = mask_BT.sum(axis=1).astype(jnp.int32)
         valid_BS = jnp.concatenate([mask_BT, jnp.ones((batch, max_new), bool)], axis=1)
         fill = eos if eos >= 0 else 0
@@ -146,17 +169,20 @@ class Generator:
           slot = prompt_len + i - 1  # where the previous token's keys and values go
           x_BTD = model.embed(token_B[:, None], (lengths_B + i - 1)[:, None])
           mask_B1S = (jnp.arange(S) <= slot)[None, None, :] & valid_BS[:, None, :]
-          x_BTD, caches = model.cached_blocks(x_BTD, caches, slot, mask_B1S, scan=scan)
+          x_BTD, caches = model.cached_blocks(x_BTD, caches, slot, mask_B1S, scan=scan,
+                                              layers=layers)
           token_B = sample(model.logits(x_BTD)[:, 0], jax.random.fold_in(key, i), sampling)
           token_B = jnp.where(done_B, fill, token_B)
           out_BN = lax.dynamic_update_slice_in_dim(out_BN, token_B[:, None], i, axis=1)
+          if progress:
+            jax.debug.callback(_report, i + 1, max_new)
           return i + 1, token_B, caches, out_BN, done_B | (token_B == eos)
 
         i, _, _, out_BN, _ = lax.while_loop(cond, step, (1, first_B, caches, out_BN, done_B))
         return out_BN, i
 
     token_sharding = rules.sharding((axes.BATCH, axes.SEQ), self.mesh, what="prompts")
-    param_shardings = jax.tree.map(lambda a: a.sharding, fwd.params)
+    param_shardings = jax.tree.map(lambda a: a.sharding, self.params)
     prefill_jit = jax.jit(prefill, in_shardings=(param_shardings, token_sharding,
                                                  token_sharding, None))
     decode_jit = jax.jit(decode, donate_argnums=(1,))
@@ -175,17 +201,21 @@ class Generator:
                       f"prompt or ask for fewer tokens")
     self.forward.rules.check((B, T0), (BATCH, SEQ), self.mesh.shape, what="prompts",
                              keys={BATCH: "number of prompts"})
-    prefill, decode = self._fns(B, T0, max_new_tokens, sampling)
     sharding = self.forward.rules.sharding((BATCH, SEQ), self.mesh, what="prompts")
     tokens = jax.device_put(jnp.asarray(tokens_host), sharding)
     mask = jax.device_put(jnp.asarray(mask_host), sharding)
     key = jax.random.key(seed)
-    params = self.forward.params
+    params = self.params
+    signature = (B, T0, max_new_tokens, sampling, progress)
     with jax.set_mesh(self.mesh):
       start = time.perf_counter()
-      prefill_c = prefill.lower(params, tokens, mask, key).compile()
-      first, caches = jax.eval_shape(prefill, params, tokens, mask, key)
-      decode_c = decode.lower(params, caches, first, mask, key).compile()
+      if signature not in self._compiled:
+        prefill, decode = self._fns(B, T0, max_new_tokens, sampling, progress)
+        prefill_c = prefill.lower(params, tokens, mask, key).compile()
+        first, caches = jax.eval_shape(prefill, params, tokens, mask, key)
+        self._compiled[signature] = (prefill_c,
+                                     decode.lower(params, caches, first, mask, key).compile())
+      prefill_c, decode_c = self._compiled[signature]
       compile_s = time.perf_counter() - start
       start = time.perf_counter()
       first, caches = prefill_c(params, tokens, mask, key)
@@ -201,6 +231,13 @@ class Generator:
     return Result(out, int(steps), prefill_s, decode_s, compile_s)
 
 
+def _report(done, total) -> None:
+  """Progress from inside the compiled decode loop (a host callback)."""
+  done, every = int(done), max(1, total // 8)
+  if done % every == 0 or done == total:
+    print(f"  decoded {done}/{total} tokens", flush=True)
+
+
 def build(config: Config, mesh, *, eos_id: int | None = None) -> Generator:
   """A Generator for `config` on `mesh` (parameters seeded, or from model.checkpoint)."""
   if mesh.shape[axes.STAGE] > 1:
@@ -212,7 +249,17 @@ def build(config: Config, mesh, *, eos_id: int | None = None) -> Generator:
     eos_id = config.generate.eos_id
   if eos_id is None:
     eos_id = getattr(config.model, "eos_token_id", -1)
-  return Generator(fwd, use_scan(config, platform), -1 if eos_id is None else eos_id)
+  scan = use_scan(config, platform)
+  generator = Generator(fwd, scan, -1 if eos_id is None else eos_id)
+  if not scan:
+    blocks = fwd.params["blocks"]
+    split = lambda a: jax.device_put(a, jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec(*a.sharding.spec[1:])))
+    with jax.set_mesh(mesh):
+      generator.layers = tuple(jax.tree.map(lambda a: split(a[l]), blocks)
+                               for l in range(config.model.n_layers))
+    generator.rest = {k: v for k, v in fwd.params.items() if k != "blocks"}
+  return generator
 
 
 def seeded_prompts(config: Config) -> list[list[int]]:

@@ -74,9 +74,13 @@ class Forward:
 
 
 def check_batch(config: Config, mesh: Mesh, rules: Rules) -> None:
-  """The token batch [B, T] must split over its mesh axes (UserError naming run.batch)."""
+  """The sizes the rules split must divide: batch and sequence of the tokens, heads, MLP
+  width (UserErrors naming run.batch, model.n_heads, ...), before any tensor is traced."""
+  m = config.model
   rules.check((config.run.batch, config.run.seq_len), (axes.BATCH, axes.SEQ), mesh.shape,
               what="tokens", keys=gpt.CONFIG_KEYS)
+  for size, name in ((m.n_heads, axes.HEADS), (m.d_ff, axes.MLP)):
+    rules.check((size,), (name,), mesh.shape, what="the model", keys=gpt.CONFIG_KEYS)
 
 
 def make_schedule(config: Config, mesh: Mesh, rules: Rules,
@@ -136,7 +140,7 @@ def build(config: Config, mesh: Mesh, *, params: dict | None = None,
   param_shardings = tree_shardings(names, rules, mesh)
 
   def forward(params: dict, tokens_BT: jax.Array) -> jax.Array:
-    with use_rules(rules):
+    with use_rules(rules, keys=gpt.CONFIG_KEYS):
       model = nnx.merge(graphdef, params)
       x_BTD = model.embed(tokens_BT)
       if schedule is None:
@@ -145,7 +149,7 @@ def build(config: Config, mesh: Mesh, *, params: dict | None = None,
         stage_fn = functools.partial(gpt.scan_layers, nnx.graphdef(model.blocks))
         x_BTD = pipeline.run(stage_fn, params["blocks"], x_BTD, mesh=mesh, schedule=schedule,
                              batch_axes=rules.mesh_axes(axes.BATCH))
-    with use_rules(out_rules):
+    with use_rules(out_rules, keys=gpt.CONFIG_KEYS):
       return model.logits(x_BTD)
 
   # Trace once abstractly: every activation's layout is checked before anything compiles.
