@@ -9,6 +9,7 @@ remaining tokens that stops when every row has produced EOS; rows that stopped e
 """
 
 import dataclasses
+import math
 import time
 
 import jax
@@ -23,7 +24,7 @@ from jaxpar.config import Config
 from jaxpar.errors import UserError
 from jaxpar.rules import constrain, use_rules
 from jaxpar.models import gpt
-from jaxpar.runtime import inference
+from jaxpar.runtime import inference, pipelined_generate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,6 +202,13 @@ class Generator:
                       f"prompt or ask for fewer tokens")
     self.forward.rules.check((B, T0), (BATCH, SEQ), self.mesh.shape, what="prompts",
                              keys={BATCH: "number of prompts"})
+    if self.forward.schedule is not None:
+      S = self.forward.schedule.stages
+      ways = math.prod(self.mesh.shape[a] for a in self.forward.rules.mesh_axes(BATCH))
+      if B % (S * ways):
+        raise UserError(f"{B} prompts do not form {S} groups (one per stage) that each split "
+                        f"over the batch axes ({ways} ways); pipelined decoding needs a "
+                        f"multiple of {S * ways} prompts")
     sharding = self.forward.rules.sharding((BATCH, SEQ), self.mesh, what="prompts")
     tokens = jax.device_put(jnp.asarray(tokens_host), sharding)
     mask = jax.device_put(jnp.asarray(mask_host), sharding)
@@ -210,7 +218,10 @@ class Generator:
     with jax.set_mesh(self.mesh):
       start = time.perf_counter()
       if signature not in self._compiled:
-        prefill, decode = self._fns(B, T0, max_new_tokens, sampling, progress)
+        if self.forward.schedule is not None:
+          prefill, decode = pipelined_generate.programs(self, B, T0, max_new_tokens, sampling)
+        else:
+          prefill, decode = self._fns(B, T0, max_new_tokens, sampling, progress)
         prefill_c = prefill.lower(params, tokens, mask, key).compile()
         first, caches = jax.eval_shape(prefill, params, tokens, mask, key)
         self._compiled[signature] = (prefill_c,
@@ -239,17 +250,25 @@ def _report(done, total) -> None:
 
 
 def build(config: Config, mesh, *, eos_id: int | None = None) -> Generator:
-  """A Generator for `config` on `mesh` (parameters seeded, or from model.checkpoint)."""
-  if mesh.shape[axes.STAGE] > 1:
-    raise UserError(f"mesh.stage={mesh.shape[axes.STAGE]}: pipelined decoding is not available "
-                    f"yet; generate with --set mesh.stage=1")
+  """A Generator for `config` on `mesh` (parameters seeded, or from model.checkpoint).
+
+  With mesh.stage > 1 decoding is pipelined (`pipelined_generate`): the prompts form one group
+  per stage, so run.batch (the number of prompts) must be a multiple of stage x data.
+  """
+  stages = mesh.shape[axes.STAGE]
+  if stages > 1:
+    if config.pipeline.repeats != 1:
+      raise UserError(f"pipeline.repeats={config.pipeline.repeats}: pipelined decoding runs "
+                      f"contiguous stages; use --set pipeline.repeats=1 for generate")
+    config = dataclasses.replace(config, pipeline=dataclasses.replace(
+        config.pipeline, microbatches=stages))
   fwd = inference.build(config, mesh)
   platform = mesh.devices.flat[0].platform
   if eos_id is None:
     eos_id = config.generate.eos_id
   if eos_id is None:
     eos_id = getattr(config.model, "eos_token_id", -1)
-  scan = use_scan(config, platform)
+  scan = use_scan(config, platform) or stages > 1  # a stage scans its own layers
   generator = Generator(fwd, scan, -1 if eos_id is None else eos_id)
   if not scan:
     blocks = fwd.params["blocks"]

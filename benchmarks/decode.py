@@ -1,0 +1,163 @@
+"""Greedy decoding tokens/s: jaxpar on one CPU device against Hugging Face transformers.
+
+The GPT-2 124M shape with random weights (initializer_range 0.2, so greedy tokens depend on
+the context), saved as a Hugging Face checkpoint and loaded by both; batch 1 and 8, 32-token
+prompts, 64 new tokens, float32, EOS disabled so every row decodes all 64 tokens. Each round
+times one `transformers` generate and one jaxpar generate (prefill + decode, compile
+excluded), alternating which goes first; medians over rounds. The roofline is the batch over
+the time to stream the weights once at the measured copy bandwidth. The greedy tokens of the
+two must be identical.
+
+  python benchmarks/decode.py [--rounds 3] [--checkpoint DIR] [--batches 1 8]
+
+Prints a table and writes JSON to benchmarks/results/decode.json. Goal: jaxpar >= 1.2x
+transformers at batch 1 and >= 1.35x at batch 8.
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from jaxpar.cli import set_cpu_devices  # noqa: E402
+
+
+def copy_bandwidth(nbytes: int = 512 << 20, repeats: int = 5) -> float:
+  """Bytes per second of a large memory copy (the best of `repeats`)."""
+  import numpy as np
+  src = np.ones(nbytes // 4, np.float32)
+  dst = np.empty_like(src)
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    np.copyto(dst, src)
+    best = min(best, time.perf_counter() - start)
+  return nbytes / best
+
+
+def make_checkpoint(path: str) -> None:
+  import torch
+  from transformers import GPT2Config, GPT2LMHeadModel
+  torch.manual_seed(0)
+  model = GPT2LMHeadModel(GPT2Config(initializer_range=0.2))
+  model.save_pretrained(path)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--checkpoint", help="an existing GPT-2 checkpoint dir (default: make "
+                                           "a random 124M one in a temporary dir)")
+  parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+  parser.add_argument("--prompt-len", type=int, default=32)
+  parser.add_argument("--new-tokens", type=int, default=64)
+  parser.add_argument("--rounds", type=int, default=3)
+  parser.add_argument("--set", action="append", default=[],
+                      help="jaxpar config overrides, e.g. model.scan_layers=true")
+  parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "decode.json"))
+  args = parser.parse_args()
+  set_cpu_devices(1)
+
+  import jax
+  import numpy as np
+  import torch
+  from transformers import GPT2LMHeadModel
+
+  from jaxpar import config as config_lib
+  from jaxpar import inspect
+  from jaxpar.mesh import make_mesh
+  from jaxpar.runtime import generate
+
+  tmp = None
+  checkpoint = args.checkpoint
+  if checkpoint is None:
+    tmp = tempfile.TemporaryDirectory()
+    checkpoint = tmp.name
+    print(f"writing a random GPT-2 124M checkpoint to {checkpoint} ...", flush=True)
+    make_checkpoint(checkpoint)
+
+  hf = GPT2LMHeadModel.from_pretrained(checkpoint, dtype=torch.float32).eval()
+  hf.generation_config.eos_token_id = None
+  hf.generation_config.pad_token_id = 0
+  weight_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())
+
+  config = config_lib.load(ROOT / "configs" / "gpt2.yaml",
+                           ["mesh.data=1", "mesh.model=1", f"model.checkpoint={checkpoint}",
+                            "generate.eos_id=-1", *args.set])
+  mesh = make_mesh(config.mesh, devices=jax.devices("cpu")[:1])
+  generator = generate.build(config, mesh, eos_id=-1)
+  bandwidth = copy_bandwidth()
+  print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), jax {jax.__version__}; "
+        f"weights {weight_bytes / 1e6:.0f} MB; copy bandwidth {bandwidth / 1e9:.1f} GB/s; "
+        f"jaxpar layers {'scanned' if generator.scan else 'unrolled'}", flush=True)
+
+  rows, results = [], []
+  for batch in args.batches:
+    rng = np.random.default_rng(batch)
+    prompts = rng.integers(0, config.model.vocab_size, (batch, args.prompt_len))
+    ids = torch.tensor(prompts, dtype=torch.long)
+    n = args.new_tokens
+
+    def run_hf():
+      with torch.no_grad():
+        start = time.perf_counter()
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                          do_sample=False)
+        return time.perf_counter() - start, out[:, args.prompt_len:].numpy()
+
+    def run_jaxpar():
+      result = generator.generate(prompts.tolist(), max_new_tokens=n)
+      return result.prefill_s + result.decode_s, result.tokens
+
+    run_jaxpar()  # compile
+    run_hf()      # warm up
+    hf_s, jx_s = [], []
+    for r in range(args.rounds):
+      order = (run_hf, run_jaxpar) if r % 2 == 0 else (run_jaxpar, run_hf)
+      for fn in order:
+        seconds, tokens = fn()
+        (hf_s if fn is run_hf else jx_s).append(seconds)
+        if fn is run_hf:
+          hf_tokens = tokens
+        else:
+          jx_tokens = tokens
+    identical = bool(np.array_equal(hf_tokens, jx_tokens))
+    hf_tps = batch * n / statistics.median(hf_s)
+    jx_tps = batch * n / statistics.median(jx_s)
+    roofline = batch * bandwidth / weight_bytes
+    distinct = float(np.mean([len(set(row)) for row in jx_tokens.tolist()]))
+    result = {"batch": batch, "prompt_len": args.prompt_len, "new_tokens": n,
+              "transformers_tokens_per_s": hf_tps, "jaxpar_tokens_per_s": jx_tps,
+              "speedup": jx_tps / hf_tps, "roofline_tokens_per_s": roofline,
+              "jaxpar_of_roofline": jx_tps / roofline, "greedy_tokens_identical": identical,
+              "distinct_tokens_per_row": distinct,
+              "transformers_s": hf_s, "jaxpar_s": jx_s}
+    results.append(result)
+    rows.append((batch, f"{hf_tps:.1f}", f"{jx_tps:.1f}", f"{jx_tps / hf_tps:.2f}x",
+                 f"{roofline:.1f}", f"{jx_tps / roofline:.0%}", "yes" if identical else "NO",
+                 f"{distinct:.1f}"))
+    print(f"  batch {batch}: transformers {hf_tps:.1f} tok/s, jaxpar {jx_tps:.1f} tok/s",
+          flush=True)
+  print(inspect.format_table(("batch", "transformers tok/s", "jaxpar tok/s", "speedup",
+                              "roofline tok/s", "of roofline", "tokens identical",
+                              "distinct/row"), rows))
+  out = pathlib.Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps({
+      "benchmark": "decode", "torch": torch.__version__, "jax": jax.__version__,
+      "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+      "weight_bytes": weight_bytes, "copy_bandwidth": bandwidth,
+      "scan_layers": generator.scan, "rounds": args.rounds, "results": results}, indent=2))
+  print(f"wrote {out}")
+  if tmp is not None:
+    tmp.cleanup()
+
+
+if __name__ == "__main__":
+  main()
