@@ -367,7 +367,10 @@ def generate(args, config: config_lib.Config) -> dict:
   _say(f"parameters ready in {time.perf_counter() - start:.2f} s: "
        f"{inspect.human(state.param_bytes_per_device(generator.forward.params))} per device")
   lengths = [len(p) for p in prompts]
-  cache_bytes = generator.cache_bytes_per_device(len(prompts), max(lengths) + g.max_new_tokens)
+  batch = generator.padded_batch(len(prompts))
+  cache_bytes = generator.cache_bytes_per_device(batch, max(lengths) + g.max_new_tokens)
+  if batch != len(prompts):
+    _say(f"{len(prompts)} prompts padded to {batch} rows to fill the mesh (extra rows dropped)")
   mode = "greedy" if g.temperature == 0 else (
       f"sampling (temperature {g.temperature}, top_k {g.top_k}, top_p {g.top_p})")
   _say(f"{len(prompts)} prompts of {min(lengths)}-{max(lengths)} tokens, {g.max_new_tokens} new "
@@ -377,7 +380,7 @@ def generate(args, config: config_lib.Config) -> dict:
   result = generator.generate(prompts, max_new_tokens=g.max_new_tokens,
                               sampling=gen_lib.Sampling(g.temperature, g.top_k, g.top_p),
                               seed=config.run.seed, progress=True)
-  new = result.tokens.shape[0] * result.steps
+  new = result.tokens.shape[0] * result.steps  # the user's rows only
   total_s = result.prefill_s + result.decode_s
   _say(f"compiled in {result.compile_s:.2f} s; prefill {result.prefill_s * 1e3:.1f} ms, decode "
        f"{result.steps} steps in {result.decode_s * 1e3:.1f} ms: {new / total_s:,.1f} tokens/s")

@@ -99,6 +99,15 @@ class Generator:
   def mesh(self):
     return self.forward.mesh
 
+  def padded_batch(self, n_prompts: int) -> int:
+    """The batch the programs run: `n_prompts` rounded up so it splits over the batch axes
+    (and, pipelined, into one group per stage); extra rows repeat the first prompt and are
+    dropped from the result."""
+    unit = math.prod(self.mesh.shape[a] for a in self.forward.rules.mesh_axes(BATCH))
+    if self.forward.schedule is not None:
+      unit *= self.forward.schedule.stages
+    return -(-n_prompts // unit) * unit
+
   @property
   def params(self) -> tuple:
     """What the compiled programs take: (parameters, per-layer blocks or None)."""
@@ -186,13 +195,15 @@ class Generator:
     param_shardings = jax.tree.map(lambda a: a.sharding, self.params)
     prefill_jit = jax.jit(prefill, in_shardings=(param_shardings, token_sharding,
                                                  token_sharding, None))
-    decode_jit = jax.jit(decode, donate_argnums=(1,))
+    decode_jit = jax.jit(decode)
     return prefill_jit, decode_jit
 
   def generate(self, prompts: list[list[int]], *, max_new_tokens: int,
                sampling: Sampling = Sampling(), seed: int = 0,
                progress: bool = False) -> Result:
     """Generates `max_new_tokens` for each prompt (token id lists of any lengths)."""
+    n_prompts = len(prompts)
+    prompts = list(prompts) + [prompts[0]] * (self.padded_batch(n_prompts) - n_prompts)
     tokens_host, mask_host = pad_prompts(prompts)
     B, T0 = tokens_host.shape
     m = self.forward.config.model
@@ -202,13 +213,6 @@ class Generator:
                       f"prompt or ask for fewer tokens")
     self.forward.rules.check((B, T0), (BATCH, SEQ), self.mesh.shape, what="prompts",
                              keys={BATCH: "number of prompts"})
-    if self.forward.schedule is not None:
-      S = self.forward.schedule.stages
-      ways = math.prod(self.mesh.shape[a] for a in self.forward.rules.mesh_axes(BATCH))
-      if B % (S * ways):
-        raise UserError(f"{B} prompts do not form {S} groups (one per stage) that each split "
-                        f"over the batch axes ({ways} ways); pipelined decoding needs a "
-                        f"multiple of {S * ways} prompts")
     sharding = self.forward.rules.sharding((BATCH, SEQ), self.mesh, what="prompts")
     tokens = jax.device_put(jnp.asarray(tokens_host), sharding)
     mask = jax.device_put(jnp.asarray(mask_host), sharding)
@@ -239,7 +243,7 @@ class Generator:
       out, steps = decode_c(params, caches, first, mask, key)
       out = np.asarray(jax.device_get(out))
       decode_s = time.perf_counter() - start
-    return Result(out, int(steps), prefill_s, decode_s, compile_s)
+    return Result(out[:n_prompts], int(steps), prefill_s, decode_s, compile_s)
 
 
 def _report(done, total) -> None:

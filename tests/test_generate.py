@@ -1,0 +1,169 @@
+"""Generation: greedy tokens equal an independent full-recompute reference on one device and
+on data x stage x model meshes (pipelined decoding when stage > 1), for prompts of unequal
+length; EOS, sampling, and the CLI."""
+
+import dataclasses
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from jaxpar import cli
+from jaxpar import config as config_lib
+from jaxpar.config import MeshConfig
+from jaxpar.mesh import make_mesh
+from jaxpar.runtime import generate
+from tests import reference
+
+PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11], [3, 3, 3, 3, 3, 3], [5], [6, 7], [8, 9, 10],
+           [11]]
+NEW = 8
+
+
+@pytest.fixture(scope="module")
+def gen_config(tiny):
+  return dataclasses.replace(
+      tiny, model=dataclasses.replace(tiny.model, n_layers=8, max_seq_len=32),
+      run=dataclasses.replace(tiny.run, batch=len(PROMPTS)))
+
+
+def build(config, devices, data=1, stage=1, model=1, **model_overrides):
+  config = dataclasses.replace(
+      config, mesh=MeshConfig(data=data, stage=stage, model=model),
+      model=dataclasses.replace(config.model, **model_overrides))
+  return generate.build(config, make_mesh(config.mesh, devices=devices[:data * stage * model]),
+                        eos_id=-1)
+
+
+@pytest.fixture(scope="module")
+def expected(gen_config, devices):
+  """Greedy continuations recomputed from scratch every step by the NumPy GPT-2 (float64)."""
+  params = build(gen_config, devices).forward.natural_params()
+  out = []
+  for prompt in PROMPTS:
+    seq = list(prompt)
+    for _ in range(NEW):
+      logits = reference.gpt2_logits(params, np.array([seq]), n_heads=gen_config.model.n_heads,
+                                     vocab_size=gen_config.model.vocab_size)
+      seq.append(int(logits[0, -1].argmax()))
+    out.append(seq[len(prompt):])
+  out = np.array(out)
+  assert np.mean([len(set(row)) for row in out]) > 3  # the context matters, not one echo
+  return out
+
+
+# (data, stage, model, scan_layers)
+MESHES = [(1, 1, 1, False), (1, 1, 1, True), (2, 1, 4, False), (2, 1, 4, True), (8, 1, 1, None),
+          (2, 2, 2, None), (1, 8, 1, None), (1, 4, 2, None), (2, 4, 1, None)]
+
+
+@pytest.mark.parametrize("data,stage,model,scan", MESHES)
+def test_greedy_tokens_equal_full_recompute(gen_config, devices, expected, data, stage, model,
+                                            scan):
+  gen = build(gen_config, devices, data, stage, model, scan_layers=scan)
+  result = gen.generate(PROMPTS, max_new_tokens=NEW)
+  assert result.tokens.dtype == np.int32 and result.tokens.shape == (len(PROMPTS), NEW)
+  np.testing.assert_array_equal(result.tokens, expected)
+  assert result.steps == NEW
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_eos_stops_a_row_and_fills_it_with_eos(gen_config, devices, expected, stage):
+  eos = int(expected[0, 2])  # a token row 0 produces at step 2
+  config = dataclasses.replace(gen_config, mesh=MeshConfig(data=2, stage=stage,
+                                                           model=4 // stage))
+  gen = generate.build(config, make_mesh(config.mesh, devices=devices), eos_id=eos)
+  tokens = gen.generate(PROMPTS, max_new_tokens=NEW).tokens
+  for row, want in zip(tokens, expected):
+    stop = list(want).index(eos) if eos in want else NEW
+    np.testing.assert_array_equal(row[:stop + 1], want[:stop + 1])
+    assert (row[stop:] == eos).all() or stop == NEW
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(gen_config, devices, expected):
+  gen = build(gen_config, devices, 2, 1, 4)
+  sample = lambda seed, **kw: gen.generate(PROMPTS, max_new_tokens=NEW, seed=seed,
+                                           sampling=generate.Sampling(**kw)).tokens
+  np.testing.assert_array_equal(sample(0, temperature=1.0, top_k=1), expected)
+  a, b = sample(3, temperature=1.5), sample(3, temperature=1.5)
+  np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(a, sample(4, temperature=1.5))
+  assert not np.array_equal(a, expected)
+  nucleus = sample(5, temperature=1.0, top_p=1e-6)  # the top token alone reaches top_p
+  np.testing.assert_array_equal(nucleus, expected)
+
+
+def test_sample_filters_keep_only_allowed_tokens():
+  logits = jax.numpy.asarray(np.log(np.array([[0.5, 0.3, 0.15, 0.05]] * 2000, np.float32)))
+  key = jax.random.key(0)
+  top2 = np.asarray(generate.sample(logits, key, generate.Sampling(1.0, top_k=2)))
+  assert set(top2.tolist()) == {0, 1}
+  nucleus = np.asarray(generate.sample(logits, key, generate.Sampling(1.0, top_p=0.7)))
+  assert set(nucleus.tolist()) == {0, 1}  # 0.5 < 0.7 <= 0.5 + 0.3
+  everything = np.asarray(generate.sample(logits, key, generate.Sampling(1.0)))
+  assert set(everything.tolist()) == {0, 1, 2, 3}
+  assert abs(np.mean(everything == 0) - 0.5) < 0.05
+
+
+def test_kv_cache_bytes_per_device(gen_config, devices):
+  gen = build(gen_config, devices, 2, 1, 4)
+  m = gen_config.model
+  # k and v: [L, B/data, T, N/model, H] float32 each.
+  assert gen.cache_bytes_per_device(8, 24) == 2 * m.n_layers * 4 * 24 * 2 * m.head_dim * 4
+
+
+def test_generate_cli(root, tmp_path, monkeypatch, capsys):
+  monkeypatch.chdir(root)
+  out = tmp_path / "tokens.npy"
+  code = cli.main(["generate", "--config", "configs/tiny.yaml", "--set", "mesh.model=2",
+                   "--set", "mesh.data=2", "--set", "mesh.stage=2", "--set", "model.n_layers=4",
+                   "--prompt-ids", "1,2,3;4,5;6;7,8,9,10", "--max-new-tokens", "5",
+                   "--save-tokens", str(out), "--json"])
+  stdout = capsys.readouterr().out
+  assert code == 0
+  result = json.loads(stdout.strip().splitlines()[-1])
+  saved = np.load(out)
+  assert saved.dtype == np.int32 and saved.shape == (4, 5)
+  assert result["new_tokens"] == saved.tolist()
+  assert result["mesh"] == {"data": 2, "stage": 2, "model": 2}
+  for key in ("tokens_per_s", "prefill_s", "decode_s", "kv_cache_bytes_per_device"):
+    assert result[key] > 0
+  assert "decoded" in stdout or "prefill" in stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--prompt-ids", "1,2;x"], "row 'x' is not a comma-separated list"),
+    (["--prompt-ids", "1,2;;3"], "an empty row"),
+    (["--prompt-ids", "1,999"], "token id 999 is outside the vocabulary [0, 250)"),
+    (["--prompt", "hello"], "--prompt needs a tokenizer"),
+    (["--prompt-ids", "1,2,3", "--max-new-tokens", "40"], "exceeds model.max_seq_len=32"),
+    (["--prompt-ids", "1;2", "--top-p", "0"], "0 < top_p <= 1"),
+    (["--prompt-ids", "1;2", "--set", "mesh.stage=2", "--set", "mesh.data=4",
+      "--set", "pipeline.repeats=2"], "pipelined decoding runs contiguous stages"),
+])
+def test_generate_errors(root, monkeypatch, capsys, args, message):
+  monkeypatch.chdir(root)
+  code = cli.main(["generate", "--config", "configs/tiny.yaml", *args])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert code == 2
+  assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+def test_forward_accepts_prompt_ids(root, monkeypatch, capsys):
+  monkeypatch.chdir(root)
+  assert cli.main(["forward", "--config", "configs/tiny.yaml", "--prompt-ids", "1,2;3,4",
+                   "--set", "mesh.data=2", "--set", "mesh.model=4", "--json"]) == 0
+  result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert result["mesh"] == {"data": 2, "stage": 1, "model": 4}
+  assert cli.main(["forward", "--config", "configs/tiny.yaml", "--prompt-ids", "1,2;3"]) == 2
+  assert "rows of equal length" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("data,stage,model", [(8, 1, 1), (2, 2, 2)])
+def test_odd_prompt_counts_are_padded_to_the_mesh(gen_config, devices, expected, data, stage,
+                                                  model):
+  gen = build(gen_config, devices, data, stage, model)
+  assert gen.padded_batch(3) == 8 if data == 8 else gen.padded_batch(3) == 4
+  tokens = gen.generate(PROMPTS[:3], max_new_tokens=NEW).tokens
+  np.testing.assert_array_equal(tokens, expected[:3])
