@@ -16,21 +16,35 @@ from jaxpar import config as config_lib
 from jaxpar.errors import UserError
 
 
+def _command(commands, name: str, help: str, example: str) -> argparse.ArgumentParser:
+  """A subcommand with the options every command shares."""
+  sub = commands.add_parser(name, help=help)
+  sub.add_argument("--config", required=True, help=f"YAML config, e.g. {example}")
+  sub.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value (repeatable), e.g. --set mesh.model=2")
+  sub.add_argument("--devices", type=int, default=None, metavar="N",
+                   help="emulated CPU devices when no accelerator is present "
+                        "(default: mesh.cpu_devices of the config)")
+  sub.add_argument("--platform", choices=("auto", "cpu"), default="auto",
+                   help="auto: the accelerator if its devices fit the mesh, else emulated CPU")
+  sub.add_argument("--json", action="store_true",
+                   help="print one JSON object with the results as the last stdout line")
+  return sub
+
+
+def _verify_option(sub: argparse.ArgumentParser) -> None:
+  sub.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute on one device and print the max difference "
+                        "(default: run.verify of the config)")
+
+
 def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="scripts/run.py", description=__doc__.split("\n")[0])
   commands = parser.add_subparsers(dest="command", required=True)
-  fwd = commands.add_parser("forward", help="sharded forward pass on a seeded batch")
-  fwd.add_argument("--config", required=True, help="YAML config, e.g. configs/default.yaml")
-  fwd.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a config value (repeatable), e.g. --set mesh.model=2")
-  fwd.add_argument("--devices", type=int, default=None, metavar="N",
-                   help="emulated CPU devices when no accelerator is present "
-                        "(default: mesh.cpu_devices of the config)")
-  fwd.add_argument("--platform", choices=("auto", "cpu"), default="auto",
-                   help="auto: the accelerator if its devices fit the mesh, else emulated CPU")
-  fwd.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
-                   help="recompute on one device and print the max difference "
-                        "(default: run.verify of the config)")
+
+  fwd = _command(commands, "forward", "sharded forward pass on a seeded batch",
+                 "configs/default.yaml")
+  _verify_option(fwd)
   fwd.add_argument("--save-logits", metavar="OUT.npy",
                    help="write float32 logits [B, T, V] (vocab padding removed)")
   fwd.add_argument("--prompt-ids", metavar="IDS",
@@ -38,35 +52,16 @@ def _parser() -> argparse.ArgumentParser:
                         "ids by ',' (rows of equal length), e.g. '1,2,3;4,5,6'")
   fwd.add_argument("--schedule-png", metavar="OUT.png",
                    help="with mesh.stage > 1: save the pipeline schedule (stage x tick) as PNG")
-  fwd.add_argument("--json", action="store_true",
-                   help="print one JSON object with the results as the last stdout line")
-  cls = commands.add_parser("classify", help="sharded CNN image classification")
-  cls.add_argument("--config", required=True, help="YAML config, e.g. configs/cnn.yaml")
-  cls.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a config value (repeatable), e.g. --set rules.height=stage")
-  cls.add_argument("--devices", type=int, default=None, metavar="N",
-                   help="emulated CPU devices when no accelerator is present "
-                        "(default: mesh.cpu_devices of the config)")
-  cls.add_argument("--platform", choices=("auto", "cpu"), default="auto",
-                   help="auto: the accelerator if its devices fit the mesh, else emulated CPU")
+
+  cls = _command(commands, "classify", "sharded CNN image classification", "configs/cnn.yaml")
+  _verify_option(cls)
   cls.add_argument("--images", metavar="DIR",
                    help="classify the .png/.jpg files of DIR (default: a seeded random batch)")
-  cls.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
-                   help="recompute on one device and print the max difference "
-                        "(default: run.verify of the config)")
   cls.add_argument("--save-logits", metavar="OUT.npy",
                    help="write float32 logits [N, classes] (batch padding removed)")
-  cls.add_argument("--json", action="store_true",
-                   help="print one JSON object with the results as the last stdout line")
-  gen = commands.add_parser("generate", help="autoregressive generation with a sharded KV cache")
-  gen.add_argument("--config", required=True, help="YAML config, e.g. configs/default.yaml")
-  gen.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a config value (repeatable), e.g. --set model.checkpoint=DIR")
-  gen.add_argument("--devices", type=int, default=None, metavar="N",
-                   help="emulated CPU devices when no accelerator is present "
-                        "(default: mesh.cpu_devices of the config)")
-  gen.add_argument("--platform", choices=("auto", "cpu"), default="auto",
-                   help="auto: the accelerator if its devices fit the mesh, else emulated CPU")
+
+  gen = _command(commands, "generate", "autoregressive generation with a sharded KV cache",
+                 "configs/default.yaml")
   gen.add_argument("--prompt-ids", metavar="IDS",
                    help="prompts as token ids: rows separated by ';', ids by ',' (rows may "
                         "differ in length), e.g. '1,2,3;4,5'")
@@ -80,8 +75,6 @@ def _parser() -> argparse.ArgumentParser:
   gen.add_argument("--seed", type=int, help="sampling and seeded-prompt seed (run.seed)")
   gen.add_argument("--save-tokens", metavar="OUT.npy",
                    help="write the new tokens, int32 [B, max_new_tokens]; after EOS: EOS")
-  gen.add_argument("--json", action="store_true",
-                   help="print one JSON object with the results as the last stdout line")
   return parser
 
 

@@ -26,7 +26,7 @@ from jaxpar.runtime import state
 
 
 @dataclasses.dataclass
-class Forward:
+class Forward(state.Compiled):
   """A model on a mesh: `params` sharded by `names`, `fn(params, tokens) -> logits`.
 
   With a pipeline (`schedule` set), the blocks' parameters are held regrouped into stages,
@@ -51,19 +51,6 @@ class Forward:
     """Places host token ids [B, T] on the mesh, batch over `data`."""
     sharding = self.rules.sharding((axes.BATCH, axes.SEQ), self.mesh, what="tokens")
     return jax.device_put(jnp.asarray(tokens_BT, jnp.int32), sharding)
-
-  def compile(self, tokens_BT: jax.Array):
-    """Lowers and compiles for `tokens_BT`'s shape; returns the compiled executable."""
-    with jax.set_mesh(self.mesh):
-      self.compiled = self.fn.lower(self.params, tokens_BT).compile()
-    return self.compiled
-
-  def __call__(self, tokens_BT: jax.Array) -> jax.Array:
-    """Padded logits [B, T, V_padded] (float32, padding columns at the float minimum)."""
-    with jax.set_mesh(self.mesh):
-      if self.compiled is not None:
-        return self.compiled(self.params, tokens_BT)
-      return self.fn(self.params, tokens_BT)
 
   def natural_params(self) -> dict:
     """The parameters on the host in the model's own layout (blocks stacked [L, ...])."""

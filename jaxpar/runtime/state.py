@@ -65,3 +65,20 @@ def param_bytes_per_device(params: Any) -> int:
   device = min(jax.tree.leaves(params)[0].sharding.device_set, key=lambda d: d.id)
   return sum(shard.data.nbytes for leaf in jax.tree.leaves(params)
              for shard in leaf.addressable_shards if shard.device == device)
+
+
+class Compiled:
+  """Calls `self.fn(self.params, x)` on `self.mesh`, through the executable that `compile`
+  made when there is one. Mixed into the runtime's model dataclasses."""
+
+  def compile(self, x: jax.Array):
+    """Lowers and compiles for `x`'s shape and sharding; returns the executable."""
+    with jax.set_mesh(self.mesh):
+      self.compiled = self.fn.lower(self.params, x).compile()
+    return self.compiled
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    with jax.set_mesh(self.mesh):
+      if self.compiled is not None:
+        return self.compiled(self.params, x)
+      return self.fn(self.params, x)

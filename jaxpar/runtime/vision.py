@@ -33,7 +33,7 @@ _CNN_NAMES = (axes.BATCH, axes.HEIGHT, axes.WIDTH, axes.COLOR, axes.CHANNELS, ax
 
 
 @dataclasses.dataclass
-class Classifier:
+class Classifier(state.Compiled):
   """A CNN on a mesh: `params` sharded by `names`, `fn(params, images) -> logits`."""
   config: Config
   mesh: Mesh
@@ -49,17 +49,6 @@ class Classifier:
     sharding = self.rules.sharding(cnn.IMAGE_NAMES, self.mesh, what="images")
     return jax.device_put(jnp.asarray(images_BHWI, jnp.float32), sharding)
 
-  def compile(self, images_BHWI: jax.Array):
-    with jax.set_mesh(self.mesh):
-      self.compiled = self.fn.lower(self.params, images_BHWI).compile()
-    return self.compiled
-
-  def __call__(self, images_BHWI: jax.Array) -> jax.Array:
-    """Logits [B, K] float32, batch over `data`."""
-    with jax.set_mesh(self.mesh):
-      if self.compiled is not None:
-        return self.compiled(self.params, images_BHWI)
-      return self.fn(self.params, images_BHWI)
 
 
 def image_shape(config: Config) -> tuple[int, int, int, int]:
