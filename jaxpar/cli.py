@@ -115,6 +115,16 @@ def set_cpu_devices(n: int) -> None:
   os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
 
 
+def enable_compilation_cache() -> None:
+  """Keeps compiled programs across runs (JAXPAR_CACHE_DIR; empty turns it off)."""
+  import jax
+  path = os.environ.get("JAXPAR_CACHE_DIR",
+                        os.path.join(os.path.expanduser("~"), ".cache", "jaxpar", "xla"))
+  if path and not jax.config.jax_compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 def pick_devices(mesh_config: config_lib.MeshConfig, platform: str) -> tuple[list, str]:
   """The devices to build the mesh on, and a note when it fell back to emulated CPUs."""
   import jax
@@ -440,6 +450,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"choose another path")
     if "jax" not in sys.modules:
       set_cpu_devices(args.devices or config.mesh.cpu_devices)
+    enable_compilation_cache()
     command = {"forward": forward, "classify": classify, "generate": generate}[args.command]
     result = command(args, config)
   except UserError as e:
