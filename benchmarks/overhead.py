@@ -10,18 +10,16 @@ the median over rounds of jaxpar / hand-written seconds per call. Goal: within 2
 Prints a table and writes JSON to benchmarks/results/overhead.json.
 """
 
-import argparse
-import json
 import math
 import os
 import pathlib
 import statistics
 import sys
-import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import parser, time_block, write_json  # noqa: E402
 from jaxpar import config as config_lib  # noqa: E402
 from jaxpar.cli import pick_devices, set_cpu_devices  # noqa: E402
 
@@ -42,10 +40,10 @@ def hand_written_forward(mesh, cfg):
       "blocks": {
           "ln_1": {"scale": layer_rep, "bias": layer_rep},
           "ln_2": {"scale": layer_rep, "bias": layer_rep},
-          "attn": {"w_q": ns("stage", "model", None, None), "w_k": ns("stage", "model", None, None),
-                   "w_v": ns("stage", "model", None, None), "b_q": ns("stage", "model", None),
-                   "b_k": ns("stage", "model", None), "b_v": ns("stage", "model", None),
-                   "w_o": ns("stage", None, "model", None), "b_o": layer_rep},
+          "attn": {"w_q": ns("stage", "model", None), "w_k": ns("stage", "model", None),
+                   "w_v": ns("stage", "model", None), "b_q": ns("stage", "model"),
+                   "b_k": ns("stage", "model"), "b_v": ns("stage", "model"),
+                   "w_o": ns("stage", None, "model"), "b_o": layer_rep},
           "mlp": {"w_up": ns("stage", "model", None), "b_up": ns("stage", "model"),
                   "w_down": ns("stage", None, "model"), "b_down": layer_rep},
       },
@@ -61,16 +59,16 @@ def hand_written_forward(mesh, cfg):
   def block(x, p):
     a = p["attn"]
     h = ln(x, p["ln_1"])
-    q = jnp.einsum("btd,nhd->btnh", h, a["w_q"]) + a["b_q"]
-    k = jnp.einsum("bsd,nhd->bsnh", h, a["w_k"]) + a["b_k"]
-    v = jnp.einsum("bsd,nhd->bsnh", h, a["w_v"]) + a["b_v"]
+    B, T, _ = h.shape
+    split = lambda y: y.reshape(B, T, cfg.n_heads, cfg.head_dim)
+    q = split(h @ a["w_q"].T + a["b_q"])
+    k = split(h @ a["w_k"].T + a["b_k"])
+    v = split(h @ a["w_v"].T + a["b_v"])
     q = jax.lax.with_sharding_constraint(q, ns("data", None, "model", None))
     s = jnp.einsum("btnh,bsnh->bnts", q, k) / math.sqrt(q.shape[-1])
-    T = x.shape[1]
     s = jnp.where(jnp.tril(jnp.ones((T, T), bool)), s, jnp.finfo(jnp.float32).min)
-    o = jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(s, axis=-1), v)
-    x = x + jax.lax.with_sharding_constraint(
-        jnp.einsum("btnh,dnh->btd", o, a["w_o"]) + a["b_o"], act)
+    o = jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(s, axis=-1), v).reshape(B, T, -1)
+    x = x + jax.lax.with_sharding_constraint(o @ a["w_o"].T + a["b_o"], act)
     m = p["mlp"]
     h = jax.nn.gelu(jnp.einsum("btd,fd->btf", ln(x, p["ln_2"]), m["w_up"]) + m["b_up"],
                     approximate=True)
@@ -91,13 +89,8 @@ def hand_written_forward(mesh, cfg):
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--config", default=str(ROOT / "configs" / "default.yaml"))
-  parser.add_argument("--set", action="append", default=[])
-  parser.add_argument("--rounds", type=int, default=7)
-  parser.add_argument("--calls", type=int, default=5, help="calls per timed block")
-  parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "overhead.json"))
-  args = parser.parse_args()
+  args = parser(__doc__, config="default.yaml", out="overhead.json", rounds=7,
+                calls=5).parse_args()
   config = config_lib.load(args.config, args.set)
   set_cpu_devices(config.mesh.cpu_devices)
 
@@ -125,13 +118,7 @@ def main() -> None:
   census_hand = inspect.hlo_census(hand_compiled.as_text()).counts()
 
   def block(fn) -> float:
-    out = fn()
-    out.block_until_ready()
-    start = time.perf_counter()
-    for _ in range(args.calls):
-      out = fn()
-    out.block_until_ready()
-    return (time.perf_counter() - start) / args.calls
+    return time_block(fn, args.calls)
 
   run_ours = lambda: fwd(tokens)
   run_hand = lambda: hand_compiled(fwd.params, tokens)
@@ -164,10 +151,7 @@ def main() -> None:
   print(inspect.format_table(("forward", "ms/call (median)", "tokens/s", "collectives"), rows))
   print(f"ratio jaxpar / hand-written: median {result['ratio_median']:.3f} "
         f"(rounds: {', '.join(f'{r:.3f}' for r in ratios)}); max |logits diff| {max_diff:.2e}")
-  out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(result, indent=2))
-  print(f"wrote {out}")
+  write_json(args.out, result)
 
 
 if __name__ == "__main__":

@@ -13,17 +13,15 @@ buffers). Pipelined and baseline calls are timed interleaved; medians over round
 Prints a table and writes JSON to benchmarks/results/pipeline.json.
 """
 
-import argparse
 import dataclasses
-import json
 import pathlib
 import statistics
 import sys
-import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import parser, time_block, write_json  # noqa: E402
 from jaxpar import config as config_lib  # noqa: E402
 from jaxpar.cli import set_cpu_devices  # noqa: E402
 
@@ -33,13 +31,7 @@ DEFAULTS = ["mesh.cpu_devices=8", "model.vocab_size=256", "model.d_model=128",
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--config", default=str(ROOT / "configs" / "tiny.yaml"))
-  parser.add_argument("--set", action="append", default=[])
-  parser.add_argument("--rounds", type=int, default=5)
-  parser.add_argument("--calls", type=int, default=3, help="calls per timed block")
-  parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "pipeline.json"))
-  args = parser.parse_args()
+  args = parser(__doc__, config="tiny.yaml", out="pipeline.json").parse_args()
   base = config_lib.load(args.config, DEFAULTS + args.set)
   set_cpu_devices(base.mesh.cpu_devices)
 
@@ -62,12 +54,7 @@ def main() -> None:
     return fwd, tokens
 
   def block(fwd, tokens) -> float:
-    fwd(tokens).block_until_ready()
-    start = time.perf_counter()
-    for _ in range(args.calls):
-      out = fwd(tokens)
-    out.block_until_ready()
-    return (time.perf_counter() - start) / args.calls
+    return time_block(lambda: fwd(tokens), args.calls)
 
   baseline, tokens = make(1, 1, 1, False)
   cases = [(s, m, 1) for s in (1, 2, 4) for m in (s, 2 * s, 4 * s)]
@@ -103,14 +90,10 @@ def main() -> None:
   print(inspect.format_table(
       ("S", "M", "R", "ticks", "bubble", "expected", "measured", "overhead", "ms piped",
        "ms base"), rows))
-  out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps({"benchmark": "pipeline", "devices": n,
-                             "model": dataclasses.asdict(base.model),
-                             "batch": base.run.batch, "seq_len": base.run.seq_len,
-                             "rounds": args.rounds, "calls": args.calls,
-                             "results": results}, indent=2))
-  print(f"wrote {out}")
+  write_json(args.out, {"benchmark": "pipeline", "devices": n,
+                        "model": dataclasses.asdict(base.model), "batch": base.run.batch,
+                        "seq_len": base.run.seq_len, "rounds": args.rounds,
+                        "calls": args.calls, "results": results})
 
 
 if __name__ == "__main__":

@@ -11,8 +11,6 @@ seconds / layout seconds per batch.
 Prints a table and writes JSON to benchmarks/results/vision.json.
 """
 
-import argparse
-import json
 import os
 import pathlib
 import statistics
@@ -22,6 +20,7 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import parser, time_block, write_json  # noqa: E402
 from jaxpar import config as config_lib  # noqa: E402
 from jaxpar.cli import pick_devices, set_cpu_devices  # noqa: E402
 
@@ -39,13 +38,7 @@ LAYOUTS = {
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--config", default=str(ROOT / "configs" / "cnn.yaml"))
-  parser.add_argument("--set", action="append", default=[])
-  parser.add_argument("--rounds", type=int, default=5)
-  parser.add_argument("--calls", type=int, default=3, help="calls per timed block")
-  parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "vision.json"))
-  args = parser.parse_args()
+  args = parser(__doc__, config="cnn.yaml", out="vision.json").parse_args()
   config = config_lib.load(args.config, args.set)
   set_cpu_devices(config.mesh.cpu_devices)
 
@@ -83,12 +76,7 @@ def main() -> None:
     order = list(runs) if r % 2 == 0 else list(reversed(runs))
     for name in order:
       run = runs[name]
-      run["clf"](run["images"]).block_until_ready()
-      start = time.perf_counter()
-      for _ in range(args.calls):
-        out = run["clf"](run["images"])
-      out.block_until_ready()
-      run["seconds"].append((time.perf_counter() - start) / args.calls)
+      run["seconds"].append(time_block(lambda: run["clf"](run["images"]), args.calls))
 
   base = runs["1 device"]["seconds"]
   batch = config.run.batch
@@ -111,10 +99,7 @@ def main() -> None:
          "platform": devices[0].platform, "device_kind": devices[0].device_kind,
          "host_cpus": os.cpu_count(), "rounds": args.rounds, "calls": args.calls,
          "layouts": results}
-  pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(out, f, indent=2)
-  print(f"wrote {args.out}")
+  write_json(args.out, out)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from jaxpar import cli
-from jaxpar import config as config_lib
 from jaxpar.config import MeshConfig
 from jaxpar.mesh import make_mesh
 from jaxpar.runtime import generate

@@ -19,7 +19,6 @@ import jax.numpy as jnp
 from jax import lax
 from flax import nnx
 
-from jaxpar import axes
 from jaxpar.axes import BATCH, EMBED, HEAD_DIM, HEADS, LAYERS, MLP, SEQ, VOCAB
 from jaxpar.config import ModelConfig
 from jaxpar.rules import constrain
