@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from jaxpar import axes
+from jaxpar import hf_config
 from jaxpar.errors import UserError
 
 
@@ -64,6 +65,10 @@ class ModelConfig:
   # (faster decoding on XLA:CPU, which copies each layer's weights out of a scanned stack
   # every step). null: unrolled for generation on CPU, scan otherwise.
   scan_layers: bool | None = None
+  # A Hugging Face GPT-2 directory (config.json + model.safetensors, as save_pretrained writes
+  # it). When set, the sizes above come from its config.json and the weights from the file.
+  checkpoint: str = ""
+  eos_token_id: int = -1  # the checkpoint's end-of-text token (from config.json); -1: none
 
   @property
   def head_dim(self) -> int:
@@ -203,8 +208,23 @@ def from_dict(raw: dict, *, base: Config | None = None) -> Config:
       raise UserError(f"{name}: unknown config section; known sections: "
                       f"{', '.join([*_SECTIONS, 'rules'])}")
   config = dataclasses.replace(base, **updates)
+  if "model" in raw and config.model.checkpoint:
+    config = dataclasses.replace(config, model=_checkpoint_sizes(config.model, raw["model"]))
   validate(config)
   return config
+
+
+def _checkpoint_sizes(model: ModelConfig, given: dict) -> ModelConfig:
+  """The model with the sizes of `model.checkpoint`'s config.json (`jaxpar.hf_config`). Sizes
+  set earlier (e.g. by the base YAML) are replaced; a size `given` with the checkpoint, or
+  after it, must agree with the checkpoint."""
+  sizes = hf_config.model_sizes(model.checkpoint)
+  for key, value in sizes.items():
+    if key in given and getattr(model, key) != value:
+      raise UserError(f"model.{key}={getattr(model, key)!r} disagrees with model.checkpoint="
+                      f"{model.checkpoint} (its config.json gives {value!r}); the checkpoint "
+                      f"sets the model sizes: drop model.{key}")
+  return dataclasses.replace(model, **sizes)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -37,3 +37,19 @@ def tiny() -> config_lib.Config:
 def devices() -> list:
   assert len(jax.devices()) == 8, "tests expect 8 emulated CPU devices"
   return jax.devices()
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint(tmp_path_factory) -> pathlib.Path:
+  """A randomly initialised Hugging Face GPT-2 saved with save_pretrained (config.json +
+  model.safetensors): vocab 250 (padded on every split), width 64, 4 layers, 8 heads, 64
+  positions; initializer_range 0.2 so greedy tokens depend on the context."""
+  import torch  # the test extra: a missing reference library is a failure, not a skip
+  import transformers
+
+  torch.manual_seed(0)
+  config = transformers.GPT2Config(vocab_size=250, n_embd=64, n_layer=4, n_head=8,
+                                   n_positions=64, initializer_range=0.2)
+  path = tmp_path_factory.mktemp("hf_gpt2")
+  transformers.GPT2LMHeadModel(config).save_pretrained(path)
+  return path

@@ -144,7 +144,13 @@ def build(config: Config, mesh: Mesh, *, params: dict | None = None,
   with jax.set_mesh(mesh):
     jax.eval_shape(forward, shapes, tokens_shape)
 
-  if params is None:
+  if params is None and config.model.checkpoint:
+    from jaxpar.runtime import hf  # Hugging Face weights, each device reading its own slice
+    params = hf.load_params(config.model.checkpoint, shapes=shapes, shardings=param_shardings,
+                            vocab_size=config.model.vocab_size,
+                            stages_layout=None if schedule is None else
+                            (schedule.stages, schedule.repeats))
+  elif params is None:
     params = state.create(make, seed=config.run.seed, mesh=mesh, shardings=param_shardings,
                           layout=layout)
   else:
