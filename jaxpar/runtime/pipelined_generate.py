@@ -40,6 +40,7 @@ from jax.sharding import PartitionSpec as P
 from jaxpar.axes import BATCH, HEAD_DIM, HEADS, SEQ, STAGE
 from jaxpar.models import gpt
 from jaxpar.rules import constrain, use_rules
+from jaxpar.runtime.sampling import sample
 
 
 def _varying_axes(a) -> frozenset:
@@ -70,8 +71,6 @@ def _ungroup(x, ways: int):
 
 def programs(gen, batch: int, prompt_len: int, max_new: int, sampling):
   """(prefill, decode) jitted for this shape; see the module docstring."""
-  from jaxpar.runtime.generate import sample  # noqa: PLC0415 (shared sampler)
-
   fwd = gen.forward
   mesh, rules, graphdef, m = fwd.mesh, fwd.rules, fwd.graphdef, fwd.config.model
   S = mesh.shape[STAGE]
