@@ -89,7 +89,7 @@ def hand_written_forward(mesh, cfg):
 
 
 def main() -> None:
-  args = parser(__doc__, config="default.yaml", out="overhead.json", rounds=7,
+  args = parser(__doc__, config="default.yaml", out="overhead.json", rounds=21,
                 calls=5).parse_args()
   config = config_lib.load(args.config, args.set)
   set_cpu_devices(config.mesh.cpu_devices)
