@@ -148,18 +148,53 @@ def _say(text: str) -> None:
   print(text, flush=True)
 
 
+def _open_mesh(config: config_lib.Config, args):
+  """The mesh for this run, on the accelerator or emulated CPU devices (said which)."""
+  from jaxpar.mesh import make_mesh
+  devices, note = pick_devices(config.mesh, args.platform)
+  if note:
+    _say(note)
+  return make_mesh(config.mesh, devices=devices)
+
+
+def _compile(model, x, params) -> dict:
+  """Compiles `model` for `x`, prints its collectives and per-device bytes; returns those
+  figures as the JSON result's fields."""
+  import jax
+
+  from jaxpar import inspect
+  from jaxpar.runtime import state
+  _say("compiling...")
+  start = time.perf_counter()
+  compiled = model.compile(x)
+  compile_s = time.perf_counter() - start
+  census = inspect.hlo_census(compiled.as_text())
+  mem = inspect.memory(compiled)
+  _say(f"compiled in {compile_s:.2f} s; collectives in the compiled program:")
+  _say(inspect.format_census(census))
+  param_bytes = state.param_bytes_per_device(params)
+  total_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(params))
+  _say(f"per device: parameters {inspect.human(param_bytes)} (of {inspect.human(total_bytes)} "
+       f"in all), arguments {inspect.human(mem['argument'])}, temporaries "
+       f"{inspect.human(mem['temp'])}, peak {inspect.human(mem['peak'])}")
+  return {"param_bytes_per_device": param_bytes, "param_bytes_total": total_bytes,
+          "collectives": census.counts(), "memory_per_device": mem, "compile_s": compile_s}
+
+
+def _header(command: str, mesh) -> dict:
+  return {"command": command, "mesh": dict(mesh.shape), "devices": mesh.devices.size,
+          "platform": mesh.devices.flat[0].platform}
+
+
 def forward(args, config: config_lib.Config) -> dict:
   import jax
   import numpy as np
 
   from jaxpar import inspect
-  from jaxpar.mesh import describe, make_mesh
-  from jaxpar.runtime import inference, state
+  from jaxpar.mesh import describe
+  from jaxpar.runtime import inference
 
-  devices, note = pick_devices(config.mesh, args.platform)
-  if note:
-    _say(note)
-  mesh = make_mesh(config.mesh, devices=devices)
+  mesh = _open_mesh(config, args)
   _say(f"mesh: {describe(mesh)}")
   m = config.model
   _say(f"model: GPT d_model={m.d_model} n_heads={m.n_heads} n_layers={m.n_layers} "
@@ -188,38 +223,15 @@ def forward(args, config: config_lib.Config) -> dict:
   else:
     tokens_host = inference.seeded_tokens(config)
   tokens = fwd.tokens(tokens_host)
-  _say("compiling...")
-  start = time.perf_counter()
-  compiled = fwd.compile(tokens)
-  compile_s = time.perf_counter() - start
-  census = inspect.hlo_census(compiled.as_text())
-  mem = inspect.memory(compiled)
-  _say(f"compiled in {compile_s:.2f} s; collectives in the compiled program:")
-  _say(inspect.format_census(census))
-  param_bytes = state.param_bytes_per_device(fwd.params)
-  total_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(fwd.params))
-  _say(f"per device: parameters {inspect.human(param_bytes)} (of "
-             f"{inspect.human(total_bytes)} in all), arguments {inspect.human(mem['argument'])}, "
-             f"temporaries {inspect.human(mem['temp'])}, peak {inspect.human(mem['peak'])}")
+  compiled = _compile(fwd, tokens, fwd.params)
 
   seconds = inference.time_steady(fwd, tokens, warmup=config.run.warmup, iters=config.run.iters)
   tokens_per_s = config.run.batch * config.run.seq_len / seconds
   _say(f"forward: {seconds * 1e3:.2f} ms per batch, {tokens_per_s:,.0f} tokens/s "
              f"(mean of {config.run.iters} after {config.run.warmup} warm-up)")
   logits = inference.unpad(fwd(tokens), m.vocab_size)
-  result = {
-      "command": "forward",
-      "mesh": dict(mesh.shape),
-      "devices": mesh.devices.size,
-      "platform": mesh.devices.flat[0].platform,
-      "param_bytes_per_device": param_bytes,
-      "param_bytes_total": total_bytes,
-      "collectives": census.counts(),
-      "memory_per_device": mem,
-      "compile_s": compile_s,
-      "step_s": seconds,
-      "tokens_per_s": tokens_per_s,
-  }
+  result = {**_header("forward", mesh), **compiled, "step_s": seconds,
+            "tokens_per_s": tokens_per_s}
   if fwd.schedule is not None:
     result["pipeline"] = fwd.schedule.as_dict()
   verify = config.run.verify if args.verify is None else args.verify
@@ -240,14 +252,11 @@ def classify(args, config: config_lib.Config) -> dict:
   import numpy as np
 
   from jaxpar import inspect
-  from jaxpar.mesh import describe, make_mesh
+  from jaxpar.mesh import describe
   from jaxpar.rules import Rules
-  from jaxpar.runtime import state, vision
+  from jaxpar.runtime import vision
 
-  devices, note = pick_devices(config.mesh, args.platform)
-  if note:
-    _say(note)
-  mesh = make_mesh(config.mesh, devices=devices)
+  mesh = _open_mesh(config, args)
   vision.check_layout(config, mesh, Rules(config.rules))
   c, batch = config.cnn, config.run.batch
   if args.images:
@@ -273,18 +282,7 @@ def classify(args, config: config_lib.Config) -> dict:
   else:
     work = list(vision.batches(images, batch))
     _say(f"{len(files)} images from {args.images} in {len(work)} batches of {batch}")
-  _say("compiling...")
-  start = time.perf_counter()
-  compiled = clf.compile(clf.images(work[0][0]))
-  compile_s = time.perf_counter() - start
-  census = inspect.hlo_census(compiled.as_text())
-  mem = inspect.memory(compiled)
-  _say(f"compiled in {compile_s:.2f} s; collectives in the compiled program:")
-  _say(inspect.format_census(census))
-  param_bytes = state.param_bytes_per_device(clf.params)
-  total_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(clf.params))
-  _say(f"per device: parameters {inspect.human(param_bytes)} (of {inspect.human(total_bytes)} "
-       f"in all), temporaries {inspect.human(mem['temp'])}, peak {inspect.human(mem['peak'])}")
+  compiled = _compile(clf, clf.images(work[0][0]), clf.params)
 
   for _ in range(config.run.warmup):
     clf(clf.images(work[0][0])).block_until_ready()
@@ -304,15 +302,7 @@ def classify(args, config: config_lib.Config) -> dict:
        f"after {config.run.warmup} warm-up)")
   logits = np.concatenate(logits) if files else logits[0]
   result = {
-      "command": "classify",
-      "mesh": dict(mesh.shape),
-      "devices": mesh.devices.size,
-      "platform": mesh.devices.flat[0].platform,
-      "param_bytes_per_device": param_bytes,
-      "param_bytes_total": total_bytes,
-      "collectives": census.counts(),
-      "memory_per_device": mem,
-      "compile_s": compile_s,
+      **_header("classify", mesh), **compiled,
       "images": n_images,
       "batches": len(work),
       "step_s": seconds / len(work),
@@ -341,7 +331,7 @@ def generate(args, config: config_lib.Config) -> dict:
   import numpy as np
 
   from jaxpar import inspect
-  from jaxpar.mesh import describe, make_mesh
+  from jaxpar.mesh import describe
   from jaxpar.runtime import generate as gen_lib
   from jaxpar.runtime import state
 
@@ -355,10 +345,7 @@ def generate(args, config: config_lib.Config) -> dict:
   else:
     prompts = gen_lib.seeded_prompts(config)
   check_token_ids(prompts, config.model.vocab_size)
-  devices, note = pick_devices(config.mesh, args.platform)
-  if note:
-    _say(note)
-  mesh = make_mesh(config.mesh, devices=devices)
+  mesh = _open_mesh(config, args)
   _say(f"mesh: {describe(mesh)}")
   m = config.model
   source = f"checkpoint {m.checkpoint}" if getattr(m, "checkpoint", "") else "seeded weights"
@@ -396,10 +383,7 @@ def generate(args, config: config_lib.Config) -> dict:
     np.save(args.save_tokens, result.tokens.astype(np.int32))
     _say(f"saved new tokens {list(result.tokens.shape)} int32 to {args.save_tokens}")
   return {
-      "command": "generate",
-      "mesh": dict(mesh.shape),
-      "devices": mesh.devices.size,
-      "platform": mesh.devices.flat[0].platform,
+      **_header("generate", mesh),
       "new_tokens": result.tokens.tolist(),
       "steps": result.steps,
       "compile_s": result.compile_s,
