@@ -281,3 +281,30 @@ def test_greedy_generate_equals_transformers(root, devices, hf_checkpoint_8, hf_
   gen = generate.build(config, make_mesh(config.mesh, devices=devices[:data * stage * model]))
   tokens = gen.generate(GEN_PROMPTS, max_new_tokens=10).tokens
   np.testing.assert_array_equal(tokens, hf_greedy)
+
+
+def test_text_prompts_use_the_checkpoints_tokenizer(root, tmp_path, hf_checkpoint, monkeypatch,
+                                                    capsys):
+  from tokenizers import Tokenizer, models, pre_tokenizers
+  words = ["[unk]", "the", "cat", "sat", "on", "mat", "a", "dog"] + [f"w{i}" for i in range(40)]
+  tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[unk]"))
+  tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+  checkpoint = tmp_path / "with_tokenizer"
+  shutil.copytree(hf_checkpoint, checkpoint)
+  tokenizer.save(str(checkpoint / "tokenizer.json"))
+  monkeypatch.chdir(root)
+  code = cli.main(["generate", "--config", "configs/tiny.yaml", "--set",
+                   f"model.checkpoint={checkpoint}", "--set", "mesh.data=2", "--set",
+                   "mesh.model=4", "--prompt", "the cat sat", "--prompt", "a dog",
+                   "--max-new-tokens", "4", "--json"])
+  out = capsys.readouterr().out
+  assert code == 0
+  result = json.loads(out.strip().splitlines()[-1])
+  assert len(result["new_tokens"]) == 2 and all(len(r) == 4 for r in result["new_tokens"])
+  # The same prompts as ids give the same tokens: the text went through the tokenizer.
+  code = cli.main(["generate", "--config", "configs/tiny.yaml", "--set",
+                   f"model.checkpoint={checkpoint}", "--set", "mesh.data=2", "--set",
+                   "mesh.model=4", "--prompt-ids", "1,2,3;6,7", "--max-new-tokens", "4",
+                   "--json"])
+  ids = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert code == 0 and ids["new_tokens"] == result["new_tokens"]
