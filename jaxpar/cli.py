@@ -353,9 +353,9 @@ def generate(args, config: config_lib.Config) -> dict:
        f"vocab={m.vocab_size} ({source})")
   start = time.perf_counter()
   generator = gen_lib.build(config, mesh)
-  jax.block_until_ready(generator.forward.params)
+  jax.block_until_ready(generator.params)
   _say(f"parameters ready in {time.perf_counter() - start:.2f} s: "
-       f"{inspect.human(state.param_bytes_per_device(generator.forward.params))} per device")
+       f"{inspect.human(state.param_bytes_per_device(generator.params))} per device")
   lengths = [len(p) for p in prompts]
   batch = generator.padded_batch(len(prompts))
   cache_bytes = generator.cache_bytes_per_device(batch, max(lengths) + g.max_new_tokens)

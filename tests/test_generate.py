@@ -38,7 +38,7 @@ def build(config, devices, data=1, stage=1, model=1, **model_overrides):
 @pytest.fixture(scope="module")
 def expected(gen_config, devices):
   """Greedy continuations recomputed from scratch every step by the NumPy GPT-2 (float64)."""
-  params = build(gen_config, devices).forward.natural_params()
+  params = build(gen_config, devices).natural_params()
   out = []
   for prompt in PROMPTS:
     seq = list(prompt)

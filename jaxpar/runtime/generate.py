@@ -64,8 +64,9 @@ class Generator:
   scan: bool
   eos_id: int  # -1: none
   # Unrolled layers: the blocks' parameters as one dict per layer (separate buffers), and
-  # the other parameters; the stacked blocks are rebuilt inside the programs only for
-  # `nnx.merge` and never used, so XLA drops them.
+  # the other parameters. They replace `forward.params` (set to None, so the weights are not
+  # held twice); the stacked blocks are rebuilt inside the programs only for `nnx.merge` and
+  # never used, so XLA drops them.
   layers: tuple | None = None
   rest: dict | None = None
   _compiled: dict = dataclasses.field(default_factory=dict)
@@ -82,6 +83,13 @@ class Generator:
     if self.forward.schedule is not None:
       unit *= self.forward.schedule.stages
     return -(-n_prompts // unit) * unit
+
+  def natural_params(self) -> dict:
+    """The parameters on the host in the model's own layout (blocks stacked [L, ...])."""
+    if self.layers is None:
+      return self.forward.natural_params()
+    blocks = jax.tree.map(lambda *xs: np.stack(xs), *jax.device_get(self.layers))
+    return {**jax.device_get(self.rest), "blocks": blocks}
 
   @property
   def params(self) -> tuple:
@@ -257,6 +265,7 @@ def build(config: Config, mesh, *, eos_id: int | None = None) -> Generator:
       generator.layers = tuple(jax.tree.map(lambda a: split(a[l]), blocks)
                                for l in range(config.model.n_layers))
     generator.rest = {k: v for k, v in fwd.params.items() if k != "blocks"}
+    fwd.params = None  # the per-layer buffers replace the stack
   return generator
 
 
