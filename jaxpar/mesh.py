@@ -24,6 +24,11 @@ def make_mesh(config: MeshConfig, *, devices: list | None = None) -> Mesh:
                        devices=devices)
 
 
+def single_device_mesh(device) -> Mesh:
+  """A 1 x 1 x 1 mesh on `device`: where reference results are computed."""
+  return make_mesh(MeshConfig(data=1, stage=1, model=1), devices=[device])
+
+
 def describe(mesh: Mesh) -> str:
   """'data=2 x stage=1 x model=4 (8 cpu devices)'."""
   dims = " x ".join(f"{name}={size}" for name, size in mesh.shape.items())

@@ -19,6 +19,7 @@ from jax.sharding import Mesh
 from jaxpar import axes
 from jaxpar.config import Config, MeshConfig
 from jaxpar.errors import UserError
+from jaxpar.mesh import single_device_mesh
 from jaxpar.models import gpt
 from jaxpar.parallel import pipeline
 from jaxpar.rules import Logical, Rules, check_tree, is_logical, tree_shardings, use_rules
@@ -174,9 +175,7 @@ def unpad(logits_BTV: jax.Array, vocab_size: int) -> np.ndarray:
 
 def reference_logits(forward: Forward, tokens_BT: np.ndarray) -> np.ndarray:
   """The same parameters and batch on one device (the first of the mesh), unpadded."""
-  device = forward.mesh.devices.flat[0]
-  one = jax.make_mesh((1, 1, 1), axes.MESH_AXES, devices=[device],
-                      axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  one = single_device_mesh(forward.mesh.devices.flat[0])
   host = forward.natural_params()
   single = build(dataclasses.replace(forward.config, mesh=MeshConfig(1, 1, 1)), one,
                  params=host, vocab_multiple=host["wte"].shape[0])

@@ -10,7 +10,6 @@ naming the config key, raised before anything compiles.
 import dataclasses
 import math
 import os
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,6 +22,7 @@ from jax.sharding import Mesh
 from jaxpar import axes
 from jaxpar.config import Config, MeshConfig
 from jaxpar.errors import UserError
+from jaxpar.mesh import single_device_mesh
 from jaxpar.models import cnn
 from jaxpar.rules import Rules, check_tree, tree_shardings, use_rules
 from jaxpar.runtime import state
@@ -109,7 +109,7 @@ def build(config: Config, mesh: Mesh, *, params: dict | None = None) -> Classifi
   logits_sharding = rules.sharding(cnn.LOGITS_NAMES, mesh, what="logits")
 
   def forward(params: dict, images_BHWI: jax.Array) -> jax.Array:
-    with use_rules(rules):
+    with use_rules(rules, keys=cnn.CONFIG_KEYS):
       return nnx.merge(graphdef, params)(images_BHWI)
 
   # Trace once abstractly: every activation's layout is checked before anything compiles.
@@ -177,21 +177,7 @@ def batches(images_NHWI: np.ndarray, batch: int) -> Iterator[tuple[np.ndarray, i
 
 def reference_logits(classifier: Classifier, images_BHWI: np.ndarray) -> np.ndarray:
   """The same parameters and images on one device (the first of the mesh)."""
-  device = classifier.mesh.devices.flat[0]
-  one = jax.make_mesh((1, 1, 1), axes.MESH_AXES, devices=[device],
-                      axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  one = single_device_mesh(classifier.mesh.devices.flat[0])
   config = dataclasses.replace(classifier.config, mesh=MeshConfig(1, 1, 1))
   single = build(config, one, params=jax.device_get(classifier.params))
   return np.asarray(single(single.images(images_BHWI)))
-
-
-def time_steady(classifier: Classifier, images_BHWI: jax.Array, *, warmup: int,
-                iters: int) -> float:
-  """Seconds per batch after `warmup` untimed calls (compile excluded)."""
-  for _ in range(warmup):
-    classifier(images_BHWI).block_until_ready()
-  start = time.perf_counter()
-  for _ in range(iters):
-    out = classifier(images_BHWI)
-  out.block_until_ready()
-  return (time.perf_counter() - start) / iters
