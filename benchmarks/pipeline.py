@@ -90,7 +90,22 @@ def main() -> None:
   print(inspect.format_table(
       ("S", "M", "R", "ticks", "bubble", "expected", "measured", "overhead", "ms piped",
        "ms base"), rows))
-  write_json(args.out, {"benchmark": "pipeline", "devices": n,
+
+  # What smaller microbatches cost by themselves: the same batch run unpipelined as k
+  # separate forward calls of batch/k (data = 8), against one call.
+  split = {}
+  for k in (2, 4):
+    config = dataclasses.replace(base, mesh=config_lib.MeshConfig(data=n, stage=1, model=1),
+                                 run=dataclasses.replace(base.run, batch=base.run.batch // k))
+    part = inference.build(config, make_mesh(config.mesh, devices=devices), pipelined=False,
+                           params=jax.device_get(baseline.params))
+    part_tokens = part.tokens(inference.seeded_tokens(config))
+    part.compile(part_tokens)
+    ratios = [k * block(part, part_tokens) / block(baseline, tokens) for _ in range(args.rounds)]
+    split[k] = statistics.median(ratios)
+  print("the same batch as k unpipelined calls of batch/k, time vs one call: "
+        + ", ".join(f"k={k}: {r:.3f}" for k, r in split.items()))
+  write_json(args.out, {"benchmark": "pipeline", "devices": n, "split_calls_ratio": split,
                         "model": dataclasses.asdict(base.model), "batch": base.run.batch,
                         "seq_len": base.run.seq_len, "rounds": args.rounds,
                         "calls": args.calls, "results": results})
