@@ -39,17 +39,20 @@ def devices() -> list:
   return jax.devices()
 
 
-@pytest.fixture(scope="session")
-def hf_checkpoint(tmp_path_factory) -> pathlib.Path:
+def write_hf_gpt2(path: pathlib.Path, *, n_layer: int, seed: int) -> pathlib.Path:
   """A randomly initialised Hugging Face GPT-2 saved with save_pretrained (config.json +
-  model.safetensors): vocab 250 (padded on every split), width 64, 4 layers, 8 heads, 64
-  positions; initializer_range 0.2 so greedy tokens depend on the context."""
+  model.safetensors): vocab 250 (padded on every split), width 64, 8 heads, 64 positions;
+  initializer_range 0.2 so greedy tokens depend on the context."""
   import torch  # the test extra: a missing reference library is a failure, not a skip
   import transformers
-
-  torch.manual_seed(0)
-  config = transformers.GPT2Config(vocab_size=250, n_embd=64, n_layer=4, n_head=8,
+  torch.manual_seed(seed)
+  config = transformers.GPT2Config(vocab_size=250, n_embd=64, n_layer=n_layer, n_head=8,
                                    n_positions=64, initializer_range=0.2)
-  path = tmp_path_factory.mktemp("hf_gpt2")
   transformers.GPT2LMHeadModel(config).save_pretrained(path)
   return path
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint(tmp_path_factory) -> pathlib.Path:
+  """A 4-layer random GPT-2 checkpoint (see `write_hf_gpt2`)."""
+  return write_hf_gpt2(tmp_path_factory.mktemp("hf_gpt2"), n_layer=4, seed=0)

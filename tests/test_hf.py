@@ -20,6 +20,7 @@ from jaxpar.config import MeshConfig, PipelineConfig
 from jaxpar.errors import UserError
 from jaxpar.mesh import make_mesh
 from jaxpar.runtime import hf, inference
+from tests.conftest import write_hf_gpt2
 
 ATTN = "transformer.h.0.attn.c_attn.weight"
 
@@ -46,14 +47,7 @@ def hf_logits(checkpoint, tokens) -> np.ndarray:
 @pytest.fixture(scope="module")
 def hf_checkpoint_8(tmp_path_factory) -> pathlib.Path:
   """The same GPT-2 with 8 layers, so 8 pipeline stages divide it."""
-  import torch  # the test extra: a missing reference library is a failure, not a skip
-  import transformers
-  torch.manual_seed(1)
-  config = transformers.GPT2Config(vocab_size=250, n_embd=64, n_layer=8, n_head=8,
-                                   n_positions=64, initializer_range=0.2)
-  path = tmp_path_factory.mktemp("hf_gpt2_8")
-  transformers.GPT2LMHeadModel(config).save_pretrained(path)
-  return path
+  return write_hf_gpt2(tmp_path_factory.mktemp("hf_gpt2_8"), n_layer=8, seed=1)
 
 
 def rewrite(src: pathlib.Path, dst: pathlib.Path, change) -> pathlib.Path:

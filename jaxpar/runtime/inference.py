@@ -8,7 +8,6 @@ import dataclasses
 import functools
 import math
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -27,22 +26,14 @@ from jaxpar.runtime import state
 
 
 @dataclasses.dataclass
-class Forward(state.Compiled):
-  """A model on a mesh: `params` sharded by `names`, `fn(params, tokens) -> logits`.
+class Forward(state.ShardedModel):
+  """The GPT on a mesh: `fn(params, tokens) -> logits`.
 
   With a pipeline (`schedule` set), the blocks' parameters are held regrouped into stages,
   [S, R, Lc, ...] (see `jaxpar.parallel.pipeline.to_stages`), and the logits leave with their
   batch split over `stage` as well as `data`.
   """
-  config: Config
-  mesh: Mesh
-  rules: Rules
-  graphdef: nnx.GraphDef
-  params: dict
-  names: dict
-  fn: Any  # jax.jit-wrapped forward
   schedule: pipeline.Schedule | None = None
-  compiled: Any = None
 
   @property
   def vocab_size(self) -> int:
@@ -158,7 +149,7 @@ def build(config: Config, mesh: Mesh, *, params: dict | None = None,
     params = jax.device_put(layout(params), param_shardings)
   fn = jax.jit(forward, in_shardings=(param_shardings, token_sharding),
                out_shardings=logits_sharding)
-  return Forward(config, mesh, rules, graphdef, params, names, fn, schedule)
+  return Forward(config, mesh, rules, graphdef, params, names, fn, schedule=schedule)
 
 
 def seeded_tokens(config: Config) -> np.ndarray:

@@ -6,6 +6,7 @@ of the same structure holding each array's `Logical` names (read from the parame
 `out_shardings` creates every array directly in its shards, never whole on one device.
 """
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -67,9 +68,18 @@ def param_bytes_per_device(params: Any) -> int:
              for shard in leaf.addressable_shards if shard.device == device)
 
 
-class Compiled:
-  """Calls `self.fn(self.params, x)` on `self.mesh`, through the executable that `compile`
-  made when there is one. Mixed into the runtime's model dataclasses."""
+@dataclasses.dataclass
+class ShardedModel:
+  """A model on a mesh: `params` sharded by `names` (the rule table's reading of them), and
+  `fn(params, x)` jitted. Calls go through the executable that `compile` made, if any."""
+  config: Any
+  mesh: Mesh
+  rules: Rules
+  graphdef: nnx.GraphDef
+  params: dict
+  names: dict
+  fn: Any  # the jax.jit-wrapped forward
+  compiled: Any = None
 
   def compile(self, x: jax.Array):
     """Lowers and compiles for `x`'s shape and sharding; returns the executable."""

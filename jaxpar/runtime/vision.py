@@ -11,7 +11,6 @@ import dataclasses
 import math
 import os
 from collections.abc import Iterator
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -33,16 +32,8 @@ _CNN_NAMES = (axes.BATCH, axes.HEIGHT, axes.WIDTH, axes.COLOR, axes.CHANNELS, ax
 
 
 @dataclasses.dataclass
-class Classifier(state.Compiled):
-  """A CNN on a mesh: `params` sharded by `names`, `fn(params, images) -> logits`."""
-  config: Config
-  mesh: Mesh
-  rules: Rules
-  graphdef: nnx.GraphDef
-  params: dict
-  names: dict
-  fn: Any  # jax.jit-wrapped forward
-  compiled: Any = None
+class Classifier(state.ShardedModel):
+  """The CNN on a mesh: `fn(params, images) -> logits` [B, K] float32."""
 
   def images(self, images_BHWI: np.ndarray) -> jax.Array:
     """Places host images [B, H, W, I] (float32 in [0, 1]) on the mesh."""
