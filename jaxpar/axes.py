@@ -16,21 +16,23 @@ SEQ = "seq"            # T: positions in a sequence (and the position table)
 EMBED = "embed"        # D: model width
 HEADS = "heads"        # N: attention heads
 HEAD_DIM = "head_dim"  # H: width of one head
+KV_HEADS = "kv_heads"  # K: key/value heads (grouped-query attention)
 MLP = "mlp"            # F: hidden width of the MLP
 VOCAB = "vocab"        # V: vocabulary (padded)
 LAYERS = "layers"      # L: stacked blocks
 
-LOGICAL_NAMES = (BATCH, SEQ, EMBED, HEADS, HEAD_DIM, MLP, VOCAB, LAYERS)
+LOGICAL_NAMES = (BATCH, SEQ, EMBED, HEADS, KV_HEADS, HEAD_DIM, MLP, VOCAB, LAYERS)
 
 # The default ordered rule table: logical name -> mesh axis (None: replicated on purpose).
-# Megatron layout: heads and MLP hidden split over `model` (column-parallel in, row-parallel
-# out), vocabulary split over `model` (vocab-parallel embedding and logits), batch over
-# `data`, the layer stack over `stage`.
+# Megatron layout: query and key/value heads and MLP hidden split over `model` (column-parallel
+# in, row-parallel out), vocabulary split over `model` (vocab-parallel embedding and logits),
+# batch over `data`, the layer stack over `stage`.
 DEFAULT_RULES = (
     (BATCH, DATA),
     (SEQ, None),
     (EMBED, None),
     (HEADS, MODEL),
+    (KV_HEADS, MODEL),
     (HEAD_DIM, None),
     (MLP, MODEL),
     (VOCAB, MODEL),

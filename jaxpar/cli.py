@@ -115,6 +115,14 @@ def set_cpu_devices(n: int) -> None:
   os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
 
 
+def backends_initialized() -> bool:
+  """Whether JAX has already created its devices (then the device count is fixed)."""
+  if "jax" not in sys.modules:
+    return False
+  from jax._src import xla_bridge
+  return xla_bridge.backends_are_initialized()
+
+
 def enable_compilation_cache() -> None:
   """Keeps compiled programs across runs (JAXPAR_CACHE_DIR; empty turns it off)."""
   import jax
@@ -197,9 +205,7 @@ def forward(args, config: config_lib.Config) -> dict:
   mesh = _open_mesh(config, args)
   _say(f"mesh: {describe(mesh)}")
   m = config.model
-  _say(f"model: GPT d_model={m.d_model} n_heads={m.n_heads} n_layers={m.n_layers} "
-       f"d_ff={m.d_ff} vocab={m.vocab_size}; batch {config.run.batch} x "
-             f"{config.run.seq_len} tokens")
+  _say(f"model: {describe_model(m)}; batch {config.run.batch} x {config.run.seq_len} tokens")
 
   start = time.perf_counter()
   fwd = inference.build(config, mesh)
@@ -333,7 +339,6 @@ def generate(args, config: config_lib.Config) -> dict:
   from jaxpar import inspect
   from jaxpar.mesh import describe
   from jaxpar.runtime import generate as gen_lib
-  from jaxpar.runtime import state
 
   g = config.generate
   tokenizer = None
@@ -347,15 +352,13 @@ def generate(args, config: config_lib.Config) -> dict:
   check_token_ids(prompts, config.model.vocab_size)
   mesh = _open_mesh(config, args)
   _say(f"mesh: {describe(mesh)}")
-  m = config.model
-  source = f"checkpoint {m.checkpoint}" if getattr(m, "checkpoint", "") else "seeded weights"
-  _say(f"model: GPT d_model={m.d_model} n_heads={m.n_heads} n_layers={m.n_layers} "
-       f"vocab={m.vocab_size} ({source})")
+  _say(f"model: {describe_model(config.model)}")
   start = time.perf_counter()
   generator = gen_lib.build(config, mesh)
   jax.block_until_ready(generator.params)
+  param_bytes = generator.param_bytes_per_device()
   _say(f"parameters ready in {time.perf_counter() - start:.2f} s: "
-       f"{inspect.human(state.param_bytes_per_device(generator.params))} per device")
+       f"{inspect.human(param_bytes)} per device")
   lengths = [len(p) for p in prompts]
   batch = generator.padded_batch(len(prompts))
   cache_bytes = generator.cache_bytes_per_device(batch, max(lengths) + g.max_new_tokens)
@@ -364,7 +367,7 @@ def generate(args, config: config_lib.Config) -> dict:
   mode = "greedy" if g.temperature == 0 else (
       f"sampling (temperature {g.temperature}, top_k {g.top_k}, top_p {g.top_p})")
   _say(f"{len(prompts)} prompts of {min(lengths)}-{max(lengths)} tokens, {g.max_new_tokens} new "
-       f"tokens each, {mode}, eos {generator.eos_id if generator.eos_id >= 0 else 'none'}; "
+       f"tokens each, {mode}, eos {list(generator.eos_ids) or 'none'}; "
        f"layers {'scanned' if generator.scan else 'unrolled'}; KV cache "
        f"{inspect.human(cache_bytes)} per device")
   result = generator.generate(prompts, max_new_tokens=g.max_new_tokens,
@@ -391,8 +394,17 @@ def generate(args, config: config_lib.Config) -> dict:
       "decode_s": result.decode_s,
       "tokens_per_s": new / total_s,
       "kv_cache_bytes_per_device": cache_bytes,
+      "param_bytes_per_device": param_bytes,
       "scan_layers": generator.scan,
   }
+
+
+def describe_model(m: config_lib.ModelConfig) -> str:
+  """'llama d_model=2048 n_heads=32 (8 kv) n_layers=16 d_ff=8192 vocab=128256 (checkpoint X)'."""
+  kv = f" ({m.kv_heads} kv)" if m.kv_heads != m.n_heads else ""
+  source = f"checkpoint {m.checkpoint}" if m.checkpoint else "seeded weights"
+  return (f"{m.family} d_model={m.d_model} n_heads={m.n_heads}{kv} n_layers={m.n_layers} "
+          f"d_ff={m.d_ff} vocab={m.vocab_size} ({source})")
 
 
 def load_tokenizer(config: config_lib.Config):
@@ -432,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
         option = "--" + flag.replace("_", "-")
         raise UserError(f"{option} {path}: folder {folder} does not exist; create it or "
                         f"choose another path")
-    if "jax" not in sys.modules:
+    if not backends_initialized():
       set_cpu_devices(args.devices or config.mesh.cpu_devices)
     enable_compilation_cache()
     command = {"forward": forward, "classify": classify, "generate": generate}[args.command]

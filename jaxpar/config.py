@@ -9,6 +9,7 @@ imports no JAX, so the CLI can validate a config before JAX starts.
 import dataclasses
 import math
 import os
+import re
 import types
 import typing
 from typing import Any
@@ -16,7 +17,6 @@ from typing import Any
 import yaml
 
 from jaxpar import axes
-from jaxpar import hf_config
 from jaxpar.errors import UserError
 
 
@@ -51,28 +51,51 @@ class MeshConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """A decoder-only transformer with GPT-2 numerics."""
+  """A decoder-only transformer; `family` picks the architecture (`jaxpar.models`).
+
+  One flat set of sizes serves every family; a family refuses the options it does not have
+  (e.g. `n_kv_heads` for GPT-2). With `checkpoint` set, the sizes come from its config.json.
+  """
+  family: str = "gpt2"       # gpt2 | llama | mistral | qwen2 | qwen3 (jaxpar.models.FAMILIES)
   vocab_size: int = 256
   d_model: int = 64
   n_heads: int = 4
+  n_kv_heads: int = 0        # key/value heads (grouped-query attention); 0: n_heads
+  head_dim: int = 0          # width of one head; 0: d_model / n_heads
   n_layers: int = 2
   d_ff: int = 256
   max_seq_len: int = 128
-  layer_norm_eps: float = 1e-5
+  norm_eps: float = 1e-5
+  rope_theta: float = 10000.0
+  rope_type: str = "default"  # default | linear | llama3 (rotary position scaling)
+  rope_factor: float = 1.0    # linear and llama3: how much longer the context is made
+  rope_low_freq_factor: float = 1.0   # llama3 only
+  rope_high_freq_factor: float = 4.0  # llama3 only
+  rope_original_max_len: int = 8192   # llama3 only: the pre-training context
+  sliding_window: int = 0    # attend to the last N positions only (Mistral); 0: everything
+  attn_bias: bool = False    # biases on q, k and v (Qwen2)
+  qk_norm: bool = False      # RMSNorm of every q and k head before rotary (Qwen3)
+  tie_embeddings: bool = True  # logits from the token embedding; false: a separate head
   init_std: float = 0.02
   dtype: str = "float32"
   # Run the layer stack with a lax.scan (compile time independent of depth) or unrolled
   # (faster decoding on XLA:CPU, which copies each layer's weights out of a scanned stack
   # every step). null: unrolled for generation on CPU, scan otherwise.
   scan_layers: bool | None = None
-  # A Hugging Face GPT-2 directory (config.json + model.safetensors, as save_pretrained writes
-  # it). When set, the sizes above come from its config.json and the weights from the file.
+  # A Hugging Face directory (config.json + safetensors, as save_pretrained writes it). When
+  # set, the family and sizes above come from its config.json and the weights from its files.
   checkpoint: str = ""
-  eos_token_id: int = -1  # the checkpoint's end-of-text token (from config.json); -1: none
+  eos_token_ids: tuple = ()  # end-of-text tokens (from generation_config.json / config.json)
 
   @property
-  def head_dim(self) -> int:
-    return self.d_model // self.n_heads
+  def kv_heads(self) -> int:
+    """Key/value heads (n_kv_heads, or n_heads when 0)."""
+    return self.n_kv_heads or self.n_heads
+
+  @property
+  def head_size(self) -> int:
+    """Width of one head (head_dim, or d_model / n_heads when 0)."""
+    return self.head_dim or self.d_model // self.n_heads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +130,7 @@ class GenerateConfig:
   temperature: float = 0.0  # 0: greedy
   top_k: int = 0            # 0: no top-k filter
   top_p: float = 1.0        # 1: no nucleus filter
-  eos_id: int | None = None  # stop token; null: the checkpoint's eos_token_id, if any
+  eos_id: int | None = None  # stop token; null: the checkpoint's EOS ids, if any; -1: none
   prompt_len: int = 32      # length of the seeded prompts when none are given
 
 
@@ -134,15 +157,23 @@ _SECTIONS = {"mesh": MeshConfig, "model": ModelConfig, "run": RunConfig,
              "pipeline": PipelineConfig, "generate": GenerateConfig}
 _SECTIONS["cnn"] = CnnConfig
 _DTYPES = ("float32", "bfloat16", "float16")
+# YAML 1.1 reads `1e-05` (no dot) as a string: numbers in any usual notation are floats here.
+_FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
 
 def _check_type(key: str, value: Any, kind: Any) -> Any:
-  """Returns `value` as `kind` (int, float, bool, str, or X | None) or raises a UserError."""
+  """Returns `value` as `kind` (int, float, bool, str, tuple of ints, or X | None) or raises
+  a UserError."""
   if isinstance(kind, types.UnionType):
     inner = [k for k in typing.get_args(kind) if k is not type(None)]
     if value is None:
       return None
     kind = inner[0]
+  if kind is tuple:
+    items = value if isinstance(value, (list, tuple)) else [value]
+    return tuple(_check_type(f"{key}[{i}]", v, int) for i, v in enumerate(items))
+  if kind is float and isinstance(value, str) and _FLOAT.match(value.strip()):
+    return float(value)
   if kind is float and isinstance(value, int) and not isinstance(value, bool):
     return float(value)
   if kind is int and isinstance(value, bool) or not isinstance(value, kind):
@@ -177,6 +208,8 @@ def _rules(key: str, value: Any) -> tuple:
 
 
 def _section(name: str, cls: type, raw: Any, base: Any) -> Any:
+  if raw is None:  # every key commented out
+    return base
   if not isinstance(raw, dict):
     raise UserError(f"{name} is a {type(raw).__name__}, expected a mapping of keys to values")
   hints = typing.get_type_hints(cls)
@@ -200,8 +233,10 @@ def from_dict(raw: dict, *, base: Config | None = None) -> Config:
                     f"{', '.join([*_SECTIONS, 'rules'])}")
   updates = {}
   for name, value in raw.items():
-    if name == "rules":
-      updates["rules"] = _rules("rules", value)
+    if name == "rules":  # a partial table changes those rules, in place, and keeps the rest
+      rules = dict(base.rules)
+      rules.update(_rules("rules", {} if value is None else value))
+      updates["rules"] = tuple(rules.items())
     elif name in _SECTIONS:
       updates[name] = _section(name, _SECTIONS[name], value, getattr(base, name))
     else:
@@ -215,10 +250,11 @@ def from_dict(raw: dict, *, base: Config | None = None) -> Config:
 
 
 def _checkpoint_sizes(model: ModelConfig, given: dict) -> ModelConfig:
-  """The model with the sizes of `model.checkpoint`'s config.json (`jaxpar.hf_config`). Sizes
-  set earlier (e.g. by the base YAML) are replaced; a size `given` with the checkpoint, or
-  after it, must agree with the checkpoint."""
-  sizes = hf_config.model_sizes(model.checkpoint)
+  """The model with the family and sizes of `model.checkpoint`'s config.json (read by the
+  family's own reader, `jaxpar.models`). Sizes set earlier (e.g. by the base YAML) are
+  replaced; a size `given` with the checkpoint, or after it, must agree with the checkpoint."""
+  from jaxpar import models  # the family registry (imports JAX; backends stay uninitialised)
+  sizes = models.checkpoint_config(model.checkpoint)
   for key, value in sizes.items():
     if key in given and getattr(model, key) != value:
       raise UserError(f"model.{key}={getattr(model, key)!r} disagrees with model.checkpoint="
@@ -240,8 +276,13 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(config: Config, overrides: list[str]) -> Config:
-  """Applies `section.key=value` overrides; `rules.NAME=AXIS` sets one rule."""
-  for text in overrides:
+  """Applies `section.key=value` overrides; `rules.NAME=AXIS` sets one rule.
+
+  `model.checkpoint=` goes first, whatever its place, so every size override is checked
+  against the checkpoint rather than silently replaced by it.
+  """
+  first = [t for t in overrides if t.partition("=")[0].strip() == "model.checkpoint"]
+  for text in first + [t for t in overrides if t not in first]:
     path, value = parse_override(text)
     section, key = path[0], ".".join(path[1:])
     if section == "rules":
@@ -295,9 +336,17 @@ def validate(config: Config) -> None:
     size = getattr(config.mesh, name)
     if size == 0 or size < -1:
       raise UserError(f"mesh.{name}={size}: must be a positive size or -1 (fill)")
-  if m.d_model % m.n_heads:
+  if not m.head_dim and m.d_model % m.n_heads:
     raise UserError(f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; "
-                    f"pick a head count that divides the width")
+                    f"pick a head count that divides the width, or set model.head_dim")
+  if m.n_kv_heads < 0 or m.head_dim < 0 or m.sliding_window < 0:
+    raise UserError(f"model.n_kv_heads={m.n_kv_heads}, model.head_dim={m.head_dim}, "
+                    f"model.sliding_window={m.sliding_window}: must be 0 (default) or positive")
+  if m.n_heads % m.kv_heads:
+    raise UserError(f"model.n_heads={m.n_heads} is not a multiple of model.n_kv_heads="
+                    f"{m.n_kv_heads}: every key/value head serves a whole group of query heads")
+  from jaxpar import models
+  models.family(m.family).check(m)
   if r.seq_len > m.max_seq_len:
     raise UserError(f"run.seq_len={r.seq_len} exceeds model.max_seq_len={m.max_seq_len} (the "
                     f"position table); use --set run.seq_len={m.max_seq_len} or less")

@@ -4,7 +4,8 @@
   device holds (from the sharding, so it works on abstract shapes too).
 - `hlo_census`: the collectives in compiled HLO text (kind, count, bytes), which computation
   each sits in, and the while loops with their trip counts.
-- `memory`: `compiled.memory_analysis()` per device, as a dict.
+- `memory`: `compiled.memory_analysis()` per device, as a dict; `format_memory` says it in words.
+- `format_schedule`, `save_schedule_png`: a pipeline schedule as text or as a labelled picture.
 """
 
 import dataclasses
@@ -119,14 +120,37 @@ def hlo_census(hlo_text: str) -> Census:
 
 
 def memory(compiled) -> dict[str, int]:
-  """Per-device bytes from `compiled.memory_analysis()`."""
+  """Per-device bytes from `compiled.memory_analysis()`.
+
+  `peak` is never below argument + output - alias + temp: on XLA:CPU `peak_memory_in_bytes`
+  can count only the temporaries' heap, so it may read smaller than the temporaries alone.
+  XLA's own figure stays under `xla_peak` (0 when XLA reports none).
+  """
   stats = compiled.memory_analysis()
   fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
             "temp_size_in_bytes", "generated_code_size_in_bytes")
   out = {f.removesuffix("_size_in_bytes"): int(getattr(stats, f, 0) or 0) for f in fields}
-  out["peak"] = int(getattr(stats, "peak_memory_in_bytes", 0) or 0) or (
-      out["argument"] + out["output"] - out["alias"] + out["temp"])
+  out["xla_peak"] = int(getattr(stats, "peak_memory_in_bytes", 0) or 0)
+  out["peak"] = max(out["xla_peak"], _live_bound(out))
   return out
+
+
+def _live_bound(mem: dict) -> int:
+  """Bytes if every buffer were live at once: arguments + outputs - aliased + temporaries."""
+  return mem["argument"] + mem["output"] - mem["alias"] + mem["temp"]
+
+
+def format_memory(mem: dict) -> str:
+  """One line from `memory`'s dict, each figure saying what it counts."""
+  total = _live_bound(mem)
+  outputs = f"outputs {human(mem['output'])}"
+  if mem["alias"]:
+    outputs += f" ({human(mem['alias'])} of them reusing argument buffers)"
+  line = (f"per device: arguments {human(mem['argument'])} (parameters and inputs), {outputs}, "
+          f"temporaries {human(mem['temp'])}, total live at most {human(total)}")
+  if mem.get("xla_peak", 0) > total:  # then the sum is not an upper bound: say so
+    line += f" (XLA reports a peak of {human(mem['xla_peak'])})"
+  return line
 
 
 def human(n: float) -> str:
@@ -171,51 +195,174 @@ def format_census(census: Census) -> str:
           + (f"\n(loop bodies run {loops})" if loops else ""))
 
 
+def _repeats(grid: np.ndarray, microbatches: int) -> int:
+  return (int(grid.max()) // microbatches + 1) if grid.size and grid.max() >= 0 else 1
+
+
+def _cell_text(i: int, microbatches: int, repeats: int) -> str:
+  """The microbatch, prefixed by its repeat's letter when there are several; '.' when idle."""
+  if i < 0:
+    return "."
+  r, m = divmod(int(i), microbatches)
+  return f"{chr(ord('a') + r)}{m}" if repeats > 1 else str(m)
+
+
 def format_schedule(grid: np.ndarray, *, microbatches: int) -> str:
   """The stage x tick picture of a pipeline: each cell the microbatch a stage works on
   (prefixed by its repeat's letter when there are several), '.' when idle."""
-  repeats = (int(grid.max()) // microbatches + 1) if grid.max() >= 0 else 1
-
-  def cell(i: int) -> str:
-    if i < 0:
-      return "."
-    r, m = divmod(int(i), microbatches)
-    return f"{chr(ord('a') + r)}{m}" if repeats > 1 else str(m)
-
-  cells = [[cell(i) for i in row] for row in grid]
-  width = max(len(c) for row in cells for c in row)
-  ticks = " ".join(str(t % 10).rjust(width) for t in range(grid.shape[1]))
-  lines = [f"tick     {ticks}"]
-  lines += [f"stage {s:<2} " + " ".join(c.rjust(width) for c in row)
-            for s, row in enumerate(cells)]
+  repeats = _repeats(grid, microbatches)
+  cells = [[_cell_text(i, microbatches, repeats) for i in row] for row in grid]
+  # Wide enough for the longest cell and the largest tick number, so the header lines up.
+  width = max([len(c) for row in cells for c in row] + [len(str(grid.shape[1] - 1))])
+  labels = [f"stage {s:<2} " for s in range(grid.shape[0])]
+  pad = max([len(x) for x in labels] + [len("tick ")])
+  ticks = " ".join(str(t).rjust(width) for t in range(grid.shape[1]))
+  lines = ["tick".ljust(pad) + ticks]
+  lines += [label.ljust(pad) + " ".join(c.rjust(width) for c in row)
+            for label, row in zip(labels, cells)]
   return "\n".join(lines)
 
 
-def save_schedule_png(grid: np.ndarray, path: str, *, microbatches: int,
-                      cell: int = 16) -> None:
-  """Writes the schedule grid as a PNG: one colour per microbatch, darker for later repeats,
-  white when idle. Plain zlib, no plotting library."""
-  import struct
-  import zlib
-  stages, ticks = grid.shape
-  rgb = np.full((stages * cell, ticks * cell, 3), 255, np.uint8)
+def schedule_title(grid: np.ndarray, microbatches: int) -> str:
+  """E.g. 'pipeline: S=4 stages, M=8 microbatches, R=2 repeats, bubble 15.8%'."""
+  stages = grid.shape[0]
+  bubble = float(np.mean(grid < 0)) if grid.size else 0.0
+  return (f"pipeline: S={stages} stages, M={microbatches} microbatches, "
+          f"R={_repeats(grid, microbatches)} repeats, bubble {bubble:.1%}")
+
+
+# The schedule picture's geometry in pixels (tests rebuild the image size from these).
+PNG_CELL = 32        # one stage x tick cell; room for 'a15' in the default font
+PNG_LEFT = 72        # the y axis: its rotated label and the 'stage N' row names
+PNG_TOP = 30         # the title line
+PNG_AXIS = 36        # under the grid: tick numbers, then the x axis label
+PNG_LINE = 22        # one legend line
+PNG_PAD = 10         # right and bottom margins
+PNG_MIN_PLOT = 420   # the least plot width, so the title and legend text fit
+
+_BUBBLE_BG, _BUBBLE_HATCH = (236, 236, 236), (190, 190, 190)
+
+
+def _png_layout(stages: int, ticks: int, microbatches: int, repeats: int,
+                cell: int) -> dict:
+  """Where things go: plot width, swatches per legend line, legend top, image size."""
+  plot_w = max(ticks * cell, PNG_MIN_PLOT)
+  per_line = max(1, plot_w // cell)
+  swatch_lines = repeats * math.ceil(microbatches / per_line)
+  legend_top = PNG_TOP + stages * cell + PNG_AXIS
+  height = legend_top + PNG_LINE * (2 + swatch_lines) + PNG_PAD
+  return {"plot_w": plot_w, "per_line": per_line, "legend_top": legend_top,
+          "size": (PNG_LEFT + plot_w + PNG_PAD, height)}
+
+
+def _cell_color(i: int, microbatches: int, repeats: int) -> tuple:
+  """One hue per microbatch; later repeats darker (down to 45% brightness)."""
+  r, m = divmod(int(i), microbatches)
+  hue = m / max(microbatches, 1)
+  base = np.array([0.5 + 0.5 * np.cos(2 * np.pi * (hue + k / 3)) for k in range(3)])
+  shade = 1.0 - 0.55 * r / max(repeats - 1, 1)
+  return tuple(int(v) for v in ((70 + 185 * base) * shade).clip(0, 255))
+
+
+def _text_center(draw, box: tuple, text: str, font, fill) -> None:
+  """Centres text in box by its measured bounds (bitmap fonts take no anchors)."""
+  left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+  x = (box[0] + box[2] - (right - left)) / 2 - left
+  y = (box[1] + box[3] - (bottom - top)) / 2 - top
+  draw.text((x, y), text, font=font, fill=fill)
+
+
+def _ink(color: tuple) -> tuple:
+  """Black text on light cells, white on dark ones."""
+  return (0, 0, 0) if 0.299 * color[0] + 0.587 * color[1] + 0.114 * color[2] > 120 else (
+      255, 255, 255)
+
+
+def _bubble_tile(width: int, height: int):
+  """Light grey with diagonal hatching: an idle (bubble) cell."""
+  from PIL import Image
+  y, x = np.mgrid[:height, :width]
+  tile = np.where(((x + y) % 6 == 0)[..., None], _BUBBLE_HATCH, _BUBBLE_BG)
+  return Image.fromarray(tile.astype(np.uint8), "RGB")
+
+
+def _draw_cells(image, draw, grid: np.ndarray, microbatches: int, repeats: int,
+                cell: int, font) -> None:
+  """The stage x tick cells, 1 px of white between them."""
+  tile = _bubble_tile(cell - 2, cell - 2)
+  for (s, t), i in np.ndenumerate(grid):
+    x0, y0 = PNG_LEFT + t * cell, PNG_TOP + s * cell
+    box = (x0 + 1, y0 + 1, x0 + cell - 2, y0 + cell - 2)
+    if i < 0:
+      image.paste(tile, box[:2])
+      continue
+    color = _cell_color(i, microbatches, repeats)
+    draw.rectangle(box, fill=color)
+    _text_center(draw, box, _cell_text(i, microbatches, repeats), font, _ink(color))
+
+
+def _draw_axes(image, draw, stages: int, ticks: int, cell: int, font) -> None:
+  """Row names and the rotated 'stage' label on the left; tick numbers and 'tick' below."""
+  from PIL import Image, ImageDraw
+  grid_bottom = PNG_TOP + stages * cell
   for s in range(stages):
-    for t in range(ticks):
-      i = int(grid[s, t])
-      if i < 0:
-        continue
-      r, m = divmod(i, microbatches)
-      hue = m / max(microbatches, 1)
-      color = np.array([0.5 + 0.5 * np.cos(2 * np.pi * (hue + k / 3)) for k in range(3)])
-      color = (color * 200 * (0.6 ** r) + 30).clip(0, 255).astype(np.uint8)
-      rgb[s * cell + 1:(s + 1) * cell - 1, t * cell + 1:(t + 1) * cell - 1] = color
-  raw = b"".join(b"\x00" + row.tobytes() for row in rgb)
+    y0 = PNG_TOP + s * cell
+    _text_center(draw, (18, y0, PNG_LEFT - 4, y0 + cell), f"stage {s}", font, (0, 0, 0))
+  for t in range(ticks):
+    x0 = PNG_LEFT + t * cell
+    _text_center(draw, (x0, grid_bottom + 2, x0 + cell, grid_bottom + 16), str(t), font,
+                 (0, 0, 0))
+  _text_center(draw, (PNG_LEFT, grid_bottom + 18, PNG_LEFT + ticks * cell, grid_bottom + 34),
+               "tick", font, (0, 0, 0))
+  # Pillow draws text horizontally only: draw the y label on its own strip, then turn it.
+  strip = Image.new("RGB", (max(stages * cell, 40), 16), "white")
+  _text_center(ImageDraw.Draw(strip), (0, 0) + strip.size, "stage", font, (0, 0, 0))
+  strip = strip.rotate(90, expand=True)
+  image.paste(strip, (0, PNG_TOP + (stages * cell - strip.size[1]) // 2))
 
-  def chunk(kind: bytes, data: bytes) -> bytes:
-    return (struct.pack(">I", len(data)) + kind + data
-            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
 
-  header = struct.pack(">IIBBBBB", rgb.shape[1], rgb.shape[0], 8, 2, 0, 0, 0)
-  with open(path, "wb") as f:
-    f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
-            + chunk(b"IEND", b""))
+def _draw_legend(image, draw, layout: dict, microbatches: int, repeats: int, cell: int,
+                 font) -> None:
+  """A line of what the colours mean, a line of swatches per repeat, then the bubble cell."""
+  y = layout["legend_top"]
+  meaning = "colour: one per microbatch (cell text)"
+  if repeats > 1:
+    meaning += "; darker: later repeat (the letter)"
+  draw.text((PNG_LEFT, y + 5), meaning, font=font, fill=(0, 0, 0))
+  y += PNG_LINE
+  for r in range(repeats):
+    label = f"repeat {chr(ord('a') + r)}" if repeats > 1 else "microbatch"
+    draw.text((4, y + 5), label, font=font, fill=(0, 0, 0))
+    for m in range(microbatches):
+      if m and m % layout["per_line"] == 0:
+        y += PNG_LINE
+      x0 = PNG_LEFT + (m % layout["per_line"]) * cell
+      box = (x0 + 1, y + 1, x0 + cell - 2, y + PNG_LINE - 2)
+      i = r * microbatches + m
+      color = _cell_color(i, microbatches, repeats)
+      draw.rectangle(box, fill=color)
+      _text_center(draw, box, _cell_text(i, microbatches, repeats), font, _ink(color))
+    y += PNG_LINE
+  image.paste(_bubble_tile(cell - 2, PNG_LINE - 2), (PNG_LEFT + 1, y + 1))
+  draw.text((PNG_LEFT + cell + 4, y + 5), "idle: a bubble (the stage waits)", font=font,
+            fill=(0, 0, 0))
+
+
+def save_schedule_png(grid: np.ndarray, path: str, *, microbatches: int,
+                      cell: int = PNG_CELL) -> None:
+  """Writes the schedule as a labelled PNG: title with S, M, R and the bubble, stage rows,
+  tick columns, each busy cell coloured by microbatch and showing its text, idle cells
+  hatched grey, and a legend."""
+  from PIL import Image, ImageDraw, ImageFont
+  grid = np.asarray(grid)
+  stages, ticks = grid.shape
+  repeats = _repeats(grid, microbatches)
+  layout = _png_layout(stages, ticks, microbatches, repeats, cell)
+  image = Image.new("RGB", layout["size"], "white")
+  draw = ImageDraw.Draw(image)
+  font = ImageFont.load_default()
+  draw.text((PNG_LEFT, 9), schedule_title(grid, microbatches), font=font, fill=(0, 0, 0))
+  _draw_cells(image, draw, grid, microbatches, repeats, cell, font)
+  _draw_axes(image, draw, stages, ticks, cell, font)
+  _draw_legend(image, draw, layout, microbatches, repeats, cell, font)
+  image.save(path, format="PNG")

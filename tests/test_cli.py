@@ -50,7 +50,7 @@ def test_user_error_through_a_real_process_has_no_traceback(root):
   assert "Traceback" not in proc.stderr
   assert proc.stderr.strip().splitlines() == [
       "error: model.d_model=64 is not divisible by model.n_heads=3; pick a head count that "
-      "divides the width"]
+      "divides the width, or set model.head_dim"]
 
 
 BAD = [
@@ -109,10 +109,8 @@ def test_file_errors(root, tmp_path, capsys, no_compiling):
   broken.write_text("model:\n  d_model: [64\n")
   assert cli.main(["forward", "--config", str(broken)]) == 2
   assert "not valid YAML at line" in capsys.readouterr().err
-  no_mlp = tmp_path / "no_mlp.yaml"
-  no_mlp.write_text((root / "configs" / "tiny.yaml").read_text()
-                    + "rules: {batch: data, seq: null, embed: null, heads: model, "
-                      "head_dim: null, vocab: model, layers: stage}\n")
-  assert cli.main(["forward", "--config", str(no_mlp)]) == 2
+  bad_rule = tmp_path / "bad_rule.yaml"
+  bad_rule.write_text((root / "configs" / "tiny.yaml").read_text() + "rules: {mlp: tensor}\n")
+  assert cli.main(["forward", "--config", str(bad_rule)]) == 2
   err = capsys.readouterr().err.strip().splitlines()
-  assert len(err) == 1 and "logical name 'mlp'" in err[0] and "has no rule" in err[0]
+  assert len(err) == 1 and "rules.mlp='tensor'" in err[0] and "not a mesh axis" in err[0]

@@ -32,7 +32,7 @@ def single(tiny, devices):
 def test_single_device_matches_numpy_gpt2(tiny, single):
   params, logits, tokens = single
   expected = reference.gpt2_logits(params, tokens, vocab_size=tiny.model.vocab_size,
-                                   n_heads=tiny.model.n_heads, eps=tiny.model.layer_norm_eps)
+                                   n_heads=tiny.model.n_heads, eps=tiny.model.norm_eps)
   assert logits.shape == (tiny.run.batch, tiny.run.seq_len, tiny.model.vocab_size)
   assert np.abs(logits - expected).max() < 1e-4
   assert np.abs(expected).max() > 1.0  # the comparison is not between near-zeros

@@ -12,7 +12,7 @@ import pytest
 from jaxpar import cli
 from jaxpar.config import MeshConfig
 from jaxpar.mesh import make_mesh
-from jaxpar.runtime import generate
+from jaxpar.runtime import generate, sampling
 from tests import reference
 
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11], [3, 3, 3, 3, 3, 3], [5], [6, 7], [8, 9, 10],
@@ -95,12 +95,12 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(gen_config, devices, expected)
 
 def test_sample_filters_keep_only_allowed_tokens():
   logits = jax.numpy.asarray(np.log(np.array([[0.5, 0.3, 0.15, 0.05]] * 2000, np.float32)))
-  key = jax.random.key(0)
-  top2 = np.asarray(generate.sample(logits, key, generate.Sampling(1.0, top_k=2)))
+  keys = sampling.row_keys(jax.random.key(0), jax.numpy.arange(2000), 0)
+  top2 = np.asarray(sampling.sample(logits, keys, sampling.Sampling(1.0, top_k=2)))
   assert set(top2.tolist()) == {0, 1}
-  nucleus = np.asarray(generate.sample(logits, key, generate.Sampling(1.0, top_p=0.7)))
+  nucleus = np.asarray(sampling.sample(logits, keys, sampling.Sampling(1.0, top_p=0.7)))
   assert set(nucleus.tolist()) == {0, 1}  # 0.5 < 0.7 <= 0.5 + 0.3
-  everything = np.asarray(generate.sample(logits, key, generate.Sampling(1.0)))
+  everything = np.asarray(sampling.sample(logits, keys, sampling.Sampling(1.0)))
   assert set(everything.tolist()) == {0, 1, 2, 3}
   assert abs(np.mean(everything == 0) - 0.5) < 0.05
 
@@ -108,8 +108,8 @@ def test_sample_filters_keep_only_allowed_tokens():
 def test_kv_cache_bytes_per_device(gen_config, devices):
   gen = build(gen_config, devices, 2, 1, 4)
   m = gen_config.model
-  # k and v: [L, B/data, T, N/model, H] float32 each.
-  assert gen.cache_bytes_per_device(8, 24) == 2 * m.n_layers * 4 * 24 * 2 * m.head_dim * 4
+  # k and v: [L, B/data, T, N/model, H] float32 each; H = 64 / 8 heads.
+  assert gen.cache_bytes_per_device(8, 24) == 2 * m.n_layers * 4 * 24 * 2 * 8 * 4
 
 
 def test_generate_cli(root, tmp_path, monkeypatch, capsys):

@@ -14,7 +14,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from jaxpar import cli
+from jaxpar import cli, hf_files
 from jaxpar import config as config_lib
 from jaxpar.config import MeshConfig, PipelineConfig
 from jaxpar.errors import UserError
@@ -73,10 +73,13 @@ def test_config_takes_sizes_from_checkpoint(root, hf_checkpoint, tmp_path):
   m = load(root, hf_checkpoint).model  # tiny.yaml says 2 layers, d_ff 128, 32 positions
   assert (m.vocab_size, m.d_model, m.n_heads, m.n_layers, m.d_ff, m.max_seq_len) == (
       250, 64, 8, 4, 256, 64)
-  assert m.layer_norm_eps == 1e-5 and m.eos_token_id == -1  # 50256 is outside the vocabulary
+  assert m.norm_eps == 1e-5 and m.eos_token_ids == ()  # 50256 is outside the vocabulary
   other = edit_config(hf_checkpoint, tmp_path / "c", n_inner=96, eos_token_id=3)
+  (other / "generation_config.json").unlink()  # config.json's EOS when there is no other
   m = load(root, other).model
-  assert (m.d_ff, m.eos_token_id) == (96, 3)
+  assert (m.d_ff, m.eos_token_ids) == (96, (3,))
+  (other / "generation_config.json").write_text('{"eos_token_id": [7, 3, 999]}')
+  assert load(root, other).model.eos_token_ids == (7, 3)  # generation_config.json wins
   assert load(root, hf_checkpoint, "model.n_layers=4").model.n_layers == 4  # agrees: fine
   with pytest.raises(UserError, match=r"model.n_layers=2 disagrees with model.checkpoint="):
     load(root, hf_checkpoint, "model.n_layers=2")
@@ -114,25 +117,14 @@ def test_each_device_reads_only_its_slice(root, devices, hf_checkpoint, monkeypa
       return callback(index)
     return make(shape, sharding, wrapped)
 
-  class Slice:
-    def __init__(self, key, inner):
-      self.key, self.inner = key, inner
-    def __getitem__(self, box):
-      read.setdefault(self.key, []).append(box)
-      return self.inner[box]
-    def __getattr__(self, name):
-      return getattr(self.inner, name)
+  real_read = hf_files.SafeTensors.read
 
-  class Handle:
-    def __init__(self, *args, **kwargs):
-      self.inner = safe_open(*args, **kwargs)
-    def keys(self):
-      return self.inner.keys()
-    def get_slice(self, key):
-      return Slice(key, self.inner.get_slice(key))
+  def recording_read(self, name, box):
+    read.setdefault(name, []).append(box)
+    return real_read(self, name, box)
 
   monkeypatch.setattr(jax, "make_array_from_callback", recording_make)
-  monkeypatch.setattr(hf.safetensors, "safe_open", Handle)
+  monkeypatch.setattr(hf_files.SafeTensors, "read", recording_read)
   fwd = build(load(root, hf_checkpoint), devices, model=8)
   wte, w_q = fwd.params["wte"], fwd.params["blocks"]["attn"]["w_q"]
   assert wte.shape == (256, 64) and w_q.shape == (4, 64, 64)
@@ -154,35 +146,27 @@ def test_each_device_reads_only_its_slice(root, devices, hf_checkpoint, monkeypa
     np.testing.assert_array_equal(np.asarray(w_q)[0], f.get_tensor(ATTN)[:, :64].T)
 
 
-def test_unprefixed_keys_and_split_head_layout(root, devices, hf_checkpoint, tmp_path):
-  """Keys without `transformer.` (as in the hub's gpt2) load the same; a leaf that splits
-  the heads dim, [L, N, H, D], reads the same values head by head."""
+def test_unprefixed_keys(root, devices, hf_checkpoint, tmp_path):
+  """Keys without `transformer.` (as in the hub's gpt2) load the same."""
   config = load(root, hf_checkpoint)
   plain = rewrite(hf_checkpoint, tmp_path / "plain",
                   lambda t: {k.removeprefix("transformer."): v for k, v in t.items()})
-  ref = jax.device_get(build(config, devices).params)
-  mesh = make_mesh(MeshConfig(1, 1, 8), devices=devices)
-  shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), ref)
-  shardings = jax.tree.map(lambda a: NamedSharding(mesh, P()), ref)
-  attn, sharded = shapes["blocks"]["attn"], NamedSharding(mesh, P(None, "model"))
-  attn["w_q"] = jax.ShapeDtypeStruct((4, 8, 8, 64), np.float32)
-  attn["w_o"] = jax.ShapeDtypeStruct((4, 64, 8, 8), np.float32)
-  shardings["blocks"]["attn"]["w_q"] = sharded
-  shardings["blocks"]["attn"]["w_o"] = NamedSharding(mesh, P(None, None, "model"))
-  got = hf.load_params(str(plain), shapes=shapes, shardings=shardings, vocab_size=250)
-  got = jax.device_get(got)
-  np.testing.assert_array_equal(got["blocks"]["attn"]["w_q"].reshape(4, 64, 64),
-                                ref["blocks"]["attn"]["w_q"])
-  np.testing.assert_array_equal(got["blocks"]["attn"]["w_o"].reshape(4, 64, 64),
-                                ref["blocks"]["attn"]["w_o"])
-  np.testing.assert_array_equal(got["wte"], ref["wte"])
+  ref = jax.device_get(build(config, devices, model=8).params)
+  got = jax.device_get(build(load(root, plain), devices, model=8).params)
+  for (path, a), b in zip(jax.tree.leaves_with_path(got), jax.tree.leaves(ref)):
+    np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
 
 
 CONFIG_ERRORS = [
-    ({"model_type": "llama"}, r"config.json model_type='llama'; only GPT-2 checkpoints"),
-    ({"activation_function": "relu"}, r"activation_function='relu'"),
+    ({"model_type": "bert"}, r"config.json model_type='bert' is not supported; jaxpar reads "
+                             r"gpt2, llama, mistral, qwen2, qwen3"),
+    ({"activation_function": "relu"}, r'activation_function="relu"; jaxpar\'s GPT-2 supports '
+                                      r'only activation_function="gelu_new"'),
     ({"n_layer": "DROP"}, r"config.json has no 'n_layer'"),
-    ({"tie_word_embeddings": False}, r"tie_word_embeddings=False"),
+    ({"tie_word_embeddings": False}, r"tie_word_embeddings=false"),
+    ({"n_head": 8.5}, r"config.json n_head=8.5 is not an integer"),
+    ({"use_rotary": True}, r"config.json has use_rotary=true, which jaxpar's GPT-2 does not "
+                           r"implement"),
 ]
 
 
@@ -218,10 +202,10 @@ def expect_one_line(code, out, err, message):
   assert "compiling" not in out
 
 
-def test_cli_missing_dir_and_llama(root, hf_checkpoint, tmp_path, capsys):
+def test_cli_missing_dir_and_unknown_architecture(root, hf_checkpoint, tmp_path, capsys):
   expect_one_line(*run_cli(root, tmp_path / "nowhere", capsys), "no such directory")
-  llama = edit_config(hf_checkpoint, tmp_path / "llama", model_type="llama")
-  expect_one_line(*run_cli(root, llama, capsys), "model_type='llama'; only GPT-2")
+  bert = edit_config(hf_checkpoint, tmp_path / "bert", model_type="bert")
+  expect_one_line(*run_cli(root, bert, capsys), "model_type='bert' is not supported")
 
 
 def test_wrong_shape_and_missing_tensor(root, devices, hf_checkpoint, tmp_path, capsys):
@@ -234,10 +218,11 @@ def test_wrong_shape_and_missing_tensor(root, devices, hf_checkpoint, tmp_path, 
   missing = rewrite(hf_checkpoint, tmp_path / "missing",
                     lambda t: t.pop("transformer.h.3.mlp.c_fc.bias"))
   expect_one_line(*run_cli(root, missing, capsys),
-                  "model.safetensors has no tensor transformer.h.3.mlp.c_fc.bias")
+                  "the safetensors files have no tensor transformer.h.3.mlp.c_fc.bias")
   (no_file := tmp_path / "no_file").mkdir()
   shutil.copy(hf_checkpoint / "config.json", no_file)
-  with pytest.raises(UserError, match=r"no model.safetensors in the directory"):
+  with pytest.raises(UserError, match=r"no model.safetensors \(or model.safetensors.index.json\) in "
+                                      r"the directory"):
     build(load(root, no_file), devices)
   (no_file / "model.safetensors").write_bytes(b"not a safetensors file")
   with pytest.raises(UserError, match=r"is not a readable safetensors file"):

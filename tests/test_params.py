@@ -12,7 +12,7 @@ from jaxpar import config as config_lib
 from jaxpar import inspect
 from jaxpar.config import MeshConfig
 from jaxpar.mesh import make_mesh
-from jaxpar.models import gpt
+from jaxpar.models import base, gpt
 from jaxpar.rules import Rules
 from jaxpar.runtime import inference, state
 
@@ -38,7 +38,7 @@ def test_param_bytes_per_device_match_analytic_count(tiny, devices, data, model)
   config = dataclasses.replace(tiny, mesh=MeshConfig(data=data, stage=1, model=model))
   mesh = make_mesh(config.mesh, devices=devices[:data * model])
   fwd = inference.build(config, mesh)
-  padded = gpt.padded_vocab(tiny.model.vocab_size, model)
+  padded = base.padded_vocab(tiny.model.vocab_size, model)
   expected = analytic_bytes_per_device(tiny.model, model, padded)
   # Three readings: the arrays' shards, the sharding table, the compiled program's arguments.
   assert state.param_bytes_per_device(fwd.params) == expected
@@ -55,12 +55,11 @@ def test_gpt2_124m_per_device_bytes_near_total_over_model(root):
   model = 4
   mesh = jax.sharding.AbstractMesh((2, 1, model), ("data", "stage", "model"))
   rules = Rules(config.rules)
-  multiple = gpt.vocab_multiple(rules, mesh.shape)
-  _, shapes, names = state.abstract(
-      lambda rngs: gpt.GPT(config.model, vocab_multiple=multiple, rngs=rngs))
+  layout = base.Layout(vocab_multiple=model)
+  _, shapes, names = state.abstract(lambda rngs: gpt.GPT(config.model, layout, rngs=rngs))
   rows = inspect.param_table(shapes, names, rules, mesh)
   total_params = sum(int(np.prod(r.shape)) for r in rows)
-  padding = (gpt.padded_vocab(50257, model) - 50257) * 768
+  padding = (base.padded_vocab(50257, model) - 50257) * 768
   assert total_params - padding == 124_439_808  # GPT-2 small, as published
   per_device = sum(r.bytes_per_device for r in rows)
   expected = analytic_bytes_per_device(config.model, model, 50257 + padding // 768)

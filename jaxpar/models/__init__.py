@@ -1,0 +1,34 @@
+"""Model families behind one interface (`jaxpar.models.base.Family`).
+
+`model.family` names one of `FAMILIES`; a Hugging Face checkpoint names its own by
+config.json's `model_type`. A family is one module here; nothing outside `models/` names one.
+"""
+
+from jaxpar import hf_files
+from jaxpar.errors import UserError
+from jaxpar.models import base, gpt, llama
+
+FAMILIES: dict[str, base.Family] = {
+    f.name: f for f in (gpt.FAMILY, llama.LLAMA, llama.MISTRAL, llama.QWEN2, llama.QWEN3)}
+
+
+def family(name: str) -> base.Family:
+  """The family `model.family` names."""
+  if name not in FAMILIES:
+    raise UserError(f"model.family={name!r}: unknown family; jaxpar has "
+                    f"{', '.join(FAMILIES)}")
+  return FAMILIES[name]
+
+
+def checkpoint_config(checkpoint: str) -> dict:
+  """ModelConfig fields from a Hugging Face directory: the family (by config.json's
+  model_type), its sizes and the end-of-text ids."""
+  raw = hf_files.read_config(checkpoint)
+  model_type = raw.get("model_type")
+  by_type = {t: f for f in FAMILIES.values() for t in f.model_types}
+  if model_type not in by_type:
+    raise UserError(f"checkpoint {checkpoint}: config.json model_type={model_type!r} is not "
+                    f"supported; jaxpar reads {', '.join(sorted(by_type))}")
+  fields = by_type[model_type].from_hf(raw, checkpoint)
+  fields["eos_token_ids"] = hf_files.eos_ids(checkpoint, raw, fields["vocab_size"])
+  return fields

@@ -100,8 +100,15 @@ def check(schedule: Schedule, *, n_layers: int, batch: int, data: int = 1) -> No
                     f"{S}, {2 * S}, {4 * S}, ...")
 
 
+def layer_of(s, r, j, *, stages: int, per_chunk: int):
+  """The layer at index (s, r, j) of the staged layout [S, R, Lc]: the one formula, used by
+  `to_stages`, `from_stages` and the checkpoint loaders (works on ints and numpy arrays)."""
+  return (r * stages + s) * per_chunk + j
+
+
 def to_stages(tree: Any, *, stages: int, repeats: int = 1) -> Any:
-  """Leaves [L, ...] -> [S, R, Lc, ...]: chunk (s, r) holds layers of chunk index r*S + s."""
+  """Leaves [L, ...] -> [S, R, Lc, ...]: index (s, r, j) holds layer `layer_of(s, r, j)` (a
+  reshape and a swap of the two leading dims, so a `stage`-sharded stack regroups in place)."""
   def regroup(x):
     L = x.shape[0]
     x = x.reshape(repeats, stages, L // (repeats * stages), *x.shape[1:])
@@ -122,23 +129,40 @@ def _varying(x: Any) -> Any:
   return jax.tree.map(lambda a: lax.pcast(a, (STAGE,), to="varying"), x)
 
 
-def _masked_write(buffer: jax.Array, index, value: jax.Array, keep) -> jax.Array:
-  """buffer[index] = value where `keep`, touching only that slot (no whole-buffer select)."""
-  old = lax.dynamic_index_in_dim(buffer, index, keepdims=False)
-  return lax.dynamic_update_index_in_dim(buffer, jnp.where(keep, value, old), index, 0)
+def _masked_write(buffer: Any, index, value: Any, keep) -> Any:
+  """buffer[index] = value where `keep`, leaf by leaf, touching only that slot (no
+  whole-buffer select)."""
+  def write(b, v):
+    old = lax.dynamic_index_in_dim(b, index, keepdims=False)
+    return lax.dynamic_update_index_in_dim(b, jnp.where(keep, v, old), index, 0)
+  return jax.tree.map(write, buffer, value)
 
 
-def run(stage_fn: Callable[[Any, jax.Array], jax.Array], params: Any, x: jax.Array, *,
-        mesh: Mesh, schedule: Schedule, batch_axes: tuple[str, ...] = (),
-        bubble_fill: float = 0.0) -> jax.Array:
+def _pick(tree: Any, index) -> Any:
+  return jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, index, keepdims=False), tree)
+
+
+def _where(cond, a: Any, b: Any) -> Any:
+  return jax.tree.map(lambda x, y: jnp.where(cond, x, y), a, b)
+
+
+def _fill(a: jax.Array, value: float) -> jax.Array:
+  """What a bubble tick computes on: `value` for floats, 0 for integers."""
+  return jnp.full(a.shape, value if jnp.issubdtype(a.dtype, jnp.floating) else 0, a.dtype)
+
+
+def run(stage_fn: Callable[[Any, Any], Any], params: Any, x: Any, *, mesh: Mesh,
+        schedule: Schedule, batch_axes: tuple[str, ...] = (), bubble_fill: float = 0.0) -> Any:
   """Runs `stage_fn(chunk_params, x_microbatch) -> y_microbatch` as a pipeline over `stage`.
 
   `params` leaves are [S, R, Lc, ...] (sharded over `stage` on dim 0); `stage_fn` receives
-  [Lc, ...] leaves. `x` is [B, ...] with its batch split over the mesh axes `batch_axes` (not
-  over `stage`). The result has x's shape with the batch split over (*batch_axes, stage): the
-  last stage hands microbatches [k*M/S, (k+1)*M/S) to stage k with one collective-permute each,
-  so work after the pipeline is spread over the stages too. `bubble_fill` is what idle ticks
-  compute on (NaN in tests proves that bubbles never reach the result).
+  [Lc, ...] leaves. `x` is an array or a pytree of arrays [B, ...] (e.g. activations and
+  their positions, which every stage needs) with the batch split over the mesh axes
+  `batch_axes` (not over `stage`); `stage_fn` returns the same structure. The result has
+  x's shapes with the batch split over (*batch_axes, stage): the last stage hands
+  microbatches [k*M/S, (k+1)*M/S) to stage k with one collective-permute each, so work after
+  the pipeline is spread over the stages too. `bubble_fill` is what idle ticks compute on in
+  float leaves (NaN in tests proves that bubbles never reach the result).
   """
   S, M, R = schedule.stages, schedule.microbatches, schedule.repeats
   if mesh.shape[STAGE] != S:
@@ -146,20 +170,27 @@ def run(stage_fn: Callable[[Any, jax.Array], jax.Array], params: Any, x: jax.Arr
   if M % S:
     raise ValueError(f"{M} microbatches do not spread over {S} stages (see `check`)")
   ways = math.prod(mesh.shape[a] for a in batch_axes)
-  B, rest = x.shape[0], x.shape[1:]
+  B = jax.tree.leaves(x)[0].shape[0]
   rows = B // (ways * M)  # rows of one microbatch on one batch shard
-  # Microbatch m takes rows [m*rows, (m+1)*rows) of every batch shard: no data moves.
-  x_M = jnp.swapaxes(x.reshape(ways, M, rows, *rest), 0, 1).reshape(M, ways * rows, *rest)
+
+  def split(a):  # microbatch m takes rows [m*rows, (m+1)*rows) of every batch shard
+    return jnp.swapaxes(a.reshape(ways, M, rows, *a.shape[1:]), 0, 1).reshape(
+        M, ways * rows, *a.shape[1:])
+
+  def merge(a):
+    return jnp.swapaxes(a.reshape(M, ways, rows, *a.shape[2:]), 0, 1).reshape(B, *a.shape[2:])
+
   ring = [(k, (k + 1) % S) for k in range(S)]
   per = M // S  # finished microbatches each stage ends up holding
 
   def per_stage(params_local, x_M):
     s = lax.axis_index(STAGE)
     chunks = jax.tree.map(lambda p: p[0], params_local)  # [R, Lc, ...]: this stage's chunks
-    bubble = jnp.full(x_M.shape[1:], bubble_fill, x_M.dtype)
+    bubble = jax.tree.map(lambda a: _fill(a[0], bubble_fill), x_M)
     msg = _varying(bubble)
-    parked = _varying(jnp.broadcast_to(bubble, x_M.shape)) if R > 1 else None
-    out = _varying(jnp.zeros_like(x_M))
+    parked = (_varying(jax.tree.map(lambda b: jnp.broadcast_to(b, (M, *b.shape)), bubble))
+              if R > 1 else None)
+    out = _varying(jax.tree.map(jnp.zeros_like, x_M))
 
     def tick(carry, t):
       msg, parked, out = carry
@@ -167,27 +198,27 @@ def run(stage_fn: Callable[[Any, jax.Array], jax.Array], params: Any, x: jax.Arr
       valid = (i >= 0) & (i < R * M)
       i = jnp.clip(i, 0, R * M - 1)
       r, m = i // M, i % M
-      first = lax.dynamic_index_in_dim(x_M, m, keepdims=False)
+      first = _pick(x_M, m)
       if R > 1:
         back = t - S  # the item that left the last stage at tick t - 1
         arrived = (s == 0) & (back >= 0) & (back < (R - 1) * M)
         parked = _masked_write(parked, jnp.clip(back, 0, R * M - 1) % M, msg, arrived)
-        first = jnp.where(r == 0, first, lax.dynamic_index_in_dim(parked, m, keepdims=False))
-      x_in = jnp.where(valid, jnp.where(s == 0, first, msg), bubble)
-      chunk = jax.tree.map(lambda p: lax.dynamic_index_in_dim(p, r, keepdims=False), chunks)
-      y = stage_fn(chunk, x_in)
+        first = _where(r == 0, first, _pick(parked, m))
+      x_in = _where(valid, _where(s == 0, first, msg), bubble)
+      y = stage_fn(_pick(chunks, r), x_in)
       out = _masked_write(out, m, y, valid & (s == S - 1) & (r == R - 1))
       msg = lax.ppermute(y, STAGE, ring)
       return (msg, parked, out), None
 
     (_, _, out), _ = lax.scan(tick, (msg, parked, out), jnp.arange(schedule.ticks))
     # Spread the finished microbatches: stage k gets [k*per, (k+1)*per) from the last stage.
-    mine = out[(S - 1) * per:]  # zeros except on the last stage
+    mine = jax.tree.map(lambda o: o[(S - 1) * per:], out)  # zeros except on the last stage
     for k in range(S - 1):
-      mine = mine + lax.ppermute(out[k * per:(k + 1) * per], STAGE, [(S - 1, k)])
+      sent = lax.ppermute(jax.tree.map(lambda o: o[k * per:(k + 1) * per], out), STAGE,
+                          [(S - 1, k)])
+      mine = jax.tree.map(jnp.add, mine, sent)
     return mine
 
   y_M = jax.shard_map(per_stage, mesh=mesh, in_specs=(P(STAGE), P()), out_specs=P(STAGE),
-                      axis_names={STAGE})(params, x_M)
-  y = jnp.swapaxes(y_M.reshape(M, ways, rows, *rest), 0, 1)
-  return y.reshape(B, *rest)
+                      axis_names={STAGE})(params, jax.tree.map(split, x))
+  return jax.tree.map(merge, y_M)

@@ -1,11 +1,14 @@
-"""Autoregressive generation with a sharded KV cache, the whole decode loop compiled.
+"""Autoregressive generation with a sharded KV cache, the whole decode loop compiled, for any
+decoder family (`jaxpar.models.base`).
 
 Prompts of different lengths are left-padded into one [B, T0] batch with a mask; each row's
 positions count its real tokens only, so every row decodes as if it were alone. The cache
 holds T0 + max_new_tokens slots per layer, laid out by the rules like any activation: batch
-over `data`, heads over `model`. Two compiled programs: `prefill` (the prompt through every
-block, filling the cache, and the first new token) and `decode` (a `lax.while_loop` over the
-remaining tokens that stops when every row has produced EOS; rows that stopped emit EOS).
+over `data`, key/value heads over `model`. Two compiled programs: `prefill` (the prompt
+through every block, filling the cache, and the first new token) and `decode` (a
+`lax.while_loop` over the remaining tokens that stops when every row has produced an EOS id;
+a row that stopped repeats its EOS). With mesh.stage > 1 both are pipelined
+(`pipelined_generate`).
 """
 
 import dataclasses
@@ -17,15 +20,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax import lax
+from jax.sharding import NamedSharding
 
 from jaxpar import axes
-from jaxpar.axes import BATCH, HEAD_DIM, HEADS, LAYERS, SEQ
+from jaxpar.axes import BATCH, LAYERS, SEQ
 from jaxpar.config import Config
 from jaxpar.errors import UserError
-from jaxpar.rules import constrain, use_rules
-from jaxpar.models import gpt
-from jaxpar.runtime import inference, pipelined_generate
-from jaxpar.runtime.sampling import Sampling, sample
+from jaxpar.models.base import Family, run_blocks
+from jaxpar.rules import Logical, Rules, constrain, is_logical, tree_shardings, use_rules
+from jaxpar.runtime import inference, pipelined_generate, state
+from jaxpar.runtime.decoding import is_eos, prompt_step, token_step
+from jaxpar.runtime.sampling import Sampling, row_keys, sample
 
 
 def pad_prompts(prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -43,7 +48,7 @@ def pad_prompts(prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
 
 @dataclasses.dataclass
 class Result:
-  tokens: np.ndarray   # int32 [B, max_new_tokens]; after EOS every position holds EOS
+  tokens: np.ndarray   # int32 [B, max_new_tokens]; after an EOS id the row repeats it
   steps: int           # decode steps executed (<= max_new_tokens; fewer if all rows stopped)
   prefill_s: float
   decode_s: float
@@ -57,16 +62,29 @@ def use_scan(config: Config, platform: str) -> bool:
   return platform != "cpu"
 
 
+def new_caches(family: Family, gen: "Generator", batch: int, length: int, *,
+               scan: bool) -> object:
+  """Zeroed KV caches laid out by the rules: stacked [L, ...] for a scan, else one per layer."""
+  m = gen.forward.config.model
+  spec = family.kv_cache(m, gen.forward.layout, batch, length)
+  dtype = jnp.dtype(m.dtype)
+  if scan:
+    return {k: constrain(jnp.zeros((m.n_layers, *shape), dtype), (LAYERS, *names))
+            for k, (shape, names) in spec.items()}
+  return tuple({k: constrain(jnp.zeros(shape, dtype), names) for k, (shape, names) in
+                spec.items()} for _ in range(m.n_layers))
+
+
 @dataclasses.dataclass
 class Generator:
   """A model on a mesh, ready to generate. Build with `build`."""
   forward: inference.Forward
   scan: bool
-  eos_id: int  # -1: none
-  # Unrolled layers: the blocks' parameters as one dict per layer (separate buffers), and
-  # the other parameters. They replace `forward.params` (set to None, so the weights are not
-  # held twice); the stacked blocks are rebuilt inside the programs only for `nnx.merge` and
-  # never used, so XLA drops them.
+  eos_ids: tuple[int, ...]  # () : no end-of-text token
+  # Unrolled layers: the blocks' parameters as one dict per layer (separate buffers, each
+  # sharded like the stack minus its `layers` dim), and the other parameters. They replace
+  # `forward.params` (set to None, so the weights are not held twice); the stacked blocks
+  # are rebuilt inside the programs only for `nnx.merge` and never used, so XLA drops them.
   layers: tuple | None = None
   rest: dict | None = None
   _compiled: dict = dataclasses.field(default_factory=dict)
@@ -74,6 +92,10 @@ class Generator:
   @property
   def mesh(self):
     return self.forward.mesh
+
+  @property
+  def family(self) -> Family:
+    return self.forward.family
 
   def padded_batch(self, n_prompts: int) -> int:
     """The batch the programs run: `n_prompts` rounded up so it splits over the batch axes
@@ -98,88 +120,79 @@ class Generator:
       return self.forward.params, None
     return self.rest, self.layers
 
+  def param_bytes_per_device(self) -> int:
+    return state.param_bytes_per_device(self.params)
+
   def cache_bytes_per_device(self, batch: int, length: int) -> int:
-    m, mesh = self.forward.config.model, self.mesh
-    rules = self.forward.rules
-    shape = (m.n_layers, batch, length, m.n_heads, m.head_dim)
-    spec = rules.spec((LAYERS, BATCH, SEQ, HEADS, HEAD_DIM), mesh_axis_names=mesh.axis_names)
-    per = jax.sharding.NamedSharding(mesh, spec).shard_shape(shape)
-    return 2 * int(np.prod(per)) * jnp.dtype(m.dtype).itemsize
+    """Bytes of the KV cache one device holds (all layers; copied key/value heads counted)."""
+    m, mesh, rules = self.forward.config.model, self.mesh, self.forward.rules
+    spec = self.family.kv_cache(m, self.forward.layout, batch, length)
+    total = 0
+    for shape, names in spec.values():
+      full, names = (m.n_layers, *shape), (LAYERS, *names)
+      per = rules.sharding(names, mesh, what="the KV cache").shard_shape(full)
+      total += math.prod(per) * jnp.dtype(m.dtype).itemsize
+    return total
 
-  def _fns(self, batch: int, prompt_len: int, max_new: int, sampling: Sampling,
-           progress: bool):
-    fwd, scan, eos = self.forward, self.scan, self.eos_id
-    rules, graphdef, m = fwd.rules, fwd.graphdef, fwd.config.model
-    S = prompt_len + max_new
-    dtype = jnp.dtype(m.dtype)
+  def _model(self, params):
+    """(model, the blocks' graphdef, the layers run_blocks takes) inside a program."""
+    rest, layers = params
+    graphdef = self.forward.graphdef
+    if layers is None:
+      model = nnx.merge(graphdef, rest)
+      return model, nnx.graphdef(model.blocks), rest["blocks"]
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+    model = nnx.merge(graphdef, {**rest, "blocks": stacked})
+    return model, nnx.graphdef(model.blocks), layers
 
-    def caches_for(batch):
-      shape = (batch, S, m.n_heads, m.head_dim)
-      names = (BATCH, SEQ, HEADS, HEAD_DIM)
-      if scan:
-        shape, names = (m.n_layers, *shape), (LAYERS, *names)
-      zeros = lambda: constrain(jnp.zeros(shape, dtype), names)
-      if scan:
-        return {"k": zeros(), "v": zeros()}
-      return tuple({"k": zeros(), "v": zeros()} for _ in range(m.n_layers))
-
-    def model_of(params):
-      rest, layers = params
-      if layers is None:
-        return nnx.merge(graphdef, rest), None
-      stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
-      return nnx.merge(graphdef, {**rest, "blocks": stacked}), layers
+  def _programs(self, batch: int, prompt_len: int, max_new: int, sampling: Sampling,
+                progress: bool):
+    fwd, scan, eos_ids = self.forward, self.scan, self.eos_ids
+    rules, keys = fwd.rules, self.family.config_keys
+    rows_B = jnp.arange(batch)
 
     def prefill(params, tokens_BT, mask_BT, key):
-      with use_rules(rules, keys=gpt.CONFIG_KEYS):
-        model, layers = model_of(params)
-        positions_BT = jnp.maximum(jnp.cumsum(mask_BT, axis=1) - 1, 0)
-        valid_BS = jnp.concatenate([mask_BT, jnp.ones((batch, max_new), bool)], axis=1)
-        causal_TS = jnp.arange(S)[None, :] <= jnp.arange(prompt_len)[:, None]
-        mask_BTS = causal_TS[None] & valid_BS[:, None, :]
-        x_BTD = model.embed(tokens_BT, positions_BT)
-        x_BTD, caches = model.cached_blocks(x_BTD, caches_for(batch), 0, mask_BTS, scan=scan,
-                                            layers=layers)
-        logits_BV = model.logits(x_BTD[:, -1:])[:, 0]
-        token_B = sample(logits_BV, jax.random.fold_in(key, 0), sampling)
-        return token_B, caches
+      with use_rules(rules, keys=keys):
+        model, graphdef, layers = self._model(params)
+        step = prompt_step(mask_BT, max_new)
+        caches = new_caches(self.family, self, batch, prompt_len + max_new, scan=scan)
+        x_BTD = model.embed(tokens_BT, step.positions_BT)
+        x_BTD, caches = run_blocks(graphdef, layers, x_BTD, step, caches, scan=scan)
+        logits_BV = model.head(x_BTD[:, -1:])[:, 0]
+        return sample(logits_BV, row_keys(key, rows_B, 0), sampling), caches
 
     def decode(params, caches, first_B, mask_BT, key):
-      with use_rules(rules, keys=gpt.CONFIG_KEYS):
-        model, layers = model_of(params)
-        lengths_B = mask_BT.sum(axis=1).astype(jnp.int32)
-        valid_BS = jnp.concatenate([mask_BT, jnp.ones((batch, max_new), bool)], axis=1)
-        fill = eos if eos >= 0 else 0
-        out_BN = jnp.full((batch, max_new), fill, jnp.int32).at[:, 0].set(first_B)
-        done_B = first_B == eos
+      with use_rules(rules, keys=keys):
+        model, graphdef, layers = self._model(params)
+        out_BN = jnp.zeros((batch, max_new), jnp.int32).at[:, 0].set(first_B)
 
         def cond(carry):
-          i, _, _, _, done_B = carry
-          return (i < max_new) & ~jnp.all(done_B)
+          n, _, _, _, done_B = carry
+          return (n < max_new) & ~jnp.all(done_B)
 
-        def step(carry):
-          i, token_B, caches, out_BN, done_B = carry
-          slot = prompt_len + i - 1  # where the previous token's keys and values go
-          x_BTD = model.embed(token_B[:, None], (lengths_B + i - 1)[:, None])
-          mask_B1S = (jnp.arange(S) <= slot)[None, None, :] & valid_BS[:, None, :]
-          x_BTD, caches = model.cached_blocks(x_BTD, caches, slot, mask_B1S, scan=scan,
-                                              layers=layers)
-          token_B = sample(model.logits(x_BTD)[:, 0], jax.random.fold_in(key, i), sampling)
-          token_B = jnp.where(done_B, fill, token_B)
-          out_BN = lax.dynamic_update_slice_in_dim(out_BN, token_B[:, None], i, axis=1)
+        def body(carry):
+          n, token_B, caches, out_BN, done_B = carry
+          step = token_step(mask_BT, max_new, n)
+          x_BTD = model.embed(token_B[:, None], step.positions_BT)
+          x_BTD, caches = run_blocks(graphdef, layers, x_BTD, step, caches, scan=scan)
+          new_B = sample(model.head(x_BTD)[:, 0], row_keys(key, rows_B, n), sampling)
+          new_B = jnp.where(done_B, token_B, new_B)  # a stopped row repeats its EOS
+          out_BN = lax.dynamic_update_slice_in_dim(out_BN, new_B[:, None], n, axis=1)
           if progress:
-            jax.debug.callback(_report, i + 1, max_new)
-          return i + 1, token_B, caches, out_BN, done_B | (token_B == eos)
+            jax.debug.callback(_report, n + 1, max_new)
+          return n + 1, new_B, caches, out_BN, done_B | is_eos(new_B, eos_ids)
 
-        i, _, _, out_BN, _ = lax.while_loop(cond, step, (1, first_B, caches, out_BN, done_B))
-        return out_BN, i
+        carry = (1, first_B, caches, out_BN, is_eos(first_B, eos_ids))
+        n, token_B, _, out_BN, _ = lax.while_loop(cond, body, carry)
+        # Rows that stopped early: the unwritten tail repeats their last token (an EOS).
+        written = jnp.arange(max_new)[None, :] < n
+        return jnp.where(written, out_BN, token_B[:, None]), n
 
-    token_sharding = rules.sharding((axes.BATCH, axes.SEQ), self.mesh, what="prompts")
+    token_sharding = rules.sharding((BATCH, SEQ), self.mesh, what="prompts")
     param_shardings = jax.tree.map(lambda a: a.sharding, self.params)
     prefill_jit = jax.jit(prefill, in_shardings=(param_shardings, token_sharding,
                                                  token_sharding, None))
-    decode_jit = jax.jit(decode)
-    return prefill_jit, decode_jit
+    return prefill_jit, jax.jit(decode)
 
   def generate(self, prompts: list[list[int]], *, max_new_tokens: int,
                sampling: Sampling = Sampling(), seed: int = 0,
@@ -192,8 +205,9 @@ class Generator:
     m = self.forward.config.model
     if T0 + max_new_tokens > m.max_seq_len:
       raise UserError(f"prompt length {T0} + max_new_tokens {max_new_tokens} exceeds "
-                      f"model.max_seq_len={m.max_seq_len} (the position table); shorten the "
-                      f"prompt or ask for fewer tokens")
+                      f"model.max_seq_len={m.max_seq_len}; shorten the prompts "
+                      f"(generate.prompt_len for seeded ones) or lower "
+                      f"generate.max_new_tokens")
     self.forward.rules.check((B, T0), (BATCH, SEQ), self.mesh.shape, what="prompts",
                              keys={BATCH: "number of prompts"})
     sharding = self.forward.rules.sharding((BATCH, SEQ), self.mesh, what="prompts")
@@ -206,9 +220,10 @@ class Generator:
       start = time.perf_counter()
       if signature not in self._compiled:
         if self.forward.schedule is not None:
-          prefill, decode = pipelined_generate.programs(self, B, T0, max_new_tokens, sampling)
+          prefill, decode = pipelined_generate.programs(self, B, T0, max_new_tokens, sampling,
+                                                        progress)
         else:
-          prefill, decode = self._fns(B, T0, max_new_tokens, sampling, progress)
+          prefill, decode = self._programs(B, T0, max_new_tokens, sampling, progress)
         prefill_c = prefill.lower(params, tokens, mask, key).compile()
         first, caches = jax.eval_shape(prefill, params, tokens, mask, key)
         self._compiled[signature] = (prefill_c,
@@ -220,8 +235,8 @@ class Generator:
       first.block_until_ready()
       prefill_s = time.perf_counter() - start
       if progress:
-        print(f"prefill: {B} prompts x {T0} tokens in {prefill_s:.3f} s; decoding "
-              f"{max_new_tokens} tokens...", flush=True)
+        print(f"prefill: {B} prompt{'s' if B != 1 else ''} x {T0} tokens in "
+              f"{prefill_s:.3f} s; decoding {max_new_tokens} tokens...", flush=True)
       start = time.perf_counter()
       out, steps = decode_c(params, caches, first, mask, key)
       out = np.asarray(jax.device_get(out))
@@ -236,11 +251,25 @@ def _report(done, total) -> None:
     print(f"  decoded {done}/{total} tokens", flush=True)
 
 
-def build(config: Config, mesh, *, eos_id: int | None = None) -> Generator:
+def _per_layer(fwd: inference.Forward) -> tuple[tuple, dict]:
+  """The stacked blocks as one parameter dict per layer, each sharded by the rules as the
+  stack is, minus its `layers` dim; and the other parameters."""
+  names = jax.tree.map(lambda n: Logical(n.names[1:]), fwd.names["blocks"], is_leaf=is_logical)
+  shardings = tree_shardings(names, fwd.rules, fwd.mesh)
+  blocks = fwd.params["blocks"]
+  with jax.set_mesh(fwd.mesh):
+    layers = tuple(jax.tree.map(lambda a, s: jax.device_put(a[l], s), blocks, shardings)
+                   for l in range(fwd.config.model.n_layers))
+  return layers, {k: v for k, v in fwd.params.items() if k != "blocks"}
+
+
+def build(config: Config, mesh, *, eos_id: int | None = None,
+          family: Family | None = None) -> Generator:
   """A Generator for `config` on `mesh` (parameters seeded, or from model.checkpoint).
 
   With mesh.stage > 1 decoding is pipelined (`pipelined_generate`): the prompts form one group
-  per stage, so run.batch (the number of prompts) must be a multiple of stage x data.
+  per stage, so the batch is padded to a multiple of stage x data. `eos_id` (default:
+  generate.eos_id, else the checkpoint's EOS ids; -1: none) stops a row.
   """
   stages = mesh.shape[axes.STAGE]
   if stages > 1:
@@ -249,22 +278,18 @@ def build(config: Config, mesh, *, eos_id: int | None = None) -> Generator:
                       f"contiguous stages; use --set pipeline.repeats=1 for generate")
     config = dataclasses.replace(config, pipeline=dataclasses.replace(
         config.pipeline, microbatches=stages))
-  fwd = inference.build(config, mesh)
-  platform = mesh.devices.flat[0].platform
+    data = math.prod(mesh.shape[a] for a in Rules(config.rules).mesh_axes(BATCH))
+    batch = -(-config.run.batch // (stages * data)) * stages * data
+    config = dataclasses.replace(config, run=dataclasses.replace(config.run, batch=batch))
+  fwd = inference.build(config, mesh, family=family)
   if eos_id is None:
     eos_id = config.generate.eos_id
-  if eos_id is None:
-    eos_id = getattr(config.model, "eos_token_id", -1)
-  scan = use_scan(config, platform) or stages > 1  # a stage scans its own layers
-  generator = Generator(fwd, scan, -1 if eos_id is None else eos_id)
+  eos_ids = config.model.eos_token_ids if eos_id is None else (
+      () if eos_id < 0 else (eos_id,))
+  scan = use_scan(config, mesh.devices.flat[0].platform) or stages > 1  # a stage scans
+  generator = Generator(fwd, scan, tuple(eos_ids))
   if not scan:
-    blocks = fwd.params["blocks"]
-    split = lambda a: jax.device_put(a, jax.sharding.NamedSharding(
-        mesh, jax.sharding.PartitionSpec(*a.sharding.spec[1:])))
-    with jax.set_mesh(mesh):
-      generator.layers = tuple(jax.tree.map(lambda a: split(a[l]), blocks)
-                               for l in range(config.model.n_layers))
-    generator.rest = {k: v for k, v in fwd.params.items() if k != "blocks"}
+    generator.layers, generator.rest = _per_layer(fwd)
     fwd.params = None  # the per-layer buffers replace the stack
   return generator
 
@@ -273,4 +298,3 @@ def seeded_prompts(config: Config) -> list[list[int]]:
   rng = np.random.default_rng(config.run.seed)
   shape = (config.run.batch, config.generate.prompt_len)
   return rng.integers(0, config.model.vocab_size, shape).tolist()
-

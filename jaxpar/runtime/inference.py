@@ -1,11 +1,13 @@
-"""The sharded forward pass of the GPT model: build, compile, run, verify.
+"""The sharded forward pass of any decoder family: build, compile, run, verify.
 
-`build` turns a `Config` and a mesh into a `Forward`: born-sharded parameters plus a jitted
-forward whose inputs, outputs and activations are all laid out by the one rule table.
+`build` turns a `Config` and a mesh into a `Forward`: born-sharded parameters (seeded, or read
+from a Hugging Face checkpoint) plus a jitted forward whose inputs, outputs and activations are
+all laid out by the one rule table. The model is asked for nothing but the interface of
+`jaxpar.models.base` (embed, blocks, head), so a family, or a user's own model, is a
+`Family` passed in (default: the one `model.family` names).
 """
 
 import dataclasses
-import functools
 import math
 import time
 
@@ -15,11 +17,11 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxpar import axes
+from jaxpar import axes, models
 from jaxpar.config import Config, MeshConfig
 from jaxpar.errors import UserError
 from jaxpar.mesh import single_device_mesh
-from jaxpar.models import gpt
+from jaxpar.models.base import Family, Layout, Step, run_blocks
 from jaxpar.parallel import pipeline
 from jaxpar.rules import Logical, Rules, check_tree, is_logical, tree_shardings, use_rules
 from jaxpar.runtime import state
@@ -27,12 +29,14 @@ from jaxpar.runtime import state
 
 @dataclasses.dataclass
 class Forward(state.ShardedModel):
-  """The GPT on a mesh: `fn(params, tokens) -> logits`.
+  """A decoder on a mesh: `fn(params, tokens) -> logits`.
 
   With a pipeline (`schedule` set), the blocks' parameters are held regrouped into stages,
   [S, R, Lc, ...] (see `jaxpar.parallel.pipeline.to_stages`), and the logits leave with their
   batch split over `stage` as well as `data`.
   """
+  family: Family | None = None
+  layout: Layout = Layout()
   schedule: pipeline.Schedule | None = None
 
   @property
@@ -52,14 +56,30 @@ class Forward(state.ShardedModel):
     return host
 
 
-def check_batch(config: Config, mesh: Mesh, rules: Rules) -> None:
-  """The sizes the rules split must divide: batch and sequence of the tokens, heads, MLP
-  width (UserErrors naming run.batch, model.n_heads, ...), before any tensor is traced."""
-  m = config.model
+def layout_for(config: Config, mesh: Mesh, rules: Rules, family: Family) -> Layout:
+  """The vocabulary padding and key/value head copies this mesh needs; one-line errors when
+  the heads do not divide the axes the rules split them over."""
+  m, shape = config.model, mesh.shape
+  ways = lambda name: math.prod(shape[a] for a in rules.mesh_axes(name) if a in shape)
+  keys = family.config_keys
+  rules.check((m.n_heads,), (axes.HEADS,), shape, what="the model", keys=keys)
+  kv_ways, K = ways(axes.KV_HEADS), m.kv_heads
+  if kv_ways > K and kv_ways % K:
+    raise UserError(f"{keys.get(axes.KV_HEADS, 'model.n_kv_heads')}={K} neither divides nor is "
+                    f"divided by the {kv_ways} ways rules.kv_heads splits it over; choose "
+                    f"mesh.model to be a divisor or a multiple of it")
+  layout = Layout(vocab_multiple=ways(axes.VOCAB), kv_repeat=max(1, kv_ways // K))
+  rules.check((K * layout.kv_repeat,), (axes.KV_HEADS,), shape, what="the model", keys=keys)
+  return layout
+
+
+def check_batch(config: Config, mesh: Mesh, rules: Rules, family: Family) -> None:
+  """The sizes the rules split must divide: batch and sequence of the tokens, MLP width
+  (UserErrors naming run.batch, model.d_ff, ...), before any tensor is traced."""
+  keys = family.config_keys
   rules.check((config.run.batch, config.run.seq_len), (axes.BATCH, axes.SEQ), mesh.shape,
-              what="tokens", keys=gpt.CONFIG_KEYS)
-  for size, name in ((m.n_heads, axes.HEADS), (m.d_ff, axes.MLP)):
-    rules.check((size,), (name,), mesh.shape, what="the model", keys=gpt.CONFIG_KEYS)
+              what="tokens", keys=keys)
+  rules.check((config.model.d_ff,), (axes.MLP,), mesh.shape, what="the model", keys=keys)
 
 
 def make_schedule(config: Config, mesh: Mesh, rules: Rules,
@@ -85,29 +105,39 @@ def _staged_names(names: dict) -> dict:
   return {**names, "blocks": staged}
 
 
+def causal_step(batch: int, length: int) -> Step:
+  """Positions 0..T-1 in every row and a causal mask: a batch of equal-length sequences."""
+  positions_BT = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+  return Step(positions_BT, jnp.tril(jnp.ones((1, length, length), bool)))
+
+
 def build(config: Config, mesh: Mesh, *, params: dict | None = None,
-          vocab_multiple: int | None = None, pipelined: bool | None = None) -> Forward:
+          layout: Layout | None = None, pipelined: bool | None = None,
+          family: Family | None = None) -> Forward:
   """Checks the layout, creates (or places) the parameters and jits the forward pass.
 
   `params` (a dict in the model's own layout, e.g. gathered from another mesh) replaces the
-  seeded initialisation; it is placed on this mesh's shardings. `vocab_multiple` overrides the
-  vocabulary padding (default: the number of ways the rules split `vocab` on this mesh).
-  `pipelined` forces the pipeline on or off (default: on when mesh.stage > 1).
+  seeded initialisation; it is placed on this mesh's shardings. `layout` overrides the
+  vocabulary padding and key/value copies (default: what the rules need on this mesh; pass the
+  sharded model's to reuse its parameters on one device). `pipelined` forces the pipeline on or
+  off (default: on when mesh.stage > 1). `family` defaults to the one `model.family` names.
   """
+  family = family or models.family(config.model.family)
   rules = Rules(config.rules)
-  check_batch(config, mesh, rules)
+  keys = family.config_keys
+  layout = layout or layout_for(config, mesh, rules, family)
+  check_batch(config, mesh, rules, family)
   schedule = make_schedule(config, mesh, rules, pipelined)
   out_rules = rules
   if schedule is not None:  # after the pipeline the batch is spread over the stages too
     out_rules = rules.replace(axes.BATCH, (*rules.mesh_axes(axes.BATCH), axes.STAGE))
   token_sharding = rules.sharding((axes.BATCH, axes.SEQ), mesh, what="tokens")
   logits_sharding = out_rules.sharding((axes.BATCH, axes.SEQ, axes.VOCAB), mesh, what="logits")
-  multiple = vocab_multiple or gpt.vocab_multiple(rules, mesh.shape)
-  make = lambda rngs: gpt.GPT(config.model, vocab_multiple=multiple, rngs=rngs)
+  make = lambda rngs: family.make(config.model, layout, rngs)
   graphdef, shapes, names = state.abstract(make)
-  check_tree(shapes, names, rules, mesh, keys=gpt.CONFIG_KEYS)
+  check_tree(shapes, names, rules, mesh, keys=keys)
 
-  def layout(p: dict) -> dict:
+  def to_layout(p: dict) -> dict:
     if schedule is None:
       return p
     blocks = pipeline.to_stages(p["blocks"], stages=schedule.stages, repeats=schedule.repeats)
@@ -115,21 +145,31 @@ def build(config: Config, mesh: Mesh, *, params: dict | None = None,
 
   if schedule is not None:
     names = _staged_names(names)
-    shapes = jax.eval_shape(layout, shapes)
+    shapes = jax.eval_shape(to_layout, shapes)
   param_shardings = tree_shardings(names, rules, mesh)
+  scan = config.model.scan_layers is not False
 
   def forward(params: dict, tokens_BT: jax.Array) -> jax.Array:
-    with use_rules(rules, keys=gpt.CONFIG_KEYS):
+    with use_rules(rules, keys=keys):
       model = nnx.merge(graphdef, params)
-      x_BTD = model.embed(tokens_BT)
+      block_graphdef = nnx.graphdef(model.blocks)
+      B, T = tokens_BT.shape
+      step = causal_step(B, T)
+      x_BTD = model.embed(tokens_BT, step.positions_BT)
       if schedule is None:
-        x_BTD = model.run_blocks(x_BTD)
+        blocks = params["blocks"]
+        layers = blocks if scan else [jax.tree.map(lambda a: a[l], blocks)
+                                      for l in range(config.model.n_layers)]
+        x_BTD, _ = run_blocks(block_graphdef, layers, x_BTD, step, scan=scan)
       else:
-        stage_fn = functools.partial(gpt.scan_layers, nnx.graphdef(model.blocks))
+        def stage_fn(chunk, x_BTD):  # positions are 0..T-1 on every stage
+          rows = x_BTD.shape[0]
+          y_BTD, _ = run_blocks(block_graphdef, chunk, x_BTD, causal_step(rows, T), scan=True)
+          return y_BTD
         x_BTD = pipeline.run(stage_fn, params["blocks"], x_BTD, mesh=mesh, schedule=schedule,
                              batch_axes=rules.mesh_axes(axes.BATCH))
-    with use_rules(out_rules, keys=gpt.CONFIG_KEYS):
-      return model.logits(x_BTD)
+    with use_rules(out_rules, keys=keys):
+      return model.head(x_BTD)
 
   # Trace once abstractly: every activation's layout is checked before anything compiles.
   tokens_shape = jax.ShapeDtypeStruct((config.run.batch, config.run.seq_len), jnp.int32)
@@ -138,18 +178,18 @@ def build(config: Config, mesh: Mesh, *, params: dict | None = None,
 
   if params is None and config.model.checkpoint:
     from jaxpar.runtime import hf  # Hugging Face weights, each device reading its own slice
-    params = hf.load_params(config.model.checkpoint, shapes=shapes, shardings=param_shardings,
-                            vocab_size=config.model.vocab_size,
-                            stages_layout=None if schedule is None else
-                            (schedule.stages, schedule.repeats))
+    params = hf.load_params(config.model.checkpoint, family.weights(config.model, layout),
+                            shapes=shapes, shardings=param_shardings,
+                            stages=None if schedule is None else schedule.stages)
   elif params is None:
     params = state.create(make, seed=config.run.seed, mesh=mesh, shardings=param_shardings,
-                          layout=layout)
+                          layout=to_layout)
   else:
-    params = jax.device_put(layout(params), param_shardings)
+    params = jax.device_put(to_layout(params), param_shardings)
   fn = jax.jit(forward, in_shardings=(param_shardings, token_sharding),
                out_shardings=logits_sharding)
-  return Forward(config, mesh, rules, graphdef, params, names, fn, schedule=schedule)
+  return Forward(config, mesh, rules, graphdef, params, names, fn, family=family,
+                 layout=layout, schedule=schedule)
 
 
 def seeded_tokens(config: Config) -> np.ndarray:
@@ -169,7 +209,7 @@ def reference_logits(forward: Forward, tokens_BT: np.ndarray) -> np.ndarray:
   one = single_device_mesh(forward.mesh.devices.flat[0])
   host = forward.natural_params()
   single = build(dataclasses.replace(forward.config, mesh=MeshConfig(1, 1, 1)), one,
-                 params=host, vocab_multiple=host["wte"].shape[0])
+                 params=host, layout=forward.layout, family=forward.family)
   return unpad(single(single.tokens(tokens_BT)), forward.vocab_size)
 
 

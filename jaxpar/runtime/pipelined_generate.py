@@ -2,15 +2,17 @@
 
 With S stages the B prompts form G = S groups (strided, so each group keeps the `data`
 split). Every stage keeps the KV cache of its own layers for all groups,
-[Lc, G, B/G, T, N, H], on its own devices. Two programs, each one `lax.scan` of ticks inside
-`jax.shard_map` over `stage` (`data` and `model` stay automatic):
+[Lc, G, B/G, T, K, H], on its own devices. Two programs, each one `lax.scan` of ticks inside
+`jax.shard_map` over `stage` (`data` and `model` stay automatic). Every stage runs its layers
+through `run_blocks`, the same way as the unpipelined path, and computes the positions of
+group g's tokens itself from the prompt lengths (rotary positions are needed in every block):
 
     # prefill: GPipe over the groups, G + S - 1 ticks
     for t in range(G + S - 1):
       g = t - s                                  # idle unless 0 <= g < G
       x = embed(prompt[g]) if s == 0 else msg
       y = layers(x, cache[:, g], slots 0..T0-1)  # writes group g's cache slice only
-      if s == S-1: first[g] = sample(logits(y[:, -1]))
+      if s == S-1: first[g] = sample(head(y[:, -1]))
       msg = ppermute(y, s -> s+1)
     first += ppermute(first, S-1 -> 0)           # stage 0 starts decoding with these
 
@@ -20,7 +22,7 @@ split). Every stage keeps the KV cache of its own layers for all groups,
       token = (first[g] if n == 0 else ring_token) if s == 0 else -
       x = embed(token, position=len[g] + n) if s == 0 else msg
       y = layers(x, cache[:, g], slot T0 + n)
-      if s == S-1: out[g, n+1] = sample(logits(y))  # EOS-stopped rows repeat EOS
+      if s == S-1: out[g, n+1] = sample(head(y))  # a row that stopped repeats its EOS
       msg, ring_token = ppermute((y, out[g, n+1]), s -> (s+1) % S)
 
 The last stage finishes group g's step n at tick n*G + g + S - 1 and its token reaches
@@ -33,14 +35,14 @@ import math
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from jaxpar.axes import BATCH, HEAD_DIM, HEADS, SEQ, STAGE
-from jaxpar.models import gpt
+from jaxpar.axes import BATCH, STAGE
+from jaxpar.models.base import Step, run_blocks
 from jaxpar.rules import constrain, use_rules
-from jaxpar.runtime.sampling import sample
+from jaxpar.runtime.decoding import is_eos, prompt_step, token_step
+from jaxpar.runtime.sampling import row_keys, sample
 
 
 def _varying_axes(a) -> frozenset:
@@ -69,154 +71,164 @@ def _ungroup(x, ways: int):
   return jnp.swapaxes(x.reshape(G, ways, rows, *rest), 0, 1).reshape(G * Bg, *rest)
 
 
-def programs(gen, batch: int, prompt_len: int, max_new: int, sampling):
-  """(prefill, decode) jitted for this shape; see the module docstring."""
-  fwd = gen.forward
-  mesh, rules, graphdef, m = fwd.mesh, fwd.rules, fwd.graphdef, fwd.config.model
-  S = mesh.shape[STAGE]
-  G = S
-  ways = math.prod(mesh.shape[a] for a in rules.mesh_axes(BATCH))
-  Bg = batch // G
-  T = prompt_len + max_new
-  Lc = m.n_layers // S
-  dtype = jnp.dtype(m.dtype)
-  eos = gen.eos_id
-  fill = eos if eos >= 0 else 0
-  ring = [(k, (k + 1) % S) for k in range(S)]
-  cache_names = (None, None, BATCH, SEQ, HEADS, HEAD_DIM)
+def _pick(x, g):
+  return lax.dynamic_index_in_dim(x, g, keepdims=False)
 
-  def model_and_blocks(rest, blocks_local):
+
+def _put(x, g, value, keep):
+  """x[g] = value where `keep` (only slot g is touched)."""
+  return lax.dynamic_update_index_in_dim(x, jnp.where(keep, value, _pick(x, g)), g, 0)
+
+
+class _Stage:
+  """What one stage runs inside the shard_map, for a batch of G groups of Bg rows."""
+
+  def __init__(self, gen, G: int, Bg: int, prompt_len: int, max_new: int, sampling):
+    self.gen, self.G, self.Bg = gen, G, Bg
+    self.prompt_len, self.max_new, self.sampling = prompt_len, max_new, sampling
+    self.S = gen.mesh.shape[STAGE]
+    m = gen.forward.config.model
+    self.width, self.dtype = m.d_model, jnp.dtype(m.dtype)  # the activations between stages
+
+  def model(self, rest, blocks_local):
     blocks = jax.tree.map(lambda a: a[0, 0], blocks_local)  # [Lc, ...]: this stage's layers
-    return nnx.merge(graphdef, {**rest, "blocks": blocks}), blocks
+    model, graphdef, _ = self.gen._model(({**rest, "blocks": blocks}, None))
+    return model, graphdef, blocks
 
-  def layers(model, blocks, x_BTD, caches, g, index, mask_BTS, valid):
-    """This stage's Lc layers on group g; writes back only group g's cache slice."""
-    block_graphdef = nnx.graphdef(model.blocks)
+  def empty_caches(self):
+    m = self.gen.forward.config.model
+    Lc = m.n_layers // self.S
+    spec = self.gen.family.kv_cache(m, self.gen.forward.layout, self.Bg,
+                                    self.prompt_len + self.max_new)
+    return {k: _varying(constrain(jnp.zeros((Lc, self.G, *shape), jnp.dtype(m.dtype)),
+                                  (None, None, *names)))
+            for k, (shape, names) in spec.items()}
 
-    def layer(x_BTD, inputs):
-      params, k_GBSNH, v_GBSNH = inputs
-      old = {"k": lax.dynamic_index_in_dim(k_GBSNH, g, keepdims=False),
-             "v": lax.dynamic_index_in_dim(v_GBSNH, g, keepdims=False)}
-      y_BTD, new = nnx.merge(block_graphdef, params).cached(x_BTD, old, index, mask_BTS)
-      new = jax.tree.map(lambda a, b: jnp.where(valid, a, b), new, old)
-      k_GBSNH = lax.dynamic_update_index_in_dim(k_GBSNH, new["k"], g, 0)
-      v_GBSNH = lax.dynamic_update_index_in_dim(v_GBSNH, new["v"], g, 0)
-      return y_BTD, (k_GBSNH, v_GBSNH)
+  def layers(self, graphdef, blocks, x_BTD, step: Step, caches, g, valid):
+    """This stage's layers on group g; writes back only group g's cache slice."""
+    old = {k: lax.dynamic_index_in_dim(c, g, axis=1, keepdims=False) for k, c in caches.items()}
+    y_BTD, new = run_blocks(graphdef, blocks, x_BTD, step, old, scan=True)
+    caches = {k: lax.dynamic_update_index_in_dim(caches[k], jnp.where(valid, new[k], old[k]),
+                                                 g, 1) for k in caches}
+    return y_BTD, caches
 
-    x_BTD, (k, v) = lax.scan(layer, x_BTD, (blocks, caches["k"], caches["v"]))
-    return x_BTD, {"k": k, "v": v}
-
-  def last_stage_token(model, s, y_BD, key):
+  def token(self, model, s, y_BD, keys_B):
+    """The next tokens [Bg] on the last stage (zeros elsewhere: the head runs only there)."""
     def compute():
-      return _varying(sample(model.logits(y_BD[:, None])[:, 0], key, sampling))
-    return lax.cond(s == S - 1, compute, lambda: _varying(jnp.zeros((Bg,), jnp.int32)))
+      return _varying(sample(model.head(y_BD[:, None])[:, 0], keys_B, self.sampling))
+    return lax.cond(s == self.S - 1, compute,
+                    lambda: _varying(jnp.zeros((self.Bg,), jnp.int32)))
 
-  def prefill_stage(rest, blocks_local, tokens_GBT, mask_GBT, key):
-    s = lax.axis_index(STAGE)
-    with use_rules(rules, keys=gpt.CONFIG_KEYS):
-      model, blocks = model_and_blocks(rest, blocks_local)
-      zeros = lambda: _varying(constrain(jnp.zeros((Lc, G, Bg, T, m.n_heads, m.head_dim),
-                                                   dtype), cache_names))
-      caches = {"k": zeros(), "v": zeros()}
-      msg = _varying(jnp.zeros((Bg, prompt_len, m.d_model), dtype))
-      first = _varying(jnp.zeros((G, Bg), jnp.int32))
-      causal_TS = jnp.arange(T)[None, :] <= jnp.arange(prompt_len)[:, None]
 
-      def tick(carry, t):
-        msg, caches, first = carry
-        i = t - s
-        valid = (i >= 0) & (i < G)
-        g = jnp.clip(i, 0, G - 1)
-        mask_BT = lax.dynamic_index_in_dim(mask_GBT, g, keepdims=False)
-        positions_BT = jnp.maximum(jnp.cumsum(mask_BT, axis=1) - 1, 0)
-        x_BTD = model.embed(lax.dynamic_index_in_dim(tokens_GBT, g, keepdims=False),
-                            positions_BT)
-        x_BTD = jnp.where(valid, jnp.where(s == 0, x_BTD, msg), 0.0)
-        valid_BS = jnp.concatenate([mask_BT, jnp.ones((Bg, max_new), bool)], axis=1)
-        mask_BTS = causal_TS[None] & valid_BS[:, None, :]
-        y_BTD, caches = layers(model, blocks, x_BTD, caches, g, 0, mask_BTS, valid)
-        token_B = last_stage_token(model, s, y_BTD[:, -1], jax.random.fold_in(key, g))
-        old = lax.dynamic_index_in_dim(first, g, keepdims=False)
-        first = lax.dynamic_update_index_in_dim(first, jnp.where(valid, token_B, old), g, 0)
-        return (lax.ppermute(y_BTD, STAGE, ring), caches, first), None
+def _prefill_stage(st: _Stage, rest, blocks_local, tokens_GBT, mask_GBT, rows_GB, key):
+  s, G, S = lax.axis_index(STAGE), st.G, st.S
+  model, graphdef, blocks = st.model(rest, blocks_local)
+  caches = st.empty_caches()
+  msg = _varying(jnp.zeros((st.Bg, st.prompt_len, st.width), st.dtype))
+  first = _varying(jnp.zeros((G, st.Bg), jnp.int32))
 
-      (_, caches, first), _ = lax.scan(tick, (msg, caches, first), jnp.arange(G + S - 1))
-      # Stage 0 starts the decode with the first tokens; the last stage keeps them too.
-      first = first + lax.ppermute(first, STAGE, [(S - 1, 0)])
-      return caches, first[None]
+  def tick(carry, t):
+    msg, caches, first = carry
+    i = t - s
+    valid = (i >= 0) & (i < G)
+    g = jnp.clip(i, 0, G - 1)
+    step = prompt_step(_pick(mask_GBT, g), st.max_new)
+    x_BTD = model.embed(_pick(tokens_GBT, g), step.positions_BT)
+    x_BTD = jnp.where(valid, jnp.where(s == 0, x_BTD, msg), 0.0)
+    y_BTD, caches = st.layers(graphdef, blocks, x_BTD, step, caches, g, valid)
+    token_B = st.token(model, s, y_BTD[:, -1], row_keys(key, _pick(rows_GB, g), 0))
+    first = _put(first, g, token_B, valid)
+    return (lax.ppermute(y_BTD, STAGE, [(k, (k + 1) % S) for k in range(S)]), caches,
+            first), None
 
-  def decode_stage(rest, blocks_local, caches, first_GB, mask_GBT, key):
-    s = lax.axis_index(STAGE)
-    first_GB = first_GB[0]
-    with use_rules(rules, keys=gpt.CONFIG_KEYS):
-      model, blocks = model_and_blocks(rest, blocks_local)
-      lengths_GB = mask_GBT.sum(axis=2).astype(jnp.int32)
-      out = _varying(jnp.full((G, Bg, max_new), fill, jnp.int32))
-      done = _varying(jnp.zeros((G, Bg), bool))
-      msg = _varying(jnp.zeros((Bg, 1, m.d_model), dtype))
-      ring_token = _varying(jnp.zeros((Bg,), jnp.int32))
-      ticks = (max_new - 1) * G + S - 1
+  (_, caches, first), _ = lax.scan(tick, (msg, caches, first), jnp.arange(G + S - 1))
+  # Stage 0 starts the decode with the first tokens; the last stage keeps them too.
+  first = first + lax.ppermute(first, STAGE, [(S - 1, 0)])
+  return caches, first[None]
 
-      def tick(carry, t):
-        msg, ring_token, caches, out, done = carry
-        i = t - s
-        valid = (i >= 0) & (i < (max_new - 1) * G)
-        i = jnp.clip(i, 0, max(max_new - 1, 1) * G - 1)
-        g, n = i % G, i // G
-        mask_BT = lax.dynamic_index_in_dim(mask_GBT, g, keepdims=False)
-        token_B = jnp.where(n == 0, lax.dynamic_index_in_dim(first_GB, g, keepdims=False),
-                            ring_token)
-        position_B = lax.dynamic_index_in_dim(lengths_GB, g, keepdims=False) + n
-        x_BTD = model.embed(token_B[:, None], position_B[:, None])
-        x_BTD = jnp.where(valid, jnp.where(s == 0, x_BTD, msg), 0.0)
-        slot = prompt_len + n
-        valid_BS = jnp.concatenate([mask_BT, jnp.ones((Bg, max_new), bool)], axis=1)
-        mask_B1S = ((jnp.arange(T) <= slot)[None, :] & valid_BS)[:, None, :]
-        y_BTD, caches = layers(model, blocks, x_BTD, caches, g, slot, mask_B1S, valid)
-        new_B = last_stage_token(model, s, y_BTD[:, 0],
-                                 jax.random.fold_in(jax.random.fold_in(key, g), n + 1))
-        # Rows that produced EOS (the prefill's first token included) keep producing EOS.
-        was_done_B = lax.dynamic_index_in_dim(done, g, keepdims=False)
-        stopped_B = was_done_B | (lax.dynamic_index_in_dim(first_GB, g, keepdims=False) == eos)
-        new_B = jnp.where(stopped_B, fill, new_B)
-        keep = valid & (s == S - 1)
-        row_BN = lax.dynamic_index_in_dim(out, g, keepdims=False)
-        old_B = lax.dynamic_index_in_dim(row_BN, n + 1, axis=1, keepdims=False)
-        row_BN = lax.dynamic_update_index_in_dim(row_BN, jnp.where(keep, new_B, old_B), n + 1,
-                                                 axis=1)
-        out = lax.dynamic_update_index_in_dim(out, row_BN, g, 0)
-        done_B = jnp.where(keep, stopped_B | (new_B == eos), was_done_B)
-        done = lax.dynamic_update_index_in_dim(done, done_B, g, 0)
-        msg, ring_token = lax.ppermute((y_BTD, new_B), STAGE, ring)
-        return (msg, ring_token, caches, out, done), None
 
-      carry = (msg, ring_token, caches, out, done)
-      if max_new > 1:
-        carry, _ = lax.scan(tick, carry, jnp.arange(ticks))
-      return carry[3][None]
+def _decode_stage(st: _Stage, rest, blocks_local, caches, first_GB, mask_GBT, rows_GB, key):
+  s, G, S, Bg, N = lax.axis_index(STAGE), st.G, st.S, st.Bg, st.max_new
+  eos_ids = st.gen.eos_ids
+  first_GB = first_GB[0]
+  model, graphdef, blocks = st.model(rest, blocks_local)
+  out = _varying(jnp.zeros((G, Bg, N), jnp.int32))
+  done = _varying(jnp.zeros((G, Bg), bool))
+  msg = _varying(jnp.zeros((Bg, 1, st.width), st.dtype))
+  ring_token = _varying(jnp.zeros((Bg,), jnp.int32))
 
-  blocks_spec = P(STAGE)
+  def tick(carry, t):
+    msg, ring_token, caches, out, done = carry
+    i = t - s
+    valid = (i >= 0) & (i < (N - 1) * G)
+    i = jnp.clip(i, 0, max(N - 1, 1) * G - 1)
+    g, n = i % G, i // G  # group g makes its new token n + 1
+    first_B = _pick(first_GB, g)
+    token_B = jnp.where(n == 0, first_B, ring_token)
+    step = token_step(_pick(mask_GBT, g), N, n + 1)
+    x_BTD = model.embed(token_B[:, None], step.positions_BT)
+    x_BTD = jnp.where(valid, jnp.where(s == 0, x_BTD, msg), 0.0)
+    y_BTD, caches = st.layers(graphdef, blocks, x_BTD, step, caches, g, valid)
+    new_B = st.token(model, s, y_BTD[:, 0], row_keys(key, _pick(rows_GB, g), n + 1))
+    # Rows that produced EOS (the prefill's first token included) repeat it.
+    stopped_B = _pick(done, g) | is_eos(first_B, eos_ids)
+    previous_B = jnp.where(n == 0, first_B, _pick(_pick(out, g).T, n))
+    new_B = jnp.where(stopped_B, previous_B, new_B)
+    keep = valid & (s == S - 1)
+    row_NB = _put(_pick(out, g).T, n + 1, new_B, keep)
+    out = lax.dynamic_update_index_in_dim(out, row_NB.T, g, 0)
+    done = _put(done, g, stopped_B | is_eos(new_B, eos_ids), keep)
+    msg, ring_token = lax.ppermute((y_BTD, new_B), STAGE, [(k, (k + 1) % S) for k in range(S)])
+    return (msg, ring_token, caches, out, done), None
+
+  carry = (msg, ring_token, caches, out, done)
+  if N > 1:
+    carry, _ = lax.scan(tick, carry, jnp.arange((N - 1) * G + S - 1))
+  return carry[3][None]
+
+
+def programs(gen, batch: int, prompt_len: int, max_new: int, sampling, progress: bool):
+  """(prefill, decode) jitted for this shape; see the module docstring. (No progress lines
+  from inside the ticks: `generate` prints one after the prefill.)"""
+  del progress
+  fwd = gen.forward
+  mesh, rules = fwd.mesh, fwd.rules
+  S = G = mesh.shape[STAGE]
+  ways = math.prod(mesh.shape[a] for a in rules.mesh_axes(BATCH))
+  st = _Stage(gen, G, batch // G, prompt_len, max_new, sampling)
+  keys = gen.family.config_keys
+  cache_specs = {k: P(STAGE) for k in gen.family.kv_cache(fwd.config.model, fwd.layout, 1, 1)}
+
+  def in_rules(fn):
+    def wrapped(*args):
+      with use_rules(rules, keys=keys):
+        return fn(st, *args)
+    return wrapped
+
   prefill_map = jax.shard_map(
-      prefill_stage, mesh=mesh, in_specs=(P(), blocks_spec, P(), P(), P()),
-      out_specs=({"k": P(STAGE), "v": P(STAGE)}, P(STAGE)), axis_names={STAGE})
+      in_rules(_prefill_stage), mesh=mesh, in_specs=(P(), P(STAGE), P(), P(), P(), P()),
+      out_specs=(cache_specs, P(STAGE)), axis_names={STAGE})
   decode_map = jax.shard_map(
-      decode_stage, mesh=mesh,
-      in_specs=(P(), blocks_spec, {"k": P(STAGE), "v": P(STAGE)}, P(STAGE), P(), P()),
+      in_rules(_decode_stage), mesh=mesh,
+      in_specs=(P(), P(STAGE), cache_specs, P(STAGE), P(), P(), P()),
       out_specs=P(STAGE), axis_names={STAGE})
+  rows_GB = _groups(jnp.arange(batch), G, ways)
+
+  def split(params):
+    params, _ = params  # (parameters, None): the Generator's calling convention
+    return {k: v for k, v in params.items() if k != "blocks"}, params["blocks"]
 
   def prefill(params, tokens_BT, mask_BT, key):
-    params, _ = params  # (parameters, None): the Generator's calling convention
-    rest = {k: v for k, v in params.items() if k != "blocks"}
-    caches, first = prefill_map(rest, params["blocks"], _groups(tokens_BT, G, ways),
-                                _groups(mask_BT, G, ways), key)
+    rest, blocks = split(params)
+    caches, first = prefill_map(rest, blocks, _groups(tokens_BT, G, ways),
+                                _groups(mask_BT, G, ways), rows_GB, key)
     return first, caches
 
   def decode(params, caches, first, mask_BT, key):
-    params, _ = params
-    rest = {k: v for k, v in params.items() if k != "blocks"}
-    out = decode_map(rest, params["blocks"], caches, first, _groups(mask_BT, G, ways), key)
-    out_GBN = out.reshape(S, G, Bg, max_new)[S - 1]
-    first_GB = first.reshape(S, G, Bg)[S - 1]
+    rest, blocks = split(params)
+    out = decode_map(rest, blocks, caches, first, _groups(mask_BT, G, ways), rows_GB, key)
+    out_GBN = out.reshape(S, G, batch // G, max_new)[S - 1]
+    first_GB = first.reshape(S, G, batch // G)[S - 1]
     out_GBN = out_GBN.at[:, :, 0].set(first_GB)
     return _ungroup(out_GBN, ways), max_new  # every step runs (no early stop across stages)
 

@@ -1,4 +1,8 @@
-"""Choosing the next token from logits: greedy, temperature, top-k, top-p."""
+"""Choosing the next token from logits: greedy, temperature, top-k, top-p.
+
+Random draws are keyed by (seed, prompt row, step) only, never by device or pipeline group,
+so the same seed gives the same tokens on every mesh.
+"""
 
 import dataclasses
 
@@ -14,8 +18,14 @@ class Sampling:
   top_p: float = 1.0
 
 
-def sample(logits_BV: jax.Array, key: jax.Array, s: Sampling) -> jax.Array:
-  """Next tokens [B] from float32 logits (padding columns already at the float minimum)."""
+def row_keys(key: jax.Array, rows_B: jax.Array, step) -> jax.Array:
+  """One key per row [B] for decode step `step`: fold_in(fold_in(key, row), step)."""
+  return jax.vmap(lambda r: jax.random.fold_in(jax.random.fold_in(key, r), step))(rows_B)
+
+
+def sample(logits_BV: jax.Array, keys_B: jax.Array, s: Sampling) -> jax.Array:
+  """Next tokens [B] from float32 logits (padding columns already at the float minimum), row
+  b drawn with key `keys_B[b]`."""
   if s.temperature == 0:
     return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
   logits_BV = logits_BV / s.temperature
@@ -25,9 +35,10 @@ def sample(logits_BV: jax.Array, key: jax.Array, s: Sampling) -> jax.Array:
     logits_BV = jnp.where(logits_BV < kth_B1, low, logits_BV)
   if s.top_p < 1:
     sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
-    cum_BV = jnp.cumsum(jax.nn.softmax(sorted_BV, axis=-1), axis=-1)
+    probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
     # Keep the smallest prefix whose mass reaches top_p (always at least the top token).
-    keep_BV = (cum_BV - jax.nn.softmax(sorted_BV, axis=-1)) < s.top_p
+    keep_BV = (jnp.cumsum(probs_BV, axis=-1) - probs_BV) < s.top_p
     cutoff_B1 = jnp.min(jnp.where(keep_BV, sorted_BV, jnp.inf), axis=-1, keepdims=True)
     logits_BV = jnp.where(logits_BV < cutoff_B1, low, logits_BV)
-  return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
+  draw = lambda key, logits_V: jax.random.categorical(key, logits_V)
+  return jax.vmap(draw)(keys_B, logits_BV).astype(jnp.int32)

@@ -1,0 +1,276 @@
+"""What the runtime may ask of a decoder-only model: the one interface every family implements,
+and the pieces the families share (norms, rotary positions, grouped-query attention).
+
+A family is a `Family`: a dataclass of functions and names, nothing else. Its `make` builds an
+NNX module (a `Decoder`) with
+
+    embed(tokens_BT, positions_BT) -> x_BTD     int32 [B, T] ids and positions -> [B, T, D]
+    blocks                                       the blocks, stacked on a leading `layers` dim
+    head(x_BTD) -> logits_BTV                    final norm and logits, float32 [B, T, V_padded];
+                                                 padding columns hold the float32 minimum
+
+and every block (one element of `blocks`) is called one way, by the scan, by the unrolled
+path and by the pipeline alike (`run_blocks`):
+
+    block(x_BTD, step, cache) -> (x_BTD, cache)
+
+`step` is a `Step`: each query token's position [B, T] (rotary or learned positions), the
+mask [B, T, S] of key slots each query may see (causality and padding; a block adds its own
+sliding window), and `index`, the cache slot of the first query token. `cache` is None (the
+keys are the T tokens themselves, S = T) or this layer's KV cache, a dict of arrays whose
+shapes and logical names `Family.kv_cache` gives; the block writes its T new entries at
+`index` and attends over all S slots.
+
+Shape letters: B batch, T query tokens, S key slots, D width, N query heads, K key/value
+heads, G = N/K queries per key/value head, H head width, F MLP width, V vocabulary, L layers.
+"""
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax import lax
+
+from jaxpar.axes import BATCH, EMBED, HEAD_DIM, KV_HEADS, LAYERS, SEQ
+from jaxpar.config import ModelConfig
+from jaxpar.rules import constrain
+
+
+class Step(NamedTuple):
+  """Where the tokens of one call sit: positions [B, T], visible slots [B, T, S], the cache
+  slot of the first token (0 without a cache)."""
+  positions_BT: jax.Array
+  mask_BTS: jax.Array
+  index: Any = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """How a mesh changes a model's shapes: the vocabulary padded to `vocab_multiple` rows, and
+  every key/value head stored `kv_repeat` times when the `model` axis is wider than the
+  key/value heads (each device then holds the head its query heads use, Megatron-style)."""
+  vocab_multiple: int = 1
+  kv_repeat: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class HFTensor:
+  """Where one parameter comes from in a Hugging Face checkpoint: tensor `name` (`{l}` for the
+  layer) of `shape` (what config.json implies), stored [in, out] when `transpose` (GPT-2's
+  Conv1D). `rows` maps the parameter's first-dim indices to the tensor's (after the
+  transpose); rows past the tensor's end are 0 (the padded vocabulary)."""
+  name: str
+  shape: tuple
+  transpose: bool = False
+  rows: Callable[[np.ndarray], np.ndarray] | None = None
+
+
+class Decoder(Protocol):
+  blocks: nnx.Module
+
+  def embed(self, tokens_BT: jax.Array, positions_BT: jax.Array) -> jax.Array: ...
+
+  def head(self, x_BTD: jax.Array) -> jax.Array: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """A model family: everything the runtime, the pipeline and the loaders may ask of it.
+
+  - `make(config, layout, rngs)`: the model (a `Decoder`), parameters named by logical axes.
+  - `check(config)`: one-line UserErrors for options this family does not have (no JAX).
+  - `from_hf(raw, checkpoint)`: config.json (a dict) -> ModelConfig fields, by an allow-list.
+  - `weights(config, layout)`: {parameter path: HFTensor}, the structure of the parameters
+    with block leaves given per layer.
+  - `kv_cache(config, layout, batch, length)`: one layer's cache {name: (shape, names)}.
+  - `config_keys`: logical name -> the config key behind its size, for errors.
+  """
+  name: str
+  model_types: tuple[str, ...]
+  make: Callable[[ModelConfig, Layout, nnx.Rngs], Decoder]
+  check: Callable[[ModelConfig], None]
+  from_hf: Callable[[dict, str], dict]
+  weights: Callable[[ModelConfig, Layout], dict]
+  kv_cache: Callable[[ModelConfig, Layout, int, int], dict]
+  config_keys: Mapping[str, str]
+
+
+def run_blocks(graphdef: nnx.GraphDef, layers: Any, x_BTD: jax.Array, step: Step,
+               caches: Any = None, *, scan: bool) -> tuple[jax.Array, Any]:
+  """Runs every block in order: the one way through a stack.
+
+  `scan`: `layers` are the stacked parameters [L, ...] and `caches` (if any) stacked
+  [L, ...] too, run by a `lax.scan` (compile time independent of depth). Otherwise `layers`
+  is a sequence of per-layer parameter dicts and `caches` a tuple of per-layer caches (on
+  XLA:CPU each then updates in place and no step cuts weights out of a stack).
+  """
+  def block(params, x_BTD, cache):
+    return nnx.merge(graphdef, params)(x_BTD, step, cache)
+
+  if scan:
+    def layer(x_BTD, inputs):
+      params, cache = inputs
+      with jax.named_scope("block"):
+        return block(params, x_BTD, cache)
+    return lax.scan(layer, x_BTD, (layers, caches))
+  new = []
+  for l, params in enumerate(layers):
+    with jax.named_scope(f"block_{l}"):
+      x_BTD, cache = block(params, x_BTD, None if caches is None else caches[l])
+    new.append(cache)
+  return x_BTD, None if caches is None else tuple(new)
+
+
+def stack(make_block: Callable[[nnx.Rngs], nnx.Module], n_layers: int,
+          rngs: nnx.Rngs) -> nnx.Module:
+  """`n_layers` blocks with their parameters stacked on a leading `layers` dim."""
+  @nnx.split_rngs(splits=n_layers)
+  @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: LAYERS})
+  def blocks(rngs: nnx.Rngs) -> nnx.Module:
+    return make_block(rngs)
+  return blocks(rngs)
+
+
+# ---- parameters ----
+
+def param(rngs: nnx.Rngs, shape: tuple, names: tuple, std: float, dtype) -> nnx.Param:
+  init = jax.random.normal(rngs.params(), shape, jnp.float32) * std
+  return nnx.Param(init.astype(dtype), out_sharding=names)
+
+
+def const(shape: tuple, names: tuple, value: float, dtype) -> nnx.Param:
+  return nnx.Param(jnp.full(shape, value, dtype), out_sharding=names)
+
+
+def padded_vocab(vocab_size: int, multiple: int) -> int:
+  """The vocabulary rounded up to `multiple` rows (GPT-2's 50257 is 29 x 1733)."""
+  return -(-vocab_size // multiple) * multiple
+
+
+def embedding(rngs: nnx.Rngs, cfg: ModelConfig, layout: Layout, names: tuple,
+              dtype) -> nnx.Param:
+  """[V_padded, D] rows drawn at init_std; the padding rows are 0."""
+  V = padded_vocab(cfg.vocab_size, layout.vocab_multiple)
+  table = jax.random.normal(rngs.params(), (V, cfg.d_model), jnp.float32) * cfg.init_std
+  table = jnp.where(jnp.arange(V)[:, None] < cfg.vocab_size, table, 0.0)
+  return nnx.Param(table.astype(dtype), out_sharding=names)
+
+
+def vocab_logits(x_BTD: jax.Array, table_VD: jax.Array, vocab_size: int) -> jax.Array:
+  """Float32 logits [B, T, V_padded] against a [V, D] table; padding columns at the minimum."""
+  logits_BTV = jnp.einsum("btd,vd->btv", x_BTD, table_VD).astype(jnp.float32)
+  V = logits_BTV.shape[-1]
+  return jnp.where(jnp.arange(V) < vocab_size, logits_BTV, jnp.finfo(jnp.float32).min)
+
+
+def expand_kv_rows(rows: np.ndarray, *, kv_repeat: int, head_dim: int) -> np.ndarray:
+  """Row e*H + h of a key/value projection stored `kv_repeat` times per head reads row
+  (e // kv_repeat)*H + h of the checkpoint's: copies of a head sit side by side."""
+  head, within = rows // head_dim, rows % head_dim
+  return (head // kv_repeat) * head_dim + within
+
+
+# ---- norms ----
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+  """x / rms(x) * scale, the statistics in float32 (as Hugging Face's Llama computes them)."""
+  x32 = x.astype(jnp.float32)
+  y = x32 * lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+  return scale * y.astype(x.dtype)
+
+
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+  x32 = x.astype(jnp.float32)
+  mean = x32.mean(-1, keepdims=True)
+  var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+  y = (x32 - mean) * lax.rsqrt(var + eps)
+  return (y * scale + bias).astype(x.dtype)
+
+
+# ---- rotary positions ----
+
+def rope_frequencies(cfg: ModelConfig) -> np.ndarray:
+  """Inverse frequencies [H/2] (float32) for rope_type default, linear or llama3."""
+  H = cfg.head_size
+  inv = 1.0 / (cfg.rope_theta ** (np.arange(0, H, 2, dtype=np.float64) / H))
+  if cfg.rope_type == "linear":
+    inv = inv / cfg.rope_factor
+  elif cfg.rope_type == "llama3":
+    # Long wavelengths slowed by `factor`, short ones kept, a smooth blend between.
+    old = cfg.rope_original_max_len
+    low, high = old / cfg.rope_low_freq_factor, old / cfg.rope_high_freq_factor
+    wavelen = 2 * math.pi / inv
+    smooth = (old / wavelen - cfg.rope_low_freq_factor) / (
+        cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
+    blended = (1 - smooth) * inv / cfg.rope_factor + smooth * inv
+    inv = np.where(wavelen > low, inv / cfg.rope_factor, np.where(wavelen < high, inv, blended))
+  return inv.astype(np.float32)
+
+
+def rope(x_BTNH: jax.Array, positions_BT: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+  """Rotary positions, the two halves of each head rotated (Hugging Face's layout), in
+  float32."""
+  angles_BTh = positions_BT[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)
+  cos, sin = jnp.cos(angles_BTh)[:, :, None], jnp.sin(angles_BTh)[:, :, None]
+  x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BTNH.dtype)
+
+
+# ---- attention ----
+
+def write_cache(cache: dict | None, k_BTKH: jax.Array, v_BTKH: jax.Array,
+                index) -> tuple[jax.Array, jax.Array, dict | None]:
+  """(keys, values to attend over, the new cache): the T new entries written at `index`."""
+  if cache is None:
+    return k_BTKH, v_BTKH, None
+  k_BSKH = lax.dynamic_update_slice_in_dim(cache["k"], k_BTKH.astype(cache["k"].dtype), index,
+                                           axis=1)
+  v_BSKH = lax.dynamic_update_slice_in_dim(cache["v"], v_BTKH.astype(cache["v"].dtype), index,
+                                           axis=1)
+  return k_BSKH, v_BSKH, {"k": k_BSKH, "v": v_BSKH}
+
+
+def attend(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, step: Step, *,
+           window: int = 0) -> jax.Array:
+  """Grouped-query attention [B, T, N*H]: query head n reads key/value head n // (N/K).
+
+  `window` > 0 limits each query to the keys less than `window` slots behind it. Slots and
+  positions differ by each row's left padding only, so a window in slots is one in positions.
+  """
+  B, T, N, H = q_BTNH.shape
+  K = k_BSKH.shape[2]
+  q_BTKGH = constrain(q_BTNH.reshape(B, T, K, N // K, H), (BATCH, SEQ, KV_HEADS, None, HEAD_DIM))
+  scores = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH).astype(jnp.float32)
+  scores = scores / math.sqrt(H)
+  mask_BTS = step.mask_BTS
+  if window:
+    query_T = step.index + jnp.arange(T)
+    key_S = jnp.arange(k_BSKH.shape[1])
+    mask_BTS = mask_BTS & (query_T[:, None] - key_S[None, :] < window)[None]
+  scores = jnp.where(mask_BTS[:, None, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v_BSKH.dtype)
+  out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", probs, v_BSKH)
+  return out_BTKGH.reshape(B, T, N * H)
+
+
+def attention_cache(cfg: ModelConfig, layout: Layout, batch: int, length: int) -> dict:
+  """One layer's KV cache: keys and values [B, S, K * kv_repeat, H]."""
+  shape = (batch, length, cfg.kv_heads * layout.kv_repeat, cfg.head_size)
+  names = (BATCH, SEQ, KV_HEADS, HEAD_DIM)
+  return {"k": (shape, names), "v": (shape, names)}
+
+
+def project(x_BTD: jax.Array, w_OD: jax.Array, b_O: jax.Array | None = None) -> jax.Array:
+  """x @ w.T (+ b) with w stored [out, in]: XLA:CPU multiplies these in place."""
+  y = jnp.einsum("btd,od->bto", x_BTD, w_OD)
+  return y if b_O is None else y + b_O
+
+
+def residual(x_BTD: jax.Array) -> jax.Array:
+  return constrain(x_BTD, (BATCH, SEQ, EMBED))
