@@ -85,15 +85,22 @@ _GENERATE_FLAGS = {"max_new_tokens": "generate.max_new_tokens",
 
 def parse_prompt_ids(text: str, *, equal: bool = False) -> list[list[int]]:
   """'1,2,3;4,5' -> [[1, 2, 3], [4, 5]] (UserError on anything else)."""
+  if not text.strip():
+    raise UserError(f"--prompt-ids {text!r}: no token ids; write e.g. '1,2,3;4,5', or leave "
+                    f"the option out to run on seeded prompts")
   rows = []
   for row in text.split(";"):
+    ids = [t.strip() for t in row.split(",")]
+    if ids == [""]:
+      raise UserError(f"--prompt-ids {text!r}: an empty row; every row needs a token id")
+    if "" in ids:
+      raise UserError(f"--prompt-ids {text!r}: an empty id in row {row!r}; separate ids by "
+                      f"single commas, e.g. '1,2,3'")
     try:
-      rows.append([int(t) for t in row.split(",") if t.strip()])
+      rows.append([int(t) for t in ids])
     except ValueError:
       raise UserError(f"--prompt-ids {text!r}: row {row!r} is not a comma-separated list of "
                       f"integer token ids; write e.g. '1,2,3;4,5'") from None
-    if not rows[-1]:
-      raise UserError(f"--prompt-ids {text!r}: an empty row; every row needs a token id")
   if equal and len({len(r) for r in rows}) > 1:
     raise UserError(f"--prompt-ids {text!r}: forward needs rows of equal length, got lengths "
                     f"{[len(r) for r in rows]}; use generate for prompts of different lengths")
@@ -224,7 +231,7 @@ def forward(args, config: config_lib.Config) -> dict:
                                 microbatches=sched.microbatches)
       _say(f"saved the schedule picture to {args.schedule_png}")
 
-  if args.prompt_ids:
+  if args.prompt_ids is not None:
     tokens_host = np.asarray(parse_prompt_ids(args.prompt_ids, equal=True), np.int32)
   else:
     tokens_host = inference.seeded_tokens(config)
@@ -345,7 +352,7 @@ def generate(args, config: config_lib.Config) -> dict:
   if args.prompt:
     tokenizer = load_tokenizer(config)
     prompts = [tokenizer.encode(text).ids for text in args.prompt]
-  elif args.prompt_ids:
+  elif args.prompt_ids is not None:
     prompts = parse_prompt_ids(args.prompt_ids)
   else:
     prompts = gen_lib.seeded_prompts(config)
@@ -422,18 +429,33 @@ def load_tokenizer(config: config_lib.Config):
                     f"tokenizers library") from None
 
 
+def _joined_values(argv: list[str]) -> list[str]:
+  """`--prompt-ids -1,2` as `--prompt-ids=-1,2`: argparse would read a value that starts
+  with '-' as an option (and say "expected one argument")."""
+  out, args = [], list(argv)
+  for i, arg in enumerate(args):
+    if i > 0 and args[i - 1] == "--prompt-ids" and arg.startswith("-"):
+      out[-1] = f"--prompt-ids={arg}"
+    else:
+      out.append(arg)
+  return out
+
+
 def main(argv: list[str] | None = None) -> int:
-  args = _parser().parse_args(argv)
+  args = _parser().parse_args(_joined_values(sys.argv[1:] if argv is None else argv))
   try:
     overrides = list(args.set)
     for flag, key in _GENERATE_FLAGS.items():
       if getattr(args, flag, None) is not None:
         overrides.append(f"{key}={getattr(args, flag)}")
-    if args.command == "forward" and args.prompt_ids:
+    if getattr(args, "prompt", None) and args.prompt_ids is not None:
+      raise UserError("--prompt and --prompt-ids both given: pass the prompts one way, as text "
+                      "(--prompt, repeatable) or as token ids (--prompt-ids '1,2;3')")
+    if args.command == "forward" and args.prompt_ids is not None:
       rows = parse_prompt_ids(args.prompt_ids, equal=True)
       overrides += [f"run.batch={len(rows)}", f"run.seq_len={len(rows[0])}"]
     config = config_lib.load(args.config, overrides)
-    if args.command == "forward" and args.prompt_ids:
+    if args.command == "forward" and args.prompt_ids is not None:
       check_token_ids(rows, config.model.vocab_size)
     if args.devices is not None and args.devices < 1:
       raise UserError(f"--devices {args.devices}: must be at least 1")

@@ -223,8 +223,9 @@ def _section(name: str, cls: type, raw: Any, base: Any) -> Any:
   return dataclasses.replace(base, **values)
 
 
-def from_dict(raw: dict, *, base: Config | None = None) -> Config:
-  """Builds a Config from a nested dict (as parsed from YAML) on top of `base`."""
+def from_dict(raw: dict, *, base: Config | None = None, check: bool = True) -> Config:
+  """Builds a Config from a nested dict (as parsed from YAML) on top of `base`; `check`
+  validates the result (off while a series of overrides is applied)."""
   base = base or Config()
   if raw is None:
     raw = {}
@@ -244,8 +245,10 @@ def from_dict(raw: dict, *, base: Config | None = None) -> Config:
                       f"{', '.join([*_SECTIONS, 'rules'])}")
   config = dataclasses.replace(base, **updates)
   if "model" in raw and config.model.checkpoint:
-    config = dataclasses.replace(config, model=_checkpoint_sizes(config.model, raw["model"]))
-  validate(config)
+    config = dataclasses.replace(config, model=_checkpoint_sizes(config.model,
+                                                                 raw["model"] or {}))
+  if check:
+    validate(config)
   return config
 
 
@@ -286,11 +289,10 @@ def apply_overrides(config: Config, overrides: list[str]) -> Config:
     path, value = parse_override(text)
     section, key = path[0], ".".join(path[1:])
     if section == "rules":
-      rules = dict(config.rules)
-      rules[key] = value
-      config = from_dict({"rules": rules}, base=config)
+      config = from_dict({"rules": {key: value}}, base=config, check=False)
     else:
-      config = from_dict({section: {key: value}}, base=config)
+      config = from_dict({section: {key: value}}, base=config, check=False)
+  validate(config)  # once, so the order of overrides never matters
   return config
 
 
@@ -307,7 +309,7 @@ def load(path: str | os.PathLike, overrides: list[str] = ()) -> Config:
     mark = getattr(e, "problem_mark", None)
     where = f" at line {mark.line + 1}" if mark else ""
     raise UserError(f"--config {path}: not valid YAML{where}; fix the syntax") from None
-  return apply_overrides(from_dict(raw), list(overrides))
+  return apply_overrides(from_dict(raw, check=False), list(overrides))
 
 
 def validate(config: Config) -> None:

@@ -56,3 +56,36 @@ def write_hf_gpt2(path: pathlib.Path, *, n_layer: int, seed: int) -> pathlib.Pat
 def hf_checkpoint(tmp_path_factory) -> pathlib.Path:
   """A 4-layer random GPT-2 checkpoint (see `write_hf_gpt2`)."""
   return write_hf_gpt2(tmp_path_factory.mktemp("hf_gpt2"), n_layer=4, seed=0)
+
+
+HF_CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"),
+              "mistral": ("MistralConfig", "MistralForCausalLM"),
+              "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+              "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}
+
+
+def write_hf_decoder(path: pathlib.Path, family: str, *, seed: int = 0, dtype=None,
+                     max_shard_size=None, **overrides) -> pathlib.Path:
+  """A randomly initialised Llama-family model saved by `transformers`: vocab 251 (no mesh
+  axis divides it), width 64, 8 query heads over 2 key/value heads, 4 layers, an untied head.
+  initializer_range 0.2 and random biases and norm scales, so every parameter matters and
+  greedy tokens depend on the context."""
+  import torch
+  import transformers
+  config_cls, model_cls = (getattr(transformers, n) for n in HF_CLASSES[family])
+  args = dict(vocab_size=251, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+              num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=64,
+              initializer_range=0.2, tie_word_embeddings=False)
+  torch.manual_seed(seed)
+  model = model_cls(config_cls(**{**args, **overrides})).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "norm" in name:
+        p.copy_(1 + 0.3 * torch.randn_like(p))
+      elif name.endswith("bias"):
+        p.copy_(0.3 * torch.randn_like(p))
+  if dtype is not None:
+    model = model.to(dtype)
+  kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+  model.save_pretrained(path, **kwargs)
+  return path
