@@ -189,9 +189,9 @@ def _compile(model, x, params) -> dict:
   _say(inspect.format_census(census))
   param_bytes = state.param_bytes_per_device(params)
   total_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(params))
-  _say(f"per device: parameters {inspect.human(param_bytes)} (of {inspect.human(total_bytes)} "
-       f"in all), arguments {inspect.human(mem['argument'])}, temporaries "
-       f"{inspect.human(mem['temp'])}, peak {inspect.human(mem['peak'])}")
+  _say(f"parameters: {inspect.human(param_bytes)} per device (of {inspect.human(total_bytes)} "
+       f"in all)")
+  _say(inspect.format_memory(mem))
   return {"param_bytes_per_device": param_bytes, "param_bytes_total": total_bytes,
           "collectives": census.counts(), "memory_per_device": mem, "compile_s": compile_s}
 

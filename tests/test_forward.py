@@ -56,8 +56,19 @@ def test_vocab_padding_is_masked(tiny, devices):
   assert (np.asarray(fwd.params["wte"])[V:] == 0).all()
 
 
-def test_reference_logits_helper_uses_one_device(tiny, devices):
+def test_reference_logits_helper_uses_one_device(tiny, devices, monkeypatch):
   fwd, logits, tokens = run(tiny, devices, 2, 4)
+  built = []
+  real_build = inference.build
+
+  def recording_build(config, mesh, **kwargs):
+    built.append(mesh)
+    return real_build(config, mesh, **kwargs)
+
+  monkeypatch.setattr(inference, "build", recording_build)
   ref = inference.reference_logits(fwd, tokens)
+  # The reference ran on a mesh of one device (the sharded model's first), not the 8.
+  assert [m.devices.size for m in built] == [1]
+  assert built[0].devices.flat[0] == fwd.mesh.devices.flat[0]
   np.testing.assert_allclose(inference.unpad(logits, tiny.model.vocab_size), ref, rtol=0,
                              atol=1e-5)

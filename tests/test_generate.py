@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from jaxpar import cli
+from jaxpar import config as config_lib
 from jaxpar.config import MeshConfig
 from jaxpar.mesh import make_mesh
 from jaxpar.runtime import generate, sampling
@@ -126,9 +127,16 @@ def test_generate_cli(root, tmp_path, monkeypatch, capsys):
   assert saved.dtype == np.int32 and saved.shape == (4, 5)
   assert result["new_tokens"] == saved.tolist()
   assert result["mesh"] == {"data": 2, "stage": 2, "model": 2}
-  for key in ("tokens_per_s", "prefill_s", "decode_s", "kv_cache_bytes_per_device"):
+  for key in ("tokens_per_s", "prefill_s", "decode_s", "kv_cache_bytes_per_device",
+              "param_bytes_per_device"):
     assert result[key] > 0
-  assert "decoded" in stdout or "prefill" in stdout
+  # The same seeded model on one device, through the library, makes the same tokens.
+  config = config_lib.load(root / "configs" / "tiny.yaml", ["model.n_layers=4"])
+  single = generate.build(config, make_mesh(MeshConfig(1, 1, 1), devices=jax.devices()[:1]))
+  expected = single.generate([[1, 2, 3], [4, 5], [6], [7, 8, 9, 10]], max_new_tokens=5).tokens
+  np.testing.assert_array_equal(saved, expected)
+  assert "prefill: 4 prompts x 4 tokens" in stdout
+  assert "decoding 5 tokens, pipelined: 2 groups over 2 stages, 9 ticks..." in stdout
 
 
 @pytest.mark.parametrize("args,message", [

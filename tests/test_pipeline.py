@@ -44,8 +44,7 @@ def sequential(params, x):
 
 
 # (data, stage, microbatches, repeats) on 8 devices (the toy has no model axis).
-TOY = [(4, 2, 2, 1), (2, 4, 4, 1), (1, 8, 8, 1), (4, 2, 4, 2), (2, 4, 4, 2), (1, 8, 8, 1),
-       (2, 2, 8, 2)]
+TOY = [(4, 2, 2, 1), (2, 4, 4, 1), (1, 8, 8, 1), (4, 2, 4, 2), (2, 4, 4, 2), (2, 2, 8, 2)]
 
 
 @pytest.mark.parametrize("data,stages,microbatches,repeats", TOY)

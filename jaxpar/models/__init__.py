@@ -1,7 +1,8 @@
 """Model families behind one interface (`jaxpar.models.base.Family`).
 
 `model.family` names one of `FAMILIES`; a Hugging Face checkpoint names its own by
-config.json's `model_type`. A family is one module here; nothing outside `models/` names one.
+config.json's `model_type`. A family is one module here (or your own, added by `register`);
+nothing outside `models/` names one.
 """
 
 from jaxpar import hf_files
@@ -10,6 +11,15 @@ from jaxpar.models import base, gpt, llama
 
 FAMILIES: dict[str, base.Family] = {
     f.name: f for f in (gpt.FAMILY, llama.LLAMA, llama.MISTRAL, llama.QWEN2, llama.QWEN3)}
+
+
+def register(new: base.Family) -> base.Family:
+  """Adds a family (e.g. your own model, defined outside jaxpar) so that `model.family` can
+  name it; every command and runtime function then runs it. Returns it."""
+  if new.name in FAMILIES and FAMILIES[new.name] is not new:
+    raise UserError(f"model family {new.name!r} is already registered; pick another name")
+  FAMILIES[new.name] = new
+  return new
 
 
 def family(name: str) -> base.Family:

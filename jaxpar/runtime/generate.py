@@ -29,7 +29,7 @@ from jaxpar.errors import UserError
 from jaxpar.models.base import Family, run_blocks
 from jaxpar.rules import Logical, Rules, constrain, is_logical, tree_shardings, use_rules
 from jaxpar.runtime import inference, pipelined_generate, state
-from jaxpar.runtime.decoding import is_eos, prompt_step, token_step
+from jaxpar.runtime.decoding import is_eos, prompt_step, report, token_step
 from jaxpar.runtime.sampling import Sampling, row_keys, sample
 
 
@@ -179,7 +179,7 @@ class Generator:
           new_B = jnp.where(done_B, token_B, new_B)  # a stopped row repeats its EOS
           out_BN = lax.dynamic_update_slice_in_dim(out_BN, new_B[:, None], n, axis=1)
           if progress:
-            jax.debug.callback(_report, n + 1, max_new)
+            jax.debug.callback(report, n + 1, max_new)
           return n + 1, new_B, caches, out_BN, done_B | is_eos(new_B, eos_ids)
 
         carry = (1, first_B, caches, out_BN, is_eos(first_B, eos_ids))
@@ -235,20 +235,17 @@ class Generator:
       first.block_until_ready()
       prefill_s = time.perf_counter() - start
       if progress:
+        how = ""
+        if self.forward.schedule is not None:
+          S = self.forward.schedule.stages
+          how = f", pipelined: {S} groups over {S} stages, {(max_new_tokens - 1) * S + S - 1} ticks"
         print(f"prefill: {B} prompt{'s' if B != 1 else ''} x {T0} tokens in "
-              f"{prefill_s:.3f} s; decoding {max_new_tokens} tokens...", flush=True)
+              f"{prefill_s:.3f} s; decoding {max_new_tokens} tokens{how}...", flush=True)
       start = time.perf_counter()
       out, steps = decode_c(params, caches, first, mask, key)
       out = np.asarray(jax.device_get(out))
       decode_s = time.perf_counter() - start
     return Result(out[:n_prompts], int(steps), prefill_s, decode_s, compile_s)
-
-
-def _report(done, total) -> None:
-  """Progress from inside the compiled decode loop (a host callback)."""
-  done, every = int(done), max(1, total // 8)
-  if done % every == 0 or done == total:
-    print(f"  decoded {done}/{total} tokens", flush=True)
 
 
 def _per_layer(fwd: inference.Forward) -> tuple[tuple, dict]:
@@ -263,8 +260,7 @@ def _per_layer(fwd: inference.Forward) -> tuple[tuple, dict]:
   return layers, {k: v for k, v in fwd.params.items() if k != "blocks"}
 
 
-def build(config: Config, mesh, *, eos_id: int | None = None,
-          family: Family | None = None) -> Generator:
+def build(config: Config, mesh, *, eos_id: int | None = None) -> Generator:
   """A Generator for `config` on `mesh` (parameters seeded, or from model.checkpoint).
 
   With mesh.stage > 1 decoding is pipelined (`pipelined_generate`): the prompts form one group
@@ -281,7 +277,7 @@ def build(config: Config, mesh, *, eos_id: int | None = None,
     data = math.prod(mesh.shape[a] for a in Rules(config.rules).mesh_axes(BATCH))
     batch = -(-config.run.batch // (stages * data)) * stages * data
     config = dataclasses.replace(config, run=dataclasses.replace(config.run, batch=batch))
-  fwd = inference.build(config, mesh, family=family)
+  fwd = inference.build(config, mesh)
   if eos_id is None:
     eos_id = config.generate.eos_id
   eos_ids = config.model.eos_token_ids if eos_id is None else (

@@ -3,8 +3,8 @@
 `build` turns a `Config` and a mesh into a `Forward`: born-sharded parameters (seeded, or read
 from a Hugging Face checkpoint) plus a jitted forward whose inputs, outputs and activations are
 all laid out by the one rule table. The model is asked for nothing but the interface of
-`jaxpar.models.base` (embed, blocks, head), so a family, or a user's own model, is a
-`Family` passed in (default: the one `model.family` names).
+`jaxpar.models.base` (embed, blocks, head): any family `model.family` names runs here,
+a user's own included (`jaxpar.models.register`).
 """
 
 import dataclasses
@@ -112,17 +112,16 @@ def causal_step(batch: int, length: int) -> Step:
 
 
 def build(config: Config, mesh: Mesh, *, params: dict | None = None,
-          layout: Layout | None = None, pipelined: bool | None = None,
-          family: Family | None = None) -> Forward:
+          layout: Layout | None = None, pipelined: bool | None = None) -> Forward:
   """Checks the layout, creates (or places) the parameters and jits the forward pass.
 
   `params` (a dict in the model's own layout, e.g. gathered from another mesh) replaces the
   seeded initialisation; it is placed on this mesh's shardings. `layout` overrides the
   vocabulary padding and key/value copies (default: what the rules need on this mesh; pass the
   sharded model's to reuse its parameters on one device). `pipelined` forces the pipeline on or
-  off (default: on when mesh.stage > 1). `family` defaults to the one `model.family` names.
+  off (default: on when mesh.stage > 1). The model is the family `model.family` names.
   """
-  family = family or models.family(config.model.family)
+  family = models.family(config.model.family)
   rules = Rules(config.rules)
   keys = family.config_keys
   layout = layout or layout_for(config, mesh, rules, family)
@@ -209,7 +208,7 @@ def reference_logits(forward: Forward, tokens_BT: np.ndarray) -> np.ndarray:
   one = single_device_mesh(forward.mesh.devices.flat[0])
   host = forward.natural_params()
   single = build(dataclasses.replace(forward.config, mesh=MeshConfig(1, 1, 1)), one,
-                 params=host, layout=forward.layout, family=forward.family)
+                 params=host, layout=forward.layout)
   return unpad(single(single.tokens(tokens_BT)), forward.vocab_size)
 
 

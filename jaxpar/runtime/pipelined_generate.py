@@ -188,8 +188,9 @@ def _decode_stage(st: _Stage, rest, blocks_local, caches, first_GB, mask_GBT, ro
 
 
 def programs(gen, batch: int, prompt_len: int, max_new: int, sampling, progress: bool):
-  """(prefill, decode) jitted for this shape; see the module docstring. (No progress lines
-  from inside the ticks: `generate` prints one after the prefill.)"""
+  """(prefill, decode) jitted for this shape; see the module docstring. No progress lines
+  from inside the ticks: in jax 0.10 `jax.debug.callback` fails to lower inside a shard_map
+  with more than one automatic axis; `Generator.generate` says when decoding starts."""
   del progress
   fwd = gen.forward
   mesh, rules = fwd.mesh, fwd.rules
