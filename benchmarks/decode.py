@@ -1,18 +1,20 @@
 """Greedy decoding tokens/s: jaxpar on one CPU device against Hugging Face transformers.
 
-The GPT-2 124M shape with random weights (initializer_range 0.2, so greedy tokens depend on
-the context), saved as a Hugging Face checkpoint and loaded by both; batch 1 and 8, 32-token
-prompts, 64 new tokens, float32, EOS disabled so every row decodes all 64 tokens. Each round
+`--family gpt2` (default): the GPT-2 124M shape; `--family llama` (or mistral, qwen2, qwen3):
+a Llama-family model of 8 layers, width 1024, 16 query heads over 4 key/value heads, SwiGLU
+width 2816, vocabulary 32000. Random weights (initializer_range 0.2, so greedy tokens depend on
+the context) saved by `transformers` and loaded by both; batch 1 and 8, 32-token prompts, 64
+new tokens, float32, EOS disabled so every row decodes all 64 tokens. Each round
 times one `transformers` generate and one jaxpar generate (prefill + decode, compile
 excluded), alternating which goes first; medians over rounds. The roofline is the batch over
 the time to stream the weights once at the measured read bandwidth (a compiled sum over
 512 MiB). The greedy tokens of the
 two must be identical.
 
-  python benchmarks/decode.py [--rounds 3] [--checkpoint DIR] [--batches 1 8]
+  python benchmarks/decode.py [--family llama] [--rounds 3] [--checkpoint DIR] [--batches 1 8]
 
-Prints a table and writes JSON to benchmarks/results/decode.json. Goal: jaxpar >= 1.2x
-transformers at batch 1 and >= 1.35x at batch 8.
+Prints a table and writes JSON to benchmarks/results/decode[_FAMILY].json. Goals: GPT-2
+jaxpar >= 1.2x transformers at batch 1 and >= 1.35x at batch 8; Llama >= 1.5x at both.
 """
 
 import argparse
@@ -27,7 +29,7 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from jaxpar.cli import set_cpu_devices  # noqa: E402
+from jaxpar import emulate_cpu_devices  # noqa: E402
 
 
 def read_bandwidth(nbytes: int = 512 << 20, repeats: int = 5) -> float:
@@ -46,32 +48,47 @@ def read_bandwidth(nbytes: int = 512 << 20, repeats: int = 5) -> float:
   return nbytes / best
 
 
-def make_checkpoint(path: str) -> None:
+LLAMA_SHAPE = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816,
+                   num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4,
+                   max_position_embeddings=2048, initializer_range=0.2,
+                   tie_word_embeddings=False)
+HF_CLASSES = {"gpt2": ("GPT2Config", "GPT2LMHeadModel"),
+              "llama": ("LlamaConfig", "LlamaForCausalLM"),
+              "mistral": ("MistralConfig", "MistralForCausalLM"),
+              "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+              "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}
+
+
+def make_checkpoint(family: str, path: str) -> None:
   import torch
-  from transformers import GPT2Config, GPT2LMHeadModel
+  import transformers
+  config_cls, model_cls = (getattr(transformers, n) for n in HF_CLASSES[family])
+  args = {"initializer_range": 0.2} if family == "gpt2" else LLAMA_SHAPE
   torch.manual_seed(0)
-  model = GPT2LMHeadModel(GPT2Config(initializer_range=0.2))
-  model.save_pretrained(path)
+  model_cls(config_cls(**args)).save_pretrained(path)
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--checkpoint", help="an existing GPT-2 checkpoint dir (default: make "
-                                           "a random 124M one in a temporary dir)")
+  parser.add_argument("--family", choices=sorted(HF_CLASSES), default="gpt2")
+  parser.add_argument("--checkpoint", help="an existing checkpoint dir of that family "
+                                           "(default: a random one in a temporary dir)")
   parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
   parser.add_argument("--prompt-len", type=int, default=32)
   parser.add_argument("--new-tokens", type=int, default=64)
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--set", action="append", default=[],
                       help="jaxpar config overrides, e.g. model.scan_layers=true")
-  parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "decode.json"))
+  parser.add_argument("--out", help="JSON path (default benchmarks/results/decode[_FAMILY].json)")
   args = parser.parse_args()
-  set_cpu_devices(1)
+  suffix = "" if args.family == "gpt2" else f"_{args.family}"
+  args.out = args.out or str(ROOT / "benchmarks" / "results" / f"decode{suffix}.json")
+  emulate_cpu_devices(1)
 
   import jax
   import numpy as np
   import torch
-  from transformers import GPT2LMHeadModel
+  from transformers import AutoModelForCausalLM
 
   from jaxpar import config as config_lib
   from jaxpar import inspect
@@ -83,10 +100,10 @@ def main() -> None:
   if checkpoint is None:
     tmp = tempfile.TemporaryDirectory()
     checkpoint = tmp.name
-    print(f"writing a random GPT-2 124M checkpoint to {checkpoint} ...", flush=True)
-    make_checkpoint(checkpoint)
+    print(f"writing a random {args.family} checkpoint to {checkpoint} ...", flush=True)
+    make_checkpoint(args.family, checkpoint)
 
-  hf = GPT2LMHeadModel.from_pretrained(checkpoint, dtype=torch.float32).eval()
+  hf = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
   hf.generation_config.eos_token_id = None
   hf.generation_config.pad_token_id = 0
   weight_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())
@@ -154,7 +171,8 @@ def main() -> None:
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps({
-      "benchmark": "decode", "torch": torch.__version__, "jax": jax.__version__,
+      "benchmark": "decode", "family": args.family, "torch": torch.__version__,
+      "jax": jax.__version__,
       "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
       "weight_bytes": weight_bytes, "read_bandwidth": bandwidth,
       "scan_layers": generator.scan, "rounds": args.rounds, "results": results}, indent=2))

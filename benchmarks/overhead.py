@@ -21,7 +21,8 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import parser, time_block, write_json  # noqa: E402
 from jaxpar import config as config_lib  # noqa: E402
-from jaxpar.cli import pick_devices, set_cpu_devices  # noqa: E402
+from jaxpar import emulate_cpu_devices  # noqa: E402
+from jaxpar.cli import pick_devices  # noqa: E402
 
 
 def hand_written_forward(mesh, cfg):
@@ -92,7 +93,7 @@ def main() -> None:
   args = parser(__doc__, config="default.yaml", out="overhead.json", rounds=21,
                 calls=5).parse_args()
   config = config_lib.load(args.config, args.set)
-  set_cpu_devices(config.mesh.cpu_devices)
+  emulate_cpu_devices(config.mesh.cpu_devices)
 
   import jax
   import numpy as np

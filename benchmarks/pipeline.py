@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import parser, time_block, write_json  # noqa: E402
 from jaxpar import config as config_lib  # noqa: E402
-from jaxpar.cli import set_cpu_devices  # noqa: E402
+from jaxpar import emulate_cpu_devices  # noqa: E402
 
 DEFAULTS = ["mesh.cpu_devices=8", "model.vocab_size=256", "model.d_model=128",
             "model.n_heads=4", "model.n_layers=8", "model.d_ff=512", "model.max_seq_len=64",
@@ -33,7 +33,7 @@ DEFAULTS = ["mesh.cpu_devices=8", "model.vocab_size=256", "model.d_model=128",
 def main() -> None:
   args = parser(__doc__, config="tiny.yaml", out="pipeline.json").parse_args()
   base = config_lib.load(args.config, DEFAULTS + args.set)
-  set_cpu_devices(base.mesh.cpu_devices)
+  emulate_cpu_devices(base.mesh.cpu_devices)
 
   import jax
 

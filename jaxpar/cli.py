@@ -8,10 +8,10 @@ print one line on stderr and exit with status 2; there is no traceback for them.
 import argparse
 import json
 import os
-import re
 import sys
 import time
 
+import jaxpar
 from jaxpar import config as config_lib
 from jaxpar.errors import UserError
 
@@ -115,15 +115,7 @@ def check_token_ids(rows: list[list[int]], vocab_size: int) -> None:
                         f"{vocab_size}); use ids below model.vocab_size={vocab_size}")
 
 
-def set_cpu_devices(n: int) -> None:
-  """Asks XLA for `n` host devices; must run before JAX initialises its backends."""
-  flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
-                 os.environ.get("XLA_FLAGS", ""))
-  os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
-
-
-def backends_initialized() -> bool:
-  """Whether JAX has already created its devices (then the device count is fixed)."""
+def _jax_started() -> bool:
   if "jax" not in sys.modules:
     return False
   from jax._src import xla_bridge
@@ -466,8 +458,8 @@ def main(argv: list[str] | None = None) -> int:
         option = "--" + flag.replace("_", "-")
         raise UserError(f"{option} {path}: folder {folder} does not exist; create it or "
                         f"choose another path")
-    if not backends_initialized():
-      set_cpu_devices(args.devices or config.mesh.cpu_devices)
+    if not _jax_started():  # in-process callers (tests) keep the devices they have
+      jaxpar.emulate_cpu_devices(args.devices or config.mesh.cpu_devices)
     enable_compilation_cache()
     command = {"forward": forward, "classify": classify, "generate": generate}[args.command]
     result = command(args, config)
