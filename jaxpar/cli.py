@@ -12,6 +12,7 @@ import sys
 import time
 
 import jaxpar
+from jaxpar import axes
 from jaxpar import config as config_lib
 from jaxpar.errors import UserError
 
@@ -55,8 +56,9 @@ def _parser() -> argparse.ArgumentParser:
 
   cls = _command(commands, "classify", "sharded CNN image classification", "configs/cnn.yaml")
   _verify_option(cls)
-  cls.add_argument("--images", metavar="DIR",
-                   help="classify the .png/.jpg files of DIR (default: a seeded random batch)")
+  cls.add_argument("--images", metavar="DIR|FILE",
+                   help="classify the .png/.jpg files of DIR, or one FILE (default: a seeded "
+                        "random batch)")
   cls.add_argument("--save-logits", metavar="OUT.npy",
                    help="write float32 logits [N, classes] (batch padding removed)")
 
@@ -202,14 +204,22 @@ def forward(args, config: config_lib.Config) -> dict:
   from jaxpar.runtime import inference
 
   mesh = _open_mesh(config, args)
+  if args.schedule_png and mesh.shape[axes.STAGE] == 1:
+    raise UserError(f"--schedule-png {args.schedule_png}: the mesh has no pipeline (mesh.stage=1)"
+                    f", so there is no schedule to draw; set mesh.stage > 1 or drop the option")
   _say(f"mesh: {describe(mesh)}")
+  rows_given = None
+  if args.prompt_ids is not None:
+    tokens_host = np.asarray(parse_prompt_ids(args.prompt_ids, equal=True), np.int32)
+    rows_given = len(tokens_host)
+    config, tokens_host = _pad_rows(config, mesh, tokens_host)
   m = config.model
   _say(f"model: {describe_model(m)}; batch {config.run.batch} x {config.run.seq_len} tokens")
 
   start = time.perf_counter()
   fwd = inference.build(config, mesh)
   jax.block_until_ready(fwd.params)
-  _say(f"parameters initialised sharded in {time.perf_counter() - start:.2f} s")
+  _say(_params_line(config, fwd.init_timings, time.perf_counter() - start))
   rows = inspect.param_table(fwd.params, fwd.names, fwd.rules, mesh)
   _say(inspect.format_params(rows))
   if fwd.schedule is not None:
@@ -223,9 +233,7 @@ def forward(args, config: config_lib.Config) -> dict:
                                 microbatches=sched.microbatches)
       _say(f"saved the schedule picture to {args.schedule_png}")
 
-  if args.prompt_ids is not None:
-    tokens_host = np.asarray(parse_prompt_ids(args.prompt_ids, equal=True), np.int32)
-  else:
+  if rows_given is None:
     tokens_host = inference.seeded_tokens(config)
   tokens = fwd.tokens(tokens_host)
   compiled = _compile(fwd, tokens, fwd.params)
@@ -237,19 +245,70 @@ def forward(args, config: config_lib.Config) -> dict:
   logits = inference.unpad(fwd(tokens), m.vocab_size)
   result = {**_header("forward", mesh), **compiled, "step_s": seconds,
             "tokens_per_s": tokens_per_s}
+  if rows_given is not None:  # the padding rows are dropped
+    logits = logits[:rows_given]
   if fwd.schedule is not None:
     result["pipeline"] = fwd.schedule.as_dict()
   verify = config.run.verify if args.verify is None else args.verify
   if verify:
-    reference = inference.reference_logits(fwd, tokens_host)
+    reference = inference.reference_logits(fwd, tokens_host)[:len(logits)]
     diff = float(np.max(np.abs(logits - reference)))
     _say(f"verify: max |sharded - single-device| = {diff:.3e} over logits "
-               f"{list(logits.shape)}")
+         f"{list(logits.shape)} ({VERIFY_HINT.get(m.dtype, '')})")
     result["verify_max_abs_diff"] = diff
   if args.save_logits:
-    np.save(args.save_logits, logits)
+    _save_npy(args.save_logits, logits)
     _say(f"saved logits {list(logits.shape)} float32 to {args.save_logits}")
   return result
+
+
+# What rounding alone gives in `verify` (sharded sums run in another order than on one device).
+VERIFY_HINT = {"float32": "float32: rounding alone gives up to about 1e-5",
+               "bfloat16": "bfloat16: rounding alone gives up to a few 1e-2",
+               "float16": "float16: rounding alone gives up to a few 1e-3"}
+
+
+def _pad_rows(config: config_lib.Config, mesh, tokens):
+  """Rows padded (repeating the first) to a batch the mesh splits, as generate does: a multiple
+  of the batch axes (times the microbatches when pipelined). Returns (config, tokens)."""
+  import dataclasses
+  import math
+
+  import numpy as np
+
+  from jaxpar.rules import Rules
+  from jaxpar.axes import BATCH, STAGE
+  unit = math.prod(mesh.shape[a] for a in Rules(config.rules).mesh_axes(BATCH))
+  if mesh.shape[STAGE] > 1:
+    unit *= config.pipeline.microbatches
+  rows = -(-len(tokens) // unit) * unit
+  if rows != len(tokens):
+    _say(f"{_count(len(tokens), 'row')} of --prompt-ids padded to {rows} to fill the mesh "
+         f"(extra rows dropped)")
+    tokens = np.concatenate([tokens, np.repeat(tokens[:1], rows - len(tokens), axis=0)])
+  run = dataclasses.replace(config.run, batch=rows, seq_len=tokens.shape[1])
+  return dataclasses.replace(config, run=run), tokens
+
+
+def _count(n: int, word: str) -> str:
+  """'1 prompt', '3 prompts'."""
+  return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def _params_line(config: config_lib.Config, timings: dict, seconds: float) -> str:
+  if config.model.checkpoint:
+    return (f"parameters read from checkpoint {config.model.checkpoint} in {seconds:.2f} s "
+            f"(each device its own slices)")
+  compile_s = timings.get("compile_s")
+  detail = f" (compiling the initialiser {compile_s:.2f} s)" if compile_s is not None else ""
+  return f"parameters initialised sharded in {seconds:.2f} s{detail}"
+
+
+def _save_npy(path: str, array) -> None:
+  """Writes `array` to exactly `path` (np.save would add .npy to a path without it)."""
+  import numpy as np
+  with open(path, "wb") as f:
+    np.save(f, array)
 
 
 def classify(args, config: config_lib.Config) -> dict:
@@ -326,7 +385,7 @@ def classify(args, config: config_lib.Config) -> dict:
          f"{list(reference.shape)}")
     result["verify_max_abs_diff"] = diff
   if args.save_logits:
-    np.save(args.save_logits, logits.astype(np.float32))
+    _save_npy(args.save_logits, logits.astype(np.float32))
     _say(f"saved logits {list(logits.shape)} float32 to {args.save_logits}")
   return result
 
@@ -340,9 +399,8 @@ def generate(args, config: config_lib.Config) -> dict:
   from jaxpar.runtime import generate as gen_lib
 
   g = config.generate
-  tokenizer = None
+  tokenizer = load_tokenizer(config, required=bool(args.prompt))
   if args.prompt:
-    tokenizer = load_tokenizer(config)
     prompts = [tokenizer.encode(text).ids for text in args.prompt]
   elif args.prompt_ids is not None:
     prompts = parse_prompt_ids(args.prompt_ids)
@@ -355,17 +413,21 @@ def generate(args, config: config_lib.Config) -> dict:
   start = time.perf_counter()
   generator = gen_lib.build(config, mesh)
   jax.block_until_ready(generator.params)
+  for note in generator.notes:
+    _say(note)
   param_bytes = generator.param_bytes_per_device()
-  _say(f"parameters ready in {time.perf_counter() - start:.2f} s: "
+  _say(f"{_params_line(config, generator.forward.init_timings, time.perf_counter() - start)}: "
        f"{inspect.human(param_bytes)} per device")
   lengths = [len(p) for p in prompts]
   batch = generator.padded_batch(len(prompts))
   cache_bytes = generator.cache_bytes_per_device(batch, max(lengths) + g.max_new_tokens)
   if batch != len(prompts):
-    _say(f"{len(prompts)} prompts padded to {batch} rows to fill the mesh (extra rows dropped)")
+    _say(f"{_count(len(prompts), 'prompt')} padded to {batch} rows to fill the mesh (extra rows "
+         f"dropped)")
   mode = "greedy" if g.temperature == 0 else (
       f"sampling (temperature {g.temperature}, top_k {g.top_k}, top_p {g.top_p})")
-  _say(f"{len(prompts)} prompts of {min(lengths)}-{max(lengths)} tokens, {g.max_new_tokens} new "
+  span = f"{min(lengths)}-{max(lengths)}" if min(lengths) != max(lengths) else str(lengths[0])
+  _say(f"{_count(len(prompts), 'prompt')} of {span} tokens, {g.max_new_tokens} new "
        f"tokens each, {mode}, eos {list(generator.eos_ids) or 'none'}; "
        f"layers {'scanned' if generator.scan else 'unrolled'}; KV cache "
        f"{inspect.human(cache_bytes)} per device")
@@ -376,15 +438,17 @@ def generate(args, config: config_lib.Config) -> dict:
   total_s = result.prefill_s + result.decode_s
   _say(f"compiled in {result.compile_s:.2f} s; prefill {result.prefill_s * 1e3:.1f} ms, decode "
        f"{result.steps} steps in {result.decode_s * 1e3:.1f} ms: {new / total_s:,.1f} tokens/s")
+  texts = [tokenizer.decode(row.tolist()) for row in result.tokens] if tokenizer else None
   for b, row in enumerate(result.tokens[:8]):
-    text = f" {tokenizer.decode(row.tolist())!r}" if tokenizer else ""
-    _say(f"  [{b}] {row.tolist()}{text}")
+    _say(f"  [{b}] {row.tolist()}" + (f" {texts[b]!r}" if texts else ""))
   if len(result.tokens) > 8:
     _say(f"  ... {len(result.tokens) - 8} more rows")
   if args.save_tokens:
-    np.save(args.save_tokens, result.tokens.astype(np.int32))
+    _save_npy(args.save_tokens, result.tokens.astype(np.int32))
     _say(f"saved new tokens {list(result.tokens.shape)} int32 to {args.save_tokens}")
+  extra = {"texts": texts} if texts else {}
   return {
+      **extra,
       **_header("generate", mesh),
       "new_tokens": result.tokens.tolist(),
       "steps": result.steps,
@@ -406,11 +470,14 @@ def describe_model(m: config_lib.ModelConfig) -> str:
           f"d_ff={m.d_ff} vocab={m.vocab_size} ({source})")
 
 
-def load_tokenizer(config: config_lib.Config):
-  """The checkpoint's tokenizer.json, for text prompts."""
-  checkpoint = getattr(config.model, "checkpoint", "")
+def load_tokenizer(config: config_lib.Config, *, required: bool):
+  """The checkpoint's tokenizer.json (for text prompts and decoded output); None when there
+  is none and it is not `required`."""
+  checkpoint = config.model.checkpoint
   path = os.path.join(checkpoint, "tokenizer.json") if checkpoint else ""
   if not path or not os.path.isfile(path):
+    if not required:
+      return None
     raise UserError(f"--prompt needs a tokenizer: no tokenizer.json in model.checkpoint="
                     f"{checkpoint!r}; pass token ids with --prompt-ids instead")
   from tokenizers import Tokenizer
@@ -445,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
                       "(--prompt, repeatable) or as token ids (--prompt-ids '1,2;3')")
     if args.command == "forward" and args.prompt_ids is not None:
       rows = parse_prompt_ids(args.prompt_ids, equal=True)
-      overrides += [f"run.batch={len(rows)}", f"run.seq_len={len(rows[0])}"]
+      overrides += [f"run.seq_len={len(rows[0])}"]  # the batch is padded to fit the mesh
     config = config_lib.load(args.config, overrides)
     if args.command == "forward" and args.prompt_ids is not None:
       check_token_ids(rows, config.model.vocab_size)

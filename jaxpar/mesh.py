@@ -32,5 +32,5 @@ def single_device_mesh(device) -> Mesh:
 def describe(mesh: Mesh) -> str:
   """'data=2 x stage=1 x model=4 (8 cpu devices)'."""
   dims = " x ".join(f"{name}={size}" for name, size in mesh.shape.items())
-  platform = mesh.devices.flat[0].platform
-  return f"{dims} ({mesh.devices.size} {platform} devices)"
+  platform, n = mesh.devices.flat[0].platform, mesh.devices.size
+  return f"{dims} ({n} {platform} device{'s' if n != 1 else ''})"

@@ -140,7 +140,7 @@ BAD = [
     (["--set", "cnn.image_size=15"], "cnn.image_size=15 cannot be halved 1 times"),
     (["--set", "cnn.in_channels=4"], "cnn.in_channels=4: expected 1 (grey) or 3 (RGB)"),
     (["--set", "cnn.widht=8"], "cnn.widht: unknown key"),
-    (["--images", "no/such/dir"], "--images no/such/dir: no such folder"),
+    (["--images", "no/such/dir"], "--images no/such/dir: no such file or folder"),
 ]
 
 

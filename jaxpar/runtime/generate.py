@@ -87,6 +87,7 @@ class Generator:
   # are rebuilt inside the programs only for `nnx.merge` and never used, so XLA drops them.
   layers: tuple | None = None
   rest: dict | None = None
+  notes: list = dataclasses.field(default_factory=list)  # what `build` changed, said once
   _compiled: dict = dataclasses.field(default_factory=dict)
 
   @property
@@ -267,13 +268,13 @@ def build(config: Config, mesh, *, eos_id: int | None = None) -> Generator:
   per stage, so the batch is padded to a multiple of stage x data. `eos_id` (default:
   generate.eos_id, else the checkpoint's EOS ids; -1: none) stops a row.
   """
-  stages = mesh.shape[axes.STAGE]
+  stages, notes = mesh.shape[axes.STAGE], []
   if stages > 1:
     if config.pipeline.repeats != 1:
-      raise UserError(f"pipeline.repeats={config.pipeline.repeats}: pipelined decoding runs "
-                      f"contiguous stages; use --set pipeline.repeats=1 for generate")
+      notes.append(f"note: pipelined decoding runs contiguous stages; pipeline.repeats="
+                   f"{config.pipeline.repeats} (the circular schedule) applies to forward only")
     config = dataclasses.replace(config, pipeline=dataclasses.replace(
-        config.pipeline, microbatches=stages))
+        config.pipeline, microbatches=stages, repeats=1))
     data = math.prod(mesh.shape[a] for a in Rules(config.rules).mesh_axes(BATCH))
     batch = -(-config.run.batch // (stages * data)) * stages * data
     config = dataclasses.replace(config, run=dataclasses.replace(config.run, batch=batch))
@@ -283,7 +284,7 @@ def build(config: Config, mesh, *, eos_id: int | None = None) -> Generator:
   eos_ids = config.model.eos_token_ids if eos_id is None else (
       () if eos_id < 0 else (eos_id,))
   scan = use_scan(config, mesh.devices.flat[0].platform) or stages > 1  # a stage scans
-  generator = Generator(fwd, scan, tuple(eos_ids))
+  generator = Generator(fwd, scan, tuple(eos_ids), notes=notes)
   if not scan:
     generator.layers, generator.rest = _per_layer(fwd)
     fwd.params = None  # the per-layer buffers replace the stack

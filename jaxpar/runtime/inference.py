@@ -38,6 +38,7 @@ class Forward(state.ShardedModel):
   family: Family | None = None
   layout: Layout = Layout()
   schedule: pipeline.Schedule | None = None
+  init_timings: dict = dataclasses.field(default_factory=dict)  # seeded init: compile_s, run_s
 
   @property
   def vocab_size(self) -> int:
@@ -175,20 +176,21 @@ def build(config: Config, mesh: Mesh, *, params: dict | None = None,
   with jax.set_mesh(mesh):
     jax.eval_shape(forward, shapes, tokens_shape)
 
-  if params is None and config.model.checkpoint:
+  timings = {}
+  if params is not None:
+    params = jax.device_put(to_layout(params), param_shardings)
+  elif config.model.checkpoint:
     from jaxpar.runtime import hf  # Hugging Face weights, each device reading its own slice
     params = hf.load_params(config.model.checkpoint, family.weights(config.model, layout),
                             shapes=shapes, shardings=param_shardings,
                             stages=None if schedule is None else schedule.stages)
-  elif params is None:
-    params = state.create(make, seed=config.run.seed, mesh=mesh, shardings=param_shardings,
-                          layout=to_layout)
   else:
-    params = jax.device_put(to_layout(params), param_shardings)
+    params = state.create(make, seed=config.run.seed, mesh=mesh, shardings=param_shardings,
+                          layout=to_layout, timings=timings)
   fn = jax.jit(forward, in_shardings=(param_shardings, token_sharding),
                out_shardings=logits_sharding)
   return Forward(config, mesh, rules, graphdef, params, names, fn, family=family,
-                 layout=layout, schedule=schedule)
+                 layout=layout, schedule=schedule, init_timings=timings)
 
 
 def seeded_tokens(config: Config) -> np.ndarray:

@@ -113,7 +113,8 @@ class _Stage:
     return y_BTD, caches
 
   def token(self, model, s, y_BD, keys_B):
-    """The next tokens [Bg] on the last stage (zeros elsewhere: the head runs only there)."""
+    """The next tokens [Bg] on the last stage (zeros elsewhere: the head runs only there).
+    Inside the `lax.cond` only all-reduces may run (see `sampling._search`)."""
     def compute():
       return _varying(sample(model.head(y_BD[:, None])[:, 0], keys_B, self.sampling))
     return lax.cond(s == self.S - 1, compute,

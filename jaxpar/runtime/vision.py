@@ -123,9 +123,15 @@ def seeded_images(config: Config) -> np.ndarray:
 
 
 def list_images(folder: str) -> list[str]:
-  """The PNG/JPEG files of `folder`, sorted by name."""
+  """The PNG/JPEG files of `folder` (sorted by name), or `folder` itself if it is one."""
+  if os.path.isfile(folder):
+    if not folder.lower().endswith(IMAGE_SUFFIXES):
+      raise UserError(f"--images {folder}: not a {'/'.join(IMAGE_SUFFIXES)} file; pass an image "
+                      f"or a folder of them")
+    return [folder]
   if not os.path.isdir(folder):
-    raise UserError(f"--images {folder}: no such folder; pass a folder of .png/.jpg files")
+    raise UserError(f"--images {folder}: no such file or folder; pass an image or a folder of "
+                    f".png/.jpg files")
   files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_SUFFIXES)
                  and os.path.isfile(os.path.join(folder, f)))
   if not files:
