@@ -280,6 +280,9 @@ def test_text_prompts_use_the_checkpoints_tokenizer(root, tmp_path, hf_checkpoin
   assert code == 0
   result = json.loads(out.strip().splitlines()[-1])
   assert len(result["new_tokens"]) == 2 and all(len(r) == 4 for r in result["new_tokens"])
+  # The new tokens are shown as text too, decoded by the same tokenizer.
+  assert result["texts"] == [tokenizer.decode(r) for r in result["new_tokens"]]
+  assert f"{result['new_tokens'][0]} {result['texts'][0]!r}" in out
   # The same prompts as ids give the same tokens: the text went through the tokenizer.
   code = cli.main(["generate", "--config", "configs/tiny.yaml", "--set",
                    f"model.checkpoint={checkpoint}", "--set", "mesh.data=2", "--set",

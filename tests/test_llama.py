@@ -14,7 +14,7 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from jaxpar import cli, inspect
+from jaxpar import cli, hf_files, inspect
 from jaxpar import config as config_lib
 from jaxpar.config import MeshConfig
 from jaxpar.errors import UserError
@@ -175,6 +175,43 @@ def test_window_and_llama3_rope_change_the_result(root, devices, checkpoints, hf
   tokens = generate.build(plain, mesh_for(plain, devices), eos_id=-1).generate(
       PROMPTS, max_new_tokens=NEW).tokens
   assert not np.array_equal(tokens, hf_greedy["llama3"])
+
+
+def test_linear_rope_scaling(root, devices, tmp_path):
+  path = write_hf_decoder(tmp_path / "linear", "llama", seed=2, rope_parameters={
+      "rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0})
+  config = with_mesh(load(root, path), 2, 1, 4)
+  assert (config.model.rope_type, config.model.rope_factor) == ("linear", 4.0)
+  fwd = inference.build(config, mesh_for(config, devices))
+  tokens = inference.seeded_tokens(config)
+  got = inference.unpad(fwd(fwd.tokens(tokens)), 251)
+  expected = hf_logits(path, tokens)
+  np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
+  plain = inference.build(with_mesh(config, 2, 1, 4, rope_type="default"),
+                          mesh_for(config, devices))
+  assert np.abs(inference.unpad(plain(plain.tokens(tokens)), 251) - expected).max() > 1e-2
+
+
+def test_each_device_reads_only_its_key_value_head(root, devices, checkpoints, monkeypatch):
+  """On model=8 the 2 key/value heads are copied 4 times; each device reads its one head's 8
+  rows of k_proj from the file, never the whole tensor."""
+  read = {}
+  real_read = hf_files.SafeTensors.read
+
+  def recording_read(self, name, box):
+    read.setdefault(name, []).append(box)
+    return real_read(self, name, box)
+
+  monkeypatch.setattr(hf_files.SafeTensors, "read", recording_read)
+  config = with_mesh(load(root, checkpoints["llama"]), 1, 1, 8)
+  fwd = inference.build(config, mesh_for(config, devices))
+  boxes = read["model.layers.0.self_attn.k_proj.weight"]
+  assert sorted((b[0].start, b[0].stop) for b in boxes) == [(0, 8)] * 4 + [(8, 16)] * 4
+  q_boxes = read["model.layers.0.self_attn.q_proj.weight"]
+  assert sorted(b[0].start for b in q_boxes) == [8 * i for i in range(8)]
+  assert all(b[0].stop - b[0].start == 8 for b in q_boxes)
+  w_k = fwd.params["blocks"]["attn"]["w_k"]
+  assert {s.data.shape for s in w_k.addressable_shards} == {(4, 8, 64)}
 
 
 def test_bf16_sharded_checkpoint(root, devices, tmp_path):
