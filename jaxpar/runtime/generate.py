@@ -62,11 +62,10 @@ def use_scan(config: Config, platform: str) -> bool:
   return platform != "cpu"
 
 
-def new_caches(family: Family, gen: "Generator", batch: int, length: int, *,
-               scan: bool) -> object:
+def new_caches(gen: "Generator", batch: int, length: int, *, scan: bool) -> object:
   """Zeroed KV caches laid out by the rules: stacked [L, ...] for a scan, else one per layer."""
   m = gen.forward.config.model
-  spec = family.kv_cache(m, gen.forward.layout, batch, length)
+  spec = gen.family.kv_cache(m, gen.forward.layout, batch, length)
   dtype = jnp.dtype(m.dtype)
   if scan:
     return {k: constrain(jnp.zeros((m.n_layers, *shape), dtype), (LAYERS, *names))
@@ -135,7 +134,7 @@ class Generator:
       total += math.prod(per) * jnp.dtype(m.dtype).itemsize
     return total
 
-  def _model(self, params):
+  def model_parts(self, params):
     """(model, the blocks' graphdef, the layers run_blocks takes) inside a program."""
     rest, layers = params
     graphdef = self.forward.graphdef
@@ -154,9 +153,9 @@ class Generator:
 
     def prefill(params, tokens_BT, mask_BT, key):
       with use_rules(rules, keys=keys):
-        model, graphdef, layers = self._model(params)
+        model, graphdef, layers = self.model_parts(params)
         step = prompt_step(mask_BT, max_new)
-        caches = new_caches(self.family, self, batch, prompt_len + max_new, scan=scan)
+        caches = new_caches(self, batch, prompt_len + max_new, scan=scan)
         x_BTD = model.embed(tokens_BT, step.positions_BT)
         x_BTD, caches = run_blocks(graphdef, layers, x_BTD, step, caches, scan=scan)
         logits_BV = model.head(x_BTD[:, -1:])[:, 0]
@@ -164,7 +163,7 @@ class Generator:
 
     def decode(params, caches, first_B, mask_BT, key):
       with use_rules(rules, keys=keys):
-        model, graphdef, layers = self._model(params)
+        model, graphdef, layers = self.model_parts(params)
         out_BN = jnp.zeros((batch, max_new), jnp.int32).at[:, 0].set(first_B)
 
         def cond(carry):

@@ -92,7 +92,7 @@ class _Stage:
 
   def model(self, rest, blocks_local):
     blocks = jax.tree.map(lambda a: a[0, 0], blocks_local)  # [Lc, ...]: this stage's layers
-    model, graphdef, _ = self.gen._model(({**rest, "blocks": blocks}, None))
+    model, graphdef, _ = self.gen.model_parts(({**rest, "blocks": blocks}, None))
     return model, graphdef, blocks
 
   def empty_caches(self):
