@@ -14,6 +14,7 @@ import time
 import jaxpar
 from jaxpar import axes
 from jaxpar import config as config_lib
+from jaxpar import distributed
 from jaxpar.errors import UserError
 
 
@@ -30,6 +31,15 @@ def _command(commands, name: str, help: str, example: str) -> argparse.ArgumentP
                    help="auto: the accelerator if its devices fit the mesh, else emulated CPU")
   sub.add_argument("--json", action="store_true",
                    help="print one JSON object with the results as the last stdout line")
+  cluster = sub.add_argument_group(
+      "many processes", "join a cluster (default: what SLURM, Open MPI or Kubernetes set in the "
+      "environment, else one process); --devices is then per process")
+  cluster.add_argument("--coordinator", metavar="HOST:PORT",
+                       help="process 0's address, the same on every process")
+  cluster.add_argument("--num-processes", type=int, metavar="N", help="processes in all")
+  cluster.add_argument("--process-id", type=int, metavar="I", help="this process, 0 to N-1")
+  cluster.add_argument("--join-timeout", type=float, default=120, metavar="SECONDS",
+                       help="give up when the cluster is not complete after this (default 120)")
   return sub
 
 
@@ -77,6 +87,17 @@ def _parser() -> argparse.ArgumentParser:
   gen.add_argument("--seed", type=int, help="sampling and seeded-prompt seed (run.seed)")
   gen.add_argument("--save-tokens", metavar="OUT.npy",
                    help="write the new tokens, int32 [B, max_new_tokens]; after EOS: EOS")
+
+  conv = _command(commands, "convert", "write the model's parameters as a checkpoint (Orbax, "
+                  "restorable on any mesh; or Hugging Face)", "configs/llama.yaml")
+  conv.add_argument("--out", required=True, metavar="DIR", help="the checkpoint to write")
+  conv.add_argument("--format", choices=("orbax", "hf"), default="orbax",
+                    help="orbax: jaxpar's sharded checkpoint (default); hf: config.json + "
+                         "safetensors for transformers")
+  conv.add_argument("--dtype", choices=("float32", "bfloat16"),
+                    help="--format hf: the weights' dtype (default: model.dtype)")
+  conv.add_argument("--overwrite", action="store_true",
+                    help="replace a checkpoint already at --out (after the new one is written)")
   return parser
 
 
@@ -154,13 +175,18 @@ def pick_devices(mesh_config: config_lib.MeshConfig, platform: str) -> tuple[lis
 
 
 def _say(text: str) -> None:
-  print(text, flush=True)
+  distributed.say(text)  # process 0 only
 
 
 def _open_mesh(config: config_lib.Config, args):
   """The mesh for this run, on the accelerator or emulated CPU devices (said which)."""
+  import jax
+
   from jaxpar.mesh import make_mesh
-  devices, note = pick_devices(config.mesh, args.platform)
+  try:
+    devices, note = pick_devices(config.mesh, args.platform)
+  except UserError as e:  # say it per process when there are several
+    raise distributed.fit_error(e, config.mesh, jax.process_count(), len(jax.devices())) from None
   if note:
     _say(note)
   return make_mesh(config.mesh, devices=devices)
@@ -191,8 +217,11 @@ def _compile(model, x, params) -> dict:
 
 
 def _header(command: str, mesh) -> dict:
+  from jaxpar.mesh import cross_process_axes, processes
   return {"command": command, "mesh": dict(mesh.shape), "devices": mesh.devices.size,
-          "platform": mesh.devices.flat[0].platform}
+          "platform": mesh.devices.flat[0].platform, "processes": processes(mesh),
+          "process_devices": mesh.devices.size // processes(mesh),
+          "cross_process_axes": cross_process_axes(mesh)}
 
 
 def forward(args, config: config_lib.Config) -> dict:
@@ -228,7 +257,7 @@ def forward(args, config: config_lib.Config) -> dict:
          f"{sched.repeats} repeat(s): {sched.ticks} ticks, bubble {sched.bubble:.1%} "
          f"(cells: the microbatch each stage runs per tick)")
     _say(inspect.format_schedule(sched.grid(), microbatches=sched.microbatches))
-    if args.schedule_png:
+    if args.schedule_png and distributed.is_main():
       inspect.save_schedule_png(sched.grid(), args.schedule_png,
                                 microbatches=sched.microbatches)
       _say(f"saved the schedule picture to {args.schedule_png}")
@@ -305,8 +334,11 @@ def _params_line(config: config_lib.Config, timings: dict, seconds: float) -> st
 
 
 def _save_npy(path: str, array) -> None:
-  """Writes `array` to exactly `path` (np.save would add .npy to a path without it)."""
+  """Writes `array` to exactly `path` (np.save would add .npy to a path without it), once:
+  from process 0."""
   import numpy as np
+  if not distributed.is_main():
+    return
   with open(path, "wb") as f:
     np.save(f, array)
 
@@ -357,7 +389,7 @@ def classify(args, config: config_lib.Config) -> dict:
     out.block_until_ready()
     took = time.perf_counter() - start
     seconds += took
-    logits.append(np.asarray(out)[:n])
+    logits.append(distributed.to_host(out)[:n])
     padding = f" + {batch - n} padding" if n < batch else ""
     _say(f"batch {i + 1}/{len(work)}: {n} images{padding} in {took * 1e3:.2f} ms")
   n_images = sum(n for _, n in work)
@@ -462,6 +494,29 @@ def generate(args, config: config_lib.Config) -> dict:
   }
 
 
+def convert(args, config: config_lib.Config) -> dict:
+  import jax
+
+  from jaxpar.mesh import describe
+  from jaxpar.runtime import checkpoint, inference
+
+  mesh = _open_mesh(config, args)
+  _say(f"mesh: {describe(mesh)}")
+  _say(f"model: {describe_model(config.model)}")
+  start = time.perf_counter()
+  fwd = inference.build(config, mesh)
+  jax.block_until_ready(fwd.params)
+  _say(_params_line(config, fwd.init_timings, time.perf_counter() - start))
+  start = time.perf_counter()
+  if args.format == "orbax":
+    checkpoint.save(fwd, args.out, overwrite=args.overwrite, say=_say)
+  else:
+    checkpoint.export_hf(fwd, args.out, dtype=args.dtype or config.model.dtype,
+                         overwrite=args.overwrite, say=_say)
+  return {**_header("convert", mesh), "out": os.path.abspath(args.out), "format": args.format,
+          "write_s": time.perf_counter() - start}
+
+
 def describe_model(m: config_lib.ModelConfig) -> str:
   """'llama d_model=2048 n_heads=32 (8 kv) n_layers=16 d_ff=8192 vocab=128256 (checkpoint X)'."""
   kv = f" ({m.kv_heads} kv)" if m.kv_heads != m.n_heads else ""
@@ -500,6 +555,25 @@ def _joined_values(argv: list[str]) -> list[str]:
   return out
 
 
+def _start_jax(args, config: config_lib.Config) -> None:
+  """Sets the emulated CPU devices and joins the cluster that the flags, else the environment,
+  describe (if any), before JAX starts. In-process callers (tests) keep the devices they have."""
+  if args.join_timeout <= 0:
+    raise UserError(f"--join-timeout {args.join_timeout:g}: must be a positive number of seconds")
+  cluster = distributed.Cluster.from_flags(args.coordinator, args.num_processes, args.process_id)
+  if _jax_started():
+    if cluster is not None:
+      raise UserError(f"--coordinator {args.coordinator}: JAX has already started in this "
+                      f"process, so it cannot join a cluster; run scripts/run.py as a process")
+    return
+  cluster = cluster or distributed.Cluster.from_environment()
+  if cluster is None:
+    jaxpar.emulate_cpu_devices(args.devices or config.mesh.cpu_devices)
+    return
+  jaxpar.emulate_cpu_devices(cluster.local_devices(args.devices, config.mesh.cpu_devices))
+  distributed.join(cluster, timeout=args.join_timeout)
+
+
 def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(_joined_values(sys.argv[1:] if argv is None else argv))
   try:
@@ -525,14 +599,17 @@ def main(argv: list[str] | None = None) -> int:
         option = "--" + flag.replace("_", "-")
         raise UserError(f"{option} {path}: folder {folder} does not exist; create it or "
                         f"choose another path")
-    if not _jax_started():  # in-process callers (tests) keep the devices they have
-      jaxpar.emulate_cpu_devices(args.devices or config.mesh.cpu_devices)
+    _start_jax(args, config)
     enable_compilation_cache()
-    command = {"forward": forward, "classify": classify, "generate": generate}[args.command]
+    if args.command == "convert":  # before anything is read: a refused --out loses no time
+      from jaxpar.checkpoint_meta import check_out
+      check_out(args.out, overwrite=args.overwrite)
+    command = {"forward": forward, "classify": classify, "generate": generate,
+               "convert": convert}[args.command]
     result = command(args, config)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  if args.json:
+  if args.json and distributed.is_main():
     print(json.dumps(result))
   return 0

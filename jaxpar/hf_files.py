@@ -171,3 +171,24 @@ def number(raw: dict, key: str, checkpoint: str, kind: type = int, default: Any 
     raise UserError(f"checkpoint {checkpoint}: config.json {key}={value!r} is not "
                     f"{'a number' if kind is float else 'an integer'}; fix config.json")
   return kind(value)
+
+
+_NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
+
+
+def write_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:
+  """Writes `tensors` as one safetensors file (float32/float16/bfloat16 arrays, in name
+  order), the format `SafeTensors` reads: an 8-byte header length, a JSON header, raw data."""
+  header, offset = {}, 0
+  for name in sorted(tensors):
+    array = tensors[name]
+    header[name] = {"dtype": _NAMES[array.dtype], "shape": list(array.shape),
+                    "data_offsets": [offset, offset + array.nbytes]}
+    offset += array.nbytes
+  header["__metadata__"] = {"format": "pt"}
+  blob = json.dumps(header, separators=(",", ":")).encode()
+  blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+  with open(path, "wb") as f:
+    f.write(struct.pack("<Q", len(blob)) + blob)
+    for name in sorted(tensors):
+      f.write(np.ascontiguousarray(tensors[name]).tobytes())

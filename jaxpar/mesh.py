@@ -1,10 +1,13 @@
 """Builds the device mesh, in one place, from a `MeshConfig`.
 
 The mesh always has the three axes of `jaxpar.axes.MESH_AXES` (size 1 where unused) and
-`AxisType.Auto` axes, so GSPMD inserts the tensor-parallel collectives.
+`AxisType.Auto` axes, so GSPMD inserts the tensor-parallel collectives. Over many processes
+the devices are laid out process by process, so `data` (outermost), then `stage`, cross
+processes first and `model` stays inside one where the counts allow.
 """
 
 import jax
+import numpy as np
 from jax.sharding import AxisType, Mesh
 
 from jaxpar import axes
@@ -20,7 +23,11 @@ def make_mesh(config: MeshConfig, *, devices: list | None = None) -> Mesh:
   devices = list(jax.devices() if devices is None else devices)
   sizes = config.shape(len(devices))
   shape = tuple(sizes[name] for name in axes.MESH_AXES)
-  return jax.make_mesh(shape, axes.MESH_AXES, axis_types=(AxisType.Auto,) * len(shape),
+  types = (AxisType.Auto,) * len(shape)
+  if len({d.process_index for d in devices}) > 1:  # jax.make_mesh may order by topology
+    ordered = sorted(devices, key=lambda d: (d.process_index, d.id))
+    return Mesh(np.array(ordered).reshape(shape), axes.MESH_AXES, axis_types=types)
+  return jax.make_mesh(shape, axes.MESH_AXES, axis_types=types,
                        devices=devices)
 
 
@@ -33,4 +40,21 @@ def describe(mesh: Mesh) -> str:
   """'data=2 x stage=1 x model=4 (8 cpu devices)'."""
   dims = " x ".join(f"{name}={size}" for name, size in mesh.shape.items())
   platform, n = mesh.devices.flat[0].platform, mesh.devices.size
-  return f"{dims} ({n} {platform} device{'s' if n != 1 else ''})"
+  where = ""
+  if processes(mesh) > 1:
+    crossing = " and ".join(cross_process_axes(mesh)) or "no axis"
+    where = f" in {processes(mesh)} processes; {crossing} crosses processes"
+  return f"{dims} ({n} {platform} device{'s' if n != 1 else ''}{where})"
+
+
+def processes(mesh: Mesh) -> int:
+  """How many processes hold the mesh's devices."""
+  return len({d.process_index for d in mesh.devices.flat})
+
+
+def cross_process_axes(mesh: Mesh) -> list[str]:
+  """The mesh axes along which neighbouring devices sit in different processes: their
+  collectives leave the host (gloo over TCP on CPU, the network between hosts)."""
+  owner = np.vectorize(lambda d: d.process_index)(mesh.devices)
+  return [name for i, name in enumerate(mesh.axis_names)
+          if owner.shape[i] > 1 and (np.diff(owner, axis=i) != 0).any()]

@@ -5,7 +5,9 @@ config.json's `model_type`. A family is one module here (or your own, added by `
 nothing outside `models/` names one.
 """
 
-from jaxpar import hf_files
+import os
+
+from jaxpar import checkpoint_meta, hf_files
 from jaxpar.errors import UserError
 from jaxpar.models import base, gpt, llama
 
@@ -31,8 +33,13 @@ def family(name: str) -> base.Family:
 
 
 def checkpoint_config(checkpoint: str) -> dict:
-  """ModelConfig fields from a Hugging Face directory: the family (by config.json's
-  model_type), its sizes and the end-of-text ids."""
+  """ModelConfig fields from a checkpoint directory: a jaxpar (Orbax) checkpoint's recorded
+  family and sizes, or a Hugging Face directory's family (by config.json's model_type), sizes
+  and end-of-text ids."""
+  if os.path.isdir(checkpoint) and checkpoint_meta.is_jaxpar(checkpoint):
+    fields = checkpoint_meta.model_fields(checkpoint)
+    family(fields["family"])  # a family this jaxpar has
+    return fields
   raw = hf_files.read_config(checkpoint)
   model_type = raw.get("model_type")
   by_type = {t: f for f in FAMILIES.values() for t in f.model_types}

@@ -89,6 +89,8 @@ class Family:
     with block leaves given per layer.
   - `kv_cache(config, layout, batch, length)`: one layer's cache {name: (shape, names)}.
   - `config_keys`: logical name -> the config key behind its size, for errors.
+  - `to_hf(config)`: the config.json that `from_hf` reads back (for exporting); None if the
+    family has no Hugging Face form.
   """
   name: str
   model_types: tuple[str, ...]
@@ -98,6 +100,7 @@ class Family:
   weights: Callable[[ModelConfig, Layout], dict]
   kv_cache: Callable[[ModelConfig, Layout, int, int], dict]
   config_keys: Mapping[str, str]
+  to_hf: Callable[[ModelConfig], dict] | None = None
 
 
 def run_blocks(graphdef: nnx.GraphDef, layers: Any, x_BTD: jax.Array, step: Step,

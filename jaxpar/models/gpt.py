@@ -188,8 +188,15 @@ def weights(cfg: ModelConfig, layout: Layout) -> dict:
                      "mlp": mlp}}
 
 
+def to_hf(cfg: ModelConfig) -> dict:
+  return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
+          **{key: getattr(cfg, field) for key, field in _SIZES.items()},
+          "n_inner": cfg.d_ff, "layer_norm_epsilon": cfg.norm_eps,
+          "activation_function": "gelu_new", "tie_word_embeddings": True}
+
+
 FAMILY = base.Family(
     name="gpt2", model_types=("gpt2",),
     make=lambda cfg, layout, rngs: GPT(cfg, layout, rngs=rngs),
     check=check, from_hf=from_hf, weights=weights, kv_cache=base.attention_cache,
-    config_keys=CONFIG_KEYS)
+    config_keys=CONFIG_KEYS, to_hf=to_hf)

@@ -256,12 +256,39 @@ def weights(cfg: ModelConfig, layout: Layout) -> dict:
   return out
 
 
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                  "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+
+def _writer(family: str):
+  """ModelConfig -> the config.json `_reader(family)` reads back (rope_parameters style)."""
+  def to_hf(cfg: ModelConfig) -> dict:
+    rope = {"rope_type": cfg.rope_type, "rope_theta": cfg.rope_theta}
+    if cfg.rope_type != "default":
+      rope["factor"] = cfg.rope_factor
+    if cfg.rope_type == "llama3":
+      rope |= {"low_freq_factor": cfg.rope_low_freq_factor,
+               "high_freq_factor": cfg.rope_high_freq_factor,
+               "original_max_position_embeddings": cfg.rope_original_max_len}
+    out = {"model_type": family, "architectures": [_ARCHITECTURES[family]],
+           **{key: getattr(cfg, field) for key, field in _SIZES.items()},
+           "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_size,
+           "rms_norm_eps": cfg.norm_eps, "rope_parameters": rope, "hidden_act": "silu",
+           "tie_word_embeddings": cfg.tie_embeddings}
+    if family in ("llama", "qwen3"):
+      out["attention_bias"] = cfg.attn_bias
+    if family == "mistral":
+      out["sliding_window"] = cfg.sliding_window or None
+    return out
+  return to_hf
+
+
 def _family(name: str, **options) -> base.Family:
   return base.Family(
       name=name, model_types=(name,), make=lambda cfg, layout, rngs: Llama(cfg, layout,
                                                                            rngs=rngs),
       check=check, from_hf=_reader(name, **options), weights=weights,
-      kv_cache=base.attention_cache, config_keys=CONFIG_KEYS)
+      kv_cache=base.attention_cache, config_keys=CONFIG_KEYS, to_hf=_writer(name))
 
 
 LLAMA = _family("llama", window=False, biases=False, qk_norm=False)

@@ -4,6 +4,7 @@ of a prefill and of one decode step sit (their `Step`), and the end-of-text test
 import jax
 import jax.numpy as jnp
 
+from jaxpar.distributed import say
 from jaxpar.models.base import Step
 
 
@@ -35,4 +36,4 @@ def report(done, total) -> None:
   """Progress from inside a compiled decode loop (a host callback): about 8 lines."""
   done, every = int(done), max(1, total // 8)
   if done % every == 0 or done == total:
-    print(f"  decoded {done}/{total} tokens", flush=True)
+    say(f"  decoded {done}/{total} tokens")

@@ -25,6 +25,7 @@ from jax.sharding import NamedSharding
 from jaxpar import axes
 from jaxpar.axes import BATCH, LAYERS, SEQ
 from jaxpar.config import Config
+from jaxpar.distributed import say, to_host, tree_to_host
 from jaxpar.errors import UserError
 from jaxpar.models.base import Family, run_blocks
 from jaxpar.rules import Logical, Rules, constrain, is_logical, tree_shardings, use_rules
@@ -110,8 +111,8 @@ class Generator:
     """The parameters on the host in the model's own layout (blocks stacked [L, ...])."""
     if self.layers is None:
       return self.forward.natural_params()
-    blocks = jax.tree.map(lambda *xs: np.stack(xs), *jax.device_get(self.layers))
-    return {**jax.device_get(self.rest), "blocks": blocks}
+    blocks = jax.tree.map(lambda *xs: np.stack(xs), *tree_to_host(self.layers))
+    return {**tree_to_host(self.rest), "blocks": blocks}
 
   @property
   def params(self) -> tuple:
@@ -239,11 +240,11 @@ class Generator:
         if self.forward.schedule is not None:
           S = self.forward.schedule.stages
           how = f", pipelined: {S} groups over {S} stages, {(max_new_tokens - 1) * S + S - 1} ticks"
-        print(f"prefill: {B} prompt{'s' if B != 1 else ''} x {T0} tokens in "
-              f"{prefill_s:.3f} s; decoding {max_new_tokens} tokens{how}...", flush=True)
+        say(f"prefill: {B} prompt{'s' if B != 1 else ''} x {T0} tokens in "
+            f"{prefill_s:.3f} s; decoding {max_new_tokens} tokens{how}...")
       start = time.perf_counter()
       out, steps = decode_c(params, caches, first, mask, key)
-      out = np.asarray(jax.device_get(out))
+      out = to_host(out)  # gathered from every process
       decode_s = time.perf_counter() - start
     return Result(out[:n_prompts], int(steps), prefill_s, decode_s, compile_s)
 

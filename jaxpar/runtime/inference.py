@@ -17,7 +17,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxpar import axes, models
+from jaxpar import axes, checkpoint_meta, models
+from jaxpar.distributed import to_host, tree_to_host
 from jaxpar.config import Config, MeshConfig
 from jaxpar.errors import UserError
 from jaxpar.mesh import single_device_mesh
@@ -50,8 +51,9 @@ class Forward(state.ShardedModel):
     return jax.device_put(jnp.asarray(tokens_BT, jnp.int32), sharding)
 
   def natural_params(self) -> dict:
-    """The parameters on the host in the model's own layout (blocks stacked [L, ...])."""
-    host = jax.device_get(self.params)
+    """The parameters on the host in the model's own layout (blocks stacked [L, ...]).
+    Every process gets them whole (each must call this)."""
+    host = tree_to_host(self.params)
     if self.schedule is not None:
       host = {**host, "blocks": pipeline.from_stages(host["blocks"])}
     return host
@@ -143,6 +145,7 @@ def build(config: Config, mesh: Mesh, *, params: dict | None = None,
     blocks = pipeline.to_stages(p["blocks"], stages=schedule.stages, repeats=schedule.repeats)
     return {**p, "blocks": blocks}
 
+  natural = shapes, names  # blocks [L, ...]: what checkpoints are read and written in
   if schedule is not None:
     names = _staged_names(names)
     shapes = jax.eval_shape(to_layout, shapes)
@@ -179,6 +182,11 @@ def build(config: Config, mesh: Mesh, *, params: dict | None = None,
   timings = {}
   if params is not None:
     params = jax.device_put(to_layout(params), param_shardings)
+  elif config.model.checkpoint and checkpoint_meta.is_jaxpar(config.model.checkpoint):
+    from jaxpar.runtime import checkpoint  # Orbax: each device reads its own slices
+    params = checkpoint.restore(config.model.checkpoint, shapes=natural[0], names=natural[1],
+                                cfg=config.model, layout=layout, rules=rules, mesh=mesh,
+                                to_layout=to_layout, shardings=param_shardings)
   elif config.model.checkpoint:
     from jaxpar.runtime import hf  # Hugging Face weights, each device reading its own slice
     params = hf.load_params(config.model.checkpoint, family.weights(config.model, layout),
@@ -202,12 +210,13 @@ def seeded_tokens(config: Config) -> np.ndarray:
 
 def unpad(logits_BTV: jax.Array, vocab_size: int) -> np.ndarray:
   """Host float32 logits [B, T, V] with the vocabulary padding removed."""
-  return np.asarray(jax.device_get(logits_BTV), np.float32)[..., :vocab_size]
+  return np.asarray(to_host(logits_BTV), np.float32)[..., :vocab_size]
 
 
 def reference_logits(forward: Forward, tokens_BT: np.ndarray) -> np.ndarray:
-  """The same parameters and batch on one device (the first of the mesh), unpadded."""
-  one = single_device_mesh(forward.mesh.devices.flat[0])
+  """The same parameters and batch on one device (this process's first of the mesh),
+  unpadded. Over many processes each computes it alone, from the gathered parameters."""
+  one = single_device_mesh(forward.mesh.local_devices[0])
   host = forward.natural_params()
   single = build(dataclasses.replace(forward.config, mesh=MeshConfig(1, 1, 1)), one,
                  params=host, layout=forward.layout)

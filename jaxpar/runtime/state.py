@@ -70,8 +70,9 @@ def init(make: MakeModel, *, seed: int, mesh: Mesh, rules: Rules,
 
 
 def param_bytes_per_device(params: Any) -> int:
-  """Bytes of the parameters held by one device (the first), read from the shards."""
-  device = min(jax.tree.leaves(params)[0].sharding.device_set, key=lambda d: d.id)
+  """Bytes of the parameters held by one device (this process's first), read from the
+  shards."""
+  device = min(jax.tree.leaves(params)[0].sharding.addressable_devices, key=lambda d: d.id)
   return sum(shard.data.nbytes for leaf in jax.tree.leaves(params)
              for shard in leaf.addressable_shards if shard.device == device)
 

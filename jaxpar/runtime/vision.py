@@ -20,6 +20,7 @@ from jax.sharding import Mesh
 
 from jaxpar import axes
 from jaxpar.config import Config, MeshConfig
+from jaxpar.distributed import tree_to_host
 from jaxpar.errors import UserError
 from jaxpar.mesh import single_device_mesh
 from jaxpar.models import cnn
@@ -173,8 +174,8 @@ def batches(images_NHWI: np.ndarray, batch: int) -> Iterator[tuple[np.ndarray, i
 
 
 def reference_logits(classifier: Classifier, images_BHWI: np.ndarray) -> np.ndarray:
-  """The same parameters and images on one device (the first of the mesh)."""
-  one = single_device_mesh(classifier.mesh.devices.flat[0])
+  """The same parameters and images on one device (this process's first of the mesh)."""
+  one = single_device_mesh(classifier.mesh.local_devices[0])
   config = dataclasses.replace(classifier.config, mesh=MeshConfig(1, 1, 1))
-  single = build(config, one, params=jax.device_get(classifier.params))
+  single = build(config, one, params=tree_to_host(classifier.params))
   return np.asarray(single(single.images(images_BHWI)))
