@@ -219,3 +219,32 @@ def test_damaged_and_mismatched_checkpoints(root, orbax_llama, tmp_path, capsys,
   meta["model"]["n_layers"] = 2
   (other / "jaxpar.json").write_text(json.dumps(meta))
   expect_one_line(capsys, forward(other), "convert it again")
+
+
+def launch(root, *args) -> subprocess.CompletedProcess:
+  """`scripts/launch_local.py --processes 2 -- ARGS`, 4 emulated devices per process."""
+  return subprocess.run(
+      [sys.executable, "scripts/launch_local.py", "--processes", "2", "--timeout", "500", "--",
+       *args, "--devices", "4"], cwd=root, capture_output=True, text=True, timeout=600,
+      env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
+
+
+def test_two_processes(root, hf_llama, hf_greedy, tmp_path):
+  """Converted by 2 processes (each writing its own shards) on a 2-stage circular pipeline,
+  restored by 2 processes on data=2 x model=4: greedy tokens equal transformers."""
+  out = tmp_path / "two"
+  proc = launch(root, "convert", "--config", "configs/tiny.yaml", "--set",
+                f"model.checkpoint={hf_llama}", "--set", "mesh.data=1", "--set", "mesh.stage=2",
+                "--set", "mesh.model=4", "--set", "pipeline.repeats=2", "--out", str(out))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert sorted(p.name for p in (out / "params").glob("ocdbt.process_*")) == [
+      "ocdbt.process_0", "ocdbt.process_1"]
+  ids = ";".join(",".join(map(str, p)) for p in PROMPTS)
+  proc = launch(root, "generate", "--config", "configs/tiny.yaml", "--set",
+                f"model.checkpoint={out}", "--set", "mesh.data=2", "--set", "mesh.model=4",
+                "--set", "generate.eos_id=-1", "--prompt-ids", ids, "--max-new-tokens",
+                str(NEW), "--json")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert result["processes"] == 2
+  np.testing.assert_array_equal(np.array(result["new_tokens"]), hf_greedy)
