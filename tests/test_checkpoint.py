@@ -23,7 +23,7 @@ from jaxpar.errors import UserError
 from jaxpar.mesh import make_mesh
 from jaxpar.runtime import checkpoint, generate, inference
 from tests.conftest import write_hf_decoder
-from tests.test_llama import NEW, PROMPTS, hf_logits, hf_model
+from tests.test_llama import NEW, PROMPTS, hf_logits, transformers_greedy
 
 SOURCE_MESH = ["mesh.data=2", "mesh.stage=2", "mesh.model=2", "pipeline.repeats=2"]
 
@@ -60,16 +60,7 @@ def orbax_llama(root, hf_llama, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def hf_greedy(hf_llama):
-  import torch
-  model = hf_model(hf_llama)
-  rows = []
-  with torch.no_grad():
-    for prompt in PROMPTS:
-      ids = torch.tensor([prompt])
-      out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW,
-                           do_sample=False, eos_token_id=None, pad_token_id=0)
-      rows.append(out[0, len(prompt):].tolist())
-  return np.array(rows)
+  return transformers_greedy(hf_llama)
 
 
 def natural_host(config, devices):

@@ -56,23 +56,24 @@ def hf_logits(checkpoint, tokens) -> np.ndarray:
     return hf_model(checkpoint)(torch.as_tensor(tokens)).logits.numpy()
 
 
+def transformers_greedy(checkpoint) -> np.ndarray:
+  """transformers' own greedy generate of PROMPTS, one prompt at a time (no padding)."""
+  import torch
+  model = hf_model(checkpoint)
+  rows = []
+  with torch.no_grad():
+    for prompt in PROMPTS:
+      ids = torch.tensor([prompt])
+      tokens = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW,
+                              do_sample=False, eos_token_id=None, pad_token_id=0)
+      rows.append(tokens[0, len(prompt):].tolist())
+  assert np.mean([len(set(r)) for r in rows]) > 3  # context-dependent, not an echo
+  return np.array(rows)
+
+
 @pytest.fixture(scope="module")
 def hf_greedy(checkpoints) -> dict:
-  """transformers' own greedy generate, one prompt at a time (no padding involved)."""
-  import torch
-  out = {}
-  for name, checkpoint in checkpoints.items():
-    model = hf_model(checkpoint)
-    rows = []
-    with torch.no_grad():
-      for prompt in PROMPTS:
-        ids = torch.tensor([prompt])
-        tokens = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW,
-                                do_sample=False, eos_token_id=None, pad_token_id=0)
-        rows.append(tokens[0, len(prompt):].tolist())
-    out[name] = np.array(rows)
-    assert np.mean([len(set(r)) for r in rows]) > 3  # context-dependent, not an echo
-  return out
+  return {name: transformers_greedy(checkpoint) for name, checkpoint in checkpoints.items()}
 
 
 def load(root, checkpoint, *overrides) -> config_lib.Config:
