@@ -24,6 +24,12 @@ from jaxpar.errors import UserError
 
 _LOOPBACK = ("127.", "localhost", "::1", "[::1]")
 
+# Over many processes, XLA:CPU (jax 0.10, gloo) deadlocks once more than 32 programs with
+# collectives are queued on a device (a device's launches wait on a semaphore of 32 while the
+# queued programs wait for that launch's collective). A loop of calls waits for a result at
+# least this often there.
+MAX_QUEUED = 16
+
 
 @dataclasses.dataclass(frozen=True)
 class Cluster:
@@ -64,8 +70,12 @@ class Cluster:
   def from_environment() -> "Cluster | None":
     """The cluster SLURM (srun), Open MPI (mpirun) or Kubernetes describe, as JAX's
     `jax.distributed.initialize()` would detect it; None outside one, or with one process."""
-    from jax._src import clusters  # JAX's own detectors; its public API joins at once
-    for env in clusters.ClusterEnv._cluster_types:
+    try:  # JAX's own detectors (private: the public API joins at once, and fails outside)
+      from jax._src import clusters
+      detectors = clusters.ClusterEnv._cluster_types
+    except (ImportError, AttributeError):  # a JAX that moved them: flags still work
+      return None
+    for env in detectors:
       if env.opt_in_only_method or not env.is_env_present():
         continue
       processes = env.get_process_count()
@@ -96,19 +106,34 @@ def join(cluster: Cluster, *, timeout: float) -> None:
   import jax
   if getattr(jax.config, "jax_cpu_collectives_implementation", "gloo") in (None, "none"):
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  watchdog = threading.Timer(timeout, _give_up, (cluster, timeout))
-  watchdog.daemon = True
-  watchdog.start()
   kwargs = {}
   if cluster.coordinator is not None:
     kwargs = dict(coordinator_address=cluster.coordinator, num_processes=cluster.processes,
                   process_id=cluster.process_id)
     if cluster.coordinator.startswith(_LOOPBACK):  # a local cluster stays off the network
       kwargs["coordinator_bind_address"] = cluster.coordinator
+    if cluster.process_id == 0:
+      _check_port(kwargs.get("coordinator_bind_address", cluster.coordinator))
+  watchdog = threading.Timer(timeout, _give_up, (cluster, timeout))
+  watchdog.daemon = True
+  watchdog.start()
   try:  # JAX's own timeout comes later than the watchdog's, so the watchdog speaks
     jax.distributed.initialize(initialization_timeout=int(timeout) + 30, **kwargs)
   finally:
     watchdog.cancel()
+
+
+def _check_port(address: str) -> None:
+  """UserError when process 0 cannot listen at `address` (JAX crashes with SIGSEGV there)."""
+  host, _, port = address.rpartition(":")
+  local = host.strip("[]") if address.startswith(_LOOPBACK) else ""
+  with socket.socket(socket.AF_INET6 if ":" in local else socket.AF_INET) as s:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a closing socket is no obstacle
+    try:
+      s.bind((local, int(port)))
+    except OSError as e:
+      raise UserError(f"--coordinator {address}: process 0 cannot listen on port {port} "
+                      f"({e.strerror}); choose a free port") from None
 
 
 def _give_up(cluster: Cluster, timeout: float) -> None:

@@ -42,8 +42,9 @@ def describe(mesh: Mesh) -> str:
   platform, n = mesh.devices.flat[0].platform, mesh.devices.size
   where = ""
   if processes(mesh) > 1:
-    crossing = " and ".join(cross_process_axes(mesh)) or "no axis"
-    where = f" in {processes(mesh)} processes; {crossing} crosses processes"
+    crossing = cross_process_axes(mesh)
+    verb = "crosses" if len(crossing) == 1 else "cross"
+    where = f" in {processes(mesh)} processes; {' and '.join(crossing) or 'no axis'} {verb} them"
   return f"{dims} ({n} {platform} device{'s' if n != 1 else ''}{where})"
 
 

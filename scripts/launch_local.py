@@ -8,7 +8,8 @@ Each rank is a `scripts/run.py` process given `--coordinator 127.0.0.1:PORT --nu
 the others' is kept in temporary files and shown when they fail. When a rank fails, the others
 are stopped (SIGTERM, then SIGKILL after --grace seconds) and the launcher exits non-zero
 naming it; no rank is left behind, even if the launcher itself is killed (Linux). Each rank runs
-in its own process group, so nothing it starts survives it either.
+in its own process group, so nothing it starts survives it either. (A rank that has joined the
+cluster takes SIGTERM as JAX's preemption notice and keeps running: SIGKILL ends it.)
 """
 
 import argparse
@@ -32,8 +33,9 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--host", default="127.0.0.1",
                  help="the coordinator's address (default 127.0.0.1: loopback only)")
   p.add_argument("--port", type=int, default=0, help="the coordinator's port (default: a free one)")
-  p.add_argument("--grace", type=float, default=5.0, metavar="SECONDS",
-                 help="after a failure, how long the other ranks get to end on SIGTERM")
+  p.add_argument("--grace", type=float, default=3.0, metavar="SECONDS",
+                 help="after a failure, how long the other ranks get to end on SIGTERM before "
+                      "SIGKILL (default 3)")
   p.add_argument("--timeout", type=float, default=0.0, metavar="SECONDS",
                  help="stop every rank after this long (default 0: no limit)")
   p.add_argument("run_args", nargs=argparse.REMAINDER, help="-- then scripts/run.py's arguments")
@@ -47,9 +49,10 @@ def free_port(host: str) -> int:
 
 
 def _die_with_parent() -> None:
-  """In the child, before exec: SIGTERM when the launcher dies (Linux prctl PR_SET_PDEATHSIG)."""
+  """In the child, before exec: SIGKILL when the launcher dies (Linux prctl PR_SET_PDEATHSIG;
+  a joined JAX process takes SIGTERM as a preemption notice and keeps running)."""
   try:
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
   except (OSError, AttributeError):  # not Linux: --grace and the process groups still apply
     pass
 
@@ -119,6 +122,22 @@ def _say(text: str) -> None:
   print(f"launch_local: {text}", file=sys.stderr, flush=True)
 
 
+def _report(procs: list[subprocess.Popen], rank: int, log_dir: str) -> None:
+  """Names the rank that failed first (and any others), and shows its output unless rank 0
+  failed too (whose output is already on screen)."""
+  failed = [r for r, p in enumerate(procs) if p.poll() not in (None, 0) and r != rank]
+  running = sum(p.poll() is None for p in procs)
+  also = ""
+  if failed:
+    also = f"; rank{'s' if len(failed) > 1 else ''} {', '.join(map(str, failed))} failed too"
+  stopping = f"; stopping the {running} still running" if running else ""
+  _say(f"error: rank {rank} (pid {procs[rank].pid}) {how(procs[rank].returncode)}{also}"
+       f"{stopping}")
+  if rank != 0 and 0 not in failed:
+    log = _tail(os.path.join(log_dir, f"rank{rank}.log"))
+    _say(f"rank {rank}'s output (last 40 lines):\n{log}")
+
+
 def _terminate(signum, frame):
   raise SystemExit(128 + signum)  # unwinds into `finally`, which stops the ranks
 
@@ -148,14 +167,13 @@ def main(argv: list[str] | None = None) -> int:
       if rank < 0:
         _say(f"error: the ranks ran past --timeout {args.timeout:g} s; stopping them")
         return 124
-      code = procs[rank].returncode
       time.sleep(min(1.0, args.grace))  # a mistake every rank makes ends them all by itself
-      others = [r for r, p in enumerate(procs) if p.poll() is None]
-      _say(f"error: rank {rank} (pid {procs[rank].pid}) {how(code)}; stopping the "
-           f"{len(others)} rank{'s' if len(others) != 1 else ''} still running")
-      if rank != 0:
-        _say(f"rank {rank}'s output (last 40 lines):\n{_tail(os.path.join(log_dir, f'rank{rank}.log'))}")
+      _report(procs, rank, log_dir)
+      code = procs[rank].returncode
       return code if code > 0 else 128 - code
+    except KeyboardInterrupt:  # Ctrl-C reaches only the launcher: ranks have their own sessions
+      _say("interrupted; stopping every rank")
+      return 130
     finally:
       stop(procs, args.grace)
 

@@ -18,10 +18,10 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxpar import axes, checkpoint_meta, models
-from jaxpar.distributed import to_host, tree_to_host
+from jaxpar.distributed import MAX_QUEUED, to_host, tree_to_host
 from jaxpar.config import Config, MeshConfig
 from jaxpar.errors import UserError
-from jaxpar.mesh import single_device_mesh
+from jaxpar.mesh import processes, single_device_mesh
 from jaxpar.models.base import Family, Layout, Step, run_blocks
 from jaxpar.parallel import pipeline
 from jaxpar.rules import Logical, Rules, check_tree, is_logical, tree_shardings, use_rules
@@ -227,8 +227,12 @@ def time_steady(forward: Forward, tokens_BT: jax.Array, *, warmup: int, iters: i
   """Seconds per call after `warmup` untimed calls (compile excluded)."""
   for _ in range(warmup):
     forward(tokens_BT).block_until_ready()
+  # Over many processes more calls in flight than MAX_QUEUED can deadlock (see there).
+  every = MAX_QUEUED if processes(forward.mesh) > 1 else iters
   start = time.perf_counter()
-  for _ in range(iters):
+  for i in range(iters):
     out = forward(tokens_BT)
+    if (i + 1) % every == 0:
+      out.block_until_ready()
   out.block_until_ready()
   return (time.perf_counter() - start) / iters
