@@ -88,6 +88,13 @@ def _parser() -> argparse.ArgumentParser:
   gen.add_argument("--save-tokens", metavar="OUT.npy",
                    help="write the new tokens, int32 [B, max_new_tokens]; after EOS: EOS")
 
+  srv = _command(commands, "serve", "an OpenAI-compatible HTTP server with continuous "
+                 "batching", "configs/tiny.yaml")
+  srv.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 "
+                        "opens it to the network)")
+  srv.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free one)")
+
   conv = _command(commands, "convert", "write the model's parameters as a checkpoint (Orbax, "
                   "restorable on any mesh; or Hugging Face)", "configs/llama.yaml")
   conv.add_argument("--out", required=True, metavar="DIR", help="the checkpoint to write")
@@ -517,6 +524,11 @@ def convert(args, config: config_lib.Config) -> dict:
           "write_s": time.perf_counter() - start}
 
 
+def _serve(args, config: config_lib.Config) -> dict:
+  from jaxpar.serve.command import serve
+  return serve(args, config, open_mesh=_open_mesh, load_tokenizer=load_tokenizer)
+
+
 def describe_model(m: config_lib.ModelConfig) -> str:
   """'llama d_model=2048 n_heads=32 (8 kv) n_layers=16 d_ff=8192 vocab=128256 (checkpoint X)'."""
   kv = f" ({m.kv_heads} kv)" if m.kv_heads != m.n_heads else ""
@@ -605,7 +617,7 @@ def main(argv: list[str] | None = None) -> int:
       from jaxpar.checkpoint_meta import check_out
       check_out(args.out, overwrite=args.overwrite)
     command = {"forward": forward, "classify": classify, "generate": generate,
-               "convert": convert}[args.command]
+               "convert": convert, "serve": _serve}[args.command]
     result = command(args, config)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)

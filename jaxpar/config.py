@@ -135,6 +135,19 @@ class GenerateConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ServeConfig:
+  """The serving engine and HTTP server (`scripts/run.py serve`)."""
+  max_slots: int = 8        # requests decoded together (a multiple of the data axis)
+  max_len: int = 0          # positions per slot: prompt + max_tokens; 0: model.max_seq_len
+  max_tokens: int = 256     # the most new tokens a request may ask for (and the default)
+  max_queue: int = 256      # requests waiting for a slot before new ones get 429
+  min_bucket: int = 16      # prompts are padded to 16, 32, 64, ... tokens (one program each)
+  policy: str = "continuous"  # continuous: refill slots every step; static: whole batches
+  shutdown_timeout: float = 10.0  # on SIGTERM, seconds in-flight requests get to finish
+  model_name: str = ""      # the name clients ask for; "": the checkpoint's folder name
+
+
+@dataclasses.dataclass(frozen=True)
 class PipelineConfig:
   """The schedule over the `stage` axis (used when mesh.stage > 1)."""
   microbatches: int = 4  # a multiple of mesh.stage that divides run.batch
@@ -148,13 +161,14 @@ class Config:
   run: RunConfig = RunConfig()
   pipeline: PipelineConfig = PipelineConfig()
   generate: GenerateConfig = GenerateConfig()
+  serve: ServeConfig = ServeConfig()
   # Ordered (logical name, mesh axis | tuple of mesh axes | None) pairs.
   rules: tuple = axes.DEFAULT_RULES
   cnn: CnnConfig = CnnConfig()
 
 
 _SECTIONS = {"mesh": MeshConfig, "model": ModelConfig, "run": RunConfig,
-             "pipeline": PipelineConfig, "generate": GenerateConfig}
+             "pipeline": PipelineConfig, "generate": GenerateConfig, "serve": ServeConfig}
 _SECTIONS["cnn"] = CnnConfig
 _DTYPES = ("float32", "bfloat16", "float16")
 # YAML 1.1 reads `1e-05` (no dot) as a string: numbers in any usual notation are floats here.
@@ -323,7 +337,11 @@ def validate(config: Config) -> None:
               ("pipeline.microbatches", config.pipeline.microbatches),
               ("pipeline.repeats", config.pipeline.repeats),
               ("generate.max_new_tokens", config.generate.max_new_tokens),
-              ("generate.prompt_len", config.generate.prompt_len)]
+              ("generate.prompt_len", config.generate.prompt_len),
+              ("serve.max_slots", config.serve.max_slots),
+              ("serve.max_tokens", config.serve.max_tokens),
+              ("serve.max_queue", config.serve.max_queue),
+              ("serve.min_bucket", config.serve.min_bucket)]
   for key, value in positive:
     if value < 1:
       raise UserError(f"{key}={value}: must be at least 1")
@@ -332,6 +350,12 @@ def validate(config: Config) -> None:
     raise UserError(f"generate.temperature={g.temperature}, generate.top_k={g.top_k}, "
                     f"generate.top_p={g.top_p}: need temperature >= 0, top_k >= 0 and "
                     f"0 < top_p <= 1")
+  if config.serve.policy not in ("continuous", "static"):
+    raise UserError(f"serve.policy={config.serve.policy!r}: expected 'continuous' (refill slots "
+                    f"every step) or 'static' (whole batches)")
+  if config.serve.max_len < 0 or config.serve.shutdown_timeout < 0:
+    raise UserError(f"serve.max_len={config.serve.max_len}, serve.shutdown_timeout="
+                    f"{config.serve.shutdown_timeout}: must be 0 or more")
   if r.warmup < 0:
     raise UserError(f"run.warmup={r.warmup}: must be 0 or more")
   for name in axes.MESH_AXES:

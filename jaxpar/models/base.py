@@ -16,10 +16,11 @@ path and by the pipeline alike (`run_blocks`):
 
 `step` is a `Step`: each query token's position [B, T] (rotary or learned positions), the
 mask [B, T, S] of key slots each query may see (causality and padding; a block adds its own
-sliding window), and `index`, the cache slot of the first query token. `cache` is None (the
-keys are the T tokens themselves, S = T) or this layer's KV cache, a dict of arrays whose
-shapes and logical names `Family.kv_cache` gives; the block writes its T new entries at
-`index` and attends over all S slots.
+sliding window), and `index`, the cache slot of the first query token: one for all rows, or
+one per row [B] (the serving engine's slots each sit at their own length). `cache` is None
+(the keys are the T tokens themselves, S = T) or this layer's KV cache, a dict of arrays
+whose shapes and logical names `Family.kv_cache` gives; the block writes its T new entries
+at `index` and attends over all S slots.
 
 Shape letters: B batch, T query tokens, S key slots, D width, N query heads, K key/value
 heads, G = N/K queries per key/value head, H head width, F MLP width, V vocabulary, L layers.
@@ -43,7 +44,7 @@ from jaxpar.rules import constrain
 
 class Step(NamedTuple):
   """Where the tokens of one call sit: positions [B, T], visible slots [B, T, S], the cache
-  slot of the first token (0 without a cache)."""
+  slot of the first token: a scalar, or int32 [B] per row (0 without a cache)."""
   positions_BT: jax.Array
   mask_BTS: jax.Array
   index: Any = 0
@@ -229,13 +230,16 @@ def rope(x_BTNH: jax.Array, positions_BT: jax.Array, inv_freq: np.ndarray) -> ja
 
 def write_cache(cache: dict | None, k_BTKH: jax.Array, v_BTKH: jax.Array,
                 index) -> tuple[jax.Array, jax.Array, dict | None]:
-  """(keys, values to attend over, the new cache): the T new entries written at `index`."""
+  """(keys, values to attend over, the new cache): the T new entries written at `index` (a
+  scalar, or one slot per row [B])."""
   if cache is None:
     return k_BTKH, v_BTKH, None
-  k_BSKH = lax.dynamic_update_slice_in_dim(cache["k"], k_BTKH.astype(cache["k"].dtype), index,
-                                           axis=1)
-  v_BSKH = lax.dynamic_update_slice_in_dim(cache["v"], v_BTKH.astype(cache["v"].dtype), index,
-                                           axis=1)
+  if jnp.ndim(index) == 0:
+    write = lambda c, x: lax.dynamic_update_slice_in_dim(c, x.astype(c.dtype), index, axis=1)
+  else:  # each row at its own slot: a scatter along the rows, in place
+    row = lambda c, x, i: lax.dynamic_update_slice_in_dim(c, x.astype(c.dtype), i, axis=0)
+    write = lambda c, x: jax.vmap(row)(c, x, index)
+  k_BSKH, v_BSKH = write(cache["k"], k_BTKH), write(cache["v"], v_BTKH)
   return k_BSKH, v_BSKH, {"k": k_BSKH, "v": v_BSKH}
 
 
@@ -253,9 +257,9 @@ def attend(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, step: Step, 
   scores = scores / math.sqrt(H)
   mask_BTS = step.mask_BTS
   if window:
-    query_T = step.index + jnp.arange(T)
+    query_BT = jnp.reshape(step.index, (-1, 1)) + jnp.arange(T)  # [1, T] or [B, T]
     key_S = jnp.arange(k_BSKH.shape[1])
-    mask_BTS = mask_BTS & (query_T[:, None] - key_S[None, :] < window)[None]
+    mask_BTS = mask_BTS & (query_BT[:, :, None] - key_S < window)
   scores = jnp.where(mask_BTS[:, None, None], scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v_BSKH.dtype)
   out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", probs, v_BSKH)

@@ -8,9 +8,11 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 
+@jax.tree_util.register_dataclass  # a program argument too (the server's per-row settings)
 @dataclasses.dataclass(frozen=True)
 class Sampling:
   temperature: float = 0.0  # 0: greedy (argmax)
@@ -56,28 +58,47 @@ def _search(count_ok, like_B: jax.Array, *, largest: bool) -> jax.Array:
 
 def sample(logits_BV: jax.Array, keys_B: jax.Array, s: Sampling) -> jax.Array:
   """Next tokens [B] from float32 logits (padding columns already at the float minimum), row
-  b drawn with key `keys_B[b]`."""
-  if s.temperature == 0:
+  b drawn with key `keys_B[b]`. `s` holds numbers (one setting for every row, what the
+  program is compiled for) or arrays [B] (a setting per row: the serving engine's slots;
+  temperature 0 is greedy, top_k 0 and top_p 1 filter nothing)."""
+  per_row = _per_row(s)
+  if not per_row and s.temperature == 0:
     return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
   draw = lambda key, logits_V: jax.random.categorical(key, logits_V)
-  return jax.vmap(draw)(keys_B, filter_logits(logits_BV, s)).astype(jnp.int32)
+  drawn_B = jax.vmap(draw)(keys_B, filter_logits(logits_BV, s)).astype(jnp.int32)
+  if not per_row:
+    return drawn_B
+  greedy_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+  return jnp.where(s.temperature == 0, greedy_B, drawn_B)
+
+
+def _per_row(s: Sampling) -> bool:
+  return any(isinstance(v, (jax.Array, np.ndarray)) for v in dataclasses.astuple(s))
 
 
 def filter_logits(logits_BV: jax.Array, s: Sampling) -> jax.Array:
   """Logits / temperature, with the tokens top-k and top-p drop set to the float minimum:
   top-k keeps the k likeliest (ties included); top-p keeps the smallest set of likeliest
-  tokens whose mass reaches top_p (always the top token)."""
-  logits_BV = logits_BV / s.temperature
+  tokens whose mass reaches top_p (always the top token). Settings per row ([B] arrays) are
+  all applied; a row's top_k 0 or top_p 1 keeps every token."""
+  per_row = _per_row(s)
+  column = lambda v: jnp.reshape(jnp.asarray(v), (-1, 1))  # [1, 1] or [B, 1]
+  temperature = column(s.temperature).astype(jnp.float32)
+  logits_BV = logits_BV / jnp.where(temperature > 0, temperature, 1.0)
   low = jnp.finfo(jnp.float32).min
-  if s.top_k:
+  if per_row or s.top_k:
+    top_k = column(s.top_k)[:, 0]
+    top_k = jnp.where(top_k > 0, top_k, logits_BV.shape[-1])
     keys_BV = _order_key(logits_BV)
-    kth_B = _search(lambda u: jnp.sum(keys_BV >= u[:, None], axis=-1) >= s.top_k,
+    kth_B = _search(lambda u: jnp.sum(keys_BV >= u[:, None], axis=-1) >= top_k,
                     keys_BV[:, 0], largest=True)
     logits_BV = jnp.where(keys_BV >= kth_B[:, None], logits_BV, low)
-  if s.top_p < 1:
+  if per_row or s.top_p < 1:
+    top_p = column(s.top_p)[:, 0]
     keys_BV, probs_BV = _order_key(logits_BV), jax.nn.softmax(logits_BV, axis=-1)
     # The smallest key whose strictly likelier tokens hold less than top_p of the mass.
     above = lambda u: jnp.sum(jnp.where(keys_BV > u[:, None], probs_BV, 0.0), axis=-1)
-    cut_B = _search(lambda u: above(u) < s.top_p, keys_BV[:, 0], largest=False)
+    cut_B = _search(lambda u: above(u) < top_p, keys_BV[:, 0], largest=False)
+    cut_B = jnp.where(top_p < 1, cut_B, jnp.uint32(0))
     logits_BV = jnp.where(keys_BV >= cut_B[:, None], logits_BV, low)
   return logits_BV

@@ -1,0 +1,395 @@
+"""Continuous batching: a fixed number of decode slots, refilled between decode steps.
+
+    engine = serve.build(config, mesh, tokenizer=tokenizer)   # compiles every program once
+    engine.start()                                             # the scheduler thread
+    stream = engine.submit(prompt_ids, Params(max_tokens=32))
+    for out in stream:                                         # Output(token_ids, text, ...)
+      print(out.text, end="")
+    engine.stop()
+
+One scheduler thread owns the device state. Each iteration it frees the slots of finished or
+cancelled requests, prefills waiting requests into free slots (one compiled program per prompt
+length bucket, so no request compiles anything), then runs one decode step over every slot. A
+short request leaves as soon as it is done and a new one takes its slot at the next step
+(`policy: static` instead waits until every slot is free, then admits a batch in arrival
+order: the baseline continuous batching is measured against).
+"""
+
+import collections
+import dataclasses
+import itertools
+import math
+import queue
+import threading
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpar import axes
+from jaxpar.config import Config
+from jaxpar.distributed import say
+from jaxpar.errors import UserError
+from jaxpar.runtime import generate as gen_lib
+from jaxpar.runtime.sampling import Sampling
+from jaxpar.serve.metrics import Metrics
+from jaxpar.serve.programs import Programs
+
+
+class RequestError(ValueError):
+  """A request the engine refuses (the server answers 400): `param` names the field."""
+
+  def __init__(self, message: str, *, param: str | None = None):
+    super().__init__(message)
+    self.param = param
+
+
+@dataclasses.dataclass(frozen=True)
+class Params:
+  """How one request is decoded: up to `max_tokens` new tokens (EOS and stop strings end it
+  sooner), greedy when `temperature` is 0; `seed` makes sampling repeatable."""
+  max_tokens: int = 16
+  temperature: float = 0.0
+  top_k: int = 0
+  top_p: float = 1.0
+  seed: int | None = None
+  stop: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass
+class Output:
+  """What one request produced since its last Output; `finish_reason` is set on the last:
+  'stop' (EOS or a stop string), 'length' (max_tokens), 'cancelled' or 'error'."""
+  token_ids: list[int]
+  text: str
+  finish_reason: str | None = None
+
+
+class Stream:
+  """A submitted request: iterate it for Outputs as they come, or call `result()`."""
+
+  def __init__(self, rid: int, prompt: list[int], params: Params,
+               listener: Callable[[Output], None] | None):
+    self.id, self.prompt, self.params = rid, prompt, params
+    self.token_ids: list[int] = []
+    self.text = ""
+    self.finish_reason: str | None = None
+    self.submitted = time.perf_counter()
+    self.first_token_at: float | None = None
+    self.finished_at: float | None = None
+    self.cancelled = False
+    self._sent_text = 0
+    self._queue: queue.Queue | None = None if listener else queue.Queue()
+    self._listener = listener or self._queue.put
+
+  def __iter__(self):
+    while True:
+      out = self._queue.get()
+      yield out
+      if out.finish_reason is not None:
+        return
+
+  def result(self) -> "Stream":
+    """Waits until the request is done (only without a listener)."""
+    for _ in self:
+      pass
+    return self
+
+  def cancel(self) -> None:
+    """Frees the request's slot at the next step (its last Output says 'cancelled')."""
+    self.cancelled = True
+
+
+class Engine:
+  """Continuous batching over `slots` decode rows. Build with `build`."""
+
+  def __init__(self, programs: Programs, compiled: dict, *, eos_ids: tuple[int, ...],
+               detokenize: Callable[[list[int]], str] | None, max_queue: int,
+               policy: str, metrics: Metrics):
+    self.programs, self._compiled = programs, compiled
+    self.generator = programs.generator
+    self.slots, self.length = programs.slots, programs.length
+    self.eos_ids, self.detokenize, self.max_queue = set(eos_ids), detokenize, max_queue
+    self.policy, self.metrics = policy, metrics
+    self.vocab_size = self.generator.forward.config.model.vocab_size
+    B = self.slots
+    self._tokens, self._positions = np.zeros(B, np.int32), np.zeros(B, np.int32)
+    self._temperature, self._top_k = np.zeros(B, np.float32), np.zeros(B, np.int32)
+    self._top_p, self._seeds = np.ones(B, np.float32), np.zeros(B, np.uint32)
+    self._counts = np.zeros(B, np.int32)
+    self._running: list[Stream | None] = [None] * B
+    self._waiting: collections.deque[Stream] = collections.deque()
+    self._ids = itertools.count()
+    self._lock = threading.Condition()
+    self._thread: threading.Thread | None = None
+    self._closing = False
+    self._caches = programs.empty_caches()
+    with jax.set_mesh(self.generator.mesh):
+      self._row_sharding = self.generator.forward.rules.sharding(
+          (axes.BATCH,), self.generator.mesh, what="serve slots")
+    metrics.bind(queue=lambda: len(self._waiting), running=self.running)
+
+  # ---- the caller's side (any thread) ----
+
+  def running(self) -> int:
+    return sum(s is not None for s in self._running)
+
+  def check(self, prompt: list[int], params: Params) -> None:
+    """RequestError for a request this engine cannot run (before it is queued)."""
+    if not prompt:
+      raise RequestError("the prompt is empty: give at least one token", param="prompt")
+    bad = [t for t in prompt if not 0 <= t < self.vocab_size]
+    if bad:
+      raise RequestError(f"token id {bad[0]} is outside the vocabulary (0 to "
+                         f"{self.vocab_size - 1})", param="prompt")
+    if params.max_tokens < 1:
+      raise RequestError(f"max_tokens={params.max_tokens}: must be at least 1",
+                         param="max_tokens")
+    if len(prompt) + params.max_tokens > self.length:
+      raise RequestError(f"this model's maximum context length is {self.length} tokens; the "
+                         f"request has {len(prompt)} prompt tokens and max_tokens="
+                         f"{params.max_tokens}: shorten the prompt or lower max_tokens",
+                         param="max_tokens" if len(prompt) < self.length else "prompt")
+    if params.temperature < 0 or params.top_k < 0 or not 0 < params.top_p <= 1:
+      raise RequestError(f"temperature={params.temperature}, top_k={params.top_k}, top_p="
+                         f"{params.top_p}: need temperature >= 0, top_k >= 0 and "
+                         f"0 < top_p <= 1", param="temperature")
+    if params.stop and self.detokenize is None:
+      raise RequestError("stop strings need a tokenizer (tokenizer.json in the checkpoint)",
+                         param="stop")
+
+  def submit(self, prompt: list[int], params: Params = Params(), *,
+             listener: Callable[[Output], None] | None = None) -> Stream:
+    """Queues a request (token ids); RequestError when it is invalid or the queue is full.
+    `listener` (called on the scheduler thread) receives the Outputs instead of the Stream's
+    own queue."""
+    prompt = [int(t) for t in prompt]
+    self.check(prompt, params)
+    with self._lock:
+      if self._closing:
+        raise RequestError("the server is shutting down", param=None)
+      if len(self._waiting) >= self.max_queue:
+        raise RequestError(f"the queue is full ({self.max_queue} requests waiting); retry "
+                           f"later", param=None)
+      stream = Stream(next(self._ids), prompt, params, listener)
+      self._waiting.append(stream)
+      self._lock.notify()
+    return stream
+
+  def generate(self, prompts: list[list[int]], params: Params = Params()) -> list[Stream]:
+    """Runs `prompts` to completion (the engine must be started)."""
+    return [s.result() for s in [self.submit(p, params) for p in prompts]]
+
+  def start(self) -> "Engine":
+    self._thread = threading.Thread(target=self._loop, name="jaxpar-serve", daemon=True)
+    self._thread.start()
+    return self
+
+  def stop(self, *, timeout: float = 0.0) -> None:
+    """Stops accepting requests, lets the running and queued ones finish for up to `timeout`
+    seconds, cancels the rest, and ends the scheduler thread."""
+    with self._lock:
+      self._closing = True
+      self._lock.notify()
+    deadline = time.perf_counter() + timeout
+    while time.perf_counter() < deadline and (self._waiting or self.running()):
+      time.sleep(0.01)
+    with self._lock:
+      for s in [*self._waiting, *filter(None, self._running)]:
+        s.cancel()
+      self._stopping = True
+      self._lock.notify()
+    if self._thread is not None:
+      self._thread.join(timeout=60)
+
+  # ---- the scheduler thread ----
+
+  _stopping = False
+
+  def _loop(self) -> None:
+    while True:
+      with self._lock:
+        while not self._stopping and not self._waiting and not self.running():
+          self._lock.wait()
+      try:
+        self.step()
+      except Exception as e:  # a failed step fails its requests; the engine keeps serving
+        say(f"serve: a step failed ({type(e).__name__}: {e}); its requests end with 'error'")
+        for s in [*self._waiting, *filter(None, self._running)]:
+          self._finish(s, "error")
+        self._running = [None] * self.slots
+        self._waiting.clear()
+        self._caches = self.programs.empty_caches()
+      if self._stopping and not self._waiting and not self.running():
+        return
+
+  def step(self) -> None:
+    """One iteration: drop cancelled requests, admit waiting ones, one decode step."""
+    for b, s in enumerate(self._running):
+      if s is not None and s.cancelled:
+        self._finish(s, "cancelled")
+    self._admit()
+    rows = [b for b, s in enumerate(self._running) if s is not None]
+    if not rows:
+      return
+    greedy = all(self._temperature[b] == 0 for b in rows)
+    put = lambda a: jax.device_put(a, self._row_sharding)
+    sampling = Sampling(put(self._temperature), put(self._top_k), put(self._top_p))
+    next_B, self._caches = self._compiled["decode", greedy](
+        self.generator.params, self._caches, put(self._tokens), put(self._positions),
+        sampling, put(self._seeds), put(self._counts))
+    next_B = np.asarray(next_B)
+    for b in rows:
+      self._positions[b] += 1
+      self._accept(b, int(next_B[b]))
+
+  def _admit(self) -> None:
+    free = [b for b, s in enumerate(self._running) if s is None]
+    if self.policy == "static" and len(free) < self.slots:
+      return
+    while free:
+      with self._lock:
+        if not self._waiting:
+          return
+        stream = self._waiting.popleft()
+      if stream.cancelled:
+        self._finish(stream, "cancelled")
+        continue
+      self._prefill(stream, free.pop(0))
+
+  def _prefill(self, stream: Stream, b: int) -> None:
+    P, p = len(stream.prompt), stream.params
+    bucket = next(t for t in self.programs.buckets if t >= P)
+    tokens = np.zeros((1, bucket), np.int32)
+    tokens[0, :P] = stream.prompt
+    seed = np.uint32(stream.id if p.seed is None else p.seed)
+    sampling = Sampling(np.float32(p.temperature), np.int32(p.top_k), np.float32(p.top_p))
+    first, self._caches = self._compiled["prefill", bucket](
+        self.generator.params, self._caches, tokens, np.int32(P), np.int32(b), sampling, seed)
+    self._running[b] = stream
+    self._positions[b], self._counts[b], self._seeds[b] = P, 0, seed
+    self._temperature[b], self._top_k[b], self._top_p[b] = p.temperature, p.top_k, p.top_p
+    self._accept(b, int(first))
+
+  def _accept(self, b: int, token: int) -> None:
+    """Token `token` of the request in slot `b`: recorded, streamed, maybe its last."""
+    stream = self._running[b]
+    now = time.perf_counter()
+    if stream.first_token_at is None:
+      stream.first_token_at = now
+      self.metrics.first_token(now - stream.submitted)
+    self._tokens[b] = token
+    self._counts[b] += 1
+    stream.token_ids.append(token)
+    self.metrics.tokens(1)
+    reason = None
+    if token in self.eos_ids:
+      reason = "stop"
+    elif len(stream.token_ids) >= stream.params.max_tokens:
+      reason = "length"
+    text, hit = self._text(stream, final=reason is not None)
+    if hit:
+      reason = "stop"
+    if reason is None:
+      stream._listener(Output([token], text))
+      return
+    self._finish(stream, reason, token_ids=[token], text=text)
+
+  def _text(self, stream: Stream, *, final: bool) -> tuple[str, bool]:
+    """The new text to send, and whether a stop string ended the request. Text that may be
+    the start of a stop string, or of a multi-byte character, is held back until known."""
+    if self.detokenize is None:
+      return "", False
+    ids = [t for t in stream.token_ids if t not in self.eos_ids]
+    full = self.detokenize(ids)
+    hit = False
+    for stop in stream.params.stop:
+      at = full.find(stop)
+      if at >= 0:
+        full, hit = full[:at], True
+    stream.text = full
+    ready = len(full)
+    if not (final or hit):
+      held = max((len(s) - 1 for s in stream.params.stop), default=0)
+      ready = max(stream._sent_text, len(full.rstrip("\ufffd")) - held)
+    new = full[stream._sent_text:ready]
+    stream._sent_text = ready
+    return new, hit
+
+  def _finish(self, stream: Stream, reason: str, *, token_ids=(), text: str = "") -> None:
+    stream.finish_reason = reason
+    stream.finished_at = time.perf_counter()
+    if stream in self._running:
+      b = self._running.index(stream)
+      self._running[b] = None
+      self._positions[b] = self._temperature[b] = self._counts[b] = 0
+    if reason in ("stop", "length") and len(stream.token_ids) > 1:
+      per_token = (stream.finished_at - stream.first_token_at) / (len(stream.token_ids) - 1)
+      self.metrics.token_time(per_token)
+    self.metrics.finished(reason)
+    stream._listener(Output(list(token_ids), text, reason))
+
+
+def buckets(length: int, smallest: int = 16) -> tuple[int, ...]:
+  """Prompt length buckets: powers of two from `smallest`, then `length` itself."""
+  out, t = [], min(smallest, length)
+  while t < length:
+    out.append(t)
+    t *= 2
+  return tuple(out) + (length,)
+
+
+def build(config: Config, mesh, *, tokenizer=None, progress: bool = True) -> Engine:
+  """An Engine for `config` on `mesh` with every program compiled (said with a progress line;
+  the persistent compilation cache makes a restart fast)."""
+  s = config.serve
+  if mesh.shape[axes.STAGE] > 1:
+    raise UserError(f"serve with mesh.stage={mesh.shape[axes.STAGE]}: the serving engine "
+                    f"runs data and model parallel meshes only; set mesh.stage=1")
+  length = s.max_len or config.model.max_seq_len
+  if length > config.model.max_seq_len:
+    raise UserError(f"serve.max_len={length} exceeds model.max_seq_len="
+                    f"{config.model.max_seq_len}; lower serve.max_len (0: max_seq_len)")
+  data = math.prod(mesh.shape[a] for a in gen_lib.Rules(config.rules).mesh_axes(axes.BATCH))
+  if s.max_slots % data:
+    raise UserError(f"serve.max_slots={s.max_slots} does not split over the {data} devices "
+                    f"of the batch axes; use a multiple of {data}")
+  generator = gen_lib.build(config, mesh)
+  programs = Programs(generator, s.max_slots, length, buckets(length, s.min_bucket))
+  compiled = _compile(programs, progress=progress)
+  detokenize = None
+  if tokenizer is not None:
+    detokenize = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+  return Engine(programs, compiled, eos_ids=generator.eos_ids, detokenize=detokenize,
+                max_queue=s.max_queue, policy=s.policy, metrics=Metrics())
+
+
+def _compile(programs: Programs, *, progress: bool) -> dict:
+  """Lowers and compiles the prefill of every bucket and both decode steps."""
+  g, B = programs.generator, programs.slots
+  start = time.perf_counter()
+  if progress:
+    say(f"compiling {len(programs.buckets) + 2} programs: prefill for prompts of up to "
+        f"{', '.join(map(str, programs.buckets))} tokens, decode steps of {B} slots "
+        f"(greedy, sampled)...")
+  with jax.set_mesh(g.mesh):
+    caches = programs.empty_caches(abstract=True)
+    rows = g.forward.rules.sharding((axes.BATCH,), g.mesh, what="serve slots")
+    row = lambda dtype: jax.ShapeDtypeStruct((B,), dtype, sharding=rows)
+    scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype)
+    compiled = {}
+    for bucket in programs.buckets:
+      compiled["prefill", bucket] = programs.prefill(bucket).lower(
+          g.params, caches, jax.ShapeDtypeStruct((1, bucket), jnp.int32), scalar(jnp.int32),
+          scalar(jnp.int32), Sampling(scalar(jnp.float32), scalar(jnp.int32),
+                                      scalar(jnp.float32)), scalar(jnp.uint32)).compile()
+    for greedy in (True, False):
+      compiled["decode", greedy] = programs.decode(greedy=greedy).lower(
+          g.params, caches, row(jnp.int32), row(jnp.int32),
+          Sampling(row(jnp.float32), row(jnp.int32), row(jnp.float32)), row(jnp.uint32),
+          row(jnp.int32)).compile()
+  if progress:
+    say(f"compiled in {time.perf_counter() - start:.1f} s")
+  return compiled

@@ -1,0 +1,209 @@
+"""The OpenAI request and response bodies: checked field by field, with errors in OpenAI's own
+shape ({"error": {"message", "type", "param", "code"}}), and the chat template.
+
+Only what the engine can honour is accepted: `n` > 1, `logprobs`, `echo`, `best_of` and the
+penalties are refused by name rather than ignored.
+"""
+
+import dataclasses
+import json
+import os
+import time
+import uuid
+
+from jaxpar.serve.engine import Params
+
+_UNSUPPORTED = {"n": 1, "best_of": 1, "logprobs": None, "top_logprobs": None, "echo": False,
+                "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": None,
+                "suffix": None, "tools": None, "tool_choice": None, "functions": None,
+                "response_format": None}
+
+
+class ApiError(Exception):
+  """An error the server answers with `status` and OpenAI's error body."""
+
+  def __init__(self, status: int, message: str, *, param: str | None = None,
+               kind: str = "invalid_request_error", code: str | None = None):
+    super().__init__(message)
+    self.status, self.param, self.kind, self.code = status, param, kind, code
+
+  def body(self) -> dict:
+    return {"error": {"message": str(self), "type": self.kind, "param": self.param,
+                      "code": self.code}}
+
+
+@dataclasses.dataclass
+class Limits:
+  model: str          # the name the server answers to
+  max_tokens: int     # the most a request may ask for (and the default)
+  context: int        # positions per slot: prompt + max_tokens
+
+
+def parse_json(raw: bytes) -> dict:
+  try:
+    body = json.loads(raw)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ApiError(400, f"the request body is not valid JSON ({e})") from None
+  if not isinstance(body, dict):
+    raise ApiError(400, f"the request body must be a JSON object, not {type(body).__name__}")
+  return body
+
+
+def _field(body: dict, key: str, kinds, default, *, check=None, expect: str = ""):
+  value = body.get(key, default)
+  if value is None:
+    value = default
+  if value is default:
+    return value
+  ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in
+                                         (kinds if isinstance(kinds, tuple) else (kinds,)))
+  if not ok or (check is not None and not check(value)):
+    raise ApiError(400, f"{key}={json.dumps(value)} is invalid: expected {expect}", param=key)
+  return value
+
+
+def check_model(body: dict, limits: Limits) -> None:
+  model = body.get("model")
+  if model is None:
+    raise ApiError(400, f"model is required: this server serves {limits.model!r}",
+                   param="model")
+  if model != limits.model:
+    raise ApiError(404, f"the model {model!r} does not exist: this server serves "
+                   f"{limits.model!r}", param="model", code="model_not_found")
+
+
+def sampling_params(body: dict, limits: Limits) -> tuple[Params, bool, bool]:
+  """(Params, stream, include usage in the stream) from a request body."""
+  for key, default in _UNSUPPORTED.items():
+    if body.get(key, default) not in (default, None):
+      raise ApiError(400, f"{key}={json.dumps(body[key])} is not supported by this server; "
+                     f"leave it out", param=key)
+  max_key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+  max_tokens = _field(body, max_key, int, limits.max_tokens,
+                      check=lambda v: 1 <= v <= limits.max_tokens,
+                      expect=f"an integer from 1 to {limits.max_tokens}")
+  temperature = _field(body, "temperature", (int, float), 1.0, check=lambda v: 0 <= v <= 2,
+                       expect="a number from 0 to 2")
+  top_p = _field(body, "top_p", (int, float), 1.0, check=lambda v: 0 < v <= 1,
+                 expect="a number in (0, 1]")
+  top_k = _field(body, "top_k", int, 0, check=lambda v: v >= 0, expect="an integer >= 0")
+  seed = _field(body, "seed", int, None, check=lambda v: 0 <= v < 2**32,
+                expect="an integer from 0 to 2**32 - 1")
+  stop = body.get("stop") or []
+  stop = [stop] if isinstance(stop, str) else stop
+  if (not isinstance(stop, list) or len(stop) > 4
+      or not all(isinstance(s, str) and s for s in stop)):
+    raise ApiError(400, f"stop={json.dumps(body.get('stop'))} is invalid: expected a string "
+                   f"or a list of up to 4 non-empty strings", param="stop")
+  stream = _field(body, "stream", bool, False, expect="true or false")
+  options = _field(body, "stream_options", dict, {}, expect="an object")
+  params = Params(max_tokens=max_tokens, temperature=float(temperature), top_k=top_k,
+                  top_p=float(top_p), seed=seed, stop=tuple(stop))
+  return params, stream, bool(options.get("include_usage"))
+
+
+def completion_prompt(body: dict, tokenizer) -> list[int]:
+  """`prompt` as text (needs the tokenizer), or as token ids; one prompt per request."""
+  prompt = body.get("prompt")
+  if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+    prompt = prompt[0]
+  if isinstance(prompt, str):
+    if tokenizer is None:
+      raise ApiError(400, "prompt is text but the checkpoint has no tokenizer.json: send "
+                     "token ids (a list of integers)", param="prompt")
+    return tokenizer.encode(prompt).ids
+  if (isinstance(prompt, list) and prompt
+      and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
+    return prompt
+  raise ApiError(400, f"prompt is invalid: expected a string or a non-empty list of token ids "
+                 f"(one prompt per request), got {json.dumps(prompt)[:80]}", param="prompt")
+
+
+def chat_prompt(body: dict, template, tokenizer) -> list[int]:
+  """The messages rendered by the checkpoint's chat template, then tokenized."""
+  if template is None or tokenizer is None:
+    raise ApiError(400, "chat completions need a chat template and tokenizer.json in the "
+                   "checkpoint; use /v1/completions", param="messages")
+  messages = body.get("messages")
+  if (not isinstance(messages, list) or not messages
+      or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                 and isinstance(m.get("content"), str) for m in messages)):
+    raise ApiError(400, "messages is invalid: expected a non-empty list of "
+                   "{\"role\": ..., \"content\": \"...\"} objects", param="messages")
+  try:
+    text = template.render(messages=messages)
+  except Exception as e:  # the template's own raise_exception, or a template error
+    raise ApiError(400, f"the chat template refused the messages: {e}",
+                   param="messages") from None
+  return tokenizer.encode(text, add_special_tokens=False).ids
+
+
+class ChatTemplate:
+  """A checkpoint's chat template (chat_template.jinja, or tokenizer_config.json's
+  `chat_template`), rendered by jinja2's sandbox as Hugging Face does."""
+
+  def __init__(self, source: str, special: dict):
+    import jinja2.sandbox
+
+    def raise_exception(message):
+      raise ValueError(message)
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.filters["tojson"] = lambda x, indent=None: json.dumps(x, indent=indent,
+                                                              ensure_ascii=False)
+    env.globals["raise_exception"] = raise_exception
+    self._template, self._special = env.from_string(source), special
+
+  def render(self, *, messages: list[dict]) -> str:
+    return self._template.render(messages=messages, add_generation_prompt=True,
+                                 **self._special)
+
+  @staticmethod
+  def load(checkpoint: str) -> "ChatTemplate | None":
+    if not checkpoint:
+      return None
+    config = {}
+    path = os.path.join(checkpoint, "tokenizer_config.json")
+    if os.path.isfile(path):
+      with open(path) as f:
+        config = json.load(f)
+    source = config.get("chat_template")
+    if isinstance(source, list):  # named templates: the default one
+      source = next((t["template"] for t in source if t.get("name") == "default"), None)
+    jinja = os.path.join(checkpoint, "chat_template.jinja")
+    if os.path.isfile(jinja):
+      with open(jinja) as f:
+        source = f.read()
+    if not source:
+      return None
+    special = {}
+    for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
+      value = config.get(key)
+      special[key] = value.get("content") if isinstance(value, dict) else value
+    return ChatTemplate(source, {k: v for k, v in special.items() if v is not None})
+
+
+def new_id(prefix: str) -> str:
+  return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def usage(prompt: int, completion: int) -> dict:
+  return {"prompt_tokens": prompt, "completion_tokens": completion,
+          "total_tokens": prompt + completion}
+
+
+def choice(chat: bool, text: str, token_ids: list[int], finish: str | None, *,
+           delta: bool) -> dict:
+  """One choice; `token_ids` is jaxpar's addition (the text's tokens, EOS included)."""
+  out = {"index": 0, "finish_reason": finish, "token_ids": token_ids}
+  if not chat:
+    return {**out, "text": text, "logprobs": None}
+  if delta:
+    return {**out, "delta": {"content": text} if text else {}}
+  return {**out, "message": {"role": "assistant", "content": text}}
+
+
+def envelope(chat: bool, rid: str, model: str, choices: list[dict], *, chunk: bool) -> dict:
+  kind = ("chat.completion.chunk" if chunk else "chat.completion") if chat else (
+      "text_completion")
+  return {"id": rid, "object": kind, "created": int(time.time()), "model": model,
+          "choices": choices}

@@ -1,0 +1,128 @@
+"""The serving engine's compiled programs: prefill one request into a slot, and one decode step
+of every slot.
+
+The KV cache holds `slots` rows of `length` positions per layer, laid out by the rules like
+generation's (rows over `data`, key/value heads over `model`); it is donated to every call, so
+it updates in place. A row's tokens sit at the slots equal to their positions (no left
+padding), so each row has its own write index: the decode step's `Step.index` is the [B]
+vector of row positions.
+
+    prefill[T](params, caches, tokens_1T, length, slot, sampling, seed) -> first token, caches
+        the prompt, right-padded to the bucket T, through every block with a fresh [1, T]
+        cache; the cache rows written into row `slot` at 0..T-1 (past `length` they are never
+        visible: a row sees slots <= its position, and decoding overwrites them in order)
+    decode(params, caches, tokens_B, positions_B, sampling_B, seeds_B, counts_B) -> next_B, caches
+        each row's last token at its position; slots that hold no request compute too (at
+        position 0; their output is ignored and their cache row is rewritten by the next prefill)
+
+Sampling is per row (`Sampling` of [B] arrays) with the draw keyed by (request seed, token
+number) only, so a request's tokens do not depend on its slot or its neighbours. Greedy and
+sampled decode steps are two programs: a step with every row greedy skips the filters.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxpar.axes import BATCH, LAYERS
+from jaxpar.models.base import Step, run_blocks
+from jaxpar.rules import use_rules
+from jaxpar.runtime.generate import Generator, new_caches
+from jaxpar.runtime.sampling import Sampling, sample
+
+
+def request_keys(seeds_B: jax.Array, counts_B: jax.Array) -> jax.Array:
+  """The key of token number `counts_B[b]` (0 = the first) of the request seeded `seeds_B[b]`."""
+  return jax.vmap(lambda s, n: jax.random.fold_in(jax.random.key(s), n))(seeds_B, counts_B)
+
+
+def _insert(caches, row, slot, *, scan: bool):
+  """Writes a one-row cache (any length <= the cache's) into row `slot`, from position 0."""
+  batch_axis = 1 if scan else 0  # a scan's caches are stacked [L, B, ...]
+
+  def write(cache, update):
+    start = [0] * cache.ndim
+    start[batch_axis] = slot
+    return lax.dynamic_update_slice(cache, update.astype(cache.dtype), start)
+  return jax.tree.map(write, caches, row)
+
+
+@dataclasses.dataclass
+class Programs:
+  """The jitted programs for `slots` rows of `length` positions (compile with `compile`)."""
+  generator: Generator
+  slots: int
+  length: int
+  buckets: tuple[int, ...]
+
+  def cache_shardings(self):
+    """The caches' shardings by the rules (a tree like `new_caches` makes)."""
+    g = self.generator
+    m, rules = g.forward.config.model, g.forward.rules
+    spec = g.family.kv_cache(m, g.forward.layout, self.slots, self.length)
+    if g.scan:
+      return {k: rules.sharding((LAYERS, *names), g.mesh, what="the KV cache")
+              for k, (_, names) in spec.items()}
+    one = {k: rules.sharding(names, g.mesh, what="the KV cache") for k, (_, names) in spec.items()}
+    return tuple(one for _ in range(m.n_layers))
+
+  def empty_caches(self, *, abstract: bool = False):
+    """Zeroed caches for every slot (their shapes and shardings only, when `abstract`)."""
+    g = self.generator
+
+    def make():
+      with use_rules(g.forward.rules, keys=g.family.config_keys):
+        return new_caches(g, self.slots, self.length, scan=g.scan)
+    shardings = self.cache_shardings()
+    with jax.set_mesh(g.mesh):
+      fn = jax.jit(make, out_shardings=shardings)
+      if not abstract:
+        return fn()
+      return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          jax.eval_shape(fn), shardings)
+
+  def prefill(self, bucket: int):
+    g = self.generator
+    # One row does not split over `data`: every data group computes it (no collective), and
+    # the group that holds row `slot` keeps it.
+    rules = g.forward.rules.replace(BATCH, None)
+    keys, scan = g.family.config_keys, g.scan
+
+    def run(params, caches, tokens_1T, length, slot, sampling, seed):
+      with use_rules(rules, keys=keys):
+        model, graphdef, layers = g.model_parts(params)
+        positions_1T = jnp.arange(bucket, dtype=jnp.int32)[None]
+        step = Step(positions_1T, jnp.tril(jnp.ones((1, bucket, bucket), bool)), 0)
+        row = new_caches(g, 1, bucket, scan=scan)
+        x_1TD = model.embed(tokens_1T, positions_1T)
+        x_1TD, row = run_blocks(graphdef, layers, x_1TD, step, row, scan=scan)
+        last_11D = lax.dynamic_slice_in_dim(x_1TD, length - 1, 1, axis=1)
+        logits_1V = model.head(last_11D)[:, 0]
+        keys_1 = request_keys(seed[None], jnp.zeros((1,), jnp.int32))
+        token_1 = sample(logits_1V, keys_1, Sampling(*(jnp.reshape(v, (1,)) for v in
+                                                       dataclasses.astuple(sampling))))
+        return token_1[0], _insert(caches, row, slot, scan=scan)
+
+    caches = self.cache_shardings()
+    return jax.jit(run, donate_argnums=(1,), out_shardings=(None, caches))
+
+  def decode(self, *, greedy: bool):
+    g = self.generator
+    rules, keys, scan, S = g.forward.rules, g.family.config_keys, g.scan, self.length
+
+    def run(params, caches, tokens_B, positions_B, sampling, seeds_B, counts_B):
+      with use_rules(rules, keys=keys):
+        model, graphdef, layers = g.model_parts(params)
+        mask_B1S = (jnp.arange(S)[None, :] <= positions_B[:, None])[:, None, :]
+        step = Step(positions_B[:, None], mask_B1S, positions_B)
+        x_B1D = model.embed(tokens_B[:, None], step.positions_BT)
+        x_B1D, caches = run_blocks(graphdef, layers, x_B1D, step, caches, scan=scan)
+        logits_BV = model.head(x_B1D)[:, 0]
+        if greedy:
+          return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32), caches
+        return sample(logits_BV, request_keys(seeds_B, counts_B), sampling), caches
+
+    caches = self.cache_shardings()
+    return jax.jit(run, donate_argnums=(1,), out_shardings=(None, caches))

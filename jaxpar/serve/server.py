@@ -1,0 +1,178 @@
+"""The OpenAI-compatible HTTP server (FastAPI on uvicorn) in front of one `Engine`.
+
+    POST /v1/completions        prompt as text or token ids; "stream": true for server-sent events
+    POST /v1/chat/completions   messages through the checkpoint's chat template
+    GET  /v1/models, /health, /metrics (Prometheus)
+
+Each request is queued on the engine with a listener that hands its Outputs to the request's
+asyncio queue; a streamed response sends them as they come. A client that goes away cancels
+its request, which frees the slot at the engine's next step.
+"""
+
+import asyncio
+import json
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+from jaxpar.distributed import say
+from jaxpar.serve import openai_api as api
+from jaxpar.serve.engine import Engine, Output, RequestError, Stream
+
+
+def make_app(engine: Engine, *, limits: api.Limits, tokenizer=None, template=None,
+             log: bool = True) -> FastAPI:
+  app = FastAPI(title="jaxpar", docs_url=None, redoc_url=None)
+  created = int(time.time())
+
+  @app.exception_handler(api.ApiError)
+  async def api_error(_, e: api.ApiError):
+    return JSONResponse(e.body(), status_code=e.status)
+
+  @app.exception_handler(404)
+  async def not_found(request: Request, _):
+    e = api.ApiError(404, f"no route {request.method} {request.url.path}", code="not_found")
+    return JSONResponse(e.body(), status_code=404)
+
+  @app.exception_handler(405)
+  async def wrong_method(request: Request, _):
+    e = api.ApiError(405, f"{request.method} is not allowed on {request.url.path}")
+    return JSONResponse(e.body(), status_code=405)
+
+  @app.get("/health")
+  async def health():
+    return {"status": "ok", "running": engine.running(), "slots": engine.slots}
+
+  @app.get("/v1/models")
+  async def models():
+    return {"object": "list", "data": [{"id": limits.model, "object": "model",
+                                        "created": created, "owned_by": "jaxpar",
+                                        "max_model_len": limits.context}]}
+
+  @app.get("/metrics")
+  async def metrics():
+    return PlainTextResponse(engine.metrics.text().decode(),
+                             media_type="text/plain; version=0.0.4")
+
+  @app.post("/v1/completions")
+  async def completions(request: Request):
+    body = api.parse_json(await request.body())
+    api.check_model(body, limits)
+    prompt = api.completion_prompt(body, tokenizer)
+    return await _respond(request, body, prompt, chat=False)
+
+  @app.post("/v1/chat/completions")
+  async def chat_completions(request: Request):
+    body = api.parse_json(await request.body())
+    api.check_model(body, limits)
+    prompt = api.chat_prompt(body, template, tokenizer)
+    return await _respond(request, body, prompt, chat=True)
+
+  async def _respond(request: Request, body: dict, prompt: list[int], *, chat: bool):
+    params, stream_it, include_usage = api.sampling_params(body, limits)
+    loop, outputs = asyncio.get_running_loop(), asyncio.Queue()
+    listener = lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out)
+    try:
+      stream = engine.submit(prompt, params, listener=listener)
+    except RequestError as e:
+      status = 429 if "queue is full" in str(e) else 503 if "shutting down" in str(e) else 400
+      raise api.ApiError(status, str(e), param=e.param) from None
+    rid = api.new_id("chatcmpl" if chat else "cmpl")
+    if stream_it:
+      events = _events(stream, outputs, rid, chat=chat, include_usage=include_usage)
+      return StreamingResponse(events, media_type="text/event-stream")
+    return await _whole(request, stream, outputs, rid, chat=chat)
+
+  async def _whole(request: Request, stream: Stream, outputs: asyncio.Queue, rid: str, *,
+                   chat: bool):
+    try:
+      while True:
+        try:
+          out: Output = await asyncio.wait_for(outputs.get(), timeout=0.25)
+        except asyncio.TimeoutError:
+          if await request.is_disconnected():
+            stream.cancel()
+            return JSONResponse({}, status_code=499)
+          continue
+        if out.finish_reason is not None:
+          break
+    finally:
+      if stream.finish_reason is None:
+        stream.cancel()
+    _log(stream)
+    _check_error(stream)
+    choice = api.choice(chat, stream.text, stream.token_ids, stream.finish_reason, delta=False)
+    result = api.envelope(chat, rid, limits.model, [choice], chunk=False)
+    result["usage"] = api.usage(len(stream.prompt), len(stream.token_ids))
+    return result
+
+  async def _events(stream: Stream, outputs: asyncio.Queue, rid: str, *, chat: bool,
+                    include_usage: bool):
+    def event(payload) -> str:
+      return f"data: {json.dumps(payload)}\n\n"
+    try:
+      if chat:  # the role first, as OpenAI sends it
+        first = {"index": 0, "delta": {"role": "assistant", "content": ""},
+                 "finish_reason": None}
+        yield event(api.envelope(chat, rid, limits.model, [first], chunk=True))
+      while True:
+        out: Output = await outputs.get()
+        if out.finish_reason == "error":
+          yield event(api.ApiError(500, "the engine failed while decoding this request",
+                                   kind="server_error").body())
+          break
+        if out.text or out.token_ids or out.finish_reason:
+          choice = api.choice(chat, out.text, out.token_ids, out.finish_reason, delta=True)
+          yield event(api.envelope(chat, rid, limits.model, [choice], chunk=True))
+        if out.finish_reason is not None:
+          if include_usage:
+            last = api.envelope(chat, rid, limits.model, [], chunk=True)
+            last["usage"] = api.usage(len(stream.prompt), len(stream.token_ids))
+            yield event(last)
+          yield "data: [DONE]\n\n"
+          break
+      _log(stream)
+    finally:  # the client went away (the task is cancelled) or the stream ended
+      if stream.finish_reason is None:
+        stream.cancel()
+
+  def _check_error(stream: Stream) -> None:
+    if stream.finish_reason == "error":
+      raise api.ApiError(500, "the engine failed while decoding this request",
+                         kind="server_error")
+
+  def _log(stream: Stream) -> None:
+    if not log or stream.first_token_at is None:
+      return
+    n = len(stream.token_ids)
+    ttft = stream.first_token_at - stream.submitted
+    total = stream.finished_at - stream.submitted
+    rate = f", {(n - 1) / (total - ttft):.1f} tok/s after it" if n > 1 and total > ttft else ""
+    say(f"request {stream.id}: {len(stream.prompt)} prompt + {n} new tokens, "
+        f"{stream.finish_reason}; first token {ttft * 1e3:.0f} ms{rate}")
+
+  return app
+
+
+def run(engine: Engine, app: FastAPI, *, host: str, port: int, ready: str,
+        shutdown_timeout: float) -> None:
+  """Serves until SIGTERM or Ctrl-C: then requests in flight get `shutdown_timeout` seconds
+  to finish, the rest are cancelled, and the engine stops."""
+  import uvicorn
+
+  class Server(uvicorn.Server):
+    async def startup(self, sockets=None):
+      await super().startup(sockets=sockets)
+      if self.started:
+        bound = self.servers[0].sockets[0].getsockname()
+        say(ready.format(address=f"http://{bound[0]}:{bound[1]}"))
+
+  config = uvicorn.Config(app, host=host, port=port, log_level="warning",
+                          timeout_graceful_shutdown=shutdown_timeout, access_log=False)
+  server = Server(config)
+  try:
+    server.run()
+  finally:
+    engine.stop(timeout=0)
+    say("server stopped")
