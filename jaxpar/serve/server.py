@@ -11,6 +11,7 @@ its request, which frees the slot at the engine's next step.
 
 import asyncio
 import json
+import signal
 import time
 
 from fastapi import FastAPI, Request
@@ -171,6 +172,10 @@ def run(engine: Engine, app: FastAPI, *, host: str, port: int, ready: str,
   config = uvicorn.Config(app, host=host, port=port, log_level="warning",
                           timeout_graceful_shutdown=shutdown_timeout, access_log=False)
   server = Server(config)
+  # uvicorn handles SIGTERM and Ctrl-C (a graceful shutdown), then raises the signal again
+  # for the handler that was there before: this one, so the process ends normally.
+  for signum in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(signum, lambda *_: None)
   try:
     server.run()
   finally:

@@ -1,0 +1,332 @@
+"""The serving engine and the OpenAI-compatible server, against transformers on the same weights.
+
+The checkpoint is a random Mistral (its sliding window of 4 is shorter than every request, so
+each slot's own window is exercised) with a word-level tokenizer and a chat template, saved by
+transformers. The server runs in a thread of this process (a uvicorn server on a free port)
+and is driven by the official `openai` client; one test starts `scripts/run.py serve` as a
+process for the command line and SIGTERM.
+"""
+
+import concurrent.futures
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import jax
+import numpy as np
+import pytest
+
+from jaxpar import config as config_lib
+from jaxpar import inspect, serve
+from jaxpar.mesh import make_mesh
+from jaxpar.serve import openai_api, server
+from tests.conftest import write_hf_decoder
+
+WORDS = [f"w{i}" for i in range(247)] + ["<s>", "<|user|>", "<|assistant|>", "</s>"]
+TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} "
+            "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+SLOTS = 4
+rng = np.random.default_rng(0)
+# 16 requests of different prompt and output lengths (more than the slots: slots are reused).
+PROMPTS = [rng.integers(0, 247, int(n)).tolist() for n in rng.integers(1, 20, 16)]
+MAX_TOKENS = [int(n) for n in rng.integers(1, 12, 16)]
+
+
+def hf_greedy(model, prompt: list[int], new: int) -> list[int]:
+  """transformers' greedy generate of one prompt alone (no EOS stop)."""
+  import torch
+  with torch.no_grad():
+    ids = torch.tensor([prompt])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                         do_sample=False, eos_token_id=None, pad_token_id=0)
+  return out[0, len(prompt):].tolist()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+  import transformers
+  from tokenizers import Tokenizer, models, pre_tokenizers
+  path = write_hf_decoder(tmp_path_factory.mktemp("serve"), "mistral", sliding_window=4)
+  tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="w0"))
+  tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+  fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>",
+                                              eos_token="</s>", unk_token="w0")
+  fast.chat_template = TEMPLATE
+  fast.save_pretrained(path)
+  return path
+
+
+@pytest.fixture(scope="module")
+def hf(checkpoint):
+  import torch
+  import transformers
+  model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+  return model.eval(), transformers.AutoTokenizer.from_pretrained(checkpoint)
+
+
+def load(root, checkpoint, *overrides):
+  return config_lib.load(root / "configs" / "tiny.yaml", [
+      f"model.checkpoint={checkpoint}", f"serve.max_slots={SLOTS}", "serve.max_len=32",
+      "generate.eos_id=-1", *overrides])
+
+
+def engine_for(root, checkpoint, devices, *overrides, tokenizer=None):
+  config = load(root, checkpoint, *overrides)
+  mesh = make_mesh(config.mesh, devices=devices)
+  return serve.build(config, mesh, tokenizer=tokenizer, progress=False)
+
+
+@pytest.fixture(scope="module")
+def live(root, checkpoint, devices):
+  """(base URL, engine): the server on data=2 x model=4 in a thread of this process."""
+  import uvicorn
+  from tokenizers import Tokenizer
+  tokenizer = Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
+  engine = engine_for(root, checkpoint, devices, "mesh.data=2", "mesh.model=4",
+                      tokenizer=tokenizer).start()
+  limits = openai_api.Limits(model="test-model", max_tokens=24, context=engine.length)
+  app = server.make_app(engine, limits=limits, tokenizer=tokenizer,
+                        template=openai_api.ChatTemplate.load(str(checkpoint)), log=False)
+  uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+  thread = threading.Thread(target=uv.run, daemon=True)
+  thread.start()
+  while not uv.started:
+    time.sleep(0.05)
+  port = uv.servers[0].sockets[0].getsockname()[1]
+  yield f"http://127.0.0.1:{port}", engine
+  uv.should_exit = True
+  thread.join(timeout=10)
+  engine.stop()
+
+
+@pytest.fixture(scope="module")
+def client(live):
+  import openai
+  return openai.OpenAI(base_url=live[0] + "/v1", api_key="none", max_retries=0)
+
+
+def complete(client, prompt, max_tokens, **kw):
+  return client.completions.create(model="test-model", prompt=prompt, max_tokens=max_tokens,
+                                   temperature=0, **kw)
+
+
+def post(url: str, body: bytes | str) -> tuple[int, dict]:
+  data = body if isinstance(body, bytes) else body.encode()
+  request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+  try:
+    with urllib.request.urlopen(request) as r:
+      return r.status, json.loads(r.read())
+  except urllib.error.HTTPError as e:
+    return e.code, json.loads(e.read())
+
+
+def test_concurrent_greedy_completions_equal_transformers_alone(client, live, hf):
+  """16 completions at once through 4 slots equal transformers run one request at a time."""
+  model, _ = hf
+  with concurrent.futures.ThreadPoolExecutor(16) as pool:
+    answers = list(pool.map(lambda a: complete(client, *a), zip(PROMPTS, MAX_TOKENS)))
+  for prompt, max_tokens, answer in zip(PROMPTS, MAX_TOKENS, answers):
+    choice = answer.choices[0]
+    assert choice.token_ids == hf_greedy(model, prompt, max_tokens)
+    assert choice.finish_reason == "length"
+    assert answer.usage.prompt_tokens == len(prompt)
+    assert answer.usage.completion_tokens == max_tokens
+  # Alone through the same server: the same tokens.
+  for prompt, max_tokens, answer in list(zip(PROMPTS, MAX_TOKENS, answers))[:3]:
+    assert complete(client, prompt, max_tokens).choices[0].token_ids == (
+        answer.choices[0].token_ids)
+  assert live[1].running() == 0
+
+
+def test_streamed_text_equals_whole_text(client, hf):
+  model, tokenizer = hf
+  prompt = "w5 w17 w200 w3 w9"
+  whole = complete(client, prompt, 10)
+  chunks = list(complete(client, prompt, 10, stream=True,
+                         stream_options={"include_usage": True}))
+  text = "".join(c.choices[0].text for c in chunks if c.choices)
+  assert text == whole.choices[0].text
+  expected = hf_greedy(model, tokenizer.encode(prompt, add_special_tokens=False), 10)
+  assert whole.choices[0].text == tokenizer.decode(expected, skip_special_tokens=True)
+  assert sum(len(c.choices[0].token_ids) for c in chunks if c.choices) == 10
+  assert chunks[-1].usage.completion_tokens == 10 and chunks[-1].choices == []
+
+
+def test_stop_string_cuts_the_text(client, hf):
+  model, tokenizer = hf
+  prompt = "w1 w2 w3"
+  full = tokenizer.decode(hf_greedy(model, tokenizer.encode(prompt, add_special_tokens=False),
+                                    12), skip_special_tokens=True)
+  stop = " ".join(full.split()[3:5])  # words 4 and 5 of the greedy continuation
+  for stream in (False, True):
+    answer = complete(client, prompt, 12, stop=[stop], stream=stream)
+    if stream:
+      answer = list(answer)
+      text = "".join(c.choices[0].text for c in answer)
+      reason = answer[-1].choices[0].finish_reason
+    else:
+      text, reason = answer.choices[0].text, answer.choices[0].finish_reason
+    assert text == full[:full.index(stop)] and reason == "stop"
+
+
+def test_chat_completion_renders_the_template(client, hf):
+  model, tokenizer = hf
+  messages = [{"role": "user", "content": "w10 w11 w12"}]
+  ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+  ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+  answer = client.chat.completions.create(model="test-model", messages=messages, max_tokens=6,
+                                          temperature=0)
+  assert answer.usage.prompt_tokens == len(ids)
+  assert answer.choices[0].message.content == tokenizer.decode(hf_greedy(model, ids, 6),
+                                                                skip_special_tokens=True)
+  chunks = list(client.chat.completions.create(model="test-model", messages=messages,
+                                               max_tokens=6, temperature=0, stream=True))
+  assert chunks[0].choices[0].delta.role == "assistant"
+  assert "".join(c.choices[0].delta.content or "" for c in chunks) == (
+      answer.choices[0].message.content)
+
+
+def test_seeded_sampling_is_repeatable_and_independent_of_neighbours(client):
+  kw = dict(model="test-model", prompt=PROMPTS[0], max_tokens=10, temperature=1.0, top_p=0.9,
+            extra_body={"top_k": 20})  # top_k: an extension, as vLLM's
+  alone = client.completions.create(seed=7, **kw).choices[0].token_ids
+  with concurrent.futures.ThreadPoolExecutor(6) as pool:
+    busy = list(pool.map(lambda s: client.completions.create(seed=s, **kw).choices[0].token_ids,
+                         [7, 8, 9, 7, 10, 11]))
+  assert busy[0] == busy[3] == alone
+  assert len({tuple(t) for t in busy}) > 1  # other seeds draw other tokens
+
+
+BAD = [  # (body, status, what the error names)
+    (b"{not json", 400, None),
+    (b"[1, 2]", 400, None),
+    ({"prompt": [1, 2]}, 400, "model"),
+    ({"model": "other", "prompt": [1, 2]}, 404, "model"),
+    ({"model": "test-model"}, 400, "prompt"),
+    ({"model": "test-model", "prompt": []}, 400, "prompt"),
+    ({"model": "test-model", "prompt": [1, 251]}, 400, "prompt"),
+    ({"model": "test-model", "prompt": [1, -1]}, 400, "prompt"),
+    ({"model": "test-model", "prompt": [1] * 31, "max_tokens": 5}, 400, "max_tokens"),
+    ({"model": "test-model", "prompt": [1] * 40, "max_tokens": 1}, 400, "prompt"),
+    ({"model": "test-model", "prompt": [1], "max_tokens": 0}, 400, "max_tokens"),
+    ({"model": "test-model", "prompt": [1], "max_tokens": 25}, 400, "max_tokens"),
+    ({"model": "test-model", "prompt": [1], "max_tokens": "5"}, 400, "max_tokens"),
+    ({"model": "test-model", "prompt": [1], "temperature": -1}, 400, "temperature"),
+    ({"model": "test-model", "prompt": [1], "top_p": 0}, 400, "top_p"),
+    ({"model": "test-model", "prompt": [1], "n": 2}, 400, "n"),
+    ({"model": "test-model", "prompt": [1], "stop": [1]}, 400, "stop"),
+    ({"model": "test-model", "messages": "hi"}, 400, "messages"),
+]
+
+
+@pytest.mark.parametrize("body,status,param", BAD)
+def test_bad_request_gets_a_json_error_and_serving_goes_on(live, client, hf, body, status,
+                                                           param):
+  chat = isinstance(body, dict) and "messages" in body
+  url = live[0] + ("/v1/chat/completions" if chat else "/v1/completions")
+  code, answer = post(url, body if isinstance(body, bytes) else json.dumps(body))
+  assert code == status
+  assert answer["error"]["param"] == param and answer["error"]["message"]
+  assert answer["error"]["type"] == "invalid_request_error"
+  assert complete(client, [4, 5, 6], 3).choices[0].token_ids == hf_greedy(hf[0], [4, 5, 6], 3)
+
+
+def test_disconnect_mid_stream_frees_the_slot(live, client, hf):
+  import http.client
+  body = {"model": "test-model", "prompt": [1, 2, 3], "max_tokens": 24, "temperature": 0,
+          "stream": True}
+  connection = http.client.HTTPConnection(live[0].removeprefix("http://"), timeout=30)
+  connection.request("POST", "/v1/completions", json.dumps(body),
+                     {"Content-Type": "application/json"})
+  response = connection.getresponse()
+  assert response.readline().startswith(b"data: ")  # the first token arrived; now hang up
+  connection.close()
+  deadline = time.time() + 10
+  while live[1].running() and time.time() < deadline:
+    time.sleep(0.02)
+  assert live[1].running() == 0
+  assert complete(client, [7, 8], 4).choices[0].token_ids == hf_greedy(hf[0], [7, 8], 4)
+  text = urllib.request.urlopen(live[0] + "/metrics").read().decode()
+  assert 'jaxpar_requests_total{finish_reason="cancelled"}' in text
+  for name in ("jaxpar_queue_length", "jaxpar_running_slots", "jaxpar_tokens_per_second",
+               "jaxpar_time_to_first_token_seconds_bucket",
+               "jaxpar_time_per_output_token_seconds_bucket", "jaxpar_generated_tokens_total"):
+    assert name in text
+
+
+def test_models_and_health(live):
+  models = json.loads(urllib.request.urlopen(live[0] + "/v1/models").read())
+  assert [m["id"] for m in models["data"]] == ["test-model"]
+  assert json.loads(urllib.request.urlopen(live[0] + "/health").read())["status"] == "ok"
+
+
+@pytest.mark.parametrize("data,model", [(8, 1), (1, 8)])
+def test_python_api_on_other_meshes(root, checkpoint, devices, hf, data, model):
+  """The engine without HTTP; greedy equals transformers on data-only and model-only meshes,
+  with a static-batching engine giving the same tokens."""
+  for policy in ("continuous", "static"):
+    engine = engine_for(root, checkpoint, devices, f"mesh.data={data}", f"mesh.model={model}",
+                        f"serve.max_slots={8 if data == 8 else SLOTS}",
+                        f"serve.policy={policy}").start()
+    try:
+      streams = [engine.submit(p, serve.Params(max_tokens=m))
+                 for p, m in zip(PROMPTS[:10], MAX_TOKENS[:10])]
+      for stream, prompt, m in zip(streams, PROMPTS, MAX_TOKENS):
+        tokens = [t for out in stream for t in out.token_ids]
+        assert tokens == hf_greedy(hf[0], prompt, m)
+    finally:
+      engine.stop()
+
+
+def test_decode_step_collectives(live):
+  """The decode step on data=2 x model=4: two all-reduces per block and one for the
+  vocab-parallel embedding, the argmax's two small all-gathers; the cache is never gathered."""
+  engine = live[1]
+  census = inspect.hlo_census(engine._compiled["decode", True].as_text()).counts()
+  layers = engine.generator.forward.config.model.n_layers
+  assert census["all-reduce"]["count"] == 2 * layers + 1
+  assert census["all-gather"]["count"] == 2 and census["all-gather"]["bytes"] <= 64
+  assert set(census) == {"all-reduce", "all-gather"}
+  for bucket in engine.programs.buckets:
+    census = inspect.hlo_census(engine._compiled["prefill", bucket].as_text()).counts()
+    assert census.get("all-gather", {"bytes": 0})["bytes"] <= 64  # the argmax's, no cache
+
+
+def test_serve_command_and_sigterm(root, checkpoint, tmp_path):
+  """`scripts/run.py serve`: a ready line with the address; SIGTERM while a request is in
+  flight lets it finish, then the process exits cleanly."""
+  env = {**os.environ, "JAXPAR_CACHE_DIR": str(root / ".jax_cache")}
+  process = subprocess.Popen(
+      [sys.executable, str(root / "scripts" / "run.py"), "serve", "--config",
+       str(root / "configs" / "tiny.yaml"), "--port", "0", "--set",
+       f"model.checkpoint={checkpoint}", "--set", "serve.max_slots=8", "--set",
+       "serve.model_name=m"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+      env=env)
+  try:
+    lines = []
+    for line in process.stdout:
+      lines.append(line)
+      if line.startswith("serving"):
+        break
+    assert lines and lines[-1].startswith("serving 'm' at http://127.0.0.1:"), "".join(lines)
+    url = lines[-1].split(" at ")[1].split()[0]
+    body = json.dumps({"model": "m", "prompt": [1, 2, 3], "max_tokens": 20, "temperature": 0})
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+      pending = pool.submit(post, url + "/completions", body)
+      while b"jaxpar_running_slots 1.0" not in urllib.request.urlopen(
+          url.removesuffix("/v1") + "/metrics").read():
+        time.sleep(0.005)
+      process.send_signal(signal.SIGTERM)
+      code, answer = pending.result(timeout=60)
+    assert code == 200 and answer["choices"][0]["finish_reason"] == "length"
+    assert len(answer["choices"][0]["token_ids"]) == 20
+    assert process.wait(timeout=60) == 0
+    assert "server stopped" in process.stdout.read()
+  finally:
+    process.kill()
