@@ -1,0 +1,219 @@
+"""Serving under load: continuous batching against static batching (the same engine, batches
+formed in arrival order) and against `transformers` one request at a time.
+
+A random Llama-family checkpoint saved by `transformers` (width 512, 4 layers, 8 query heads
+over 4 key/value heads, vocabulary 8192; `--layers`, `--width` change it) is served on one CPU
+device with `serve.max_slots` slots (8). A seeded load generator sends `--requests` requests
+(48) with Poisson arrivals at `--rate` per second (16), prompts of 8-96 tokens (uniform) and
+outputs of 4-160 tokens (log-normal, median 24: most answers short, a few long), greedy, EOS
+off so each produces exactly its length; streamed through the official `openai` client, so
+the time to first token is what a client sees. `transformers` runs the same requests one at a
+time in arrival order: each request's prefill and decode are timed, and the queue in front
+of it follows from those times and the same arrival times.
+
+  python benchmarks/serve.py [--requests 48] [--rate 16] [--seed 0] [--plot out.png]
+
+Prints a table (output tokens/s, time to first token and time per output token, p50 and p99)
+and writes JSON and a PNG to benchmarks/results/serve.{json,png}. Goals: continuous batching
+>= 2x the throughput of static batching and >= 5x transformers sequential; p99 time to first
+token below static batching's.
+"""
+
+import argparse
+import asyncio
+import pathlib
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from jaxpar import emulate_cpu_devices  # noqa: E402
+
+
+def workload(n: int, rate: float, seed: int, vocab: int):
+  """(arrival times s, prompts, output lengths), seeded."""
+  rng = np.random.default_rng(seed)
+  arrivals = np.cumsum(rng.exponential(1 / rate, n)) - 0  # Poisson process
+  prompts = [rng.integers(0, vocab, int(t)).tolist() for t in rng.integers(8, 97, n)]
+  outputs = np.clip(np.round(rng.lognormal(np.log(24), 0.9, n)), 4, 160).astype(int).tolist()
+  return arrivals.tolist(), prompts, outputs
+
+
+def write_checkpoint(path, args) -> None:
+  import torch
+  import transformers
+  torch.manual_seed(args.seed)
+  config = transformers.LlamaConfig(
+      vocab_size=8192, hidden_size=args.width, intermediate_size=args.width * 11 // 4,
+      num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=4,
+      max_position_embeddings=512, initializer_range=0.2, tie_word_embeddings=False)
+  transformers.LlamaForCausalLM(config).save_pretrained(path)
+
+
+async def _client_run(url: str, arrivals, prompts, outputs) -> list[dict]:
+  import openai
+  client = openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
+  start = time.perf_counter()
+
+  async def one(arrival, prompt, new):
+    await asyncio.sleep(max(0.0, arrival - (time.perf_counter() - start)))
+    sent = time.perf_counter()
+    first, tokens = None, 0
+    stream = await client.completions.create(model="bench", prompt=prompt, max_tokens=new,
+                                             temperature=0, stream=True)
+    async for chunk in stream:
+      n = len(chunk.choices[0].token_ids) if chunk.choices else 0
+      if n and first is None:
+        first = time.perf_counter()
+      tokens += n
+    done = time.perf_counter()
+    return {"arrival": sent - start, "ttft": first - sent, "done": done - start,
+            "tokens": tokens, "tpot": (done - first) / max(tokens - 1, 1)}
+  try:
+    return await asyncio.gather(*(one(*r) for r in zip(arrivals, prompts, outputs)))
+  finally:
+    await client.close()
+
+
+def run_jaxpar(checkpoint, policy: str, args, work) -> list[dict]:
+  import jax
+  import uvicorn
+
+  from jaxpar import config as config_lib, serve
+  from jaxpar.mesh import make_mesh
+  from jaxpar.serve import openai_api, server
+  config = config_lib.load(ROOT / "configs" / "tiny.yaml", [
+      f"model.checkpoint={checkpoint}", "mesh.data=1", "mesh.cpu_devices=1",
+      f"serve.max_slots={args.slots}", "serve.max_len=512", f"serve.policy={policy}",
+      "generate.eos_id=-1", "serve.max_tokens=256"])
+  mesh = make_mesh(config.mesh, devices=jax.devices()[:1])
+  engine = serve.build(config, mesh, progress=False).start()
+  limits = openai_api.Limits(model="bench", max_tokens=256, context=engine.length)
+  app = server.make_app(engine, limits=limits, log=False)
+  uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+  thread = threading.Thread(target=uv.run, daemon=True)
+  thread.start()
+  while not uv.started:
+    time.sleep(0.05)
+  url = f"http://127.0.0.1:{uv.servers[0].sockets[0].getsockname()[1]}/v1"
+  try:
+    asyncio.run(_client_run(url, work[0][:2], work[1][:2], [2, 2]))  # warm the HTTP path
+    return asyncio.run(_client_run(url, *work))
+  finally:
+    uv.should_exit = True
+    thread.join(timeout=10)
+    engine.stop()
+
+
+def run_transformers(checkpoint, work) -> list[dict]:
+  """Each request alone, in arrival order; the queue is computed from the measured times."""
+  import torch
+  import transformers
+  torch.set_num_threads(2)
+  model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint,
+                                                            dtype=torch.float32).eval()
+
+  class FirstToken(transformers.generation.streamers.BaseStreamer):
+    def __init__(self):
+      self.calls, self.first = 0, None
+
+    def put(self, value):
+      self.calls += 1
+      if self.calls == 2:  # the prompt, then the first new token
+        self.first = time.perf_counter()
+
+    def end(self):
+      pass
+
+  free_at, out = 0.0, []
+  with torch.no_grad():
+    for arrival, prompt, new in zip(*work):
+      ids = torch.tensor([prompt])
+      streamer = FirstToken()
+      begin = time.perf_counter()
+      model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                     min_new_tokens=new, do_sample=False, pad_token_id=0, streamer=streamer)
+      end = time.perf_counter()
+      start = max(arrival, free_at)
+      free_at = start + (end - begin)
+      out.append({"arrival": arrival, "ttft": start - arrival + streamer.first - begin,
+                  "done": free_at, "tokens": new,
+                  "tpot": (end - streamer.first) / max(new - 1, 1)})
+  return out
+
+
+def summary(rows: list[dict]) -> dict:
+  ttft, tpot = [r["ttft"] for r in rows], [r["tpot"] for r in rows]
+  span = max(r["done"] for r in rows) - min(r["arrival"] for r in rows)
+  return {"tokens_per_s": sum(r["tokens"] for r in rows) / span,
+          "ttft_p50_s": float(np.percentile(ttft, 50)), "ttft_p99_s": float(np.percentile(ttft, 99)),
+          "tpot_p50_s": float(np.percentile(tpot, 50)), "tpot_p99_s": float(np.percentile(tpot, 99)),
+          "makespan_s": span}
+
+
+def plot(results: dict, path: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  names = list(results)
+  fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+  axes[0].bar(names, [results[n]["summary"]["tokens_per_s"] for n in names], color="C0")
+  axes[0].set_title("throughput (output tokens/s)")
+  for ax, key, title in ((axes[1], "ttft", "time to first token (s)"),
+                         (axes[2], "tpot", "time per output token (s)")):
+    ax.boxplot([[r[key] for r in results[n]["requests"]] for n in names], whis=(1, 99))
+    ax.set_xticks(range(1, len(names) + 1), names)
+    ax.set_yscale("log")
+    ax.set_title(title + ", whiskers p1-p99")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--requests", type=int, default=48)
+  p.add_argument("--rate", type=float, default=16.0, help="mean arrivals per second")
+  p.add_argument("--slots", type=int, default=8)
+  p.add_argument("--layers", type=int, default=4)
+  p.add_argument("--width", type=int, default=512)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve.json"))
+  p.add_argument("--plot", default=str(ROOT / "benchmarks" / "results" / "serve.png"))
+  args = p.parse_args()
+  emulate_cpu_devices(1)
+  from benchmarks.common import write_json
+  work = workload(args.requests, args.rate, args.seed, 8192)
+  print(f"{args.requests} requests, Poisson arrivals at {args.rate:g}/s, prompts "
+        f"{min(map(len, work[1]))}-{max(map(len, work[1]))} tokens, outputs {min(work[2])}-"
+        f"{max(work[2])} (median {int(np.median(work[2]))}), {sum(work[2])} output tokens")
+  results = {}
+  with tempfile.TemporaryDirectory() as tmp:
+    write_checkpoint(tmp, args)
+    for name, run in (("continuous", lambda: run_jaxpar(tmp, "continuous", args, work)),
+                      ("static", lambda: run_jaxpar(tmp, "static", args, work)),
+                      ("transformers", lambda: run_transformers(tmp, work))):
+      print(f"running {name}...", flush=True)
+      rows = run()
+      results[name] = {"summary": summary(rows), "requests": rows}
+  base = results["continuous"]["summary"]
+  print(f"\n| {'':14} | tokens/s | vs | TTFT p50 | TTFT p99 | TPOT p50 | TPOT p99 |")
+  print("|---|---|---|---|---|---|---|")
+  for name, r in results.items():
+    s = r["summary"]
+    ratio = base["tokens_per_s"] / s["tokens_per_s"]
+    print(f"| {name:14} | {s['tokens_per_s']:8.1f} | {ratio:4.2f}x | {s['ttft_p50_s']:7.3f}s | "
+          f"{s['ttft_p99_s']:7.3f}s | {s['tpot_p50_s'] * 1e3:6.1f}ms | "
+          f"{s['tpot_p99_s'] * 1e3:6.1f}ms |")
+  print("(vs: continuous batching's throughput over this row's)")
+  write_json(args.out, {"args": vars(args), "results": results})
+  plot(results, args.plot)
+  print(f"wrote {args.plot}")
+
+
+if __name__ == "__main__":
+  main()
