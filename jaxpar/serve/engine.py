@@ -35,6 +35,7 @@ from jaxpar.errors import UserError
 from jaxpar.runtime import generate as gen_lib
 from jaxpar.runtime.sampling import Sampling
 from jaxpar.serve.metrics import Metrics
+from jaxpar.serve.pipelined import PipelinedPrograms, Rows
 from jaxpar.serve.programs import Programs
 
 
@@ -125,7 +126,10 @@ class Engine:
     self._lock = threading.Condition()
     self._thread: threading.Thread | None = None
     self._closing = False
-    self._caches = programs.empty_caches()
+    self._state = programs.empty_state()
+    self._pipelined = isinstance(programs, PipelinedPrograms)
+    self._inject = np.zeros(B, bool)
+    self._prev_rows, self._prev_owner = None, [None] * B
     with jax.set_mesh(self.generator.mesh):
       self._row_sharding = self.generator.forward.rules.sharding(
           (axes.BATCH,), self.generator.mesh, what="serve slots")
@@ -221,7 +225,8 @@ class Engine:
           self._finish(s, "error")
         self._running = [None] * self.slots
         self._waiting.clear()
-        self._caches = self.programs.empty_caches()
+        self._state = self.programs.empty_state()
+        self._prev_rows, self._prev_owner = None, [None] * self.slots
       if self._stopping and not self._waiting and not self.running():
         return
 
@@ -235,15 +240,45 @@ class Engine:
     if not rows:
       return
     greedy = all(self._temperature[b] == 0 for b in rows)
+    if self._pipelined:
+      self._round(rows, greedy)
+      return
     put = lambda a: jax.device_put(a, self._row_sharding)
     sampling = Sampling(put(self._temperature), put(self._top_k), put(self._top_p))
-    next_B, self._caches = self._compiled["decode", greedy](
-        self.generator.params, self._caches, put(self._tokens), put(self._positions),
+    next_B, self._state = self._compiled["decode", greedy](
+        self.generator.params, self._state, put(self._tokens), put(self._positions),
         sampling, put(self._seeds), put(self._counts))
     next_B = np.asarray(next_B)
     for b in rows:
+      self._tokens[b] = next_B[b]
       self._positions[b] += 1
+      self._counts[b] += 1
       self._accept(b, int(next_B[b]))
+
+  def _round(self, rows: list[int], greedy: bool) -> None:
+    """One pipelined round (see `pipelined`): every slot's next step enters the pipeline;
+    the tokens that leave it are this round's for group 0, the previous round's for the
+    others."""
+    G, Bg, S = self.programs.G, self.programs.Bg, self.programs.S
+    cur = Rows(self._positions.copy(), np.array([s is not None for s in self._running]),
+               self._temperature.copy(), self._top_k.copy(), self._top_p.copy(),
+               self._seeds.copy(), self._counts.copy())
+    prev = self._prev_rows or jax.tree.map(np.zeros_like, cur)
+    both = jax.tree.map(lambda a, b: np.stack([a, b]).reshape(2, G, Bg), prev, cur)
+    out, self._state = self._compiled["round", greedy](
+        self.generator.params, self._state, self._inject.reshape(G, Bg),
+        self._tokens.reshape(G, Bg), both)
+    out = np.asarray(out).reshape(-1)
+    owners = [(self._running[b] if b // Bg + S - 1 < G else self._prev_owner[b],
+               (cur if b // Bg + S - 1 < G else prev).write[b]) for b in range(self.slots)]
+    self._inject[:] = False
+    for b in rows:
+      self._positions[b] += 1
+      self._counts[b] += 1
+    self._prev_rows, self._prev_owner = cur, list(self._running)
+    for b, (owner, valid) in enumerate(owners):
+      if valid and owner is not None and owner is self._running[b]:
+        self._accept(b, int(out[b]))
 
   def _admit(self) -> None:
     free = [b for b, s in enumerate(self._running) if s is None]
@@ -266,12 +301,14 @@ class Engine:
     tokens[0, :P] = stream.prompt
     seed = np.uint32(stream.id if p.seed is None else p.seed)
     sampling = Sampling(np.float32(p.temperature), np.int32(p.top_k), np.float32(p.top_p))
-    first, self._caches = self._compiled["prefill", bucket](
-        self.generator.params, self._caches, tokens, np.int32(P), np.int32(b), sampling, seed)
+    first, self._state = self._compiled["prefill", bucket](
+        self.generator.params, self._state, tokens, np.int32(P), np.int32(b), sampling, seed)
+    first = int(first)
     self._running[b] = stream
-    self._positions[b], self._counts[b], self._seeds[b] = P, 0, seed
+    self._positions[b], self._counts[b], self._seeds[b] = P, 1, seed
     self._temperature[b], self._top_k[b], self._top_p[b] = p.temperature, p.top_k, p.top_p
-    self._accept(b, int(first))
+    self._tokens[b], self._inject[b] = first, True
+    self._accept(b, first)
 
   def _accept(self, b: int, token: int) -> None:
     """Token `token` of the request in slot `b`: recorded, streamed, maybe its last."""
@@ -280,8 +317,6 @@ class Engine:
     if stream.first_token_at is None:
       stream.first_token_at = now
       self.metrics.first_token(now - stream.submitted)
-    self._tokens[b] = token
-    self._counts[b] += 1
     stream.token_ids.append(token)
     self.metrics.tokens(1)
     reason = None
@@ -325,6 +360,9 @@ class Engine:
       b = self._running.index(stream)
       self._running[b] = None
       self._positions[b] = self._temperature[b] = self._counts[b] = 0
+      self._inject[b] = False
+      if self._prev_rows is not None:  # its step in flight must not write into the slot
+        self._prev_rows.write[b] = False
     if reason in ("stop", "length") and len(stream.token_ids) > 1:
       per_token = (stream.finished_at - stream.first_token_at) / (len(stream.token_ids) - 1)
       self.metrics.token_time(per_token)
@@ -345,9 +383,6 @@ def build(config: Config, mesh, *, tokenizer=None, progress: bool = True) -> Eng
   """An Engine for `config` on `mesh` with every program compiled (said with a progress line;
   the persistent compilation cache makes a restart fast)."""
   s = config.serve
-  if mesh.shape[axes.STAGE] > 1:
-    raise UserError(f"serve with mesh.stage={mesh.shape[axes.STAGE]}: the serving engine "
-                    f"runs data and model parallel meshes only; set mesh.stage=1")
   length = s.max_len or config.model.max_seq_len
   if length > config.model.max_seq_len:
     raise UserError(f"serve.max_len={length} exceeds model.max_seq_len="
@@ -357,7 +392,8 @@ def build(config: Config, mesh, *, tokenizer=None, progress: bool = True) -> Eng
     raise UserError(f"serve.max_slots={s.max_slots} does not split over the {data} devices "
                     f"of the batch axes; use a multiple of {data}")
   generator = gen_lib.build(config, mesh)
-  programs = Programs(generator, s.max_slots, length, buckets(length, s.min_bucket))
+  kind = PipelinedPrograms if mesh.shape[axes.STAGE] > 1 else Programs
+  programs = kind(generator, s.max_slots, length, buckets(length, s.min_bucket))
   compiled = _compile(programs, progress=progress)
   detokenize = None
   if tokenizer is not None:
@@ -366,28 +402,37 @@ def build(config: Config, mesh, *, tokenizer=None, progress: bool = True) -> Eng
                 max_queue=s.max_queue, policy=s.policy, metrics=Metrics())
 
 
-def _compile(programs: Programs, *, progress: bool) -> dict:
-  """Lowers and compiles the prefill of every bucket and both decode steps."""
+def _compile(programs, *, progress: bool) -> dict:
+  """Lowers and compiles the prefill of every bucket and both decode steps (or rounds)."""
   g, B = programs.generator, programs.slots
+  pipelined = isinstance(programs, PipelinedPrograms)
   start = time.perf_counter()
   if progress:
+    what = (f"pipelined rounds of {B} slots in {programs.G} groups" if pipelined else
+            f"decode steps of {B} slots")
     say(f"compiling {len(programs.buckets) + 2} programs: prefill for prompts of up to "
-        f"{', '.join(map(str, programs.buckets))} tokens, decode steps of {B} slots "
-        f"(greedy, sampled)...")
+        f"{', '.join(map(str, programs.buckets))} tokens, {what} (greedy, sampled)...")
   with jax.set_mesh(g.mesh):
-    caches = programs.empty_caches(abstract=True)
-    rows = g.forward.rules.sharding((axes.BATCH,), g.mesh, what="serve slots")
-    row = lambda dtype: jax.ShapeDtypeStruct((B,), dtype, sharding=rows)
+    state = programs.empty_state(abstract=True)
     scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype)
     compiled = {}
     for bucket in programs.buckets:
       compiled["prefill", bucket] = programs.prefill(bucket).lower(
-          g.params, caches, jax.ShapeDtypeStruct((1, bucket), jnp.int32), scalar(jnp.int32),
+          g.params, state, jax.ShapeDtypeStruct((1, bucket), jnp.int32), scalar(jnp.int32),
           scalar(jnp.int32), Sampling(scalar(jnp.float32), scalar(jnp.int32),
                                       scalar(jnp.float32)), scalar(jnp.uint32)).compile()
     for greedy in (True, False):
+      if pipelined:
+        grid = lambda dtype, *lead: jax.ShapeDtypeStruct((*lead, programs.G, programs.Bg), dtype)
+        dtypes = (jnp.int32, bool, jnp.float32, jnp.int32, jnp.float32, jnp.uint32, jnp.int32)
+        rows = Rows(*(grid(d, 2) for d in dtypes))
+        compiled["round", greedy] = programs.round(greedy=greedy).lower(
+            g.params, state, grid(bool), grid(jnp.int32), rows).compile()
+        continue
+      sharding = g.forward.rules.sharding((axes.BATCH,), g.mesh, what="serve slots")
+      row = lambda dtype: jax.ShapeDtypeStruct((B,), dtype, sharding=sharding)
       compiled["decode", greedy] = programs.decode(greedy=greedy).lower(
-          g.params, caches, row(jnp.int32), row(jnp.int32),
+          g.params, state, row(jnp.int32), row(jnp.int32),
           Sampling(row(jnp.float32), row(jnp.int32), row(jnp.float32)), row(jnp.uint32),
           row(jnp.int32)).compile()
   if progress:

@@ -68,7 +68,7 @@ class Programs:
     one = {k: rules.sharding(names, g.mesh, what="the KV cache") for k, (_, names) in spec.items()}
     return tuple(one for _ in range(m.n_layers))
 
-  def empty_caches(self, *, abstract: bool = False):
+  def empty_state(self, *, abstract: bool = False):
     """Zeroed caches for every slot (their shapes and shardings only, when `abstract`)."""
     g = self.generator
 
