@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from jaxpar.axes import BATCH, STAGE
+from jaxpar.axes import BATCH, EMBED, SEQ, STAGE
 from jaxpar.models.base import Step, run_blocks
 from jaxpar.rules import constrain, use_rules
 from jaxpar.runtime.generate import Generator
@@ -193,9 +193,11 @@ class PipelinedPrograms:
   def empty_state(self, *, abstract: bool = False):
     """(caches, msg, ring): zeroed, every stage's own, sharded over `stage`."""
     g = self.generator
-    mapped = self._map(lambda: (self._new_caches(),
-                                _varying(jnp.zeros((1, self.Bg, 1, self.width), self.dtype)),
-                                _varying(jnp.zeros((1, self.Bg), jnp.int32))),
+    mapped = self._map(lambda: (
+        self._new_caches(),
+        _varying(constrain(jnp.zeros((1, self.Bg, 1, self.width), self.dtype),
+                           (None, BATCH, SEQ, EMBED))),
+        _varying(constrain(jnp.zeros((1, self.Bg), jnp.int32), (None, BATCH)))),
                        in_specs=(), out_specs=(self._cache_specs(), P(STAGE), P(STAGE)))
     with jax.set_mesh(g.mesh):
       state = jax.jit(mapped)()
