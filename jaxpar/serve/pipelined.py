@@ -152,17 +152,16 @@ class PipelinedPrograms:
 
     def tick(carry, t):
       msg, caches, first = carry
-      row = {k: _varying(jnp.zeros((self.Lc, 1, bucket, *shape[2:]), self.dtype))
+      row = {k: _varying(jnp.zeros((self.Lc, *shape), self.dtype))  # [Lc, 1, ...]
              for k, (shape, _) in self._spec(1, bucket).items()}
       x_1TD = jnp.where(s == 0, embedded, msg)
       y_1TD, row = run_blocks(graphdef, blocks, x_1TD, step, row, scan=True)
       mine = t == s  # stage s holds the prompt at tick s
       for k in caches:  # only this slot's first `bucket` positions, and only on tick s
-        start = (0, g, r, 0) + (0,) * (caches[k].ndim - 4)
-        size = (self.Lc, 1, 1, bucket, *caches[k].shape[4:])
-        old = lax.dynamic_slice(caches[k], start, size)
-        caches[k] = lax.dynamic_update_slice(
-            caches[k], jnp.where(mine, row[k][:, None].astype(old.dtype), old), start)
+        update = row[k][:, None].astype(caches[k].dtype)  # [Lc, 1, 1, ...]
+        start = (0, g, r) + (0,) * (caches[k].ndim - 3)
+        old = lax.dynamic_slice(caches[k], start, update.shape)
+        caches[k] = lax.dynamic_update_slice(caches[k], jnp.where(mine, update, old), start)
       last_11D = lax.dynamic_slice_in_dim(y_1TD, length - 1, 1, axis=1)
       keys_1 = request_keys(seed[None], jnp.zeros((1,), jnp.int32))
       token_1 = self._token(model, s, last_11D[:, 0], keys_1, sampling, greedy=False)
