@@ -237,6 +237,18 @@ def test_bad_request_gets_a_json_error_and_serving_goes_on(live, client, hf, bod
   assert complete(client, [4, 5, 6], 3).choices[0].token_ids == hf_greedy(hf[0], [4, 5, 6], 3)
 
 
+def test_full_queue_answers_429(live, client, hf):
+  engine = live[1]
+  limit, engine.max_queue = engine.max_queue, 0
+  try:
+    code, answer = post(live[0] + "/v1/completions",
+                        json.dumps({"model": "test-model", "prompt": [1, 2]}))
+  finally:
+    engine.max_queue = limit
+  assert code == 429 and "queue is full" in answer["error"]["message"]
+  assert complete(client, [4, 5, 6], 3).choices[0].token_ids == hf_greedy(hf[0], [4, 5, 6], 3)
+
+
 def test_disconnect_mid_stream_frees_the_slot(live, client, hf):
   import http.client
   body = {"model": "test-model", "prompt": [1, 2, 3], "max_tokens": 24, "temperature": 0,
