@@ -89,7 +89,7 @@ def run_jaxpar(checkpoint, policy: str, args, work) -> list[dict]:
   from jaxpar.serve import openai_api, server
   config = config_lib.load(ROOT / "configs" / "tiny.yaml", [
       f"model.checkpoint={checkpoint}", "mesh.data=1", "mesh.cpu_devices=1",
-      f"serve.max_slots={args.slots}", "serve.max_len=512", f"serve.policy={policy}",
+      f"serve.max_slots={args.slots}", "serve.max_len=256", f"serve.policy={policy}",
       "generate.eos_id=-1", "serve.max_tokens=256"])
   mesh = make_mesh(config.mesh, devices=jax.devices()[:1])
   engine = serve.build(config, mesh, progress=False).start()

@@ -141,7 +141,7 @@ class ServeConfig:
   max_len: int = 0          # positions per slot: prompt + max_tokens; 0: model.max_seq_len
   max_tokens: int = 256     # the most new tokens a request may ask for (and the default)
   max_queue: int = 256      # requests waiting for a slot before new ones get 429
-  min_bucket: int = 16      # prompts are padded to 16, 32, 64, ... tokens (one program each)
+  min_bucket: int = 16      # prompts pad to 16, 24, 32, 48, 64, ... tokens (a program each)
   policy: str = "continuous"  # continuous: refill slots every step; static: whole batches
   shutdown_timeout: float = 10.0  # on SIGTERM, seconds in-flight requests get to finish
   model_name: str = ""      # the name clients ask for; "": the checkpoint's folder name

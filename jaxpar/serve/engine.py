@@ -371,12 +371,13 @@ class Engine:
 
 
 def buckets(length: int, smallest: int = 16) -> tuple[int, ...]:
-  """Prompt length buckets: powers of two from `smallest`, then `length` itself."""
-  out, t = [], min(smallest, length)
+  """Prompt length buckets: `smallest` times 1, 1.5, 2, 3, 4, 6, 8, ... (a prompt pads by
+  less than a third), then `length` itself."""
+  out, t = set(), smallest
   while t < length:
-    out.append(t)
+    out.update((t, t * 3 // 2))
     t *= 2
-  return tuple(out) + (length,)
+  return tuple(sorted(b for b in out if b < length)) + (length,)
 
 
 def build(config: Config, mesh, *, tokenizer=None, progress: bool = True) -> Engine:
