@@ -98,7 +98,27 @@ def _parser() -> argparse.ArgumentParser:
                     help="--format hf: the weights' dtype (default: model.dtype)")
   conv.add_argument("--overwrite", action="store_true",
                     help="replace a checkpoint already at --out (after the new one is written)")
+  _plan_options(_command(commands, "plan", "rank every layout of the devices by predicted "
+                         "bytes, collectives and step time; compile the best to check",
+                         "configs/gpt2.yaml"))
   return parser
+
+
+def _plan_options(sub: argparse.ArgumentParser) -> None:
+  from jaxpar.plan import PRESETS
+  sub.add_argument("--hardware", choices=tuple(PRESETS), default=None,
+                   help="the device to plan for (default: the one present; cpu here)")
+  sub.add_argument("--device-memory", type=float, metavar="GB",
+                   help="memory per device in GiB (default: the hardware's)")
+  sub.add_argument("--flops", type=float, metavar="TFLOPS", help="peak TFLOP/s per device")
+  sub.add_argument("--hbm-gbps", type=float, metavar="X", help="memory bandwidth, GB/s")
+  sub.add_argument("--link-gbps", type=float, metavar="Y",
+                   help="one-way link bandwidth to a neighbour, GB/s")
+  sub.add_argument("--compile", type=int, default=3, metavar="K",
+                   help="compile the K best plans and print predicted against compiled "
+                        "(default 3; 0: none)")
+  sub.add_argument("--chart", metavar="OUT.png",
+                   help="save the ranking and predicted-against-compiled as a PNG chart")
 
 
 _GENERATE_FLAGS = {"max_new_tokens": "generate.max_new_tokens",
@@ -517,6 +537,24 @@ def convert(args, config: config_lib.Config) -> dict:
           "write_s": time.perf_counter() - start}
 
 
+def plan(args, config: config_lib.Config) -> dict:
+  import jax
+
+  from jaxpar import plan as plan_lib
+  from jaxpar import plan_report
+  n = args.devices or len(jax.devices())
+  device = jax.devices()[0]
+  hw = plan_lib.hardware(args.hardware or plan_lib.hardware_for(device.device_kind,
+                                                                 device.platform),
+                         tflops=args.flops, hbm_gbps=args.hbm_gbps, link_gbps=args.link_gbps,
+                         memory_gib=args.device_memory)
+  if args.compile < 0:
+    raise UserError(f"--compile {args.compile}: must be 0 or more")
+  return {"command": "plan", **plan_report.run(config, n_devices=n, hw=hw,
+                                               compile_top=args.compile, chart=args.chart,
+                                               say=_say)}
+
+
 def describe_model(m: config_lib.ModelConfig) -> str:
   """'llama d_model=2048 n_heads=32 (8 kv) n_layers=16 d_ff=8192 vocab=128256 (checkpoint X)'."""
   kv = f" ({m.kv_heads} kv)" if m.kv_heads != m.n_heads else ""
@@ -592,7 +630,7 @@ def main(argv: list[str] | None = None) -> int:
       check_token_ids(rows, config.model.vocab_size)
     if args.devices is not None and args.devices < 1:
       raise UserError(f"--devices {args.devices}: must be at least 1")
-    for flag in ("save_logits", "schedule_png", "save_tokens"):
+    for flag in ("save_logits", "schedule_png", "save_tokens", "chart"):
       path = getattr(args, flag, None)
       folder = os.path.dirname(os.path.abspath(path)) if path else None
       if folder and not os.path.isdir(folder):
@@ -605,7 +643,7 @@ def main(argv: list[str] | None = None) -> int:
       from jaxpar.checkpoint_meta import check_out
       check_out(args.out, overwrite=args.overwrite)
     command = {"forward": forward, "classify": classify, "generate": generate,
-               "convert": convert}[args.command]
+               "convert": convert, "plan": plan}[args.command]
     result = command(args, config)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)

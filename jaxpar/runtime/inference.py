@@ -115,7 +115,8 @@ def causal_step(batch: int, length: int) -> Step:
 
 
 def build(config: Config, mesh: Mesh, *, params: dict | None = None,
-          layout: Layout | None = None, pipelined: bool | None = None) -> Forward:
+          layout: Layout | None = None, pipelined: bool | None = None,
+          abstract: bool = False) -> Forward:
   """Checks the layout, creates (or places) the parameters and jits the forward pass.
 
   `params` (a dict in the model's own layout, e.g. gathered from another mesh) replaces the
@@ -123,6 +124,8 @@ def build(config: Config, mesh: Mesh, *, params: dict | None = None,
   vocabulary padding and key/value copies (default: what the rules need on this mesh; pass the
   sharded model's to reuse its parameters on one device). `pipelined` forces the pipeline on or
   off (default: on when mesh.stage > 1). The model is the family `model.family` names.
+  `abstract`: the parameters stay ShapeDtypeStructs with their shardings (nothing is created
+  or read), enough to compile and inspect the program (`jaxpar.plan`).
   """
   family = models.family(config.model.family)
   rules = Rules(config.rules)
@@ -180,7 +183,10 @@ def build(config: Config, mesh: Mesh, *, params: dict | None = None,
     jax.eval_shape(forward, shapes, tokens_shape)
 
   timings = {}
-  if params is not None:
+  if abstract:
+    params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          shapes, param_shardings)
+  elif params is not None:
     params = jax.device_put(to_layout(params), param_shardings)
   elif config.model.checkpoint and checkpoint_meta.is_jaxpar(config.model.checkpoint):
     from jaxpar.runtime import checkpoint  # Orbax: each device reads its own slices
