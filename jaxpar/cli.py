@@ -236,6 +236,26 @@ def _compile(model, x, params) -> dict:
           "collectives": census.counts(), "memory_per_device": mem, "compile_s": compile_s}
 
 
+def _auto_mesh(config: config_lib.Config, args) -> config_lib.Config:
+  """`mesh: auto`: the planner's best layout for the devices this run gets, and why."""
+  import jax
+
+  from jaxpar import plan as plan_lib
+  from jaxpar import plan_report
+  if args.command == "classify":
+    raise UserError("mesh: auto plans decoder models; for classify set mesh.data, mesh.stage "
+                    "and mesh.model")
+  accelerated = args.platform != "cpu" and jax.devices()[0].platform != "cpu"
+  device = jax.devices()[0] if accelerated else jax.devices("cpu")[0]
+  n = len(jax.devices() if accelerated else jax.devices("cpu"))
+  hw = plan_lib.hardware(plan_lib.hardware_for(device.device_kind, device.platform))
+  plans, _ = plan_lib.rank(config, n, hw)
+  plan_lib.check_fits(plans, hw)
+  _say(f"mesh: auto chose {plan_report.why(plans[0], plans[1] if len(plans) > 1 else None)} "
+       f"(of {len(plans)} plans for {n} devices on {hw.name}; `plan` lists them)")
+  return plans[0].candidate.config(config)
+
+
 def _header(command: str, mesh) -> dict:
   from jaxpar.mesh import cross_process_axes, processes
   return {"command": command, "mesh": dict(mesh.shape), "devices": mesh.devices.size,
@@ -639,6 +659,8 @@ def main(argv: list[str] | None = None) -> int:
                         f"choose another path")
     _start_jax(args, config)
     enable_compilation_cache()
+    if config.mesh.auto and args.command != "plan":
+      config = _auto_mesh(config, args)
     if args.command == "convert":  # before anything is read: a refused --out loses no time
       from jaxpar.checkpoint_meta import check_out
       check_out(args.out, overwrite=args.overwrite)

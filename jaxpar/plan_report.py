@@ -92,7 +92,7 @@ def why(plan: Plan, runner_up: Plan | None) -> str:
   p, c = plan.predicted, plan.candidate
   pre = p["prefill"]
   bound = "compute" if pre["compute_s"] >= pre["memory_s"] else "memory"
-  line = (f"plan: {c.label()}: predicted prefill {_ms(pre['step_s'])} ({bound}-bound, "
+  line = (f"{c.label()}: predicted prefill {_ms(pre['step_s'])} ({bound}-bound, "
           f"collectives {_ms(pre['collective_s'])}), decode {_ms(p['decode']['step_s'])} per "
           f"token, {inspect.human(p['bytes_per_device'])} per device")
   if runner_up is not None:
@@ -159,7 +159,7 @@ def run(config: Config, *, n_devices: int, hw, compile_top: int, chart: str | No
   for mesh, reason in rejected.items():
     say(f"not possible: {mesh}: {reason}")
   plan_lib.check_fits(plans, hw)
-  say(why(plans[0], plans[1] if len(plans) > 1 else None))
+  say("best: " + why(plans[0], plans[1] if len(plans) > 1 else None))
   devices = jax.devices() if len(jax.devices()) == n_devices else jax.devices("cpu")
   if compile_top and len(devices) < n_devices:
     say(f"note: {len(devices)} devices here, {n_devices} planned for: nothing compiled (run "

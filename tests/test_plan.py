@@ -12,6 +12,7 @@ import json
 
 import jax
 import pytest
+import yaml
 
 from jaxpar import cli, plan, plan_report
 from jaxpar import config as config_lib
@@ -166,3 +167,36 @@ def test_presets_by_device_kind():
   assert plan.hardware_for("NVIDIA H100 80GB HBM3", "gpu") == "h100"
   assert plan.hardware_for("TPU v5 lite", "tpu") == "tpu-v5e"
   assert plan.hardware_for("cpu", "cpu") == "cpu"
+
+
+def test_mesh_auto_in_yaml_and_override(root, tmp_path):
+  raw = yaml.safe_load((root / "configs" / "tiny.yaml").read_text())
+  raw["mesh"] = "auto"
+  path = tmp_path / "auto.yaml"
+  path.write_text(yaml.safe_dump(raw))
+  assert config_lib.load(path).mesh.auto
+  assert config_lib.load(root / "configs" / "tiny.yaml", ["mesh=auto"]).mesh.auto
+  # A size given after `auto` turns it off: the sizes are what the user asked for.
+  assert not config_lib.load(path, ["mesh.model=2"]).mesh.auto
+  with pytest.raises(UserError, match="mesh: auto is chosen by the planner"):
+    config_lib.load(path).mesh.shape(8)
+
+
+def test_mesh_auto_runs_the_best_plan_and_says_why(root, capsys):
+  args = ["--config", "configs/tiny.yaml", "--set", "mesh=auto", "--set", "run.batch=64",
+          "--set", "run.seq_len=32"]
+  assert cli.main(["plan", *args, "--compile", "0", "--json"]) == 0
+  best = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["plans"][0]
+  assert cli.main(["forward", *args, "--verify", "--json"]) == 0
+  out = capsys.readouterr().out
+  result = json.loads(out.strip().splitlines()[-1])
+  assert result["mesh"] == best["mesh"] == {"data": 8, "stage": 1, "model": 1}
+  assert "mesh: auto chose data=8 stage=1 model=1: predicted prefill" in out
+  assert "next best" in out
+  assert result["collectives"] == best["predicted"]["collectives"] == {}
+  assert result["verify_max_abs_diff"] < 1e-5
+
+
+def test_mesh_auto_for_classify_is_a_user_error(capsys):
+  assert cli.main(["classify", "--config", "configs/cnn_tiny.yaml", "--set", "mesh=auto"]) == 2
+  assert "mesh: auto plans decoder models" in capsys.readouterr().err
