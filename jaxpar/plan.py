@@ -131,8 +131,7 @@ def candidates(config: Config, n_devices: int) -> tuple[list[Candidate], dict]:
   for d, s, m in factorisations(n_devices):
     mesh = _Shape({axes.DATA: d, axes.STAGE: s, axes.MODEL: m})
     schedules = [(1, 1)] if s == 1 else [
-        (M, R) for M in range(s, B + 1, s) for R in range(1, L // s + 1)
-        if B % M == 0 and L % (s * R) == 0]
+        (M, R) for M in range(s, B + 1, s) for R in range(1, L // s + 1) if B % M == 0]
     found = None
     for M, R in schedules:
       c = Candidate(d, s, m, M, R)

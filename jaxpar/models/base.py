@@ -104,23 +104,27 @@ class Family:
 
 
 def run_blocks(graphdef: nnx.GraphDef, layers: Any, x_BTD: jax.Array, step: Step,
-               caches: Any = None, *, scan: bool) -> tuple[jax.Array, Any]:
+               caches: Any = None, *, scan: bool,
+               active: jax.Array | None = None) -> tuple[jax.Array, Any]:
   """Runs every block in order: the one way through a stack.
 
   `scan`: `layers` are the stacked parameters [L, ...] and `caches` (if any) stacked
   [L, ...] too, run by a `lax.scan` (compile time independent of depth). Otherwise `layers`
   is a sequence of per-layer parameter dicts and `caches` a tuple of per-layer caches (on
   XLA:CPU each then updates in place and no step cuts weights out of a stack).
+  `active` (scan only): a bool per layer [L]; where False the layer passes its input through
+  unchanged (the identity padding of uneven pipeline stages).
   """
   def block(params, x_BTD, cache):
     return nnx.merge(graphdef, params)(x_BTD, step, cache)
 
   if scan:
     def layer(x_BTD, inputs):
-      params, cache = inputs
+      params, cache, on = inputs
       with jax.named_scope("block"):
-        return block(params, x_BTD, cache)
-    return lax.scan(layer, x_BTD, (layers, caches))
+        y_BTD, cache = block(params, x_BTD, cache)
+      return (y_BTD if on is None else jnp.where(on, y_BTD, x_BTD)), cache
+    return lax.scan(layer, x_BTD, (layers, caches, active))
   new = []
   for l, params in enumerate(layers):
     with jax.named_scope(f"block_{l}"):
