@@ -16,7 +16,8 @@ from jaxpar.plan import Plan
 def compile_plan(config: Config, plan: Plan, devices: list) -> dict:
   """Compiles the plan's forward (parameters abstract: nothing is created) on `devices` and
   reads back what `forward --json` reports: `param_bytes_per_device` (XLA's argument bytes
-  less the tokens'), `collectives` (the HLO census), `memory_per_device`, `compile_s`."""
+  less the tokens'), `collectives` (the HLO census; `collectives_in_loop`: of them those in
+  loop bodies), `memory_per_device`, `compile_s`."""
   from jaxpar.mesh import make_mesh
   from jaxpar.runtime import inference
   cfg = plan.candidate.config(config)
@@ -27,9 +28,10 @@ def compile_plan(config: Config, plan: Plan, devices: list) -> dict:
   compiled = fwd.compile(tokens)
   compile_s = time.perf_counter() - start
   mem = inspect.memory(compiled)
+  census = inspect.hlo_census(compiled.as_text())
   token_bytes = tokens.addressable_shards[0].data.nbytes
   return {"param_bytes_per_device": mem["argument"] - token_bytes,
-          "collectives": inspect.hlo_census(compiled.as_text()).counts(),
+          "collectives": census.counts(), "collectives_in_loop": census.counts(in_loop=True),
           "memory_per_device": mem, "compile_s": compile_s}
 
 
@@ -54,7 +56,8 @@ def format_ranking(plans: list[Plan], *, limit: int = 20) -> str:
   for i, plan in enumerate(plans[:limit]):
     p, c = plan.predicted, plan.candidate
     pipe = f"M={c.microbatches} R={c.repeats}" if c.stage > 1 else "-"
-    rows.append((i + 1, f"{c.data} x {c.stage} x {c.model}", pipe, f"{p['bubble']:.1%}",
+    layout = f"{c.data} x {c.stage} x {c.model}" + (" fsdp" if c.fsdp else "")
+    rows.append((i + 1, layout, pipe, f"{p['bubble']:.1%}",
                  inspect.human(p["param_bytes_per_device"]),
                  inspect.human(p["kv_cache_bytes_per_device"]),
                  inspect.human(p["bytes_per_device"]), "yes" if p["fits"] else "NO",
@@ -111,7 +114,8 @@ def save_chart(plans: list[Plan], path: str, *, limit: int = 12) -> None:
   shown = plans[:limit]
   labels = [f"{i + 1}: {p.candidate.data}x{p.candidate.stage}x{p.candidate.model}"
             + (f" M{p.candidate.microbatches}R{p.candidate.repeats}"
-               if p.candidate.stage > 1 else "") for i, p in enumerate(shown)]
+               if p.candidate.stage > 1 else "") + (" fsdp" if p.candidate.fsdp else "")
+            for i, p in enumerate(shown)]
   fig, (left, right) = plt.subplots(1, 2, figsize=(13, 0.45 * len(shown) + 2.2))
   y = list(range(len(shown)))[::-1]
   compute = [max(p.predicted["prefill"]["compute_s"], p.predicted["prefill"]["memory_s"]) * 1e3

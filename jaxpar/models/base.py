@@ -36,7 +36,7 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
-from jaxpar.axes import BATCH, EMBED, HEAD_DIM, KV_HEADS, LAYERS, SEQ
+from jaxpar.axes import ACT_EMBED, BATCH, HEAD_DIM, KV_HEADS, LAYERS, SEQ
 from jaxpar.config import ModelConfig
 from jaxpar.rules import constrain
 
@@ -280,4 +280,4 @@ def project(x_BTD: jax.Array, w_OD: jax.Array, b_O: jax.Array | None = None) -> 
 
 
 def residual(x_BTD: jax.Array) -> jax.Array:
-  return constrain(x_BTD, (BATCH, SEQ, EMBED))
+  return constrain(x_BTD, (BATCH, SEQ, ACT_EMBED))
