@@ -105,7 +105,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _plan_options(sub: argparse.ArgumentParser) -> None:
-  from jaxpar.plan import PRESETS
+  from jaxpar.hardware import PRESETS
   sub.add_argument("--hardware", choices=tuple(PRESETS), default=None,
                    help="the device to plan for (default: the one present; cpu here)")
   sub.add_argument("--device-memory", type=float, metavar="GB",

@@ -14,9 +14,9 @@ import dataclasses
 from jaxpar import axes, models
 from jaxpar.config import Config
 from jaxpar.errors import UserError
-from jaxpar.plan_cost import (GB, GIB, PRESETS, Candidate, Hardware, _Shape,  # noqa: F401
-                              hardware, hardware_for, hlo_collectives, param_bytes, predict,
-                              step_collectives)
+from jaxpar.hardware import PRESETS, Hardware, hardware, hardware_for  # noqa: F401
+from jaxpar.plan_cost import (GB, GIB, Candidate, MeshShape, hlo_collectives,  # noqa: F401
+                              param_bytes, predict, step_collectives)
 from jaxpar.rules import Rules
 
 
@@ -34,7 +34,7 @@ def candidates(config: Config, n_devices: int) -> tuple[list[Candidate], dict]:
   rules, out, rejected = Rules(config.rules), [], {}
   L, B = config.model.n_layers, config.run.batch
   for d, s, m in factorisations(n_devices):
-    mesh = _Shape({axes.DATA: d, axes.STAGE: s, axes.MODEL: m})
+    mesh = MeshShape({axes.DATA: d, axes.STAGE: s, axes.MODEL: m})
     schedules = [(1, 1)] if s == 1 else [
         (M, R) for M in range(s, B + 1, s) for R in range(1, L // s + 1) if B % M == 0]
     found = None

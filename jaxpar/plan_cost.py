@@ -28,59 +28,13 @@ import jax
 import numpy as np
 
 from jaxpar import axes, models
+from jaxpar import hardware as hardware_lib
 from jaxpar.config import Config, MeshConfig, PipelineConfig
-from jaxpar.errors import UserError
 from jaxpar.models.base import Layout
 from jaxpar.rules import Rules, is_logical
 
-GB = 1e9
-GIB = 2 ** 30
-
-
-@dataclasses.dataclass(frozen=True)
-class Hardware:
-  """One device: peak FLOP/s (TFLOP/s), HBM bandwidth and one-way link bandwidth to a
-  neighbour (GB/s), memory (GiB)."""
-  name: str
-  tflops: float
-  hbm_gbps: float
-  link_gbps: float
-  memory_gib: float
-
-
-# Dense bf16 peaks and one-way link bandwidth from the vendors' sheets; the CPU's from this
-# machine (JAX_NOTES: ~465 GFLOP/s einsum at 512 rows, ~40 GB/s copy; emulated devices
-# exchange through host memory).
-PRESETS = {
-    "h100": Hardware("NVIDIA H100 SXM", 989.0, 3350.0, 450.0, 80.0),
-    "h200": Hardware("NVIDIA H200", 989.0, 4800.0, 450.0, 141.0),
-    "tpu-v5e": Hardware("TPU v5e", 197.0, 819.0, 45.0, 16.0),
-    "cpu": Hardware("this CPU (emulated devices)", 0.4, 40.0, 20.0, 64.0),
-}
-
-
-def hardware(preset: str = "cpu", *, tflops: float | None = None, hbm_gbps: float | None = None,
-             link_gbps: float | None = None, memory_gib: float | None = None) -> Hardware:
-  """A preset with any figure replaced."""
-  if preset not in PRESETS:
-    raise UserError(f"--hardware {preset}: unknown preset; use one of {', '.join(PRESETS)}")
-  base = PRESETS[preset]
-  given = {"tflops": tflops, "hbm_gbps": hbm_gbps, "link_gbps": link_gbps,
-           "memory_gib": memory_gib}
-  for key, value in given.items():
-    if value is not None and value <= 0:
-      raise UserError(f"--{key.replace('_', '-').replace('gib', 'memory')} {value}: must be "
-                      f"positive")
-  return dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
-
-
-def hardware_for(device_kind: str, platform: str) -> str:
-  """The preset for a JAX device (`device_kind`, `platform`): by name, else `cpu`."""
-  kind = device_kind.lower()
-  for key, words in (("h200", ("h200",)), ("h100", ("h100",)), ("tpu-v5e", ("v5e", "v5 lite"))):
-    if any(w in kind for w in words):
-      return key
-  return "cpu" if platform == "cpu" else "h100"
+GB, GIB = hardware_lib.GB, hardware_lib.GIB
+Hardware = hardware_lib.Hardware
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,7 +65,7 @@ class Candidate:
     return text + (" fsdp" if self.fsdp else "")
 
 
-class _Shape:
+class MeshShape:
   """A mesh known by its axis sizes only: what the layout checks read (`.shape`)."""
 
   def __init__(self, shape: dict):
@@ -155,7 +109,7 @@ def param_bytes(config: Config, c: Candidate) -> dict:
   rules = Rules(config.rules)
   whole = rules.replace(axes.EMBED, None)  # what an FSDP leaf is once gathered
   fsdp = _ways(rules, axes.EMBED, c.mesh) > 1
-  layout = inference.layout_for(config, _Shape(c.mesh), rules, family)
+  layout = inference.layout_for(config, MeshShape(c.mesh), rules, family)
   _, shapes, names = _abstract(config.model, layout)
   L = config.model.n_layers
   per_layer = matmul = rest = 0
@@ -317,36 +271,43 @@ def _activation_bytes(config: Config, c: Candidate, V: int) -> dict:
   return {"input": rows * T * 4, "output": out, "working": out + work}
 
 
-def predict(config: Config, c: Candidate, hw: Hardware) -> dict:
-  """Every figure of one plan (see the module docstring)."""
-  config = c.config(config)
-  m, rules = config.model, Rules(config.rules)
-  p = param_bytes(config, c)
-  cache = kv_cache_bytes(config, c, p["layout"])
-  act = _activation_bytes(config, c, p["padded_vocab"])
+def _work(config: Config, c: Candidate, p: dict, cache: int) -> dict:
+  """FLOPs and bytes read per device: {'prefill': (flops, bytes), 'decode': (flops, bytes)}.
+  A pipeline runs R*M + S - 1 ticks of Lc layer slots (identity padding included) for the
+  prefill and S ticks per decoded token; FSDP also reads every gathered layer."""
+  m = config.model
   rows, mb_rows = _rows(config, c)
   T, ctx = config.run.seq_len, config.run.seq_len + config.generate.max_new_tokens
   S, R, M, L = c.stage, c.repeats, c.microbatches, m.n_layers
-  Lc = layers_per_device(c, L, rules) // R
+  Lc = layers_per_device(c, L, Rules(config.rules)) // R
   heads = m.n_heads * m.head_size
   layer_flops = lambda tokens, keys: tokens * (2 * p["matmul_per_layer"] + 4 * keys * heads)
   head_flops = lambda tokens: 2 * tokens * p["head_entries"]
-  peak = hw.tflops * 1e12
-  bw = hw.hbm_gbps * GB
   other = p["total"] - p["blocks"]
+  gathered = L * sum(p["gathers_per_layer"])
   if S == 1:
-    pre_flops = layer_flops(rows * T, T) * L + head_flops(rows * T)
-    dec_flops = layer_flops(rows, ctx) * L + head_flops(rows)
-    pre_read = p["total"]
-    dec_read = p["total"] + cache
+    prefill = (layer_flops(rows * T, T) * L + head_flops(rows * T), p["total"] + gathered)
+    decode = (layer_flops(rows, ctx) * L + head_flops(rows), p["total"] + gathered + cache)
   else:
     ticks = R * M + S - 1
-    pre_flops = ticks * layer_flops(mb_rows * T, T) * Lc + head_flops(rows // S * T)
-    dec_flops = S * layer_flops(rows // S, ctx) * Lc + head_flops(rows // S)
-    pre_read = ticks * Lc * p["per_layer"] + other
-    dec_read = S * p["blocks"] // R + other + cache
-  pre_flops /= c.model
-  dec_flops /= c.model
+    prefill = (ticks * layer_flops(mb_rows * T, T) * Lc + head_flops(rows // S * T),
+               ticks * Lc * p["per_layer"] + other)
+    decode = (S * layer_flops(rows // S, ctx) * Lc + head_flops(rows // S),
+              S * p["blocks"] // R + other + cache)
+  return {k: (flops / c.model, read) for k, (flops, read) in
+          {"prefill": prefill, "decode": decode}.items()}
+
+
+def predict(config: Config, c: Candidate, hw: Hardware) -> dict:
+  """Every figure of one plan (see the module docstring)."""
+  config = c.config(config)
+  S, R, M, L = c.stage, c.repeats, c.microbatches, config.model.n_layers
+  p = param_bytes(config, c)
+  cache = kv_cache_bytes(config, c, p["layout"])
+  act = _activation_bytes(config, c, p["padded_vocab"])
+  work = _work(config, c, p, cache)
+  Lc = layers_per_device(c, L, Rules(config.rules)) // R
+  peak, bw = hw.tflops * 1e12, hw.hbm_gbps * GB
   pre_steps = step_collectives(config, c, decode=False)
   dec_steps = step_collectives(config, c, decode=True)
 
@@ -373,8 +334,8 @@ def predict(config: Config, c: Candidate, hw: Hardware) -> dict:
                            "decode": _by_kind_axis(dec_steps)},
       "bubble": bubble,
       "stage_balance": L / (S * R * Lc) if S > 1 else 1.0,
-      "prefill": timing(pre_flops, pre_read, pre_steps),
-      "decode": timing(dec_flops, dec_read, dec_steps),
+      "prefill": timing(*work["prefill"], pre_steps),
+      "decode": timing(*work["decode"], dec_steps),
   }
 
 

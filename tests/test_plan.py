@@ -183,11 +183,21 @@ def test_plan_json_matches_forward_json(root, capsys, tmp_path):
   assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_bad_plan_options_are_one_line_errors(capsys):
+  for args, message in ((["--device-memory", "0"], "--device-memory 0: must be positive"),
+                        (["--compile", "-1"], "--compile -1: must be 0 or more")):
+    assert cli.main(["plan", "--config", "configs/tiny.yaml", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
 def test_bad_hardware_figures_are_user_errors():
   with pytest.raises(UserError, match="--hardware tpu-v9"):
     plan.hardware("tpu-v9")
-  with pytest.raises(UserError, match="must be positive"):
+  with pytest.raises(UserError, match="--link-gbps 0: must be positive"):
     plan.hardware("cpu", link_gbps=0)
+  with pytest.raises(UserError, match="--device-memory -1: must be positive"):
+    plan.hardware("cpu", memory_gib=-1)
 
 
 def test_presets_by_device_kind():
