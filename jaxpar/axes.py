@@ -13,7 +13,10 @@ MESH_AXES = (DATA, STAGE, MODEL)
 # Logical dimensions.
 BATCH = "batch"        # B: sequences (or images) in a batch
 SEQ = "seq"            # T: positions in a sequence (and the position table)
-EMBED = "embed"        # D: model width
+EMBED = "embed"        # D: model width, in parameters
+ACT_EMBED = "act_embed"  # D: model width of activations (the residual stream). Its own name,
+                         # so parameters can be split over `data` (FSDP: rules.embed=data)
+                         # while the activations' batch already is.
 HEADS = "heads"        # N: attention heads
 HEAD_DIM = "head_dim"  # H: width of one head
 KV_HEADS = "kv_heads"  # K: key/value heads (grouped-query attention)
@@ -21,7 +24,7 @@ MLP = "mlp"            # F: hidden width of the MLP
 VOCAB = "vocab"        # V: vocabulary (padded)
 LAYERS = "layers"      # L: stacked blocks
 
-LOGICAL_NAMES = (BATCH, SEQ, EMBED, HEADS, KV_HEADS, HEAD_DIM, MLP, VOCAB, LAYERS)
+LOGICAL_NAMES = (BATCH, SEQ, EMBED, ACT_EMBED, HEADS, KV_HEADS, HEAD_DIM, MLP, VOCAB, LAYERS)
 
 # The default ordered rule table: logical name -> mesh axis (None: replicated on purpose).
 # Megatron layout: query and key/value heads and MLP hidden split over `model` (column-parallel
@@ -31,6 +34,7 @@ DEFAULT_RULES = (
     (BATCH, DATA),
     (SEQ, None),
     (EMBED, None),
+    (ACT_EMBED, None),
     (HEADS, MODEL),
     (KV_HEADS, MODEL),
     (HEAD_DIM, None),
@@ -45,12 +49,13 @@ DEFAULT_RULES = (
 HEIGHT = "height"      # H: image rows (-> a mesh axis for spatial partitioning into strips)
 WIDTH = "width"        # W: image columns
 COLOR = "color"        # I: channels of the input image (3 for RGB, 1 for grey)
-CHANNELS = "channels"  # C: width of the residual stream
+CHANNELS = "channels"  # C: width of the residual stream, in parameters
+ACT_CHANNELS = "act_channels"  # C: the residual stream's channels in activations
 FILTERS = "filters"    # F: inner width of a residual block (column/row-parallel convs)
 KERNEL = "kernel"      # X, Y: the rows and columns of a convolution window
 CLASSES = "classes"    # K: classifier outputs
 
-LOGICAL_NAMES += (HEIGHT, WIDTH, COLOR, CHANNELS, FILTERS, KERNEL, CLASSES)
+LOGICAL_NAMES += (HEIGHT, WIDTH, COLOR, CHANNELS, ACT_CHANNELS, FILTERS, KERNEL, CLASSES)
 
 # Images over `data`, block filters over `model`; `rules.height=stage` splits every image
 # into strips of rows over `stage` (XLA exchanges the halo rows between neighbours).
@@ -59,6 +64,7 @@ DEFAULT_RULES += (
     (WIDTH, None),
     (COLOR, None),
     (CHANNELS, None),
+    (ACT_CHANNELS, None),
     (FILTERS, MODEL),
     (KERNEL, None),
     (CLASSES, None),

@@ -105,7 +105,27 @@ def _parser() -> argparse.ArgumentParser:
                     help="--format hf: the weights' dtype (default: model.dtype)")
   conv.add_argument("--overwrite", action="store_true",
                     help="replace a checkpoint already at --out (after the new one is written)")
+  _plan_options(_command(commands, "plan", "rank every layout of the devices by predicted "
+                         "bytes, collectives and step time; compile the best to check",
+                         "configs/gpt2.yaml"))
   return parser
+
+
+def _plan_options(sub: argparse.ArgumentParser) -> None:
+  from jaxpar.hardware import PRESETS
+  sub.add_argument("--hardware", choices=tuple(PRESETS), default=None,
+                   help="the device to plan for (default: the one present; cpu here)")
+  sub.add_argument("--device-memory", type=float, metavar="GB",
+                   help="memory per device in GiB (default: the hardware's)")
+  sub.add_argument("--flops", type=float, metavar="TFLOPS", help="peak TFLOP/s per device")
+  sub.add_argument("--hbm-gbps", type=float, metavar="X", help="memory bandwidth, GB/s")
+  sub.add_argument("--link-gbps", type=float, metavar="Y",
+                   help="one-way link bandwidth to a neighbour, GB/s")
+  sub.add_argument("--compile", type=int, default=3, metavar="K",
+                   help="compile the K best plans and print predicted against compiled "
+                        "(default 3; 0: none)")
+  sub.add_argument("--chart", metavar="OUT.png",
+                   help="save the ranking and predicted-against-compiled as a PNG chart")
 
 
 _GENERATE_FLAGS = {"max_new_tokens": "generate.max_new_tokens",
@@ -221,6 +241,26 @@ def _compile(model, x, params) -> dict:
   _say(inspect.format_memory(mem))
   return {"param_bytes_per_device": param_bytes, "param_bytes_total": total_bytes,
           "collectives": census.counts(), "memory_per_device": mem, "compile_s": compile_s}
+
+
+def _auto_mesh(config: config_lib.Config, args) -> config_lib.Config:
+  """`mesh: auto`: the planner's best layout for the devices this run gets, and why."""
+  import jax
+
+  from jaxpar import plan as plan_lib
+  from jaxpar import plan_report
+  if args.command == "classify":
+    raise UserError("mesh: auto plans decoder models; for classify set mesh.data, mesh.stage "
+                    "and mesh.model")
+  accelerated = args.platform != "cpu" and jax.devices()[0].platform != "cpu"
+  device = jax.devices()[0] if accelerated else jax.devices("cpu")[0]
+  n = len(jax.devices() if accelerated else jax.devices("cpu"))
+  hw = plan_lib.hardware(plan_lib.hardware_for(device.device_kind, device.platform))
+  plans, _ = plan_lib.rank(config, n, hw)
+  plan_lib.check_fits(plans, hw)
+  _say(f"mesh: auto chose {plan_report.why(plans[0], plans[1] if len(plans) > 1 else None)} "
+       f"(of {len(plans)} plans for {n} devices on {hw.name}; `plan` lists them)")
+  return plans[0].candidate.config(config)
 
 
 def _header(command: str, mesh) -> dict:
@@ -529,6 +569,24 @@ def _serve(args, config: config_lib.Config) -> dict:
   return serve(args, config, open_mesh=_open_mesh, load_tokenizer=load_tokenizer)
 
 
+def plan(args, config: config_lib.Config) -> dict:
+  import jax
+
+  from jaxpar import plan as plan_lib
+  from jaxpar import plan_report
+  n = args.devices or len(jax.devices())
+  device = jax.devices()[0]
+  hw = plan_lib.hardware(args.hardware or plan_lib.hardware_for(device.device_kind,
+                                                                 device.platform),
+                         tflops=args.flops, hbm_gbps=args.hbm_gbps, link_gbps=args.link_gbps,
+                         memory_gib=args.device_memory)
+  if args.compile < 0:
+    raise UserError(f"--compile {args.compile}: must be 0 or more")
+  return {"command": "plan", **plan_report.run(config, n_devices=n, hw=hw,
+                                               compile_top=args.compile, chart=args.chart,
+                                               say=_say)}
+
+
 def describe_model(m: config_lib.ModelConfig) -> str:
   """'llama d_model=2048 n_heads=32 (8 kv) n_layers=16 d_ff=8192 vocab=128256 (checkpoint X)'."""
   kv = f" ({m.kv_heads} kv)" if m.kv_heads != m.n_heads else ""
@@ -604,7 +662,7 @@ def main(argv: list[str] | None = None) -> int:
       check_token_ids(rows, config.model.vocab_size)
     if args.devices is not None and args.devices < 1:
       raise UserError(f"--devices {args.devices}: must be at least 1")
-    for flag in ("save_logits", "schedule_png", "save_tokens"):
+    for flag in ("save_logits", "schedule_png", "save_tokens", "chart"):
       path = getattr(args, flag, None)
       folder = os.path.dirname(os.path.abspath(path)) if path else None
       if folder and not os.path.isdir(folder):
@@ -613,11 +671,13 @@ def main(argv: list[str] | None = None) -> int:
                         f"choose another path")
     _start_jax(args, config)
     enable_compilation_cache()
+    if config.mesh.auto and args.command != "plan":
+      config = _auto_mesh(config, args)
     if args.command == "convert":  # before anything is read: a refused --out loses no time
       from jaxpar.checkpoint_meta import check_out
       check_out(args.out, overwrite=args.overwrite)
     command = {"forward": forward, "classify": classify, "generate": generate,
-               "convert": convert, "serve": _serve}[args.command]
+               "convert": convert, "serve": _serve, "plan": plan}[args.command]
     result = command(args, config)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)

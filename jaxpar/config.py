@@ -22,14 +22,20 @@ from jaxpar.errors import UserError
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-  """Sizes of the mesh axes; one of them may be -1 to take the remaining devices."""
+  """Sizes of the mesh axes; one of them may be -1 to take the remaining devices. `auto`
+  (`mesh: auto` in a config, `--set mesh=auto`): the planner (`jaxpar.plan`) picks the sizes
+  and the pipeline schedule when the command starts."""
   data: int = -1
   stage: int = 1
   model: int = 1
   cpu_devices: int = 8  # emulated CPU devices when no accelerator is present
+  auto: bool = False
 
   def shape(self, n_devices: int) -> dict[str, int]:
     """Resolves -1 and checks the product against `n_devices`; returns {axis: size}."""
+    if self.auto:
+      raise UserError("mesh: auto is chosen by the planner when a decoder command starts; "
+                      "this command needs explicit sizes (mesh.data, mesh.stage, mesh.model)")
     sizes = {name: getattr(self, name) for name in axes.MESH_AXES}
     free = [name for name, size in sizes.items() if size == -1]
     fixed = math.prod(size for size in sizes.values() if size != -1)
@@ -252,8 +258,12 @@ def from_dict(raw: dict, *, base: Config | None = None, check: bool = True) -> C
       rules = dict(base.rules)
       rules.update(_rules("rules", {} if value is None else value))
       updates["rules"] = tuple(rules.items())
+    elif name == "mesh" and value == "auto":
+      updates[name] = dataclasses.replace(base.mesh, auto=True)
     elif name in _SECTIONS:
       updates[name] = _section(name, _SECTIONS[name], value, getattr(base, name))
+      if name == "mesh" and set(value or {}) & set(axes.MESH_AXES) and "auto" not in value:
+        updates[name] = dataclasses.replace(updates[name], auto=False)  # sizes given
     else:
       raise UserError(f"{name}: unknown config section; known sections: "
                       f"{', '.join([*_SECTIONS, 'rules'])}")
@@ -283,6 +293,8 @@ def _checkpoint_sizes(model: ModelConfig, given: dict) -> ModelConfig:
 def parse_override(text: str) -> tuple[list[str], Any]:
   """'model.n_layers=4' -> (['model', 'n_layers'], 4). Values are parsed as YAML scalars."""
   key, sep, value = text.partition("=")
+  if key.strip() == "mesh" and value.strip() == "auto":
+    return ["mesh"], "auto"
   if not sep or not key or "." not in key:
     raise UserError(f"--set {text!r}: expected section.key=value, e.g. --set model.n_layers=4")
   try:
@@ -304,6 +316,8 @@ def apply_overrides(config: Config, overrides: list[str]) -> Config:
     section, key = path[0], ".".join(path[1:])
     if section == "rules":
       config = from_dict({"rules": {key: value}}, base=config, check=False)
+    elif section == "mesh" and not key:  # mesh=auto
+      config = from_dict({"mesh": value}, base=config, check=False)
     else:
       config = from_dict({section: {key: value}}, base=config, check=False)
   validate(config)  # once, so the order of overrides never matters

@@ -181,7 +181,8 @@ def permute_pairs(hlo: str) -> list[list[tuple[int, int]]]:
 
 
 @pytest.mark.parametrize("overrides,message", [
-    ({"n_layers": 3}, "model.n_layers=3 is not divisible by mesh.stage=2 x pipeline.repeats=1"),
+    ({"n_layers": 3, "repeats": 2},
+     "model.n_layers=3 is fewer than mesh.stage=2 x pipeline.repeats=2 chunks of layers"),
     ({"microbatches": 3}, "run.batch=8 is not divisible by pipeline.microbatches=3"),
     ({"microbatches": 8, "data": 2}, "does not split over mesh.data=2"),
     ({"microbatches": 6, "stage": 4, "n_layers": 8, "batch": 12},

@@ -37,7 +37,7 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
-from jaxpar.axes import BATCH, EMBED, HEAD_DIM, KV_HEADS, LAYERS, SEQ
+from jaxpar.axes import ACT_EMBED, BATCH, HEAD_DIM, KV_HEADS, LAYERS, SEQ
 from jaxpar.config import ModelConfig
 from jaxpar.rules import constrain
 
@@ -105,23 +105,27 @@ class Family:
 
 
 def run_blocks(graphdef: nnx.GraphDef, layers: Any, x_BTD: jax.Array, step: Step,
-               caches: Any = None, *, scan: bool) -> tuple[jax.Array, Any]:
+               caches: Any = None, *, scan: bool,
+               active: jax.Array | None = None) -> tuple[jax.Array, Any]:
   """Runs every block in order: the one way through a stack.
 
   `scan`: `layers` are the stacked parameters [L, ...] and `caches` (if any) stacked
   [L, ...] too, run by a `lax.scan` (compile time independent of depth). Otherwise `layers`
   is a sequence of per-layer parameter dicts and `caches` a tuple of per-layer caches (on
   XLA:CPU each then updates in place and no step cuts weights out of a stack).
+  `active` (scan only): a bool per layer [L]; where False the layer passes its input through
+  unchanged (the identity padding of uneven pipeline stages).
   """
   def block(params, x_BTD, cache):
     return nnx.merge(graphdef, params)(x_BTD, step, cache)
 
   if scan:
     def layer(x_BTD, inputs):
-      params, cache = inputs
+      params, cache, on = inputs
       with jax.named_scope("block"):
-        return block(params, x_BTD, cache)
-    return lax.scan(layer, x_BTD, (layers, caches))
+        y_BTD, cache = block(params, x_BTD, cache)
+      return (y_BTD if on is None else jnp.where(on, y_BTD, x_BTD)), cache
+    return lax.scan(layer, x_BTD, (layers, caches, active))
   new = []
   for l, params in enumerate(layers):
     with jax.named_scope(f"block_{l}"):
@@ -280,4 +284,4 @@ def project(x_BTD: jax.Array, w_OD: jax.Array, b_O: jax.Array | None = None) -> 
 
 
 def residual(x_BTD: jax.Array) -> jax.Array:
-  return constrain(x_BTD, (BATCH, SEQ, EMBED))
+  return constrain(x_BTD, (BATCH, SEQ, ACT_EMBED))

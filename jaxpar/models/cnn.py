@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxpar.axes import BATCH, CHANNELS, CLASSES, COLOR, FILTERS, HEIGHT, KERNEL, WIDTH
+from jaxpar.axes import (ACT_CHANNELS, BATCH, CHANNELS, CLASSES, COLOR, FILTERS, HEIGHT, KERNEL,
+                         WIDTH)
 from jaxpar.config import CnnConfig
 from jaxpar.rules import active_rules, constrain
 
@@ -32,11 +33,12 @@ from jaxpar.rules import active_rules, constrain
 CONFIG_KEYS = {
     BATCH: "run.batch", HEIGHT: "cnn.image_size", WIDTH: "cnn.image_size",
     COLOR: "cnn.in_channels", CHANNELS: "cnn.width (x 2**stage)",
+    ACT_CHANNELS: "cnn.width (x 2**stage)",
     FILTERS: "cnn.width (x 2**stage)", KERNEL: "the 3x3 kernel", CLASSES: "cnn.num_classes",
 }
 
 IMAGE_NAMES = (BATCH, HEIGHT, WIDTH, COLOR)
-STREAM_NAMES = (BATCH, HEIGHT, WIDTH, CHANNELS)
+STREAM_NAMES = (BATCH, HEIGHT, WIDTH, ACT_CHANNELS)
 HIDDEN_NAMES = (BATCH, HEIGHT, WIDTH, FILTERS)
 LOGITS_NAMES = (BATCH, CLASSES)
 

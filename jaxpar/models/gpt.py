@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxpar import hf_files
-from jaxpar.axes import BATCH, EMBED, HEAD_DIM, HEADS, KV_HEADS, LAYERS, MLP, SEQ, VOCAB
+from jaxpar.axes import ACT_EMBED, BATCH, EMBED, HEAD_DIM, HEADS, KV_HEADS, LAYERS, MLP, SEQ, VOCAB
 from jaxpar.config import ModelConfig
 from jaxpar.errors import UserError
 from jaxpar.models import base
@@ -32,7 +32,8 @@ from jaxpar.rules import constrain
 
 # The config key that sets each logical size, so layout errors can name it.
 CONFIG_KEYS = {
-    BATCH: "run.batch", SEQ: "run.seq_len", EMBED: "model.d_model", HEADS: "model.n_heads",
+    BATCH: "run.batch", SEQ: "run.seq_len", EMBED: "model.d_model",
+    ACT_EMBED: "model.d_model", HEADS: "model.n_heads",
     KV_HEADS: "model.n_heads", HEAD_DIM: "model.d_model / model.n_heads", MLP: "model.d_ff",
     VOCAB: "model.vocab_size (padded)", LAYERS: "model.n_layers",
 }

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxpar import hf_files
-from jaxpar.axes import BATCH, EMBED, HEAD_DIM, HEADS, KV_HEADS, LAYERS, MLP, SEQ, VOCAB
+from jaxpar.axes import ACT_EMBED, BATCH, EMBED, HEAD_DIM, HEADS, KV_HEADS, LAYERS, MLP, SEQ, VOCAB
 from jaxpar.config import ModelConfig
 from jaxpar.errors import UserError
 from jaxpar.models import base
@@ -35,6 +35,7 @@ from jaxpar.rules import constrain
 
 CONFIG_KEYS = {
     BATCH: "run.batch", SEQ: "run.seq_len", EMBED: "model.d_model (hidden_size)",
+    ACT_EMBED: "model.d_model (hidden_size)",
     HEADS: "model.n_heads (num_attention_heads)",
     KV_HEADS: "model.n_kv_heads (num_key_value_heads)", HEAD_DIM: "model.head_dim",
     MLP: "model.d_ff (intermediate_size)", VOCAB: "model.vocab_size (padded)",

@@ -2,7 +2,9 @@
 
 The layer stack is cut into S stages; with R repeats (the circular, or interleaved, schedule)
 each stage holds R non-contiguous chunks of layers: chunk (r, s) holds layers
-[(r*S + s) * Lc, (r*S + s + 1) * Lc) with Lc = L / (R*S). R = 1 is GPipe. Parameters arrive as
+[(r*S + s) * Lc, (r*S + s + 1) * Lc) with Lc = L / (R*S). R = 1 is GPipe. When R*S does not
+divide L the chunks differ by one layer at most and each is padded to Lc = ceil(L / (R*S))
+slots with identity layers (`layer_of`, `active`). Parameters arrive as
 a pytree with leaves [S, R, Lc, ...] sharded over `stage` on dim 0 (see `to_stages`), so each
 device holds only its own chunks. The batch is cut into M microbatches (strided, so the `data`
 split of the batch stays inside each microbatch).
@@ -80,10 +82,9 @@ def check(schedule: Schedule, *, n_layers: int, batch: int, data: int = 1) -> No
   S, M, R = schedule.stages, schedule.microbatches, schedule.repeats
   if M < 1 or R < 1:
     raise UserError(f"pipeline.microbatches={M}, pipeline.repeats={R}: both must be at least 1")
-  if n_layers % (S * R):
-    raise UserError(f"model.n_layers={n_layers} is not divisible by mesh.stage={S} x "
-                    f"pipeline.repeats={R}; choose stages and repeats whose product divides "
-                    f"the layer count")
+  if n_layers < S * R:
+    raise UserError(f"model.n_layers={n_layers} is fewer than mesh.stage={S} x "
+                    f"pipeline.repeats={R} chunks of layers; use fewer stages or repeats")
   if batch % M:
     raise UserError(f"run.batch={batch} is not divisible by pipeline.microbatches={M}; choose "
                     f"a microbatch count that divides the batch")
@@ -100,29 +101,72 @@ def check(schedule: Schedule, *, n_layers: int, batch: int, data: int = 1) -> No
                     f"{S}, {2 * S}, {4 * S}, ...")
 
 
-def layer_of(s, r, j, *, stages: int, per_chunk: int):
-  """The layer at index (s, r, j) of the staged layout [S, R, Lc]: the one formula, used by
-  `to_stages`, `from_stages` and the checkpoint loaders (works on ints and numpy arrays)."""
-  return (r * stages + s) * per_chunk + j
+def layer_of(s, r, j, *, stages: int, repeats: int, n_layers: int):
+  """The layer at index (s, r, j) of the staged layout [S, R, Lc], or -1 for an identity
+  padding slot: the one formula, used by `to_stages`, `from_stages` and the checkpoint
+  loaders (works on ints and numpy arrays). Chunk k = r*S + s of K = R*S holds the next
+  L // K layers, one more for the first L % K chunks, so stages differ by a layer at most
+  (L = 12 on 5 stages: 3, 3, 2, 2, 2) and Lc = ceil(L / K) slots each."""
+  chunks = stages * repeats
+  k = np.asarray(r) * stages + np.asarray(s)
+  base, extra = divmod(n_layers, chunks)
+  start = k * base + np.minimum(k, extra)
+  return np.where(np.asarray(j) < base + (k < extra), start + np.asarray(j), -1)
+
+
+def per_chunk(n_layers: int, *, stages: int, repeats: int = 1) -> int:
+  """Lc: the layer slots of one chunk, ceil(L / (S*R))."""
+  return -(-n_layers // (stages * repeats))
+
+
+def staged_layers(n_layers: int, *, stages: int, repeats: int = 1) -> np.ndarray:
+  """[S, R, Lc] int: the layer at each slot, -1 where a slot is identity padding."""
+  s, r, j = np.meshgrid(np.arange(stages), np.arange(repeats),
+                        np.arange(per_chunk(n_layers, stages=stages, repeats=repeats)),
+                        indexing="ij")
+  return layer_of(s, r, j, stages=stages, repeats=repeats, n_layers=n_layers)
 
 
 def to_stages(tree: Any, *, stages: int, repeats: int = 1) -> Any:
-  """Leaves [L, ...] -> [S, R, Lc, ...]: index (s, r, j) holds layer `layer_of(s, r, j)` (a
-  reshape and a swap of the two leading dims, so a `stage`-sharded stack regroups in place)."""
+  """Leaves [L, ...] -> [S, R, Lc, ...]: index (s, r, j) holds layer `layer_of(s, r, j)`.
+
+  When S*R divides L this is a reshape and a swap of the two leading dims, so a
+  `stage`-sharded stack regroups in place. Otherwise (uneven stages) the padding slots hold
+  zeros, and the blocks run there as identities (`active`)."""
   def regroup(x):
     L = x.shape[0]
-    x = x.reshape(repeats, stages, L // (repeats * stages), *x.shape[1:])
-    return jnp.swapaxes(x, 0, 1) if isinstance(x, jax.Array) else np.swapaxes(x, 0, 1)
+    xp = jnp if isinstance(x, jax.Array) else np
+    if L % (stages * repeats) == 0:
+      x = x.reshape(repeats, stages, L // (repeats * stages), *x.shape[1:])
+      return xp.swapaxes(x, 0, 1)
+    index = staged_layers(L, stages=stages, repeats=repeats)
+    padded = xp.concatenate([x, xp.zeros_like(x[:1])])
+    return xp.take(padded, np.where(index < 0, L, index), axis=0)
   return jax.tree.map(regroup, tree)
 
 
-def from_stages(tree: Any) -> Any:
-  """The inverse of `to_stages`: leaves [S, R, Lc, ...] -> [L, ...]."""
+def from_stages(tree: Any, *, n_layers: int | None = None) -> Any:
+  """The inverse of `to_stages`: leaves [S, R, Lc, ...] -> [L, ...] (the padding dropped;
+  `n_layers` defaults to S*R*Lc, no padding)."""
   def ungroup(x):
-    swap = jnp.swapaxes if isinstance(x, jax.Array) else np.swapaxes
-    x = swap(x, 0, 1)
-    return x.reshape(-1, *x.shape[3:])
+    S, R, Lc = x.shape[:3]
+    L = n_layers or S * R * Lc
+    xp = jnp if isinstance(x, jax.Array) else np
+    if L == S * R * Lc:
+      x = xp.swapaxes(x, 0, 1)
+      return x.reshape(-1, *x.shape[3:])
+    index = staged_layers(L, stages=S, repeats=R).ravel()
+    where = np.argsort(np.where(index < 0, L + np.arange(index.size), index))[:L]
+    return xp.take(x.reshape(-1, *x.shape[3:]), where, axis=0)
   return jax.tree.map(ungroup, tree)
+
+
+def active(n_layers: int, *, stages: int, repeats: int = 1) -> np.ndarray | None:
+  """[S, R, Lc] bool: which slots hold a layer (False: identity padding); None when S*R
+  divides L and there is no padding."""
+  if n_layers % (stages * repeats) == 0:
+    return None
+  return staged_layers(n_layers, stages=stages, repeats=repeats) >= 0
 
 
 def _varying(x: Any) -> Any:

@@ -150,7 +150,7 @@ def natural_params(fwd) -> Any:
 
   def natural(p):
     if fwd.schedule is not None:
-      p = {**p, "blocks": pipeline.from_stages(p["blocks"])}
+      p = {**p, "blocks": pipeline.from_stages(p["blocks"], n_layers=cfg.n_layers)}
     return to_natural(p, names, cfg, fwd.layout)
 
   shapes = jax.eval_shape(natural, params)

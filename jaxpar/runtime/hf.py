@@ -42,9 +42,9 @@ class _Leaf:
   """One parameter: where its values come from, and how to cut any shard of it."""
 
   def __init__(self, files: SafeTensors, source: HFTensor, prefix: str, shape: tuple,
-               lead: int, stages: int | None):
+               lead: int, stages: int | None, n_layers: int):
     self.files, self.source, self.prefix = files, source, prefix
-    self.shape, self.lead, self.stages = shape, lead, stages
+    self.shape, self.lead, self.stages, self.n_layers = shape, lead, stages, n_layers
 
   def name(self, layer: int | None) -> str:
     return self.prefix + self.source.name.format(l=layer)
@@ -55,7 +55,8 @@ class _Leaf:
     if self.lead == 1:
       return list(ranges[0])
     s, r, j = np.meshgrid(*[np.asarray(x) for x in ranges], indexing="ij")
-    return pipeline.layer_of(s, r, j, stages=self.stages, per_chunk=self.shape[2]).ravel().tolist()
+    return pipeline.layer_of(s, r, j, stages=self.stages, repeats=self.shape[1],
+                             n_layers=self.n_layers).ravel().tolist()
 
   def read(self, layer: int | None, ranges: list[range]) -> np.ndarray:
     """One layer's values at the per-layer indices `ranges` (rows past the end: 0)."""
@@ -76,7 +77,9 @@ class _Leaf:
 
   def callback(self, index: tuple) -> np.ndarray:
     ranges = [range(*sl.indices(n)) for sl, n in zip(index, self.shape)]
-    values = [self.read(l, ranges[self.lead:]) for l in self.layers(ranges[:self.lead])]
+    zeros = lambda: np.zeros([len(r) for r in ranges[self.lead:]], np.float32)
+    values = [zeros() if l is not None and l < 0 else self.read(l, ranges[self.lead:])
+              for l in self.layers(ranges[:self.lead])]  # l < 0: identity padding
     return np.stack(values).reshape([len(r) for r in ranges])
 
 
@@ -98,25 +101,27 @@ def _check(files: SafeTensors, leaves: list[_Leaf], n_layers: int, checkpoint: s
 
 
 def load_params(checkpoint: str, sources: dict, *, shapes: dict, shardings: Any,
-                stages: int | None = None) -> dict:
+                stages: int | None = None, n_layers: int | None = None) -> dict:
   """The parameters of the Hugging Face directory `checkpoint` as a pure dict of sharded
   arrays with the structure of `shapes` (ShapeDtypeStructs; blocks [L, ...], or
   [S, R, Lc, ...] when `stages` is set), each leaf placed by `shardings` and cast to its
   dtype. `sources` (a family's `weights`) has the same structure, with per-layer HFTensors.
 
-  Each device's callback reads only its slice. Missing or mis-shaped tensors and unreadable
-  files are one-line UserErrors naming the tensor or file, raised before anything is read.
+  `n_layers`: the model's layers, when the stages hold identity padding past them (uneven
+  stages: slots of no layer are zeros). Each device's callback reads only its slice.
+  Missing or mis-shaped tensors and unreadable files are one-line UserErrors naming the
+  tensor or file, raised before anything is read.
   """
   files = SafeTensors(checkpoint)
   is_source = lambda x: isinstance(x, HFTensor)
   first = jax.tree.leaves(sources, is_leaf=is_source)[0].name.format(l=0)
   prefix = next((p for p in _PREFIXES if p + first in files.keys()), "")
   lead = 1 if stages is None else 3
-  n_layers = int(np.prod(jax.tree.leaves(shapes["blocks"])[0].shape[:lead]))
+  n_layers = n_layers or int(np.prod(jax.tree.leaves(shapes["blocks"])[0].shape[:lead]))
 
   def leaf(path, source: HFTensor, spec) -> _Leaf:
     layered = lead if path[0].key == "blocks" else 0
-    return _Leaf(files, source, prefix, tuple(spec.shape), layered, stages)
+    return _Leaf(files, source, prefix, tuple(spec.shape), layered, stages, n_layers)
 
   leaves = jax.tree_util.tree_map_with_path(leaf, sources, shapes, is_leaf=is_source)
   _check(files, jax.tree.leaves(leaves, is_leaf=lambda x: isinstance(x, _Leaf)), n_layers,

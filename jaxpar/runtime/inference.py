@@ -55,7 +55,8 @@ class Forward(state.ShardedModel):
     Every process gets them whole (each must call this)."""
     host = tree_to_host(self.params)
     if self.schedule is not None:
-      host = {**host, "blocks": pipeline.from_stages(host["blocks"])}
+      host = {**host, "blocks": pipeline.from_stages(host["blocks"],
+                                                     n_layers=self.config.model.n_layers)}
     return host
 
 
@@ -115,7 +116,8 @@ def causal_step(batch: int, length: int) -> Step:
 
 
 def build(config: Config, mesh: Mesh, *, params: dict | None = None,
-          layout: Layout | None = None, pipelined: bool | None = None) -> Forward:
+          layout: Layout | None = None, pipelined: bool | None = None,
+          abstract: bool = False) -> Forward:
   """Checks the layout, creates (or places) the parameters and jits the forward pass.
 
   `params` (a dict in the model's own layout, e.g. gathered from another mesh) replaces the
@@ -123,6 +125,8 @@ def build(config: Config, mesh: Mesh, *, params: dict | None = None,
   vocabulary padding and key/value copies (default: what the rules need on this mesh; pass the
   sharded model's to reuse its parameters on one device). `pipelined` forces the pipeline on or
   off (default: on when mesh.stage > 1). The model is the family `model.family` names.
+  `abstract`: the parameters stay ShapeDtypeStructs with their shardings (nothing is created
+  or read), enough to compile and inspect the program (`jaxpar.plan`).
   """
   family = models.family(config.model.family)
   rules = Rules(config.rules)
@@ -137,7 +141,8 @@ def build(config: Config, mesh: Mesh, *, params: dict | None = None,
   logits_sharding = out_rules.sharding((axes.BATCH, axes.SEQ, axes.VOCAB), mesh, what="logits")
   make = lambda rngs: family.make(config.model, layout, rngs)
   graphdef, shapes, names = state.abstract(make)
-  check_tree(shapes, names, rules, mesh, keys=keys)
+  if schedule is None:  # staged, the layers are checked against the stages below
+    check_tree(shapes, names, rules, mesh, keys=keys)
 
   def to_layout(p: dict) -> dict:
     if schedule is None:
@@ -146,9 +151,13 @@ def build(config: Config, mesh: Mesh, *, params: dict | None = None,
     return {**p, "blocks": blocks}
 
   natural = shapes, names  # blocks [L, ...]: what checkpoints are read and written in
+  active = None
   if schedule is not None:
     names = _staged_names(names)
     shapes = jax.eval_shape(to_layout, shapes)
+    check_tree(shapes, names, rules, mesh, keys=keys)
+    active = pipeline.active(config.model.n_layers, stages=schedule.stages,
+                             repeats=schedule.repeats)
   param_shardings = tree_shardings(names, rules, mesh)
   scan = config.model.scan_layers is not False
 
@@ -166,11 +175,14 @@ def build(config: Config, mesh: Mesh, *, params: dict | None = None,
         x_BTD, _ = run_blocks(block_graphdef, layers, x_BTD, step, scan=scan)
       else:
         def stage_fn(chunk, x_BTD):  # positions are 0..T-1 on every stage
+          blocks, on = chunk  # `on`: None, or which of the chunk's layers are not padding
           rows = x_BTD.shape[0]
-          y_BTD, _ = run_blocks(block_graphdef, chunk, x_BTD, causal_step(rows, T), scan=True)
+          y_BTD, _ = run_blocks(block_graphdef, blocks, x_BTD, causal_step(rows, T), scan=True,
+                                active=on)
           return y_BTD
-        x_BTD = pipeline.run(stage_fn, params["blocks"], x_BTD, mesh=mesh, schedule=schedule,
-                             batch_axes=rules.mesh_axes(axes.BATCH))
+        on = None if active is None else jnp.asarray(active)
+        x_BTD = pipeline.run(stage_fn, (params["blocks"], on), x_BTD, mesh=mesh,
+                             schedule=schedule, batch_axes=rules.mesh_axes(axes.BATCH))
     with use_rules(out_rules, keys=keys):
       return model.head(x_BTD)
 
@@ -180,7 +192,10 @@ def build(config: Config, mesh: Mesh, *, params: dict | None = None,
     jax.eval_shape(forward, shapes, tokens_shape)
 
   timings = {}
-  if params is not None:
+  if abstract:
+    params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          shapes, param_shardings)
+  elif params is not None:
     params = jax.device_put(to_layout(params), param_shardings)
   elif config.model.checkpoint and checkpoint_meta.is_jaxpar(config.model.checkpoint):
     from jaxpar.runtime import checkpoint  # Orbax: each device reads its own slices
@@ -191,7 +206,8 @@ def build(config: Config, mesh: Mesh, *, params: dict | None = None,
     from jaxpar.runtime import hf  # Hugging Face weights, each device reading its own slice
     params = hf.load_params(config.model.checkpoint, family.weights(config.model, layout),
                             shapes=shapes, shardings=param_shardings,
-                            stages=None if schedule is None else schedule.stages)
+                            stages=None if schedule is None else schedule.stages,
+                            n_layers=config.model.n_layers)
   else:
     params = state.create(make, seed=config.run.seed, mesh=mesh, shardings=param_shardings,
                           layout=to_layout, timings=timings)

@@ -40,6 +40,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxpar.axes import BATCH, STAGE
 from jaxpar.models.base import Step, run_blocks
+from jaxpar.parallel import pipeline
 from jaxpar.rules import constrain, use_rules
 from jaxpar.runtime.decoding import is_eos, prompt_step, token_step
 from jaxpar.runtime.sampling import row_keys, sample
@@ -89,6 +90,7 @@ class _Stage:
     self.S = gen.mesh.shape[STAGE]
     m = gen.forward.config.model
     self.width, self.dtype = m.d_model, jnp.dtype(m.dtype)  # the activations between stages
+    self.active = pipeline.active(m.n_layers, stages=self.S)  # None, or [S, 1, Lc] (uneven)
 
   def model(self, rest, blocks_local):
     blocks = jax.tree.map(lambda a: a[0, 0], blocks_local)  # [Lc, ...]: this stage's layers
@@ -97,7 +99,7 @@ class _Stage:
 
   def empty_caches(self):
     m = self.gen.forward.config.model
-    Lc = m.n_layers // self.S
+    Lc = pipeline.per_chunk(m.n_layers, stages=self.S)  # identity padding included
     spec = self.gen.family.kv_cache(m, self.gen.forward.layout, self.Bg,
                                     self.prompt_len + self.max_new)
     return {k: _varying(constrain(jnp.zeros((Lc, self.G, *shape), jnp.dtype(m.dtype)),
@@ -105,9 +107,11 @@ class _Stage:
             for k, (shape, names) in spec.items()}
 
   def layers(self, graphdef, blocks, x_BTD, step: Step, caches, g, valid):
-    """This stage's layers on group g; writes back only group g's cache slice."""
+    """This stage's layers on group g; writes back only group g's cache slice. Identity
+    padding layers (uneven stages) write only their own cache slots, which nothing reads."""
     old = {k: lax.dynamic_index_in_dim(c, g, axis=1, keepdims=False) for k, c in caches.items()}
-    y_BTD, new = run_blocks(graphdef, blocks, x_BTD, step, old, scan=True)
+    on = None if self.active is None else jnp.asarray(self.active[:, 0])[lax.axis_index(STAGE)]
+    y_BTD, new = run_blocks(graphdef, blocks, x_BTD, step, old, scan=True, active=on)
     caches = {k: lax.dynamic_update_index_in_dim(caches[k], jnp.where(valid, new[k], old[k]),
                                                  g, 1) for k in caches}
     return y_BTD, caches

@@ -28,8 +28,8 @@ from jaxpar.rules import Rules, check_tree, tree_shardings, use_rules
 from jaxpar.runtime import state
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-_CNN_NAMES = (axes.BATCH, axes.HEIGHT, axes.WIDTH, axes.COLOR, axes.CHANNELS, axes.FILTERS,
-              axes.KERNEL, axes.CLASSES)
+_CNN_NAMES = (axes.BATCH, axes.HEIGHT, axes.WIDTH, axes.COLOR, axes.CHANNELS,
+              axes.ACT_CHANNELS, axes.FILTERS, axes.KERNEL, axes.CLASSES)
 
 
 @dataclasses.dataclass
@@ -76,7 +76,7 @@ def check_layout(config: Config, mesh: Mesh, rules: Rules) -> None:
           f"stage's {name} ({', '.join(map(str, cnn.stage_sizes(c)))} pixels in the "
           f"{c.stages} stages) must cut into {ways} equal strips; use a multiple of "
           f"{ways * halvings} or set rules.{name}=null")
-  for name in (axes.CHANNELS, axes.FILTERS):
+  for name in (axes.CHANNELS, axes.ACT_CHANNELS, axes.FILTERS):
     ways, over = _ways(rules, name, shape)
     if c.width % ways:
       raise UserError(
