@@ -34,36 +34,74 @@ sys.path.insert(0, str(ROOT))
 from jaxpar import emulate_cpu_devices  # noqa: E402
 
 
-def speed_of_light(generator, batch: int, steps: int, repeats: int = 3) -> float:
-  """Tokens/s of a compiled program that does nothing but stream the model's own weights
-  through the matrix-vector products a decode step makes (every 2-D weight of every layer,
-  then the vocabulary head), a cheap `tanh` between them, in a `fori_loop` of `steps` steps:
-  the limit of a decode step on these weights on this machine (the best of `repeats`)."""
+def weight_matrices(generator) -> tuple[list, object]:
+  """The 2-D weights a decode step multiplies by, per layer ([out, in] as stored), and the
+  vocabulary head (the largest 2-D parameter outside the blocks)."""
   import jax
-  import jax.numpy as jnp
   params = generator.natural_params()
   blocks = params["blocks"]
   mats = [[a[l] for a in jax.tree.leaves(blocks) if a.ndim == 3]
           for l in range(generator.forward.config.model.n_layers)]
-  head = max((a for a in jax.tree.leaves(params) if a.ndim == 2), key=lambda a: a.size)
-  D = head.shape[1]
-  weights = jax.device_put((mats, head), jax.devices("cpu")[0])
+  rest = {k: v for k, v in params.items() if k != "blocks"}
+  head = max((a for a in jax.tree.leaves(rest) if a.ndim == 2), key=lambda a: a.size)
+  return mats, head
 
-  @jax.jit
-  def chain(weights, x_BD):
+
+def _fit(h, width: int):
+  """`h` [B, w] cut or tiled to [B, width]: feeds any weight from the last activation."""
+  import jax.numpy as jnp
+  if h.shape[1] < width:
+    h = jnp.tile(h, (1, -(-width // h.shape[1])))
+  return h[:, :width]
+
+
+def chain_program(mats, head, steps: int):
+  """The speed-of-light program: per step, every weight of every layer multiplied in one
+  chain (each product feeds the next, so none is dead code), then the head; a `tanh`
+  between them and nothing else."""
+  import jax
+  import jax.numpy as jnp
+
+  def program(weights, x_BD):
     mats, head = weights
+    D = x_BD.shape[1]
 
     def step(_, x_BD):
-      acts = {D: x_BD}
       for layer in mats:
-        for w_OI in layer:  # each weight once, fed by the last activation of its input width
-          inp = acts.get(w_OI.shape[1], x_BD[:, :1] * jnp.ones((1, w_OI.shape[1])))
-          acts[w_OI.shape[0]] = jnp.tanh(jnp.einsum("bi,oi->bo", inp, w_OI))
-        x_BD = x_BD + acts[D]
-      return x_BD + jnp.tanh(jnp.einsum("bd,vd->bv", x_BD, head)[:, :D])
+        h = x_BD
+        for w_OI in layer:
+          h = jnp.tanh(jnp.einsum("bi,oi->bo", _fit(h, w_OI.shape[1]), w_OI))
+        x_BD = x_BD + _fit(h, D)
+      logits_BV = jnp.einsum("bd,vd->bv", x_BD, head)
+      return x_BD + jnp.tanh(logits_BV[:, :D] + logits_BV[:, -D:])
     return jax.lax.fori_loop(0, steps, step, x_BD)
+  return jax.jit(program)
 
+
+def dot_shapes(compiled_text: str) -> list[str]:
+  """The result shapes of the matrix products in a compiled CPU program (plain or inside a
+  YNNPACK fusion; each product appears once in the text)."""
+  import re
+  return re.findall(r"= f32\[([\d,]+)\]\S* dot\(", compiled_text)
+
+
+def speed_of_light(generator, batch: int, steps: int, repeats: int = 3) -> float:
+  """Tokens/s of a compiled program that does nothing but stream the model's own weights
+  through the matrix-vector products a decode step makes (`chain_program`): the limit of a
+  decode step on these weights on this machine (the best of `repeats`). Raises if XLA
+  dropped any product (the program would then stream fewer bytes than the model)."""
+  import jax
+  import jax.numpy as jnp
+  mats, head = weight_matrices(generator)
+  weights = jax.device_put((mats, head), jax.devices("cpu")[0])
+  D = head.shape[1]
   x = jnp.ones((batch, D), jnp.float32)
+  chain = chain_program(mats, head, steps).lower(weights, x).compile()
+  shapes = dot_shapes(chain.as_text())
+  want = sum(len(layer) for layer in mats) + 1
+  if len(shapes) != want or f"{batch},{head.shape[0]}" not in shapes:
+    raise RuntimeError(f"speed of light: compiled matrix products {shapes}, expected {want} "
+                       f"with the whole head [{batch},{head.shape[0]}]")
   chain(weights, x).block_until_ready()
   best = float("inf")
   for _ in range(repeats):

@@ -229,17 +229,21 @@ def rope(x_BTNH: jax.Array, positions_BT: jax.Array, inv_freq: np.ndarray) -> ja
 
 def write_cache(cache: dict | None, k_BTKH: jax.Array, v_BTKH: jax.Array,
                 index) -> tuple[jax.Array, jax.Array, dict | None]:
-  """(keys, values to attend over, the new cache): the T new entries written at `index`."""
+  """(keys, values [B, K, S, H] to attend over, the new cache): the T new entries written at
+  slot `index`. The cache is stored [B, K, S, H], the layout both attention products read,
+  so no step transposes it (stored [B, S, K, H], every layer copied its whole cache twice per
+  step)."""
+  k_BKTH, v_BKTH = k_BTKH.transpose(0, 2, 1, 3), v_BTKH.transpose(0, 2, 1, 3)
   if cache is None:
-    return k_BTKH, v_BTKH, None
-  k_BSKH = lax.dynamic_update_slice_in_dim(cache["k"], k_BTKH.astype(cache["k"].dtype), index,
-                                           axis=1)
-  v_BSKH = lax.dynamic_update_slice_in_dim(cache["v"], v_BTKH.astype(cache["v"].dtype), index,
-                                           axis=1)
-  return k_BSKH, v_BSKH, {"k": k_BSKH, "v": v_BSKH}
+    return k_BKTH, v_BKTH, None
+  k_BKSH = lax.dynamic_update_slice_in_dim(cache["k"], k_BKTH.astype(cache["k"].dtype), index,
+                                           axis=2)
+  v_BKSH = lax.dynamic_update_slice_in_dim(cache["v"], v_BKTH.astype(cache["v"].dtype), index,
+                                           axis=2)
+  return k_BKSH, v_BKSH, {"k": k_BKSH, "v": v_BKSH}
 
 
-def attend(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, step: Step, *,
+def attend(q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array, step: Step, *,
            window: int = 0) -> jax.Array:
   """Grouped-query attention [B, T, N*H]: query head n reads key/value head n // (N/K).
 
@@ -247,25 +251,26 @@ def attend(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, step: Step, 
   positions differ by each row's left padding only, so a window in slots is one in positions.
   """
   B, T, N, H = q_BTNH.shape
-  K = k_BSKH.shape[2]
-  q_BTKGH = constrain(q_BTNH.reshape(B, T, K, N // K, H), (BATCH, SEQ, KV_HEADS, None, HEAD_DIM))
-  scores = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH).astype(jnp.float32)
+  K = k_BKSH.shape[1]
+  q_BKGTH = constrain(q_BTNH.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4),
+                      (BATCH, KV_HEADS, None, SEQ, HEAD_DIM))
+  scores = jnp.einsum("bkgth,bksh->bkgts", q_BKGTH, k_BKSH).astype(jnp.float32)
   scores = scores / math.sqrt(H)
   mask_BTS = step.mask_BTS
   if window:
     query_T = step.index + jnp.arange(T)
-    key_S = jnp.arange(k_BSKH.shape[1])
+    key_S = jnp.arange(k_BKSH.shape[2])
     mask_BTS = mask_BTS & (query_T[:, None] - key_S[None, :] < window)[None]
   scores = jnp.where(mask_BTS[:, None, None], scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v_BSKH.dtype)
-  out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", probs, v_BSKH)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v_BKSH.dtype)
+  out_BTKGH = jnp.einsum("bkgts,bksh->btkgh", probs, v_BKSH)
   return out_BTKGH.reshape(B, T, N * H)
 
 
 def attention_cache(cfg: ModelConfig, layout: Layout, batch: int, length: int) -> dict:
-  """One layer's KV cache: keys and values [B, S, K * kv_repeat, H]."""
-  shape = (batch, length, cfg.kv_heads * layout.kv_repeat, cfg.head_size)
-  names = (BATCH, SEQ, KV_HEADS, HEAD_DIM)
+  """One layer's KV cache: keys and values [B, K * kv_repeat, S, H]."""
+  shape = (batch, cfg.kv_heads * layout.kv_repeat, length, cfg.head_size)
+  names = (BATCH, KV_HEADS, SEQ, HEAD_DIM)
   return {"k": (shape, names), "v": (shape, names)}
 
 
