@@ -124,8 +124,9 @@ class GPT(nnx.Module):
     self.ln_f = LayerNorm(cfg, dtype)
 
   def embed(self, tokens_BT: jax.Array, positions_BT: jax.Array) -> jax.Array:
-    x_BTD = jnp.take(self.wte[...], tokens_BT, axis=0) + jnp.take(self.wpe[...], positions_BT,
-                                                                  axis=0)
+    wpe = self.wpe[...]
+    x_BTD = base.embed_rows(self.wte[...], tokens_BT, wpe.dtype) + jnp.take(wpe, positions_BT,
+                                                                            axis=0)
     return base.residual(x_BTD)
 
   def head(self, x_BTD: jax.Array) -> jax.Array:

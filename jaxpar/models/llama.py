@@ -145,7 +145,8 @@ class Llama(nnx.Module):
 
   def embed(self, tokens_BT: jax.Array, positions_BT: jax.Array) -> jax.Array:
     del positions_BT  # positions enter every block as rotary angles
-    return base.residual(jnp.take(self.embed_table[...], tokens_BT, axis=0))
+    dtype = self.norm.scale[...].dtype
+    return base.residual(base.embed_rows(self.embed_table[...], tokens_BT, dtype))
 
   def head(self, x_BTD: jax.Array) -> jax.Array:
     table = self.embed_table if self.lm_head is None else self.lm_head
