@@ -602,6 +602,10 @@ def main(argv: list[str] | None = None) -> int:
     _start_jax(args, config)
     enable_compilation_cache()
     if args.command == "convert":  # before anything is read: a refused --out loses no time
+      if config.model.quantize != "none":
+        raise UserError(f"model.quantize={config.model.quantize}: convert writes float "
+                        f"weights (quantisation happens on the mesh at load); drop "
+                        f"model.quantize, and set it when running the checkpoint")
       from jaxpar.checkpoint_meta import check_out
       check_out(args.out, overwrite=args.overwrite)
     command = {"forward": forward, "classify": classify, "generate": generate,
