@@ -14,7 +14,7 @@ Products go through Qwix (`qwix.einsum` on a `qwix.QArray`):
   product. A quarter of the fp32 bytes per device.
 - `int8-dynamic`: activations are quantised per token at run time (absmax over the
   contracted dim) and the product runs int8 x int8 with int32 accumulation, rescaled by the
-  token's and the channel's scales.
+  token's and the channel's scales. Products of fewer than `MIN_ROWS` tokens are padded.
 
 Qwix's model-level entry points (`quantize_model`, `PtqProvider`) are not used: they swap a
 module's parameters while tracing it and know nothing of the rule table, the stacked
@@ -35,6 +35,10 @@ from jaxpar.errors import UserError
 from jaxpar.rules import Logical, is_logical
 
 MODES = ("int8", "int8-dynamic")
+# XLA:CPU runs an int8 x int8 product with 1 row about 18x slower than float32 and with 8 rows
+# about 3x faster (measured, [M, 768] x [768, 50257]): int8-dynamic pads a product's tokens
+# (the unsharded T dim) with zero rows up to 8.
+MIN_ROWS = 8
 
 
 @flax.struct.dataclass
@@ -119,9 +123,12 @@ def quantize_params(params: dict, names: dict, mode: str, shardings_for) -> tupl
 def einsum(spec: str, x: jax.Array, w: QWeight) -> jax.Array:
   """`spec` (activations, weight [..., out, in]) through Qwix, in x's dtype."""
   if w.mode == "int8-dynamic":
+    B, T = x.shape[0], x.shape[1]
+    pad = -(-MIN_ROWS // B) - T if B * T < MIN_ROWS else 0
+    x_pad = jnp.pad(x, ((0, 0), (0, pad), (0, 0))) if pad > 0 else x
     batch_axes = tuple(range(x.ndim - 1))  # one scale per token: absmax over the last dim
-    xq = qwix.quantize(x, jnp.int8, channelwise_axes=batch_axes, scale_dtype=jnp.float32)
-    return qwix.einsum(spec, xq, w.qarray()).astype(x.dtype)
+    xq = qwix.quantize(x_pad, jnp.int8, channelwise_axes=batch_axes, scale_dtype=jnp.float32)
+    return qwix.einsum(spec, xq, w.qarray())[:, :T].astype(x.dtype)
   return qwix.einsum(spec, x, w.qarray()).astype(x.dtype)
 
 
