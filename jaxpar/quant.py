@@ -28,7 +28,6 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
-import qwix
 
 from jaxpar.axes import EMBED, VOCAB
 from jaxpar.errors import UserError
@@ -58,8 +57,18 @@ class QWeight:
   def shape(self) -> tuple:
     return self.values.shape
 
-  def qarray(self) -> qwix.QArray:
-    return qwix.QArray(qvalue=self.values, scale=self.scale)
+  def qarray(self):
+    return _qwix().QArray(qvalue=self.values, scale=self.scale)
+
+
+def _qwix():
+  """Qwix, imported when a quantised model runs (jaxpar imports without it)."""
+  try:
+    import qwix
+  except ImportError:
+    raise UserError("model.quantize needs Qwix (the JAX quantisation library): pip install "
+                    "qwix, or set model.quantize=none") from None
+  return qwix
 
 
 def is_quantized(leaf: Any) -> bool:
@@ -104,6 +113,7 @@ def quantize_params(params: dict, names: dict, mode: str, shardings_for) -> tupl
   `shardings_for(names)` gives the shardings of a names tree. The float inputs are donated."""
   if mode not in MODES:
     raise UserError(f"model.quantize={mode!r}: expected one of none, {', '.join(MODES)}")
+  _qwix()
   qnames = quantized_names(params, names, mode)
 
   def convert(params):
@@ -122,6 +132,7 @@ def quantize_params(params: dict, names: dict, mode: str, shardings_for) -> tupl
 
 def einsum(spec: str, x: jax.Array, w: QWeight) -> jax.Array:
   """`spec` (activations, weight [..., out, in]) through Qwix, in x's dtype."""
+  qwix = _qwix()
   if w.mode == "int8-dynamic":
     B, T = x.shape[0], x.shape[1]
     pad = -(-MIN_ROWS // B) - T if B * T < MIN_ROWS else 0
