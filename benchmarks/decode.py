@@ -1,26 +1,28 @@
-"""Greedy decoding tokens/s: jaxpar on one CPU device against Hugging Face transformers.
+"""Greedy decoding tokens/s on one CPU device: jaxpar (float32, int8 weights, int8 weights
+and activations, int8 KV cache) against Hugging Face transformers and against the speed of
+light measured in the same run.
 
 `--family gpt2` (default): the GPT-2 124M shape; `--family llama` (or mistral, qwen2, qwen3):
 a Llama-family model of 8 layers, width 1024, 16 query heads over 4 key/value heads, SwiGLU
 width 2816, vocabulary 32000. Random weights (initializer_range 0.2, so greedy tokens depend on
-the context) saved by `transformers` and loaded by both; batch 1 and 8, 32-token prompts, 64
-new tokens, float32, EOS disabled so every row decodes all 64 tokens. Each round times one
-`transformers` generate and one jaxpar generate (prefill + decode, compile excluded),
-alternating which goes first, and the speed of light: a compiled chain of the same weights'
-matrix-vector products and nothing else (`speed_of_light`), against which jaxpar's decode
-loop alone is reported. Medians over rounds. The jnp.sum roofline (the batch over the time to
-stream the weights at a compiled sum's read bandwidth) is kept for reference only: a sum
-streams memory slower than a matrix-vector product here, so it is no upper bound. The greedy
-tokens of the two must be identical.
+the context) saved by `transformers` and loaded by both; batches 1, 8 and 32, 32-token
+prompts, 64 new tokens, float32, EOS disabled so every row decodes all 64 tokens. Each round
+times the speed of light (`limits.speed_of_light`: a compiled chain of the float32 weights'
+matrix-vector products and nothing else, at the decode's batch), the prefill limit (the same
+products at the prefill's size), one `transformers` generate and one generate of each jaxpar
+variant, rotating their order. Medians over rounds. jaxpar's decode loop alone is reported
+against the speed of light, its prefill against the prefill limit; int8 variants are held to
+the float32 limits (above 100%: faster than float32 weights can stream). Quality of each
+variant against float32: next-token top-1 agreement and the largest logit difference over
+the prompts of batch 8 (every position, teacher-forced through the KV cache). The jnp.sum
+read bandwidth is kept for reference only: no bound on this machine.
 
-  python benchmarks/decode.py [--family llama] [--rounds 3] [--checkpoint DIR] [--batches 1 8]
+  python benchmarks/decode.py [--family llama] [--rounds 3] [--batches 1 8 32]
 
-Prints a table and writes JSON to benchmarks/results/decode[_FAMILY].json. Goals: GPT-2
-jaxpar >= 1.2x transformers at batch 1 and >= 1.35x at batch 8; Llama >= 1.5x at both.
+Prints a table and writes JSON to benchmarks/results/decode[_FAMILY].json.
 """
 
 import argparse
-import json
 import os
 import pathlib
 import statistics
@@ -28,65 +30,18 @@ import sys
 import tempfile
 import time
 
+import numpy as np
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import limits  # noqa: E402
+from benchmarks.common import write_json  # noqa: E402
 from jaxpar import emulate_cpu_devices  # noqa: E402
 
-
-def speed_of_light(generator, batch: int, steps: int, repeats: int = 3) -> float:
-  """Tokens/s of a compiled program that does nothing but stream the model's own weights
-  through the matrix-vector products a decode step makes (every 2-D weight of every layer,
-  then the vocabulary head), a cheap `tanh` between them, in a `fori_loop` of `steps` steps:
-  the limit of a decode step on these weights on this machine (the best of `repeats`)."""
-  import jax
-  import jax.numpy as jnp
-  params = generator.natural_params()
-  blocks = params["blocks"]
-  mats = [[a[l] for a in jax.tree.leaves(blocks) if a.ndim == 3]
-          for l in range(generator.forward.config.model.n_layers)]
-  head = max((a for a in jax.tree.leaves(params) if a.ndim == 2), key=lambda a: a.size)
-  D = head.shape[1]
-  weights = jax.device_put((mats, head), jax.devices("cpu")[0])
-
-  @jax.jit
-  def chain(weights, x_BD):
-    mats, head = weights
-
-    def step(_, x_BD):
-      acts = {D: x_BD}
-      for layer in mats:
-        for w_OI in layer:  # each weight once, fed by the last activation of its input width
-          inp = acts.get(w_OI.shape[1], x_BD[:, :1] * jnp.ones((1, w_OI.shape[1])))
-          acts[w_OI.shape[0]] = jnp.tanh(jnp.einsum("bi,oi->bo", inp, w_OI))
-        x_BD = x_BD + acts[D]
-      return x_BD + jnp.tanh(jnp.einsum("bd,vd->bv", x_BD, head)[:, :D])
-    return jax.lax.fori_loop(0, steps, step, x_BD)
-
-  x = jnp.ones((batch, D), jnp.float32)
-  chain(weights, x).block_until_ready()
-  best = float("inf")
-  for _ in range(repeats):
-    start = time.perf_counter()
-    chain(weights, x).block_until_ready()
-    best = min(best, time.perf_counter() - start)
-  return batch * steps / best
-
-
-def read_bandwidth(nbytes: int = 512 << 20, repeats: int = 5) -> float:
-  """Bytes per second that a compiled reduction streams from memory (the best of
-  `repeats`): decoding reads its weights, it does not copy them."""
-  import jax
-  import jax.numpy as jnp
-  x = jnp.ones(nbytes // 4, jnp.float32)
-  total = jax.jit(jnp.sum)
-  total(x).block_until_ready()
-  best = float("inf")
-  for _ in range(repeats):
-    start = time.perf_counter()
-    total(x).block_until_ready()
-    best = min(best, time.perf_counter() - start)
-  return nbytes / best
+VARIANTS = {"float32": [], "int8": ["model.quantize=int8"],
+            "int8-dynamic": ["model.quantize=int8-dynamic"],
+            "int8 KV cache": ["model.kv_cache_dtype=int8"]}
 
 
 LLAMA_SHAPE = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816,
@@ -109,30 +64,73 @@ def make_checkpoint(family: str, path: str) -> None:
   model_cls(config_cls(**args)).save_pretrained(path)
 
 
+def teacher_forced_logits(gen, tokens_BT):
+  """float32 logits [B, T, V] at every position, through a fresh KV cache of the generator's
+  kind (the prefill's path, so an int8 cache is read back for every position)."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from jaxpar.models.base import run_blocks
+  from jaxpar.rules import use_rules
+  from jaxpar.runtime.decoding import prompt_step
+  from jaxpar.runtime.generate import new_caches
+  B, T = tokens_BT.shape
+
+  def run(params, tokens_BT):
+    with use_rules(gen.forward.rules, keys=gen.family.config_keys):
+      model, graphdef, layers = gen.model_parts(params)
+      step = prompt_step(jnp.ones((B, T), bool), 1)
+      caches = new_caches(gen, B, T + 1, scan=gen.scan)
+      x_BTD = model.embed(tokens_BT, step.positions_BT)
+      x_BTD, _ = run_blocks(graphdef, layers, x_BTD, step, caches, scan=gen.scan)
+      return model.head(x_BTD)
+
+  with jax.set_mesh(gen.mesh):
+    out = jax.jit(run)(gen.params, jnp.asarray(tokens_BT, jnp.int32))
+  return np.asarray(out)[..., :gen.forward.config.model.vocab_size]
+
+
+def quality(gens: dict, tokens_BT) -> dict:
+  """Each variant against float32: top-1 agreement and max |logit difference|."""
+  import numpy as np
+  want = teacher_forced_logits(gens["float32"], tokens_BT)
+  out = {}
+  for name, gen in gens.items():
+    if name == "float32":
+      continue
+    got = teacher_forced_logits(gen, tokens_BT)
+    out[name] = {"top1_agreement": float((got.argmax(-1) == want.argmax(-1)).mean()),
+                 "max_logit_diff": float(np.abs(got - want).max()),
+                 "max_abs_logit_float32": float(np.abs(want).max())}
+  return out
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--family", choices=sorted(HF_CLASSES), default="gpt2")
   parser.add_argument("--checkpoint", help="an existing checkpoint dir of that family "
                                            "(default: a random one in a temporary dir)")
-  parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+  parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
   parser.add_argument("--prompt-len", type=int, default=32)
   parser.add_argument("--new-tokens", type=int, default=64)
   parser.add_argument("--rounds", type=int, default=3)
+  parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
   parser.add_argument("--set", action="append", default=[],
                       help="jaxpar config overrides, e.g. model.scan_layers=true")
   parser.add_argument("--out", help="JSON path (default benchmarks/results/decode[_FAMILY].json)")
   args = parser.parse_args()
   suffix = "" if args.family == "gpt2" else f"_{args.family}"
   args.out = args.out or str(ROOT / "benchmarks" / "results" / f"decode{suffix}.json")
+  if "float32" not in args.variants:
+    args.variants.insert(0, "float32")
   emulate_cpu_devices(1)
 
   import jax
-  import numpy as np
   import torch
   from transformers import AutoModelForCausalLM
 
   from jaxpar import config as config_lib
-  from jaxpar import inspect
   from jaxpar.mesh import make_mesh
   from jaxpar.runtime import generate
 
@@ -149,90 +147,129 @@ def main() -> None:
   hf.generation_config.pad_token_id = 0
   weight_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())
 
-  config = config_lib.load(ROOT / "configs" / "gpt2.yaml",
-                           ["mesh.data=1", "mesh.model=1", f"model.checkpoint={checkpoint}",
-                            "generate.eos_id=-1", *args.set])
-  mesh = make_mesh(config.mesh, devices=jax.devices("cpu")[:1])
-  generator = generate.build(config, mesh, eos_id=-1)
-  bandwidth = read_bandwidth()
+  gens = {}
+  for name in args.variants:
+    config = config_lib.load(ROOT / "configs" / "gpt2.yaml",
+                             ["mesh.data=1", "mesh.model=1", f"model.checkpoint={checkpoint}",
+                              "generate.eos_id=-1", *args.set, *VARIANTS[name]])
+    mesh = make_mesh(config.mesh, devices=jax.devices("cpu")[:1])
+    gens[name] = generate.build(config, mesh, eos_id=-1)
+  bandwidth = limits.read_bandwidth()
   print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), jax {jax.__version__}; "
-        f"weights {weight_bytes / 1e6:.0f} MB; read bandwidth {bandwidth / 1e9:.1f} GB/s; "
-        f"jaxpar layers {'scanned' if generator.scan else 'unrolled'}", flush=True)
-
-  rows, results = [], []
-  for batch in args.batches:
-    rng = np.random.default_rng(batch)
-    prompts = rng.integers(0, config.model.vocab_size, (batch, args.prompt_len))
-    ids = torch.tensor(prompts, dtype=torch.long)
-    n = args.new_tokens
-
-    def run_hf():
-      with torch.no_grad():
-        start = time.perf_counter()
-        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                          do_sample=False)
-        return time.perf_counter() - start, out[:, args.prompt_len:].numpy()
-
-    def run_jaxpar():
-      result = generator.generate(prompts.tolist(), max_new_tokens=n)
-      decode_s.append(result.decode_s / max(result.steps - 1, 1))  # per decode step
-      return result.prefill_s + result.decode_s, result.tokens
-
-    decode_s, sol = [], []
-
-    run_jaxpar()  # compile
-    run_hf()      # warm up
-    hf_s, jx_s = [], []
-    decode_s.clear()
-    for r in range(args.rounds):
-      sol.append(speed_of_light(generator, batch, n))
-      order = (run_hf, run_jaxpar) if r % 2 == 0 else (run_jaxpar, run_hf)
-      for fn in order:
-        seconds, tokens = fn()
-        (hf_s if fn is run_hf else jx_s).append(seconds)
-        if fn is run_hf:
-          hf_tokens = tokens
-        else:
-          jx_tokens = tokens
-    identical = bool(np.array_equal(hf_tokens, jx_tokens))
-    hf_tps = batch * n / statistics.median(hf_s)
-    jx_tps = batch * n / statistics.median(jx_s)
-    roofline = batch * bandwidth / weight_bytes
-    sol_tps = statistics.median(sol)
-    decode_tps = batch / statistics.median(decode_s)
-    distinct = float(np.mean([len(set(row)) for row in jx_tokens.tolist()]))
-    result = {"batch": batch, "prompt_len": args.prompt_len, "new_tokens": n,
-              "transformers_tokens_per_s": hf_tps, "jaxpar_tokens_per_s": jx_tps,
-              "speedup": jx_tps / hf_tps, "jnp_sum_roofline_tokens_per_s": roofline,
-              "jaxpar_decode_tokens_per_s": decode_tps, "speed_of_light_tokens_per_s": sol_tps,
-              "jaxpar_decode_of_speed_of_light": decode_tps / sol_tps,
-              "greedy_tokens_identical": identical,
-              "distinct_tokens_per_row": distinct,
-              "transformers_s": hf_s, "jaxpar_s": jx_s}
-    results.append(result)
-    rows.append((batch, f"{hf_tps:.1f}", f"{jx_tps:.1f}", f"{jx_tps / hf_tps:.2f}x",
-                 f"{decode_tps:.1f}", f"{sol_tps:.1f}", f"{decode_tps / sol_tps:.0%}",
-                 f"{roofline:.1f}", "yes" if identical else "NO", f"{distinct:.1f}"))
-    print(f"  batch {batch}: transformers {hf_tps:.1f} tok/s, jaxpar {jx_tps:.1f} tok/s",
-          flush=True)
-  print(inspect.format_table(("batch", "transformers tok/s", "jaxpar tok/s", "speedup",
-                              "jaxpar decode tok/s", "speed of light tok/s", "of light",
-                              "jnp.sum roofline", "tokens identical", "distinct/row"), rows))
-  print("tok/s of transformers and jaxpar include the prefill; 'jaxpar decode' is the decode "
-        "loop alone, against the speed of light (the same weights' matrix-vector products, "
-        "nothing else); the jnp.sum roofline is a compiled sum's read bandwidth (no upper "
-        "bound on this machine)")
-  out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps({
+        f"weights {weight_bytes / 1e6:.0f} MB; jnp.sum read bandwidth {bandwidth / 1e9:.1f} "
+        f"GB/s; jaxpar layers {'scanned' if gens['float32'].scan else 'unrolled'}", flush=True)
+  vocab = gens["float32"].forward.config.model.vocab_size
+  tokens = np.random.default_rng(8).integers(0, vocab, (8, args.prompt_len))
+  scores = quality(gens, tokens)
+  results = [run_batch(args, batch, hf, gens, vocab, weight_bytes, bandwidth)
+             for batch in args.batches]
+  print_table(args, results, gens, scores)
+  write_json(args.out, {
       "benchmark": "decode", "family": args.family, "torch": torch.__version__,
-      "jax": jax.__version__,
-      "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-      "weight_bytes": weight_bytes, "read_bandwidth": bandwidth,
-      "scan_layers": generator.scan, "rounds": args.rounds, "results": results}, indent=2))
-  print(f"wrote {out}")
+      "jax": jax.__version__, "torch_threads": torch.get_num_threads(),
+      "cpu_count": os.cpu_count(), "weight_bytes": weight_bytes,
+      "param_bytes_per_device": {n: g.param_bytes_per_device() for n, g in gens.items()},
+      "kv_cache_bytes_per_device": {
+          n: g.cache_bytes_per_device(8, args.prompt_len + args.new_tokens)
+          for n, g in gens.items()},
+      "jnp_sum_read_bandwidth": bandwidth, "scan_layers": gens["float32"].scan,
+      "rounds": args.rounds, "quality": scores, "results": results})
   if tmp is not None:
     tmp.cleanup()
+
+
+def run_batch(args, batch: int, hf, gens: dict, vocab: int, weight_bytes: int,
+              bandwidth: float) -> dict:
+  """One batch: interleaved rounds of the limits, transformers and every jaxpar variant."""
+  import torch
+  rng = np.random.default_rng(batch)
+  prompts = rng.integers(0, vocab, (batch, args.prompt_len))
+  ids = torch.tensor(prompts, dtype=torch.long)
+  n = args.new_tokens
+  times = {name: [] for name in ["transformers", *gens]}
+  decode = {name: [] for name in gens}
+  prefill = {name: [] for name in gens}
+  tokens = {}
+
+  def run_hf():
+    with torch.no_grad():
+      start = time.perf_counter()
+      out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                        do_sample=False)
+      times["transformers"].append(time.perf_counter() - start)
+      tokens["transformers"] = out[:, args.prompt_len:].numpy()
+
+  def jaxpar(name):
+    def run():
+      result = gens[name].generate(prompts.tolist(), max_new_tokens=n)
+      times[name].append(result.prefill_s + result.decode_s)
+      decode[name].append(batch * (result.steps - 1) / result.decode_s)
+      prefill[name].append(batch * args.prompt_len / result.prefill_s)
+      tokens[name] = result.tokens
+    return run
+
+  runs = [run_hf, *(jaxpar(name) for name in gens)]
+  for fn in runs:  # compile, warm up
+    fn()
+  for series in (*times.values(), *decode.values(), *prefill.values()):
+    series.clear()
+  sol, pre_sol = [], []
+  for r in range(args.rounds):
+    sol.append(limits.speed_of_light(gens["float32"], batch, n))
+    pre_sol.append(limits.prefill_limit(gens["float32"], batch, args.prompt_len))
+    for fn in runs[r % len(runs):] + runs[:r % len(runs)]:
+      fn()
+  med = statistics.median
+  out = {"batch": batch, "prompt_len": args.prompt_len, "new_tokens": n,
+         "speed_of_light_tokens_per_s": med(sol), "prefill_limit_tokens_per_s": med(pre_sol),
+         "jnp_sum_roofline_tokens_per_s": batch * bandwidth / weight_bytes,
+         "transformers_tokens_per_s": batch * n / med(times["transformers"]),
+         "float32_tokens_identical_to_transformers":
+             bool(np.array_equal(tokens["transformers"], tokens["float32"])),
+         "distinct_tokens_per_row": float(np.mean([len(set(r)) for r in
+                                                   tokens["float32"].tolist()])),
+         "seconds": times, "jaxpar": {}}
+  for name in gens:
+    out["jaxpar"][name] = {
+        "tokens_per_s": batch * n / med(times[name]),
+        "decode_tokens_per_s": med(decode[name]),
+        "decode_of_speed_of_light": med(decode[name]) / med(sol),
+        "prefill_tokens_per_s": med(prefill[name]),
+        "prefill_of_limit": med(prefill[name]) / med(pre_sol),
+        "greedy_tokens_equal_float32": float((tokens[name] == tokens["float32"]).mean())}
+  print(f"  batch {batch}: done", flush=True)
+  return out
+
+
+def print_table(args, results: list, gens: dict, scores: dict) -> None:
+  from jaxpar import inspect
+  rows = []
+  for r in results:
+    j = r["jaxpar"]
+    rows.append((r["batch"], f"{r['transformers_tokens_per_s']:.1f}",
+                 *(f"{j[n]['decode_tokens_per_s']:.1f}" for n in gens),
+                 f"{r['speed_of_light_tokens_per_s']:.1f}",
+                 *(f"{j[n]['decode_of_speed_of_light']:.0%}" for n in gens),
+                 "yes" if r["float32_tokens_identical_to_transformers"] else "NO"))
+  print(inspect.format_table(
+      ("batch", "transformers tok/s", *(f"{n} decode" for n in gens), "speed of light",
+       *(f"{n} / light" for n in gens), "float32 tokens = HF"), rows))
+  rows = [(r["batch"], *(f"{r['jaxpar'][n]['prefill_tokens_per_s']:.0f}" for n in gens),
+           f"{r['prefill_limit_tokens_per_s']:.0f}",
+           *(f"{r['jaxpar'][n]['prefill_of_limit']:.0%}" for n in gens)) for r in results]
+  print(inspect.format_table(("batch", *(f"{n} prefill" for n in gens), "prefill limit",
+                              *(f"{n} / limit" for n in gens)), rows))
+  rows = [(n, f"{s['top1_agreement']:.3f}", f"{s['max_logit_diff']:.3f}",
+           f"{s['max_abs_logit_float32']:.2f}", f"{gens[n].param_bytes_per_device() / 1e6:.0f}",
+           f"{gens[n].cache_bytes_per_device(8, args.prompt_len + args.new_tokens) / 1e6:.1f}")
+          for n, s in scores.items()]
+  f32 = gens["float32"]
+  rows.insert(0, ("float32", "1", "0", "", f"{f32.param_bytes_per_device() / 1e6:.0f}",
+                  f"{f32.cache_bytes_per_device(8, args.prompt_len + args.new_tokens) / 1e6:.1f}"))
+  print(inspect.format_table(("variant", "top-1 = float32", "max |logit diff|", "max |logit|",
+                              "param MB/device", "KV cache MB (batch 8)"), rows))
+  print("decode columns: the decode loop alone; tok/s of transformers include its prefill. "
+        "Speed of light: the float32 weights' matrix-vector products alone, same run.")
 
 
 if __name__ == "__main__":

@@ -13,10 +13,14 @@ over the step time) and the fraction of its peak bf16 FLOP/s the prefill reaches
 (2 x parameters x prompt tokens over the prefill time). Peaks come from a table of known GPUs
 (`PEAKS`, by `device_kind`); an unknown GPU gets fractions of null.
 
+`--quantize int8 int8-dynamic kv-int8` adds the same generate runs with int8 weights,
+int8 weights and activations, or an int8 KV cache (`model.quantize`,
+`model.kv_cache_dtype`; bandwidth fractions count the bytes they hold).
+
 `--dry` runs the same code on the CPU at toy shapes (2 layers, batch 1 and 2, 8 tokens): it
 checks the script, not the speed.
 
-  python benchmarks/gpu_check.py [--dry] [--out benchmarks/results/gpu_check.json]
+  python benchmarks/gpu_check.py [--dry] [--quantize ...] [--out benchmarks/results/gpu_check.json]
 """
 
 import argparse
@@ -39,6 +43,8 @@ SHAPES = {  # name -> (config, overrides)
     "gpt2-124m": ("configs/gpt2.yaml", ["model.dtype=bfloat16"]),
     "llama-3.2-1b": ("configs/llama.yaml", ["model.dtype=bfloat16"]),
 }
+QUANTIZE = {"int8": ["model.quantize=int8"], "int8-dynamic": ["model.quantize=int8-dynamic"],
+            "kv-int8": ["model.kv_cache_dtype=int8"]}
 DRY = ["model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.n_kv_heads=0",
        "model.head_dim=0", "model.d_ff=128", "model.vocab_size=256", "model.max_seq_len=64",
        "model.dtype=float32", "run.seq_len=16"]
@@ -59,15 +65,18 @@ def main_job(dry: bool) -> dict:
                                      "verify_max_abs_diff")}
 
 
-def generate_run(name: str, batch: int, prompt_len: int, new: int, dry: bool, peaks) -> dict:
+def generate_run(name: str, batch: int, prompt_len: int, new: int, dry: bool, peaks,
+                 variant: str = "") -> dict:
   import jax
 
   from jaxpar import config as config_lib
+  from jaxpar import quant
   from jaxpar.mesh import make_mesh
   from jaxpar.runtime import generate, state
   path, sets = SHAPES[name]
   sets = sets + (DRY if dry else []) + ["mesh.data=1", "mesh.stage=1", "mesh.model=1",
                                         f"run.batch={batch}", "generate.eos_id=-1"]
+  sets += QUANTIZE.get(variant, [])
   config = config_lib.load(ROOT / path, sets)
   mesh = make_mesh(config.mesh, devices=jax.devices()[:1])
   gen = generate.build(config, mesh, eos_id=-1)
@@ -76,11 +85,14 @@ def generate_run(name: str, batch: int, prompt_len: int, new: int, dry: bool, pe
   gen.generate(prompts, max_new_tokens=new)  # compile and warm up
   result = gen.generate(prompts, max_new_tokens=new)
   m = config.model
-  n_params = sum(int(x.size) for x in jax.tree.leaves(gen.params))
+  values = jax.tree.map(lambda w: w.values if quant.is_quantized(w) else w, gen.params,
+                        is_leaf=quant.is_quantized)  # a quantised weight's scales are no FLOPs
+  n_params = sum(int(x.size) for x in jax.tree.leaves(values))
   weight_bytes = state.param_bytes_per_device(gen.params)
   cache_bytes = gen.cache_bytes_per_device(batch, prompt_len + new)
   step_s = result.decode_s / max(result.steps - 1, 1)
-  out = {"shape": name, "batch": batch, "dtype": m.dtype, "params": n_params,
+  out = {"shape": name, "variant": variant or m.dtype, "batch": batch, "dtype": m.dtype,
+         "params": n_params,
          "decode_tokens_per_s": batch / step_s,
          "prefill_tokens_per_s": batch * prompt_len / result.prefill_s,
          "compile_s": result.compile_s}
@@ -96,6 +108,8 @@ def generate_run(name: str, batch: int, prompt_len: int, new: int, dry: bool, pe
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--dry", action="store_true", help="toy shapes on the CPU")
+  parser.add_argument("--quantize", nargs="*", default=[], choices=sorted(QUANTIZE),
+                      help="also run these int8 variants")
   parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu_check.json"))
   args = parser.parse_args()
   if args.dry:
@@ -116,11 +130,13 @@ def main() -> None:
   batches, prompt_len, new = ((1, 2), 8, 8) if args.dry else ((1, 8, 64), 128, 128)
   report["generate"] = []
   for name in SHAPES:
-    for batch in batches:
-      run = generate_run(name, batch, prompt_len, new, args.dry, peaks)
-      report["generate"].append(run)
-      print(f"{name} batch {batch}: decode {run['decode_tokens_per_s']:,.1f} tok/s, prefill "
-            f"{run['prefill_tokens_per_s']:,.1f} tok/s", flush=True)
+    for variant in ["", *args.quantize]:
+      for batch in batches:
+        run = generate_run(name, batch, prompt_len, new, args.dry, peaks, variant)
+        report["generate"].append(run)
+        print(f"{name} {run['variant']} batch {batch}: decode "
+              f"{run['decode_tokens_per_s']:,.1f} tok/s, prefill "
+              f"{run['prefill_tokens_per_s']:,.1f} tok/s", flush=True)
   report["seconds"] = time.perf_counter() - start
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)

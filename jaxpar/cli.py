@@ -674,6 +674,10 @@ def main(argv: list[str] | None = None) -> int:
     if config.mesh.auto and args.command != "plan":
       config = _auto_mesh(config, args)
     if args.command == "convert":  # before anything is read: a refused --out loses no time
+      if config.model.quantize != "none":
+        raise UserError(f"model.quantize={config.model.quantize}: convert writes float "
+                        f"weights (quantisation happens on the mesh at load); drop "
+                        f"model.quantize, and set it when running the checkpoint")
       from jaxpar.checkpoint_meta import check_out
       check_out(args.out, overwrite=args.overwrite)
     command = {"forward": forward, "classify": classify, "generate": generate,

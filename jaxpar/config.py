@@ -92,6 +92,11 @@ class ModelConfig:
   # set, the family and sizes above come from its config.json and the weights from its files.
   checkpoint: str = ""
   eos_token_ids: tuple = ()  # end-of-text tokens (from generation_config.json / config.json)
+  # none | int8 (weights int8, one scale per output channel, activations float) |
+  # int8-dynamic (weights and activations int8, activations scaled per token at run time).
+  # Applied on the mesh after loading or initialising (jaxpar.quant).
+  quantize: str = "none"
+  kv_cache_dtype: str = ""   # "" (model.dtype) | int8 (one scale per token and head)
 
   @property
   def kv_heads(self) -> int:
@@ -177,6 +182,8 @@ _SECTIONS = {"mesh": MeshConfig, "model": ModelConfig, "run": RunConfig,
              "pipeline": PipelineConfig, "generate": GenerateConfig, "serve": ServeConfig}
 _SECTIONS["cnn"] = CnnConfig
 _DTYPES = ("float32", "bfloat16", "float16")
+QUANTIZE_MODES = ("none", "int8", "int8-dynamic")
+KV_CACHE_DTYPES = ("", "int8")
 # YAML 1.1 reads `1e-05` (no dot) as a string: numbers in any usual notation are floats here.
 _FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
@@ -392,6 +399,12 @@ def validate(config: Config) -> None:
                     f"position table); use --set run.seq_len={m.max_seq_len} or less")
   if m.dtype not in _DTYPES:
     raise UserError(f"model.dtype={m.dtype!r}: expected one of {', '.join(_DTYPES)}")
+  if m.quantize not in QUANTIZE_MODES:
+    raise UserError(f"model.quantize={m.quantize!r}: expected one of "
+                    f"{', '.join(QUANTIZE_MODES)}")
+  if m.kv_cache_dtype not in KV_CACHE_DTYPES:
+    raise UserError(f"model.kv_cache_dtype={m.kv_cache_dtype!r}: expected one of "
+                    f"{', '.join(repr(d) for d in KV_CACHE_DTYPES)} ('' is model.dtype)")
   names = [name for name, _ in config.rules]
   for name in set(names):
     if names.count(name) > 1:

@@ -37,6 +37,7 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
+from jaxpar import quant
 from jaxpar.axes import ACT_EMBED, BATCH, HEAD_DIM, KV_HEADS, LAYERS, SEQ
 from jaxpar.config import ModelConfig
 from jaxpar.rules import constrain
@@ -88,7 +89,8 @@ class Family:
   - `from_hf(raw, checkpoint)`: config.json (a dict) -> ModelConfig fields, by an allow-list.
   - `weights(config, layout)`: {parameter path: HFTensor}, the structure of the parameters
     with block leaves given per layer.
-  - `kv_cache(config, layout, batch, length)`: one layer's cache {name: (shape, names)}.
+  - `kv_cache(config, layout, batch, length)`: one layer's cache {name: (shape, names[,
+    dtype])}, every leaf batch-first (the dtype defaults to model.dtype).
   - `config_keys`: logical name -> the config key behind its size, for errors.
   - `to_hf(config)`: the config.json that `from_hf` reads back (for exporting); None if the
     family has no Hugging Face form.
@@ -171,9 +173,19 @@ def embedding(rngs: nnx.Rngs, cfg: ModelConfig, layout: Layout, names: tuple,
 
 def vocab_logits(x_BTD: jax.Array, table_VD: jax.Array, vocab_size: int) -> jax.Array:
   """Float32 logits [B, T, V_padded] against a [V, D] table; padding columns at the minimum."""
-  logits_BTV = jnp.einsum("btd,vd->btv", x_BTD, table_VD).astype(jnp.float32)
+  if quant.is_quantized(table_VD):
+    logits_BTV = quant.einsum("btd,vd->btv", x_BTD, table_VD).astype(jnp.float32)
+  else:
+    logits_BTV = jnp.einsum("btd,vd->btv", x_BTD, table_VD).astype(jnp.float32)
   V = logits_BTV.shape[-1]
   return jnp.where(jnp.arange(V) < vocab_size, logits_BTV, jnp.finfo(jnp.float32).min)
+
+
+def embed_rows(table_VD: jax.Array, tokens_BT: jax.Array, dtype) -> jax.Array:
+  """Rows of an embedding table (float or `quant.QWeight`) in `dtype`."""
+  if quant.is_quantized(table_VD):
+    return quant.take_rows(table_VD, tokens_BT, dtype)
+  return jnp.take(table_VD, tokens_BT, axis=0)
 
 
 def expand_kv_rows(rows: np.ndarray, *, kv_repeat: int, head_dim: int) -> np.ndarray:
@@ -232,54 +244,93 @@ def rope(x_BTNH: jax.Array, positions_BT: jax.Array, inv_freq: np.ndarray) -> ja
 
 # ---- attention ----
 
-def write_cache(cache: dict | None, k_BTKH: jax.Array, v_BTKH: jax.Array,
-                index) -> tuple[jax.Array, jax.Array, dict | None]:
-  """(keys, values to attend over, the new cache): the T new entries written at `index` (a
-  scalar, or one slot per row [B])."""
+def write_cache(cache: dict | None, k_BTKH: jax.Array, v_BTKH: jax.Array, index):
+  """(keys, values [B, K, S, H] to attend over, the new cache): the T new entries written at
+  slot `index`, one for all rows or one per row [B] (a scatter along the rows, in place). The
+  cache is stored [B, K, S, H], the layout both attention products read, so no step
+  transposes it (stored [B, S, K, H], every layer copied its whole cache twice per step). An
+  int8 cache (`k_scale` and `v_scale` leaves, one per token and head) gives keys and values
+  as (int8 values, scales) pairs, which `attend` takes."""
+  k_BKTH, v_BKTH = k_BTKH.transpose(0, 2, 1, 3), v_BTKH.transpose(0, 2, 1, 3)
   if cache is None:
-    return k_BTKH, v_BTKH, None
-  if jnp.ndim(index) == 0:
-    write = lambda c, x: lax.dynamic_update_slice_in_dim(c, x.astype(c.dtype), index, axis=1)
-  else:  # each row at its own slot: a scatter along the rows, in place
-    row = lambda c, x, i: lax.dynamic_update_slice_in_dim(c, x.astype(c.dtype), i, axis=0)
-    write = lambda c, x: jax.vmap(row)(c, x, index)
-  k_BSKH, v_BSKH = write(cache["k"], k_BTKH), write(cache["v"], v_BTKH)
-  return k_BSKH, v_BSKH, {"k": k_BSKH, "v": v_BSKH}
+    return k_BKTH, v_BKTH, None
+
+  def write(old, new, axis):
+    new = new.astype(old.dtype)
+    if jnp.ndim(index) == 0:
+      return lax.dynamic_update_slice_in_dim(old, new, index, axis=axis)
+    row = lambda o, n, i: lax.dynamic_update_slice_in_dim(o, n, i, axis=axis - 1)
+    return jax.vmap(row)(old, new, index)
+
+  if "k_scale" not in cache:
+    new = {"k": write(cache["k"], k_BKTH, 2), "v": write(cache["v"], v_BKTH, 2)}
+    return new["k"], new["v"], new
+  (k_q, k_s), (v_q, v_s) = quant.quantize_heads(k_BKTH), quant.quantize_heads(v_BKTH)
+  new = {"k": write(cache["k"], k_q, 2), "v": write(cache["v"], v_q, 2),
+         "k_scale": write(cache["k_scale"], k_s, 2), "v_scale": write(cache["v_scale"], v_s, 2)}
+  return (new["k"], new["k_scale"]), (new["v"], new["v_scale"]), new
 
 
-def attend(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, step: Step, *,
+def attend(q_BTNH: jax.Array, k_BKSH, v_BKSH, step: Step, *,
            window: int = 0) -> jax.Array:
   """Grouped-query attention [B, T, N*H]: query head n reads key/value head n // (N/K).
 
   `window` > 0 limits each query to the keys less than `window` slots behind it. Slots and
   positions differ by each row's left padding only, so a window in slots is one in positions.
+  Keys and values may be int8 with per-token, per-head scales [B, K, S] (`write_cache`):
+  the key scales multiply the scores, the value scales the probabilities.
   """
+  k_scale = v_scale = None
+  if isinstance(k_BKSH, tuple):
+    (k_BKSH, k_scale), (v_BKSH, v_scale) = k_BKSH, v_BKSH
+    k_BKSH, v_BKSH = k_BKSH.astype(q_BTNH.dtype), v_BKSH.astype(q_BTNH.dtype)
   B, T, N, H = q_BTNH.shape
-  K = k_BSKH.shape[2]
-  q_BTKGH = constrain(q_BTNH.reshape(B, T, K, N // K, H), (BATCH, SEQ, KV_HEADS, None, HEAD_DIM))
-  scores = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH).astype(jnp.float32)
+  K = k_BKSH.shape[1]
+  q_BKGTH = constrain(q_BTNH.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4),
+                      (BATCH, KV_HEADS, None, SEQ, HEAD_DIM))
+  scores = jnp.einsum("bkgth,bksh->bkgts", q_BKGTH, k_BKSH).astype(jnp.float32)
   scores = scores / math.sqrt(H)
+  if k_scale is not None:
+    scores = scores * k_scale[:, :, None, None, :].astype(jnp.float32)
   mask_BTS = step.mask_BTS
   if window:
     query_BT = jnp.reshape(step.index, (-1, 1)) + jnp.arange(T)  # [1, T] or [B, T]
-    key_S = jnp.arange(k_BSKH.shape[1])
+    key_S = jnp.arange(k_BKSH.shape[2])
     mask_BTS = mask_BTS & (query_BT[:, :, None] - key_S < window)
   scores = jnp.where(mask_BTS[:, None, None], scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v_BSKH.dtype)
-  out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", probs, v_BSKH)
+  probs = jax.nn.softmax(scores, axis=-1)
+  if v_scale is not None:
+    probs = probs * v_scale[:, :, None, None, :].astype(jnp.float32)
+  probs = probs.astype(v_BKSH.dtype)
+  out_BTKGH = jnp.einsum("bkgts,bksh->btkgh", probs, v_BKSH)
   return out_BTKGH.reshape(B, T, N * H)
 
 
 def attention_cache(cfg: ModelConfig, layout: Layout, batch: int, length: int) -> dict:
-  """One layer's KV cache: keys and values [B, S, K * kv_repeat, H]."""
-  shape = (batch, length, cfg.kv_heads * layout.kv_repeat, cfg.head_size)
-  names = (BATCH, SEQ, KV_HEADS, HEAD_DIM)
-  return {"k": (shape, names), "v": (shape, names)}
+  """One layer's KV cache {leaf: (shape, names, dtype)}: keys and values
+  [B, K * kv_repeat, S, H]; with model.kv_cache_dtype int8 these are int8 and
+  `k_scale`/`v_scale` [B, K * kv_repeat, S] hold one scale per token and head."""
+  K = cfg.kv_heads * layout.kv_repeat
+  shape, names = (batch, K, length, cfg.head_size), (BATCH, KV_HEADS, SEQ, HEAD_DIM)
+  if cfg.kv_cache_dtype != "int8":
+    return {"k": (shape, names, jnp.dtype(cfg.dtype)), "v": (shape, names, jnp.dtype(cfg.dtype))}
+  scale = ((batch, K, length), (BATCH, KV_HEADS, SEQ), jnp.dtype(quant.KV_SCALE_DTYPE))
+  return {"k": (shape, names, jnp.dtype(jnp.int8)), "v": (shape, names, jnp.dtype(jnp.int8)),
+          "k_scale": scale, "v_scale": scale}
+
+
+def cache_leaf(spec, cfg: ModelConfig) -> tuple:
+  """(shape, names, dtype) of one `Family.kv_cache` entry; a (shape, names) entry is in
+  model.dtype (a family may give either)."""
+  return tuple(spec) if len(spec) == 3 else (*spec, jnp.dtype(cfg.dtype))
 
 
 def project(x_BTD: jax.Array, w_OD: jax.Array, b_O: jax.Array | None = None) -> jax.Array:
   """x @ w.T (+ b) with w stored [out, in]: XLA:CPU multiplies these in place."""
-  y = jnp.einsum("btd,od->bto", x_BTD, w_OD)
+  if quant.is_quantized(w_OD):
+    y = quant.einsum("btd,od->bto", x_BTD, w_OD)
+  else:
+    y = jnp.einsum("btd,od->bto", x_BTD, w_OD)
   return y if b_O is None else y + b_O
 
 

@@ -73,8 +73,8 @@ class Attention(nnx.Module):
     q_BTNH = heads(base.project(x_BTD, self.w_q[...], self.b_q[...]), HEADS)
     k_BTNH = heads(base.project(x_BTD, self.w_k[...], self.b_k[...]), KV_HEADS)
     v_BTNH = heads(base.project(x_BTD, self.w_v[...], self.b_v[...]), KV_HEADS)
-    k_BSNH, v_BSNH, cache = base.write_cache(cache, k_BTNH, v_BTNH, step.index)
-    out_BTK = base.attend(q_BTNH, k_BSNH, v_BSNH, step)
+    k_BNSH, v_BNSH, cache = base.write_cache(cache, k_BTNH, v_BTNH, step.index)
+    out_BTK = base.attend(q_BTNH, k_BNSH, v_BNSH, step)
     return base.residual(base.project(out_BTK, self.w_o[...], self.b_o[...])), cache
 
 
@@ -125,8 +125,9 @@ class GPT(nnx.Module):
     self.ln_f = LayerNorm(cfg, dtype)
 
   def embed(self, tokens_BT: jax.Array, positions_BT: jax.Array) -> jax.Array:
-    x_BTD = jnp.take(self.wte[...], tokens_BT, axis=0) + jnp.take(self.wpe[...], positions_BT,
-                                                                  axis=0)
+    wpe = self.wpe[...]
+    x_BTD = base.embed_rows(self.wte[...], tokens_BT, wpe.dtype) + jnp.take(wpe, positions_BT,
+                                                                            axis=0)
     return base.residual(x_BTD)
 
   def head(self, x_BTD: jax.Array) -> jax.Array:

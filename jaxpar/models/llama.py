@@ -93,8 +93,8 @@ class Attention(nnx.Module):
     v_BTKH = self._heads(x_BTD, self.w_v, self.b_v, None, KV_HEADS)
     q_BTNH = base.rope(q_BTNH, step.positions_BT, self.inv_freq)
     k_BTKH = base.rope(k_BTKH, step.positions_BT, self.inv_freq)
-    k_BSKH, v_BSKH, cache = base.write_cache(cache, k_BTKH, v_BTKH, step.index)
-    out_BTK = base.attend(q_BTNH, k_BSKH, v_BSKH, step, window=self.window)
+    k_BKSH, v_BKSH, cache = base.write_cache(cache, k_BTKH, v_BTKH, step.index)
+    out_BTK = base.attend(q_BTNH, k_BKSH, v_BKSH, step, window=self.window)
     return base.residual(base.project(out_BTK, self.w_o[...])), cache
 
 
@@ -146,7 +146,8 @@ class Llama(nnx.Module):
 
   def embed(self, tokens_BT: jax.Array, positions_BT: jax.Array) -> jax.Array:
     del positions_BT  # positions enter every block as rotary angles
-    return base.residual(jnp.take(self.embed_table[...], tokens_BT, axis=0))
+    dtype = self.norm.scale[...].dtype
+    return base.residual(base.embed_rows(self.embed_table[...], tokens_BT, dtype))
 
   def head(self, x_BTD: jax.Array) -> jax.Array:
     table = self.embed_table if self.lm_head is None else self.lm_head

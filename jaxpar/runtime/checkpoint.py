@@ -167,10 +167,18 @@ def _unstaged_names(fwd) -> Any:
   return {**fwd.names, "blocks": blocks}
 
 
+def _refuse_quantized(cfg) -> None:
+  if cfg.quantize != "none":
+    raise UserError(f"model.quantize={cfg.quantize}: checkpoints hold float weights "
+                    f"(quantisation happens on the mesh at load); build the model without "
+                    f"model.quantize to write one")
+
+
 def save(fwd, out: str, *, overwrite: bool = False, say: Callable[[str], None] = print) -> None:
   """Writes `fwd`'s parameters as a jaxpar checkpoint at `out` (see the module docstring)."""
   import orbax.checkpoint as ocp
   cfg = fwd.config.model
+  _refuse_quantized(cfg)
   model = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _RUN_FIELDS}
   meta = {"format": FORMAT, "model": model, "names": _name_table(_unstaged_names(fwd)),
           "dtype": cfg.dtype}
@@ -257,6 +265,7 @@ def export_hf(fwd, out: str, *, dtype: str, overwrite: bool = False,
               say: Callable[[str], None] = print) -> None:
   """Writes config.json, generation_config.json and model.safetensors that `transformers`
   loads (and jaxpar reads back), from `fwd`'s parameters."""
+  _refuse_quantized(fwd.config.model)
   import ml_dtypes
   cfg = fwd.config.model
   family = models.family(cfg.family)

@@ -27,7 +27,7 @@ from jaxpar.axes import BATCH, LAYERS, SEQ
 from jaxpar.config import Config
 from jaxpar.distributed import say, to_host, tree_to_host
 from jaxpar.errors import UserError
-from jaxpar.models.base import Family, run_blocks
+from jaxpar.models.base import Family, cache_leaf, run_blocks
 from jaxpar.rules import Logical, Rules, constrain, is_logical, tree_shardings, use_rules
 from jaxpar.runtime import inference, pipelined_generate, state
 from jaxpar.runtime.decoding import is_eos, prompt_step, report, token_step
@@ -64,14 +64,15 @@ def use_scan(config: Config, platform: str) -> bool:
 
 
 def new_caches(gen: "Generator", batch: int, length: int, *, scan: bool) -> object:
-  """Zeroed KV caches laid out by the rules: stacked [L, ...] for a scan, else one per layer."""
+  """Zeroed KV caches laid out by the rules: stacked [L, ...] for a scan, else one per layer
+  (each leaf in the dtype its spec gives)."""
   m = gen.forward.config.model
-  spec = gen.family.kv_cache(m, gen.forward.layout, batch, length)
-  dtype = jnp.dtype(m.dtype)
+  spec = {k: cache_leaf(v, m) for k, v in
+          gen.family.kv_cache(m, gen.forward.layout, batch, length).items()}
   if scan:
     return {k: constrain(jnp.zeros((m.n_layers, *shape), dtype), (LAYERS, *names))
-            for k, (shape, names) in spec.items()}
-  return tuple({k: constrain(jnp.zeros(shape, dtype), names) for k, (shape, names) in
+            for k, (shape, names, dtype) in spec.items()}
+  return tuple({k: constrain(jnp.zeros(shape, dtype), names) for k, (shape, names, dtype) in
                 spec.items()} for _ in range(m.n_layers))
 
 
@@ -129,10 +130,11 @@ class Generator:
     m, mesh, rules = self.forward.config.model, self.mesh, self.forward.rules
     spec = self.family.kv_cache(m, self.forward.layout, batch, length)
     total = 0
-    for shape, names in spec.values():
+    for leaf in spec.values():
+      shape, names, dtype = cache_leaf(leaf, m)
       full, names = (m.n_layers, *shape), (LAYERS, *names)
       per = rules.sharding(names, mesh, what="the KV cache").shard_shape(full)
-      total += math.prod(per) * jnp.dtype(m.dtype).itemsize
+      total += math.prod(per) * jnp.dtype(dtype).itemsize
     return total
 
   def model_parts(self, params):

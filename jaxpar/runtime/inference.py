@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxpar import axes, checkpoint_meta, models
+from jaxpar import axes, checkpoint_meta, models, quant
 from jaxpar.distributed import MAX_QUEUED, to_host, tree_to_host
 from jaxpar.config import Config, MeshConfig
 from jaxpar.errors import UserError
@@ -196,7 +196,11 @@ def build(config: Config, mesh: Mesh, *, params: dict | None = None,
     params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           shapes, param_shardings)
   elif params is not None:
-    params = jax.device_put(to_layout(params), param_shardings)
+    params = to_layout(params)
+    if config.model.quantize != "none":  # e.g. a quantised model's own parameters
+      names = quant.quantized_names(params, names, config.model.quantize)
+      param_shardings = tree_shardings(names, rules, mesh)
+    params = jax.device_put(params, param_shardings)
   elif config.model.checkpoint and checkpoint_meta.is_jaxpar(config.model.checkpoint):
     from jaxpar.runtime import checkpoint  # Orbax: each device reads its own slices
     params = checkpoint.restore(config.model.checkpoint, shapes=natural[0], names=natural[1],
@@ -211,6 +215,10 @@ def build(config: Config, mesh: Mesh, *, params: dict | None = None,
   else:
     params = state.create(make, seed=config.run.seed, mesh=mesh, shardings=param_shardings,
                           layout=to_layout, timings=timings)
+  if config.model.quantize != "none":  # on the mesh, after loading: scales born sharded
+    params, names = quant.quantize_params(params, names, config.model.quantize,
+                                          lambda n: tree_shardings(n, rules, mesh))
+    param_shardings = tree_shardings(names, rules, mesh)
   fn = jax.jit(forward, in_shardings=(param_shardings, token_sharding),
                out_shardings=logits_sharding)
   return Forward(config, mesh, rules, graphdef, params, names, fn, family=family,

@@ -39,7 +39,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from jaxpar.axes import BATCH, STAGE
-from jaxpar.models.base import Step, run_blocks
+from jaxpar.models.base import Step, cache_leaf, run_blocks
 from jaxpar.parallel import pipeline
 from jaxpar.rules import constrain, use_rules
 from jaxpar.runtime.decoding import is_eos, prompt_step, token_step
@@ -102,9 +102,9 @@ class _Stage:
     Lc = pipeline.per_chunk(m.n_layers, stages=self.S)  # identity padding included
     spec = self.gen.family.kv_cache(m, self.gen.forward.layout, self.Bg,
                                     self.prompt_len + self.max_new)
-    return {k: _varying(constrain(jnp.zeros((Lc, self.G, *shape), jnp.dtype(m.dtype)),
-                                  (None, None, *names)))
-            for k, (shape, names) in spec.items()}
+    spec = {k: cache_leaf(v, m) for k, v in spec.items()}
+    return {k: _varying(constrain(jnp.zeros((Lc, self.G, *shape), dtype), (None, None, *names)))
+            for k, (shape, names, dtype) in spec.items()}
 
   def layers(self, graphdef, blocks, x_BTD, step: Step, caches, g, valid):
     """This stage's layers on group g; writes back only group g's cache slice. Identity

@@ -36,8 +36,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from jaxpar.axes import BATCH, EMBED, SEQ, STAGE
-from jaxpar.models.base import Step, run_blocks
+from jaxpar.axes import ACT_EMBED, BATCH, SEQ, STAGE
+from jaxpar.models.base import Step, cache_leaf, run_blocks
+from jaxpar.parallel import pipeline
 from jaxpar.rules import constrain, use_rules
 from jaxpar.runtime.generate import Generator
 from jaxpar.runtime.pipelined_generate import _pick, _varying
@@ -81,7 +82,8 @@ class PipelinedPrograms:
     self.Bg = self.slots // self.G
     m = self.generator.forward.config.model
     self.width, self.dtype = m.d_model, jnp.dtype(m.dtype)
-    self.Lc = m.n_layers // self.S
+    self.Lc = pipeline.per_chunk(m.n_layers, stages=self.S)  # identity padding included
+    self.active = pipeline.active(m.n_layers, stages=self.S)  # None, or [S, 1, Lc] (uneven)
 
   # ---- inside the shard_map ----
 
@@ -90,14 +92,22 @@ class PipelinedPrograms:
     model, graphdef, _ = self.generator.model_parts(({**rest, "blocks": blocks}, None))
     return model, graphdef, blocks
 
-  def _spec(self, batch: int, length: int):
+  def _spec(self, batch: int, length: int) -> dict:
+    """{leaf: (shape, names, dtype)} of one layer's cache."""
     g = self.generator
-    return g.family.kv_cache(g.forward.config.model, g.forward.layout, batch, length)
+    m = g.forward.config.model
+    return {k: cache_leaf(v, m) for k, v in
+            g.family.kv_cache(m, g.forward.layout, batch, length).items()}
 
   def _new_caches(self):
-    return {k: _varying(constrain(jnp.zeros((self.Lc, self.G, *shape), self.dtype),
+    return {k: _varying(constrain(jnp.zeros((self.Lc, self.G, *shape), dtype),
                                   (None, None, *names)))
-            for k, (shape, names) in self._spec(self.Bg, self.length + 1).items()}
+            for k, (shape, names, dtype) in self._spec(self.Bg, self.length + 1).items()}
+
+  def _blocks(self, graphdef, blocks, x_BTD, step: Step, caches):
+    """This stage's layers (identity padding passes its input on, uneven stages)."""
+    on = None if self.active is None else jnp.asarray(self.active[:, 0])[lax.axis_index(STAGE)]
+    return run_blocks(graphdef, blocks, x_BTD, step, caches, scan=True, active=on)
 
   def _token(self, model, s, y_BD, keys_B, sampling, greedy: bool):
     """The next tokens on the last stage (zeros elsewhere); only all-reduces inside."""
@@ -127,7 +137,7 @@ class PipelinedPrograms:
       token_B = jnp.where(_pick(inject, g), _pick(inject_token, g), ring)
       x_B1D = jnp.where(s == 0, model.embed(token_B[:, None], step.positions_BT), msg)
       old = {k: lax.dynamic_index_in_dim(c, g, axis=1, keepdims=False) for k, c in caches.items()}
-      y_B1D, new = run_blocks(graphdef, blocks, x_B1D, step, old, scan=True)
+      y_B1D, new = self._blocks(graphdef, blocks, x_B1D, step, old)
       caches = {k: lax.dynamic_update_index_in_dim(caches[k], new[k], g, 1) for k in caches}
       keys_B = request_keys(row.seeds, row.counts)
       sampling = Sampling(row.temperature, row.top_k, row.top_p)
@@ -152,10 +162,10 @@ class PipelinedPrograms:
 
     def tick(carry, t):
       msg, caches, first = carry
-      row = {k: _varying(jnp.zeros((self.Lc, *shape), self.dtype))  # [Lc, 1, ...]
-             for k, (shape, _) in self._spec(1, bucket).items()}
+      row = {k: _varying(jnp.zeros((self.Lc, *shape), dtype))  # [Lc, 1, ...]
+             for k, (shape, _, dtype) in self._spec(1, bucket).items()}
       x_1TD = jnp.where(s == 0, embedded, msg)
-      y_1TD, row = run_blocks(graphdef, blocks, x_1TD, step, row, scan=True)
+      y_1TD, row = self._blocks(graphdef, blocks, x_1TD, step, row)
       mine = t == s  # stage s holds the prompt at tick s
       for k in caches:  # only this slot's first `bucket` positions, and only on tick s
         update = row[k][:, None].astype(caches[k].dtype)  # [Lc, 1, 1, ...]
@@ -195,7 +205,7 @@ class PipelinedPrograms:
     mapped = self._map(lambda: (
         self._new_caches(),
         _varying(constrain(jnp.zeros((1, self.Bg, 1, self.width), self.dtype),
-                           (None, BATCH, SEQ, EMBED))),
+                           (None, BATCH, SEQ, ACT_EMBED))),
         _varying(constrain(jnp.zeros((1, self.Bg), jnp.int32), (None, BATCH)))),
                        in_specs=(), out_specs=(self._cache_specs(), P(STAGE), P(STAGE)))
     with jax.set_mesh(g.mesh):

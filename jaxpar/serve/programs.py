@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxpar.axes import BATCH, LAYERS
-from jaxpar.models.base import Step, run_blocks
+from jaxpar.models.base import Step, cache_leaf, run_blocks
 from jaxpar.rules import use_rules
 from jaxpar.runtime.generate import Generator, new_caches
 from jaxpar.runtime.sampling import Sampling, sample
@@ -61,11 +61,12 @@ class Programs:
     """The caches' shardings by the rules (a tree like `new_caches` makes)."""
     g = self.generator
     m, rules = g.forward.config.model, g.forward.rules
-    spec = g.family.kv_cache(m, g.forward.layout, self.slots, self.length)
+    spec = {k: cache_leaf(v, m)[1] for k, v in
+            g.family.kv_cache(m, g.forward.layout, self.slots, self.length).items()}
     if g.scan:
       return {k: rules.sharding((LAYERS, *names), g.mesh, what="the KV cache")
-              for k, (_, names) in spec.items()}
-    one = {k: rules.sharding(names, g.mesh, what="the KV cache") for k, (_, names) in spec.items()}
+              for k, names in spec.items()}
+    one = {k: rules.sharding(names, g.mesh, what="the KV cache") for k, names in spec.items()}
     return tuple(one for _ in range(m.n_layers))
 
   def empty_state(self, *, abstract: bool = False):

@@ -1,0 +1,132 @@
+"""The limits a decode benchmark is held to, measured in the same run as the decode.
+
+- `speed_of_light`: tokens/s of a compiled program that only multiplies the model's own
+  weights (every 2-D weight of every layer, then the vocabulary head) in a chain, as one
+  decode step per token does, at the decode's batch.
+- `prefill_limit`: the same products once at the prefill's size (batch x prompt rows through
+  the layers, the head on the last row of each prompt).
+- `read_bandwidth`: a compiled `jnp.sum`'s read rate, kept for reference only (a sum streams
+  memory slower than a matrix-vector product on XLA:CPU, so it bounds nothing).
+"""
+
+import time
+
+def weight_matrices(generator) -> tuple[list, object]:
+  """The 2-D weights a decode step multiplies by, per layer ([out, in] as stored), and the
+  vocabulary head (the largest 2-D parameter outside the blocks)."""
+  import jax
+  params = generator.natural_params()
+  blocks = params["blocks"]
+  mats = [[a[l] for a in jax.tree.leaves(blocks) if a.ndim == 3]
+          for l in range(generator.forward.config.model.n_layers)]
+  rest = {k: v for k, v in params.items() if k != "blocks"}
+  head = max((a for a in jax.tree.leaves(rest) if a.ndim == 2), key=lambda a: a.size)
+  return mats, head
+
+
+def _fit(h, width: int):
+  """`h` [B, w] cut or tiled to [B, width]: feeds any weight from the last activation."""
+  import jax.numpy as jnp
+  if h.shape[1] < width:
+    h = jnp.tile(h, (1, -(-width // h.shape[1])))
+  return h[:, :width]
+
+
+def chain_program(mats, head, steps: int):
+  """The speed-of-light program: per step, every weight of every layer multiplied in one
+  chain (each product feeds the next, so none is dead code), then the head; a `tanh`
+  between them and nothing else."""
+  import jax
+  import jax.numpy as jnp
+
+  def program(weights, x_BD):
+    mats, head = weights
+    D = x_BD.shape[1]
+
+    def step(_, x_BD):
+      for layer in mats:
+        h = x_BD
+        for w_OI in layer:
+          h = jnp.tanh(jnp.einsum("bi,oi->bo", _fit(h, w_OI.shape[1]), w_OI))
+        x_BD = x_BD + _fit(h, D)
+      logits_BV = jnp.einsum("bd,vd->bv", x_BD, head)
+      return x_BD + jnp.tanh(logits_BV[:, :D] + logits_BV[:, -D:])
+    return jax.lax.fori_loop(0, steps, step, x_BD)
+  return jax.jit(program)
+
+
+def dot_shapes(compiled_text: str) -> list[str]:
+  """The result shapes of the matrix products in a compiled CPU program (plain or inside a
+  YNNPACK fusion; each product appears once in the text)."""
+  import re
+  return re.findall(r"= f32\[([\d,]+)\]\S* dot\(", compiled_text)
+
+
+def speed_of_light(generator, batch: int, steps: int, repeats: int = 3) -> float:
+  """Tokens/s of a compiled program that does nothing but stream the model's own weights
+  through the matrix-vector products a decode step makes (`chain_program`): the limit of a
+  decode step on these weights on this machine (the best of `repeats`). Raises if XLA
+  dropped any product (the program would then stream fewer bytes than the model)."""
+  import jax
+  import jax.numpy as jnp
+  mats, head = weight_matrices(generator)
+  weights = jax.device_put((mats, head), jax.devices("cpu")[0])
+  D = head.shape[1]
+  x = jnp.ones((batch, D), jnp.float32)
+  chain = chain_program(mats, head, steps).lower(weights, x).compile()
+  shapes = dot_shapes(chain.as_text())
+  want = sum(len(layer) for layer in mats) + 1
+  if len(shapes) != want or f"{batch},{head.shape[0]}" not in shapes:
+    raise RuntimeError(f"speed of light: compiled matrix products {shapes}, expected {want} "
+                       f"with the whole head [{batch},{head.shape[0]}]")
+  chain(weights, x).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    chain(weights, x).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return batch * steps / best
+
+
+def read_bandwidth(nbytes: int = 512 << 20, repeats: int = 5) -> float:
+  """Bytes per second that a compiled reduction streams from memory (the best of
+  `repeats`): decoding reads its weights, it does not copy them."""
+  import jax
+  import jax.numpy as jnp
+  x = jnp.ones(nbytes // 4, jnp.float32)
+  total = jax.jit(jnp.sum)
+  total(x).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    total(x).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return nbytes / best
+
+
+def prefill_limit(generator, batch: int, prompt_len: int, repeats: int = 3) -> float:
+  """Tokens/s of the prefill's products alone: every weight at batch x prompt rows, the head
+  at `batch` rows (the best of `repeats`)."""
+  import jax
+  import jax.numpy as jnp
+  mats, head = weight_matrices(generator)
+  weights = jax.device_put((mats, head), jax.devices("cpu")[0])
+
+  @jax.jit
+  def program(weights, x_MD):
+    mats, head = weights
+    for layer in mats:
+      h = x_MD
+      for w_OI in layer:
+        h = jnp.tanh(jnp.einsum("bi,oi->bo", _fit(h, w_OI.shape[1]), w_OI))
+      x_MD = x_MD + _fit(h, x_MD.shape[1])
+    return jnp.einsum("bd,vd->bv", x_MD[prompt_len - 1::prompt_len], head)
+
+  x = jnp.ones((batch * prompt_len, head.shape[1]), jnp.float32)
+  program(weights, x).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    program(weights, x).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return batch * prompt_len / best
