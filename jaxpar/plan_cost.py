@@ -30,7 +30,7 @@ import numpy as np
 from jaxpar import axes, models
 from jaxpar import hardware as hardware_lib
 from jaxpar.config import Config, MeshConfig, PipelineConfig
-from jaxpar.models.base import Layout
+from jaxpar.models.base import Layout, cache_leaf
 from jaxpar.rules import Rules, is_logical
 
 GB, GIB = hardware_lib.GB, hardware_lib.GIB
@@ -142,9 +142,10 @@ def kv_cache_bytes(config: Config, c: Candidate, layout: Layout) -> int:
   family = models.family(m.family)
   length = config.run.seq_len + config.generate.max_new_tokens
   per_layer = 0
-  for shape, names in family.kv_cache(m, layout, config.run.batch, length).values():
+  for leaf in family.kv_cache(m, layout, config.run.batch, length).values():
+    shape, names, dtype = cache_leaf(leaf, m)
     ways = [_ways(rules, n, c.mesh) for n in names]
-    per_layer += math.prod(-(-n // w) for n, w in zip(shape, ways)) * np.dtype(m.dtype).itemsize
+    per_layer += math.prod(-(-n // w) for n, w in zip(shape, ways)) * np.dtype(dtype).itemsize
   return per_layer * layers_per_device(c, m.n_layers, rules)
 
 
