@@ -237,6 +237,20 @@ def test_bad_request_gets_a_json_error_and_serving_goes_on(live, client, hf, bod
   assert complete(client, [4, 5, 6], 3).choices[0].token_ids == hf_greedy(hf[0], [4, 5, 6], 3)
 
 
+def test_eos_ends_a_request(live, client, hf):
+  """A request stops at its first end-of-text token (kept in token_ids, finish 'stop')."""
+  expected = hf_greedy(hf[0], PROMPTS[2], 12)
+  eos = expected[4]
+  engine = live[1]
+  kept, engine.eos_ids = engine.eos_ids, {eos}
+  try:
+    answer = complete(client, PROMPTS[2], 12)
+  finally:
+    engine.eos_ids = kept
+  assert answer.choices[0].token_ids == expected[:expected.index(eos) + 1]
+  assert answer.choices[0].finish_reason == "stop"
+
+
 def test_full_queue_answers_429(live, client, hf):
   engine = live[1]
   limit, engine.max_queue = engine.max_queue, 0
