@@ -53,8 +53,7 @@ def uneven(tiny, n_layers, data, stage, model, microbatches, repeats=1, **model_
 
 
 # (layers, data, stage, model, microbatches, repeats, family)
-FORWARD = [(12, 1, 5, 1, 5, 1, {}), (16, 2, 3, 1, 3, 1, LLAMA), (16, 1, 3, 2, 6, 1, LLAMA),
-           (7, 2, 2, 2, 2, 2, {})]
+FORWARD = [(12, 1, 5, 1, 5, 1, {}), (16, 1, 3, 2, 6, 1, LLAMA), (7, 2, 2, 2, 2, 2, {})]
 
 
 @pytest.mark.parametrize("layers,data,stage,model,microbatches,repeats,fields", FORWARD)
