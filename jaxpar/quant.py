@@ -94,13 +94,14 @@ def dequantize(w: QWeight) -> jax.Array:
   return w.values.astype(jnp.float32) * w.scale
 
 
-def quantized_names(params: dict, names: dict, mode: str) -> dict:
-  """The names of a quantised tree (`params` float or quantised): a QWeight's values keep the
-  weight's names, its scale drops the contracted (last) one."""
+def quantized_names(params: dict, names: dict, mode: str, *, present: bool = False) -> dict:
+  """The names of `params` once quantised (`present`: as they are, some leaves perhaps
+  quantised already): a QWeight's values keep the weight's names, its scale drops the
+  contracted (last) one."""
   def leaf(path, p, n):
     if is_quantized(n):  # named already
       return n
-    if is_quantized(p) or quantizable(path, n):
+    if is_quantized(p) or (not present and quantizable(path, n)):
       return QWeight(n, Logical((*n.names[:-1], None)), mode)
     return n
   return jax.tree_util.tree_map_with_path(leaf, params, names,

@@ -193,3 +193,18 @@ def test_convert_refuses_quantized(root, tmp_path, capsys):
   err = capsys.readouterr().err
   assert code == 2 and "model.quantize=int8: convert writes float weights" in err
   assert "Traceback" not in err
+
+
+def test_int8_from_given_parameters(tiny, devices):
+  """Float parameters handed to `build` are quantised on the mesh; a quantised model's own
+  parameters (`natural_params`, as the verify reference uses them) are placed as they are."""
+  one = make_mesh(MeshConfig(1, 1, 1), devices=devices[:1])
+  host = inference.build(_config(tiny, (1, 1, 1)), one).natural_params()
+  config = _config(tiny, (1, 1, 1), quantize="int8")
+  tokens = inference.seeded_tokens(config)
+  from_float = inference.build(config, one, params=host)
+  again = inference.build(config, one, params=from_float.natural_params())
+  want = logits(tiny, devices, (1, 1, 1), quantize="int8")
+  for fwd in (from_float, again):
+    got = inference.unpad(fwd(fwd.tokens(tokens)), config.model.vocab_size)
+    np.testing.assert_allclose(got, want, atol=1e-6)

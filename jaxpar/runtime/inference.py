@@ -198,7 +198,8 @@ def build(config: Config, mesh: Mesh, *, params: dict | None = None,
   elif params is not None:
     params = to_layout(params)
     if config.model.quantize != "none":  # e.g. a quantised model's own parameters
-      names = quant.quantized_names(params, names, config.model.quantize)
+      names = quant.quantized_names(params, names, config.model.quantize,
+                                     present=True)
       param_shardings = tree_shardings(names, rules, mesh)
     params = jax.device_put(params, param_shardings)
   elif config.model.checkpoint and checkpoint_meta.is_jaxpar(config.model.checkpoint):
