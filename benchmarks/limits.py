@@ -79,13 +79,18 @@ def speed_of_light(generator, batch: int, steps: int, repeats: int = 3) -> float
   if len(shapes) != want or f"{batch},{head.shape[0]}" not in shapes:
     raise RuntimeError(f"speed of light: compiled matrix products {shapes}, expected {want} "
                        f"with the whole head [{batch},{head.shape[0]}]")
-  chain(weights, x).block_until_ready()
+  return batch * steps / best_time(lambda: chain(weights, x), repeats)
+
+
+def best_time(fn, repeats: int) -> float:
+  """The fastest of `repeats` timed calls of `fn()` (a jax.Array), after one untimed call."""
+  fn().block_until_ready()
   best = float("inf")
   for _ in range(repeats):
     start = time.perf_counter()
-    chain(weights, x).block_until_ready()
+    fn().block_until_ready()
     best = min(best, time.perf_counter() - start)
-  return batch * steps / best
+  return best
 
 
 def read_bandwidth(nbytes: int = 512 << 20, repeats: int = 5) -> float:
@@ -95,13 +100,7 @@ def read_bandwidth(nbytes: int = 512 << 20, repeats: int = 5) -> float:
   import jax.numpy as jnp
   x = jnp.ones(nbytes // 4, jnp.float32)
   total = jax.jit(jnp.sum)
-  total(x).block_until_ready()
-  best = float("inf")
-  for _ in range(repeats):
-    start = time.perf_counter()
-    total(x).block_until_ready()
-    best = min(best, time.perf_counter() - start)
-  return nbytes / best
+  return nbytes / best_time(lambda: total(x), repeats)
 
 
 def prefill_limit(generator, batch: int, prompt_len: int, repeats: int = 3) -> float:
@@ -123,10 +122,4 @@ def prefill_limit(generator, batch: int, prompt_len: int, repeats: int = 3) -> f
     return jnp.einsum("bd,vd->bv", x_MD[prompt_len - 1::prompt_len], head)
 
   x = jnp.ones((batch * prompt_len, head.shape[1]), jnp.float32)
-  program(weights, x).block_until_ready()
-  best = float("inf")
-  for _ in range(repeats):
-    start = time.perf_counter()
-    program(weights, x).block_until_ready()
-    best = min(best, time.perf_counter() - start)
-  return batch * prompt_len / best
+  return batch * prompt_len / best_time(lambda: program(weights, x), repeats)
