@@ -2,8 +2,8 @@
 formed in arrival order) and against `transformers` one request at a time.
 
 A random Llama-family checkpoint saved by `transformers` (width 512, 4 layers, 8 query heads
-over 4 key/value heads, vocabulary 8192; `--layers`, `--width` change it) is served on one CPU
-device with `serve.max_slots` slots (8). A seeded load generator sends `--requests` requests
+over 4 key/value heads, vocabulary 8192; `--layers`, `--width` change it) is served by
+`scripts/run.py serve` in its own process on one CPU device with `--slots` slots (8). A seeded load generator sends `--requests` requests
 (48) with Poisson arrivals at `--rate` per second (16), prompts of 8-96 tokens (uniform) and
 outputs of 4-160 tokens (log-normal, median 24: most answers short, a few long), greedy, EOS
 off so each produces exactly its length; streamed through the official `openai` client, so
@@ -22,6 +22,8 @@ token below static batching's.
 import argparse
 import asyncio
 import pathlib
+import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -81,33 +83,33 @@ async def _client_run(url: str, arrivals, prompts, outputs) -> list[dict]:
 
 
 def run_jaxpar(checkpoint, policy: str, args, work) -> list[dict]:
-  import jax
-  import uvicorn
-
-  from jaxpar import config as config_lib, serve
-  from jaxpar.mesh import make_mesh
-  from jaxpar.serve import openai_api, server
-  config = config_lib.load(ROOT / "configs" / "tiny.yaml", [
-      f"model.checkpoint={checkpoint}", "mesh.data=1", "mesh.cpu_devices=1",
-      f"serve.max_slots={args.slots}", "serve.max_len=256", f"serve.policy={policy}",
-      "generate.eos_id=-1", "serve.max_tokens=256"])
-  mesh = make_mesh(config.mesh, devices=jax.devices()[:1])
-  engine = serve.build(config, mesh, progress=False).start()
-  limits = openai_api.Limits(model="bench", max_tokens=256, context=engine.length)
-  app = server.make_app(engine, limits=limits, log=False)
-  uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-  thread = threading.Thread(target=uv.run, daemon=True)
-  thread.start()
-  while not uv.started:
-    time.sleep(0.05)
-  url = f"http://127.0.0.1:{uv.servers[0].sockets[0].getsockname()[1]}/v1"
+  """The server as its own process (`scripts/run.py serve`, as a user starts it: the load
+  generator does not share its interpreter), on one CPU device."""
+  command = [sys.executable, str(ROOT / "scripts" / "run.py"), "serve", "--config",
+             str(ROOT / "configs" / "tiny.yaml"), "--port", "0", "--devices", "1"]
+  for override in (f"model.checkpoint={checkpoint}", "mesh.data=1", "mesh.cpu_devices=1",
+                   f"serve.max_slots={args.slots}", "serve.max_len=256",
+                   f"serve.policy={policy}", "generate.eos_id=-1", "serve.max_tokens=256",
+                   "serve.model_name=bench"):
+    command += ["--set", override]
+  server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+  lines = []
+  for line in server.stdout:
+    lines.append(line)
+    if line.startswith("serving"):
+      break
+  else:
+    raise RuntimeError("the server did not start:\n" + "".join(lines))
+  url = line.split(" at ")[1].split()[0]
+  drain = threading.Thread(target=lambda: [None for _ in server.stdout], daemon=True)
+  drain.start()  # the server's per-request lines must not fill the pipe
   try:
     asyncio.run(_client_run(url, work[0][:2], work[1][:2], [2, 2]))  # warm the HTTP path
     return asyncio.run(_client_run(url, *work))
   finally:
-    uv.should_exit = True
-    thread.join(timeout=10)
-    engine.stop()
+    server.send_signal(signal.SIGTERM)
+    server.wait(timeout=60)
 
 
 def run_transformers(checkpoint, work) -> list[dict]:
