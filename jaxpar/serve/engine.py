@@ -32,6 +32,7 @@ from jaxpar import axes
 from jaxpar.config import Config
 from jaxpar.distributed import say
 from jaxpar.errors import UserError
+from jaxpar.rules import Rules
 from jaxpar.runtime import generate as gen_lib
 from jaxpar.runtime.sampling import Sampling
 from jaxpar.serve.metrics import Metrics
@@ -40,11 +41,12 @@ from jaxpar.serve.programs import Programs
 
 
 class RequestError(ValueError):
-  """A request the engine refuses (the server answers 400): `param` names the field."""
+  """A request the engine refuses: `param` names the field; `status` is the HTTP status the
+  server answers with (400 invalid, 429 queue full, 503 shutting down)."""
 
-  def __init__(self, message: str, *, param: str | None = None):
+  def __init__(self, message: str, *, param: str | None = None, status: int = 400):
     super().__init__(message)
-    self.param = param
+    self.param, self.status = param, status
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,10 +175,10 @@ class Engine:
     self.check(prompt, params)
     with self._lock:
       if self._closing:
-        raise RequestError("the server is shutting down", param=None)
+        raise RequestError("the server is shutting down", status=503)
       if len(self._waiting) >= self.max_queue:
         raise RequestError(f"the queue is full ({self.max_queue} requests waiting); retry "
-                           f"later", param=None)
+                           f"later", status=429)
       stream = Stream(next(self._ids), prompt, params, listener)
       self._waiting.append(stream)
       self._lock.notify()
@@ -388,7 +390,7 @@ def build(config: Config, mesh, *, tokenizer=None, progress: bool = True) -> Eng
   if length > config.model.max_seq_len:
     raise UserError(f"serve.max_len={length} exceeds model.max_seq_len="
                     f"{config.model.max_seq_len}; lower serve.max_len (0: max_seq_len)")
-  data = math.prod(mesh.shape[a] for a in gen_lib.Rules(config.rules).mesh_axes(axes.BATCH))
+  data = math.prod(mesh.shape[a] for a in Rules(config.rules).mesh_axes(axes.BATCH))
   if s.max_slots % data:
     raise UserError(f"serve.max_slots={s.max_slots} does not split over the {data} devices "
                     f"of the batch axes; use a multiple of {data}")

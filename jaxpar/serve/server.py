@@ -77,8 +77,7 @@ def make_app(engine: Engine, *, limits: api.Limits, tokenizer=None, template=Non
     try:
       stream = engine.submit(prompt, params, listener=listener)
     except RequestError as e:
-      status = 429 if "queue is full" in str(e) else 503 if "shutting down" in str(e) else 400
-      raise api.ApiError(status, str(e), param=e.param) from None
+      raise api.ApiError(e.status, str(e), param=e.param) from None
     rid = api.new_id("chatcmpl" if chat else "cmpl")
     if stream_it:
       events = _events(stream, outputs, rid, chat=chat, include_usage=include_usage)
