@@ -132,9 +132,7 @@ class Engine:
     self._pipelined = isinstance(programs, PipelinedPrograms)
     self._inject = np.zeros(B, bool)
     self._prev_rows, self._prev_owner = None, [None] * B
-    with jax.set_mesh(self.generator.mesh):
-      self._row_sharding = self.generator.forward.rules.sharding(
-          (axes.BATCH,), self.generator.mesh, what="serve slots")
+    self._pending: list = []  # (tokens, owners) queued on the devices, not yet read
     metrics.bind(queue=lambda: len(self._waiting), running=self.running)
 
   # ---- the caller's side (any thread) ----
@@ -217,7 +215,8 @@ class Engine:
   def _loop(self) -> None:
     while True:
       with self._lock:
-        while not self._stopping and not self._waiting and not self.running():
+        while (not self._stopping and not self._waiting and not self.running()
+               and not self._pending):
           self._lock.wait()
       try:
         self.step()
@@ -229,33 +228,53 @@ class Engine:
         self._waiting.clear()
         self._state = self.programs.empty_state()
         self._prev_rows, self._prev_owner = None, [None] * self.slots
-      if self._stopping and not self._waiting and not self.running():
+        self._pending = []
+      if (self._stopping and not self._waiting and not self.running()
+          and not self._pending):
         return
 
   def step(self) -> None:
-    """One iteration: drop cancelled requests, admit waiting ones, one decode step."""
-    for b, s in enumerate(self._running):
+    """One iteration: queue a decode step, read the previous one's tokens, drop cancelled
+    requests, admit waiting ones.
+
+    The decode step's inputs live on the devices (`programs.Slots`), so step t is queued
+    before the host reads step t-1's tokens, and the devices decode while the host streams.
+    A request that ends on step t-1's token has step t in flight: its token is dropped (the
+    row's owner has changed), and a new request prefilled into the row runs after it."""
+    if self._pipelined:
+      self._cancel()
+      self._admit()
+      rows = [b for b, s in enumerate(self._running) if s is not None]
+      if rows:
+        self._round(rows, all(self._temperature[b] == 0 for b in rows))
+      return
+    rows = [b for b, s in enumerate(self._running) if s is not None]
+    step = None
+    if rows:
+      greedy = all(self._temperature[b] == 0 for b in rows)
+      next_B, self._state = self._compiled["decode", greedy](self.generator.params,
+                                                             self._state)
+      step = (next_B, {b: self._running[b] for b in rows})
+    pending, self._pending = self._pending, []
+    for item in pending:
+      self._read(*item)
+    self._cancel()
+    self._admit()
+    if step is not None:
+      self._pending.append(step)
+
+  def _read(self, tokens, owners: dict) -> None:
+    """Accepts the tokens of a queued program ([B], or a prefill's one) for the rows whose
+    request still owns them (`owners`: row -> the request when the program was queued)."""
+    tokens = np.asarray(tokens).reshape(-1)
+    for b, owner in owners.items():
+      if owner is self._running[b]:
+        self._accept(b, int(tokens[b if tokens.size > 1 else 0]))
+
+  def _cancel(self) -> None:
+    for s in self._running:
       if s is not None and s.cancelled:
         self._finish(s, "cancelled")
-    self._admit()
-    rows = [b for b, s in enumerate(self._running) if s is not None]
-    if not rows:
-      return
-    greedy = all(self._temperature[b] == 0 for b in rows)
-    if self._pipelined:
-      self._round(rows, greedy)
-      return
-    put = lambda a: jax.device_put(a, self._row_sharding)
-    sampling = Sampling(put(self._temperature), put(self._top_k), put(self._top_p))
-    next_B, self._state = self._compiled["decode", greedy](
-        self.generator.params, self._state, put(self._tokens), put(self._positions),
-        sampling, put(self._seeds), put(self._counts))
-    next_B = np.asarray(next_B)
-    for b in rows:
-      self._tokens[b] = next_B[b]
-      self._positions[b] += 1
-      self._counts[b] += 1
-      self._accept(b, int(next_B[b]))
 
   def _round(self, rows: list[int], greedy: bool) -> None:
     """One pipelined round (see `pipelined`): every slot's next step enters the pipeline;
@@ -305,12 +324,14 @@ class Engine:
     sampling = Sampling(np.float32(p.temperature), np.int32(p.top_k), np.float32(p.top_p))
     first, self._state = self._compiled["prefill", bucket](
         self.generator.params, self._state, tokens, np.int32(P), np.int32(b), sampling, seed)
-    first = int(first)
     self._running[b] = stream
     self._positions[b], self._counts[b], self._seeds[b] = P, 1, seed
     self._temperature[b], self._top_k[b], self._top_p[b] = p.temperature, p.top_k, p.top_p
-    self._tokens[b], self._inject[b] = first, True
-    self._accept(b, first)
+    if self._pipelined:
+      self._tokens[b], self._inject[b] = int(first), True
+      self._accept(b, int(first))
+    else:  # read with the next step's tokens, after that step is queued
+      self._pending.append((first, {b: stream}))
 
   def _accept(self, b: int, token: int) -> None:
     """Token `token` of the request in slot `b`: recorded, streamed, maybe its last."""
@@ -432,12 +453,8 @@ def _compile(programs, *, progress: bool) -> dict:
         compiled["round", greedy] = programs.round(greedy=greedy).lower(
             g.params, state, grid(bool), grid(jnp.int32), rows).compile()
         continue
-      sharding = g.forward.rules.sharding((axes.BATCH,), g.mesh, what="serve slots")
-      row = lambda dtype: jax.ShapeDtypeStruct((B,), dtype, sharding=sharding)
-      compiled["decode", greedy] = programs.decode(greedy=greedy).lower(
-          g.params, state, row(jnp.int32), row(jnp.int32),
-          Sampling(row(jnp.float32), row(jnp.int32), row(jnp.float32)), row(jnp.uint32),
-          row(jnp.int32)).compile()
+      compiled["decode", greedy] = programs.decode(greedy=greedy).lower(g.params,
+                                                                        state).compile()
   if progress:
     say(f"compiled in {time.perf_counter() - start:.1f} s")
   return compiled

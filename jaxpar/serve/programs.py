@@ -1,19 +1,23 @@
 """The serving engine's compiled programs: prefill one request into a slot, and one decode step
 of every slot.
 
-The KV cache holds `slots` rows of `length` positions per layer, laid out by the rules like
-generation's (rows over `data`, key/value heads over `model`); it is donated to every call, so
-it updates in place. A row's tokens sit at the slots equal to their positions (no left
-padding), so each row has its own write index: the decode step's `Step.index` is the [B]
-vector of row positions.
+The state is (caches, slots), both on the devices and donated to every call, so they update
+in place. The KV cache holds `slots` rows of `length` positions per layer, laid out by the
+rules like generation's (rows over `data`, key/value heads over `model`). `Slots` holds each
+row's last token, position, token count and sampling settings, [B] each and split like the
+rows: a decode step reads them and writes the next, so the host sends nothing per step and can
+queue step t+1 before it has read step t's tokens. A row's tokens sit at the cache slots equal
+to their positions (no left padding), so each row has its own write index: the decode step's
+`Step.index` is the [B] vector of row positions.
 
-    prefill[T](params, caches, tokens_1T, length, slot, sampling, seed) -> first token, caches
+    prefill[T](params, state, tokens_1T, length, slot, sampling, seed) -> first token, state
         the prompt, right-padded to the bucket T, through every block with a fresh [1, T]
         cache; the cache rows written into row `slot` at 0..T-1 (past `length` they are never
-        visible: a row sees slots <= its position, and decoding overwrites them in order)
-    decode(params, caches, tokens_B, positions_B, sampling_B, seeds_B, counts_B) -> next_B, caches
-        each row's last token at its position; slots that hold no request compute too (at
-        position 0; their output is ignored and their cache row is rewritten by the next prefill)
+        visible: a row sees slots <= its position, and decoding overwrites them in order), and
+        row `slot` of `Slots` set to the request (its first token at position `length`)
+    decode(params, state) -> next_B, state
+        each row's last token at its position; rows that hold no request compute too (their
+        output is ignored and their cache row is rewritten by the next prefill)
 
 Sampling is per row (`Sampling` of [B] arrays) with the draw keyed by (request seed, token
 number) only, so a request's tokens do not depend on its slot or its neighbours. Greedy and
@@ -50,6 +54,34 @@ def _insert(caches, row, slot, *, scan: bool):
 
 
 @dataclasses.dataclass
+class Slots:
+  """Every decode row's state on the devices, [B] each: the last token (the next step's
+  input), its position, how many tokens the request has (the sampling key's counter), and the
+  request's sampling settings and seed."""
+  tokens: jax.Array
+  positions: jax.Array
+  counts: jax.Array
+  sampling: Sampling
+  seeds: jax.Array
+
+  def set(self, b, token, position, sampling: Sampling, seed) -> "Slots":
+    """Row `b` set to a new request (scalars)."""
+    return jax.tree.map(lambda a, v: a.at[b].set(jnp.asarray(v, a.dtype)), self,
+                        Slots(token, position, 1, sampling, seed))
+
+
+jax.tree_util.register_dataclass(Slots, data_fields=["tokens", "positions", "counts",
+                                                     "sampling", "seeds"], meta_fields=[])
+
+
+def _empty_slots(B: int) -> Slots:
+  zeros = lambda dtype: jnp.zeros((B,), dtype)
+  return Slots(zeros(jnp.int32), zeros(jnp.int32), zeros(jnp.int32),
+               Sampling(zeros(jnp.float32), zeros(jnp.int32), jnp.ones((B,), jnp.float32)),
+               zeros(jnp.uint32))
+
+
+@dataclasses.dataclass
 class Programs:
   """The jitted programs for `slots` rows of `length` positions (compile with `compile`)."""
   generator: Generator
@@ -69,14 +101,21 @@ class Programs:
     one = {k: rules.sharding(names, g.mesh, what="the KV cache") for k, names in spec.items()}
     return tuple(one for _ in range(m.n_layers))
 
+  def state_shardings(self):
+    """(caches, slots) shardings: the caches' by the rules, the slots' rows like the batch."""
+    g = self.generator
+    rows = g.forward.rules.sharding((BATCH,), g.mesh, what="serve slots")
+    return self.cache_shardings(), jax.tree.map(lambda _: rows, _empty_slots(1))
+
   def empty_state(self, *, abstract: bool = False):
-    """Zeroed caches for every slot (their shapes and shardings only, when `abstract`)."""
+    """(zeroed caches, empty slots) for every row (shapes and shardings only, when
+    `abstract`)."""
     g = self.generator
 
     def make():
       with use_rules(g.forward.rules, keys=g.family.config_keys):
-        return new_caches(g, self.slots, self.length, scan=g.scan)
-    shardings = self.cache_shardings()
+        return new_caches(g, self.slots, self.length, scan=g.scan), _empty_slots(self.slots)
+    shardings = self.state_shardings()
     with jax.set_mesh(g.mesh):
       fn = jax.jit(make, out_shardings=shardings)
       if not abstract:
@@ -91,7 +130,8 @@ class Programs:
     rules = g.forward.rules.replace(BATCH, None)
     keys, scan = g.family.config_keys, g.scan
 
-    def run(params, caches, tokens_1T, length, slot, sampling, seed):
+    def run(params, state, tokens_1T, length, slot, sampling, seed):
+      caches, slots = state
       with use_rules(rules, keys=keys):
         model, graphdef, layers = g.model_parts(params)
         positions_1T = jnp.arange(bucket, dtype=jnp.int32)[None]
@@ -104,26 +144,32 @@ class Programs:
         keys_1 = request_keys(seed[None], jnp.zeros((1,), jnp.int32))
         token_1 = sample(logits_1V, keys_1, Sampling(*(jnp.reshape(v, (1,)) for v in
                                                        dataclasses.astuple(sampling))))
-        return token_1[0], _insert(caches, row, slot, scan=scan)
+      slots = slots.set(slot, token_1[0], length, sampling, seed)
+      return token_1[0], (_insert(caches, row, slot, scan=scan), slots)
 
-    caches = self.cache_shardings()
-    return jax.jit(run, donate_argnums=(1,), out_shardings=(None, caches))
+    return jax.jit(run, donate_argnums=(1,), out_shardings=(None, self.state_shardings()))
 
   def decode(self, *, greedy: bool):
     g = self.generator
     rules, keys, scan, S = g.forward.rules, g.family.config_keys, g.scan, self.length
 
-    def run(params, caches, tokens_B, positions_B, sampling, seeds_B, counts_B):
+    def run(params, state):
+      caches, slots = state
+      positions_B = slots.positions
       with use_rules(rules, keys=keys):
         model, graphdef, layers = g.model_parts(params)
         mask_B1S = (jnp.arange(S)[None, :] <= positions_B[:, None])[:, None, :]
         step = Step(positions_B[:, None], mask_B1S, positions_B)
-        x_B1D = model.embed(tokens_B[:, None], step.positions_BT)
+        x_B1D = model.embed(slots.tokens[:, None], step.positions_BT)
         x_B1D, caches = run_blocks(graphdef, layers, x_B1D, step, caches, scan=scan)
         logits_BV = model.head(x_B1D)[:, 0]
         if greedy:
-          return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32), caches
-        return sample(logits_BV, request_keys(seeds_B, counts_B), sampling), caches
+          next_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+        else:
+          next_B = sample(logits_BV, request_keys(slots.seeds, slots.counts), slots.sampling)
+      # A row past its request's end (the host drops its token) stays inside the cache.
+      slots = dataclasses.replace(slots, tokens=next_B, counts=slots.counts + 1,
+                                  positions=jnp.minimum(positions_B + 1, S - 1))
+      return next_B, (caches, slots)
 
-    caches = self.cache_shardings()
-    return jax.jit(run, donate_argnums=(1,), out_shardings=(None, caches))
+    return jax.jit(run, donate_argnums=(1,), out_shardings=(None, self.state_shardings()))
