@@ -155,10 +155,12 @@ def take_rows(table: QWeight, ids: jax.Array, dtype) -> jax.Array:
 KV_SCALE_DTYPE = jnp.float16  # 2 bytes per token and head: H=64 keys cost 66 bytes, not 256
 
 
-def quantize_heads(x_BKTH: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """int8 values and one scale per token and head [B, K, T] (absmax over H)."""
-  x32 = x_BKTH.astype(jnp.float32)
-  scale = jnp.max(jnp.abs(x32), axis=-1) / 127.0
+def quantize_heads(x: jax.Array, axis: int = -1) -> tuple[jax.Array, jax.Array]:
+  """int8 values and one scale per token and head (absmax over the head width, `axis`): x
+  [B, K, T, H] (axis -1) or [B, K, H, T] (axis 2) gives scales [B, K, T]."""
+  x32 = x.astype(jnp.float32)
+  scale = jnp.max(jnp.abs(x32), axis=axis) / 127.0
   scale = jnp.where(scale > 0, scale, 1.0).astype(KV_SCALE_DTYPE)
-  values = jnp.clip(jnp.round(x32 / scale[..., None].astype(jnp.float32)), -127, 127)
+  values = jnp.clip(jnp.round(x32 / jnp.expand_dims(scale, axis).astype(jnp.float32)),
+                    -127, 127)
   return values.astype(jnp.int8), scale

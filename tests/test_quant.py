@@ -112,7 +112,7 @@ def _int8_attention_near_float():
   q_BTNH = jax.random.normal(k[0], (2, 1, 8, 16))
   k_BTKH, v_BTKH = (jax.random.normal(x, (2, 40, 4, 16)) for x in k[1:])
   step = base.Step(jnp.zeros((2, 1), jnp.int32), jnp.ones((2, 1, 40), bool), 0)
-  cache = {"k": jnp.zeros((2, 4, 40, 16), jnp.int8), "v": jnp.zeros((2, 4, 40, 16), jnp.int8),
+  cache = {"k": jnp.zeros((2, 4, 16, 40), jnp.int8), "v": jnp.zeros((2, 4, 40, 16), jnp.int8),
            "k_scale": jnp.zeros((2, 4, 40), jnp.float16),
            "v_scale": jnp.zeros((2, 4, 40), jnp.float16)}
   keys, values, new = base.write_cache(cache, k_BTKH, v_BTKH, 0)

@@ -245,15 +245,18 @@ def rope(x_BTNH: jax.Array, positions_BT: jax.Array, inv_freq: np.ndarray) -> ja
 # ---- attention ----
 
 def write_cache(cache: dict | None, k_BTKH: jax.Array, v_BTKH: jax.Array, index):
-  """(keys, values [B, K, S, H] to attend over, the new cache): the T new entries written at
-  slot `index`, one for all rows or one per row [B] (a scatter along the rows, in place). The
-  cache is stored [B, K, S, H], the layout both attention products read, so no step
-  transposes it (stored [B, S, K, H], every layer copied its whole cache twice per step). An
-  int8 cache (`k_scale` and `v_scale` leaves, one per token and head) gives keys and values
-  as (int8 values, scales) pairs, which `attend` takes."""
-  k_BKTH, v_BKTH = k_BTKH.transpose(0, 2, 1, 3), v_BTKH.transpose(0, 2, 1, 3)
+  """(keys [B, K, H, S] and values [B, K, S, H] to attend over, the new cache): the T new
+  entries written at slot `index`, one for all rows or one per row [B] (a scatter along the
+  rows, in place). The cache is stored in the layouts the two attention products read, so no
+  step transposes it, and both are plain matrix products per (row, key/value head): scores
+  = queries [G*T, H] @ keys [H, S], out = probabilities [G*T, S] @ values [S, H]. (Keys
+  stored [S, H] made the first product a transposed one that XLA:CPU ran 1.3x to 4.8x slower
+  at decode shapes; stored [B, S, K, H], every layer copied its whole cache twice per step.)
+  An int8 cache (`k_scale` and `v_scale` leaves [B, K, S], one per token and head) gives keys
+  and values as (int8 values, scales) pairs, which `attend` takes."""
+  k_BKHT, v_BKTH = k_BTKH.transpose(0, 2, 3, 1), v_BTKH.transpose(0, 2, 1, 3)
   if cache is None:
-    return k_BKTH, v_BKTH, None
+    return k_BKHT, v_BKTH, None
 
   def write(old, new, axis):
     new = new.astype(old.dtype)
@@ -263,29 +266,30 @@ def write_cache(cache: dict | None, k_BTKH: jax.Array, v_BTKH: jax.Array, index)
     return jax.vmap(row)(old, new, index)
 
   if "k_scale" not in cache:
-    new = {"k": write(cache["k"], k_BKTH, 2), "v": write(cache["v"], v_BKTH, 2)}
+    new = {"k": write(cache["k"], k_BKHT, 3), "v": write(cache["v"], v_BKTH, 2)}
     return new["k"], new["v"], new
-  (k_q, k_s), (v_q, v_s) = quant.quantize_heads(k_BKTH), quant.quantize_heads(v_BKTH)
-  new = {"k": write(cache["k"], k_q, 2), "v": write(cache["v"], v_q, 2),
+  (k_q, k_s), (v_q, v_s) = quant.quantize_heads(k_BKHT, axis=2), quant.quantize_heads(v_BKTH)
+  new = {"k": write(cache["k"], k_q, 3), "v": write(cache["v"], v_q, 2),
          "k_scale": write(cache["k_scale"], k_s, 2), "v_scale": write(cache["v_scale"], v_s, 2)}
   return (new["k"], new["k_scale"]), (new["v"], new["v_scale"]), new
 
 
-def attend(q_BTNH: jax.Array, k_BKSH, v_BKSH, step: Step, *,
+def attend(q_BTNH: jax.Array, k_BKHS, v_BKSH, step: Step, *,
            window: int = 0) -> jax.Array:
   """Grouped-query attention [B, T, N*H]: query head n reads key/value head n // (N/K).
 
-  `window` > 0 limits each query to the keys less than `window` slots behind it. Slots and
-  positions differ by each row's left padding only, so a window in slots is one in positions.
-  Keys and values may be int8 with per-token, per-head scales [B, K, S] (`write_cache`):
-  the key scales multiply the scores, the value scales the probabilities.
+  Keys come [B, K, H, S] and values [B, K, S, H] (`write_cache`). `window` > 0 limits each
+  query to the keys less than `window` slots behind it. Slots and positions differ by each
+  row's left padding only, so a window in slots is one in positions. Keys and values may be
+  int8 with per-token, per-head scales [B, K, S]: the key scales multiply the scores, the
+  value scales the probabilities.
   """
   k_scale = v_scale = None
-  if isinstance(k_BKSH, tuple):
-    (k_BKSH, k_scale), (v_BKSH, v_scale) = k_BKSH, v_BKSH
-    k_BKSH, v_BKSH = k_BKSH.astype(q_BTNH.dtype), v_BKSH.astype(q_BTNH.dtype)
+  if isinstance(k_BKHS, tuple):
+    (k_BKHS, k_scale), (v_BKSH, v_scale) = k_BKHS, v_BKSH
+    k_BKHS, v_BKSH = k_BKHS.astype(q_BTNH.dtype), v_BKSH.astype(q_BTNH.dtype)
   B, T, N, H = q_BTNH.shape
-  K = k_BKSH.shape[1]
+  K, S = v_BKSH.shape[1], v_BKSH.shape[2]
   G = N // K
   q_BKGTH = constrain(q_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4),
                       (BATCH, KV_HEADS, None, SEQ, HEAD_DIM))
@@ -293,16 +297,14 @@ def attend(q_BTNH: jax.Array, k_BKSH, v_BKSH, step: Step, *,
   # products are plain batched matrix products over (b, k). (Kept apart, with the output's
   # T before K, XLA:CPU ran the probabilities-times-values product 5x slower at 8 rows.)
   q_BKQH = q_BKGTH.reshape(B, K, G * T, H)
-  scores = jnp.einsum("bkqh,bksh->bkqs", q_BKQH, k_BKSH).astype(jnp.float32)
+  scores = jnp.einsum("bkqh,bkhs->bkqs", q_BKQH, k_BKHS).astype(jnp.float32)
   scores = scores / math.sqrt(H)
   if k_scale is not None:
     scores = scores * k_scale[:, :, None, :].astype(jnp.float32)
   mask_BTS = step.mask_BTS
   if window:
     query_BT = jnp.reshape(step.index, (-1, 1)) + jnp.arange(T)  # [1, T] or [B, T]
-    key_S = jnp.arange(k_BKSH.shape[2])
-    mask_BTS = mask_BTS & (query_BT[:, :, None] - key_S < window)
-  S = mask_BTS.shape[-1]
+    mask_BTS = mask_BTS & (query_BT[:, :, None] - jnp.arange(S) < window)
   mask_B1QS = jnp.broadcast_to(mask_BTS[:, None, None], (mask_BTS.shape[0], 1, G, T, S))
   scores = jnp.where(mask_B1QS.reshape(-1, 1, G * T, S), scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1)
@@ -315,15 +317,18 @@ def attend(q_BTNH: jax.Array, k_BKSH, v_BKSH, step: Step, *,
 
 
 def attention_cache(cfg: ModelConfig, layout: Layout, batch: int, length: int) -> dict:
-  """One layer's KV cache {leaf: (shape, names, dtype)}: keys and values
-  [B, K * kv_repeat, S, H]; with model.kv_cache_dtype int8 these are int8 and
-  `k_scale`/`v_scale` [B, K * kv_repeat, S] hold one scale per token and head."""
+  """One layer's KV cache {leaf: (shape, names, dtype)}: keys [B, K * kv_repeat, H, S] and
+  values [B, K * kv_repeat, S, H] (the layouts `attend` reads); with model.kv_cache_dtype
+  int8 these are int8 and `k_scale`/`v_scale` [B, K * kv_repeat, S] hold one scale per token
+  and head."""
   K = cfg.kv_heads * layout.kv_repeat
-  shape, names = (batch, K, length, cfg.head_size), (BATCH, KV_HEADS, SEQ, HEAD_DIM)
+  H = cfg.head_size
+  keys = ((batch, K, H, length), (BATCH, KV_HEADS, HEAD_DIM, SEQ))
+  values = ((batch, K, length, H), (BATCH, KV_HEADS, SEQ, HEAD_DIM))
   if cfg.kv_cache_dtype != "int8":
-    return {"k": (shape, names, jnp.dtype(cfg.dtype)), "v": (shape, names, jnp.dtype(cfg.dtype))}
+    return {"k": (*keys, jnp.dtype(cfg.dtype)), "v": (*values, jnp.dtype(cfg.dtype))}
   scale = ((batch, K, length), (BATCH, KV_HEADS, SEQ), jnp.dtype(quant.KV_SCALE_DTYPE))
-  return {"k": (shape, names, jnp.dtype(jnp.int8)), "v": (shape, names, jnp.dtype(jnp.int8)),
+  return {"k": (*keys, jnp.dtype(jnp.int8)), "v": (*values, jnp.dtype(jnp.int8)),
           "k_scale": scale, "v_scale": scale}
 
 

@@ -56,6 +56,17 @@ def _search(count_ok, like_B: jax.Array, *, largest: bool) -> jax.Array:
   return lo if largest else hi
 
 
+def likeliest(logits_BV: jax.Array) -> jax.Array:
+  """The likeliest token of each row [B] (the first of equals, as `jnp.argmax`): the maximum,
+  then the least column that holds it. Two plain reductions; XLA:CPU runs `jnp.argmax`'s
+  paired value-and-index reduction 3x slower at a decode step's shape."""
+  V = logits_BV.shape[-1]
+  top_B1 = jnp.max(logits_BV, axis=-1, keepdims=True)
+  column_V = jnp.arange(V, dtype=jnp.int32)
+  first_B = jnp.min(jnp.where(logits_BV == top_B1, column_V, V - 1), axis=-1)
+  return first_B.astype(jnp.int32)
+
+
 def sample(logits_BV: jax.Array, keys_B: jax.Array, s: Sampling) -> jax.Array:
   """Next tokens [B] from float32 logits (padding columns already at the float minimum), row
   b drawn with key `keys_B[b]`. `s` holds numbers (one setting for every row, what the
@@ -63,12 +74,12 @@ def sample(logits_BV: jax.Array, keys_B: jax.Array, s: Sampling) -> jax.Array:
   temperature 0 is greedy, top_k 0 and top_p 1 filter nothing)."""
   per_row = _per_row(s)
   if not per_row and s.temperature == 0:
-    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    return likeliest(logits_BV)
   draw = lambda key, logits_V: jax.random.categorical(key, logits_V)
   drawn_B = jax.vmap(draw)(keys_B, filter_logits(logits_BV, s)).astype(jnp.int32)
   if not per_row:
     return drawn_B
-  greedy_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+  greedy_B = likeliest(logits_BV)
   return jnp.where(s.temperature == 0, greedy_B, drawn_B)
 
 

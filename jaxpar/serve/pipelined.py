@@ -42,7 +42,7 @@ from jaxpar.parallel import pipeline
 from jaxpar.rules import constrain, use_rules
 from jaxpar.runtime.generate import Generator
 from jaxpar.runtime.pipelined_generate import _pick, _varying
-from jaxpar.runtime.sampling import Sampling, sample
+from jaxpar.runtime.sampling import Sampling, likeliest, sample
 from jaxpar.serve.programs import request_keys
 
 _ROW_FIELDS = ("positions", "write", "temperature", "top_k", "top_p", "seeds", "counts")
@@ -114,7 +114,7 @@ class PipelinedPrograms:
     def compute():
       logits_BV = model.head(y_BD[:, None])[:, 0]
       if greedy:
-        return _varying(jnp.argmax(logits_BV, axis=-1).astype(jnp.int32))
+        return _varying(likeliest(logits_BV))
       return _varying(sample(logits_BV, keys_B, sampling))
     return lax.cond(s == self.S - 1, compute,
                     lambda: _varying(jnp.zeros((y_BD.shape[0],), jnp.int32)))

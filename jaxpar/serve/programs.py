@@ -34,7 +34,7 @@ from jaxpar.axes import BATCH, LAYERS
 from jaxpar.models.base import Step, cache_leaf, run_blocks
 from jaxpar.rules import use_rules
 from jaxpar.runtime.generate import Generator, new_caches
-from jaxpar.runtime.sampling import Sampling, sample
+from jaxpar.runtime.sampling import Sampling, likeliest, sample
 
 
 def request_keys(seeds_B: jax.Array, counts_B: jax.Array) -> jax.Array:
@@ -164,7 +164,7 @@ class Programs:
         x_B1D, caches = run_blocks(graphdef, layers, x_B1D, step, caches, scan=scan)
         logits_BV = model.head(x_B1D)[:, 0]
         if greedy:
-          next_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+          next_B = likeliest(logits_BV)
         else:
           next_B = sample(logits_BV, request_keys(slots.seeds, slots.counts), slots.sampling)
       # A row past its request's end (the host drops its token) stays inside the cache.
