@@ -278,18 +278,26 @@ def attend(q_BTNH: jax.Array, k_BKHS, v_BKSH, step: Step, *,
            window: int = 0) -> jax.Array:
   """Grouped-query attention [B, T, N*H]: query head n reads key/value head n // (N/K).
 
-  Keys come [B, K, H, S] and values [B, K, S, H] (`write_cache`). `window` > 0 limits each
-  query to the keys less than `window` slots behind it. Slots and positions differ by each
-  row's left padding only, so a window in slots is one in positions. Keys and values may be
-  int8 with per-token, per-head scales [B, K, S]: the key scales multiply the scores, the
-  value scales the probabilities.
+  Keys come [B, K, H, S] and values [B, K, S, H] (`write_cache`). A mask narrower than the
+  cache (`step.mask_BTS` [B, T, S'], S' < S) reads the first S' slots only, which must then
+  hold every key a query sees (the serving engine decodes over the live span of its slots).
+  `window` > 0 limits each query to the keys less than `window` slots behind it. Slots and
+  positions differ by each row's left padding only, so a window in slots is one in
+  positions. Keys and values may be int8 with per-token, per-head scales [B, K, S]: the key
+  scales multiply the scores, the value scales the probabilities.
   """
   k_scale = v_scale = None
   if isinstance(k_BKHS, tuple):
     (k_BKHS, k_scale), (v_BKSH, v_scale) = k_BKHS, v_BKSH
+  S = step.mask_BTS.shape[-1]
+  if v_BKSH.shape[2] > S:
+    k_BKHS, v_BKSH = k_BKHS[..., :S], v_BKSH[:, :, :S]
+    if k_scale is not None:
+      k_scale, v_scale = k_scale[..., :S], v_scale[..., :S]
+  if k_scale is not None:
     k_BKHS, v_BKSH = k_BKHS.astype(q_BTNH.dtype), v_BKSH.astype(q_BTNH.dtype)
   B, T, N, H = q_BTNH.shape
-  K, S = v_BKSH.shape[1], v_BKSH.shape[2]
+  K = v_BKSH.shape[1]
   G = N // K
   q_BKGTH = constrain(q_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4),
                       (BATCH, KV_HEADS, None, SEQ, HEAD_DIM))

@@ -252,8 +252,11 @@ class Engine:
     step = None
     if rows:
       greedy = all(self._temperature[b] == 0 for b in rows)
-      next_B, self._state = self._compiled["decode", greedy](self.generator.params,
-                                                             self._state)
+      last = max(self._positions[b] for b in rows)
+      span = next(t for t in self.programs.spans if t > last)
+      next_B, self._state = self._compiled["decode", greedy, span](self.generator.params,
+                                                                   self._state)
+      self._positions[rows] += 1  # the host's copy of the rows' positions
       step = (next_B, {b: self._running[b] for b in rows})
     pending, self._pending = self._pending, []
     for item in pending:
@@ -403,6 +406,16 @@ def buckets(length: int, smallest: int = 16) -> tuple[int, ...]:
   return tuple(sorted(b for b in out if b < length)) + (length,)
 
 
+def spans(length: int, smallest: int) -> tuple[int, ...]:
+  """The decode step's attention spans: doubling from `smallest` or length / 8 (at most four
+  programs), then `length` itself."""
+  out, t = [], max(smallest, length // 8)
+  while t < length:
+    out.append(t)
+    t *= 2
+  return (*out, length)
+
+
 def build(config: Config, mesh, *, tokenizer=None, progress: bool = True) -> Engine:
   """An Engine for `config` on `mesh` with every program compiled (said with a progress line;
   the persistent compilation cache makes a restart fast)."""
@@ -416,8 +429,11 @@ def build(config: Config, mesh, *, tokenizer=None, progress: bool = True) -> Eng
     raise UserError(f"serve.max_slots={s.max_slots} does not split over the {data} devices "
                     f"of the batch axes; use a multiple of {data}")
   generator = gen_lib.build(config, mesh)
-  kind = PipelinedPrograms if mesh.shape[axes.STAGE] > 1 else Programs
-  programs = kind(generator, s.max_slots, length, buckets(length, s.min_bucket))
+  if mesh.shape[axes.STAGE] > 1:
+    programs = PipelinedPrograms(generator, s.max_slots, length, buckets(length, s.min_bucket))
+  else:
+    programs = Programs(generator, s.max_slots, length, buckets(length, s.min_bucket),
+                        spans(length, s.min_bucket))
   compiled = _compile(programs, progress=progress)
   detokenize = None
   if tokenizer is not None:
@@ -427,14 +443,16 @@ def build(config: Config, mesh, *, tokenizer=None, progress: bool = True) -> Eng
 
 
 def _compile(programs, *, progress: bool) -> dict:
-  """Lowers and compiles the prefill of every bucket and both decode steps (or rounds)."""
+  """Lowers and compiles the prefill of every bucket and the greedy and sampled decode step of
+  every span (or round)."""
   g, B = programs.generator, programs.slots
   pipelined = isinstance(programs, PipelinedPrograms)
   start = time.perf_counter()
   if progress:
     what = (f"pipelined rounds of {B} slots in {programs.G} groups" if pipelined else
-            f"decode steps of {B} slots")
-    say(f"compiling {len(programs.buckets) + 2} programs: prefill for prompts of up to "
+            f"decode steps of {B} slots over {', '.join(map(str, programs.spans))} positions")
+    steps = 2 if pipelined else 2 * len(programs.spans)
+    say(f"compiling {len(programs.buckets) + steps} programs: prefill for prompts of up to "
         f"{', '.join(map(str, programs.buckets))} tokens, {what} (greedy, sampled)...")
   with jax.set_mesh(g.mesh):
     state = programs.empty_state(abstract=True)
@@ -453,8 +471,9 @@ def _compile(programs, *, progress: bool) -> dict:
         compiled["round", greedy] = programs.round(greedy=greedy).lower(
             g.params, state, grid(bool), grid(jnp.int32), rows).compile()
         continue
-      compiled["decode", greedy] = programs.decode(greedy=greedy).lower(g.params,
-                                                                        state).compile()
+      for span in programs.spans:
+        compiled["decode", greedy, span] = programs.decode(greedy=greedy, span=span).lower(
+            g.params, state).compile()
   if progress:
     say(f"compiled in {time.perf_counter() - start:.1f} s")
   return compiled

@@ -15,9 +15,12 @@ to their positions (no left padding), so each row has its own write index: the d
         cache; the cache rows written into row `slot` at 0..T-1 (past `length` they are never
         visible: a row sees slots <= its position, and decoding overwrites them in order), and
         row `slot` of `Slots` set to the request (its first token at position `length`)
-    decode(params, state) -> next_B, state
-        each row's last token at its position; rows that hold no request compute too (their
-        output is ignored and their cache row is rewritten by the next prefill)
+    decode[span](params, state) -> next_B, state
+        each row's last token at its position; attention reads the first `span` slots of
+        every row only (one program per span in `spans`, 2x apart: the engine takes the least
+        that holds every running row's position, so short requests do not stream a long
+        cache); rows that hold no request compute too (their output is ignored and their
+        cache row is rewritten by the next prefill)
 
 Sampling is per row (`Sampling` of [B] arrays) with the draw keyed by (request seed, token
 number) only, so a request's tokens do not depend on its slot or its neighbours. Greedy and
@@ -88,6 +91,10 @@ class Programs:
   slots: int
   length: int
   buckets: tuple[int, ...]
+  spans: tuple[int, ...] = ()
+
+  def __post_init__(self):
+    self.spans = self.spans or (self.length,)
 
   def cache_shardings(self):
     """The caches' shardings by the rules (a tree like `new_caches` makes)."""
@@ -149,7 +156,7 @@ class Programs:
 
     return jax.jit(run, donate_argnums=(1,), out_shardings=(None, self.state_shardings()))
 
-  def decode(self, *, greedy: bool):
+  def decode(self, *, greedy: bool, span: int):
     g = self.generator
     rules, keys, scan, S = g.forward.rules, g.family.config_keys, g.scan, self.length
 
@@ -158,7 +165,7 @@ class Programs:
       positions_B = slots.positions
       with use_rules(rules, keys=keys):
         model, graphdef, layers = g.model_parts(params)
-        mask_B1S = (jnp.arange(S)[None, :] <= positions_B[:, None])[:, None, :]
+        mask_B1S = (jnp.arange(span)[None, :] <= positions_B[:, None])[:, None, :]
         step = Step(positions_B[:, None], mask_B1S, positions_B)
         x_B1D = model.embed(slots.tokens[:, None], step.positions_BT)
         x_B1D, caches = run_blocks(graphdef, layers, x_B1D, step, caches, scan=scan)
