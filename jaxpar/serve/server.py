@@ -73,7 +73,13 @@ def make_app(engine: Engine, *, limits: api.Limits, tokenizer=None, template=Non
   async def _respond(request: Request, body: dict, prompt: list[int], *, chat: bool):
     params, stream_it, include_usage = api.sampling_params(body, limits)
     loop, outputs = asyncio.get_running_loop(), asyncio.Queue()
-    listener = lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out)
+
+    def listener(out: Output) -> None:
+      try:
+        loop.call_soon_threadsafe(outputs.put_nowait, out)
+      except RuntimeError:  # the server's loop has closed: nobody is left to tell
+        stream.cancel()
+
     try:
       stream = engine.submit(prompt, params, listener=listener)
     except RequestError as e:
