@@ -7,10 +7,11 @@
       print(out.text, end="")
     engine.stop()
 
-One scheduler thread owns the device state. Each iteration it frees the slots of finished or
-cancelled requests, prefills waiting requests into free slots (one compiled program per prompt
-length bucket, so no request compiles anything), then runs one decode step over every slot. A
-short request leaves as soon as it is done and a new one takes its slot at the next step
+One scheduler thread owns the device state. Each iteration it queues one decode step over
+every slot, reads the previous step's tokens (finished requests leave), frees the slots of
+cancelled requests, and prefills waiting requests into free slots (one compiled program per
+prompt length bucket, so no request compiles anything). A short request leaves as soon as it
+is done and a new one takes its slot at the next step
 (`policy: static` instead waits until every slot is free, then admits a batch in arrival
 order: the baseline continuous batching is measured against).
 """
@@ -118,6 +119,8 @@ class Engine:
     self.policy, self.metrics = policy, metrics
     self.vocab_size = self.generator.forward.config.model.vocab_size
     B = self.slots
+    # The host's copy of every row. Pipelined rounds send it each round; a plain decode step
+    # keeps its own on the devices (`programs.Slots`) and uses positions and temperatures.
     self._tokens, self._positions = np.zeros(B, np.int32), np.zeros(B, np.int32)
     self._temperature, self._top_k = np.zeros(B, np.float32), np.zeros(B, np.int32)
     self._top_p, self._seeds = np.ones(B, np.float32), np.zeros(B, np.uint32)

@@ -91,10 +91,7 @@ class Programs:
   slots: int
   length: int
   buckets: tuple[int, ...]
-  spans: tuple[int, ...] = ()
-
-  def __post_init__(self):
-    self.spans = self.spans or (self.length,)
+  spans: tuple[int, ...]
 
   def cache_shardings(self):
     """The caches' shardings by the rules (a tree like `new_caches` makes)."""
