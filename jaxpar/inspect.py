@@ -78,6 +78,9 @@ class Collective:
 class Census:
   collectives: list[Collective]
   loops: dict[str, int]  # while body name -> known trip count (-1 if unknown)
+  loop_copies: list[int] = dataclasses.field(default_factory=list)  # bytes of each copy
+  # inside a while body (a buffer copied every iteration: a loop-carried array not updated
+  # in place)
 
   def counts(self, *, in_loop: bool | None = None) -> dict[str, dict[str, int]]:
     """{kind: {count, bytes}} over the program (or only inside/outside loops)."""
@@ -96,6 +99,7 @@ class Census:
 def hlo_census(hlo_text: str) -> Census:
   """Parses compiled HLO text (`compiled.as_text()`) for collectives and loops."""
   found = []  # (kind, bytes, computation)
+  copies = []  # (bytes, computation)
   loops: dict[str, int] = {}
   computation = ""
   for line in hlo_text.splitlines():
@@ -116,7 +120,10 @@ def hlo_census(hlo_text: str) -> Census:
     kind = op.removesuffix("-start")
     if kind in COLLECTIVES and not op.endswith("-done"):
       found.append((kind, _bytes(shape_text, op), computation))
-  return Census([Collective(k, b, c, c in loops) for k, b, c in found], loops)
+    elif op == "copy":
+      copies.append((_bytes(shape_text, op), computation))
+  return Census([Collective(k, b, c, c in loops) for k, b, c in found], loops,
+                [b for b, c in copies if c in loops])
 
 
 def memory(compiled) -> dict[str, int]:

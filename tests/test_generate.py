@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxpar import cli
+from jaxpar import cli, inspect
 from jaxpar import config as config_lib
 from jaxpar.config import MeshConfig
 from jaxpar.mesh import make_mesh
@@ -66,6 +66,20 @@ def test_greedy_tokens_equal_full_recompute(gen_config, devices, expected, data,
   assert result.tokens.dtype == np.int32 and result.tokens.shape == (len(PROMPTS), NEW)
   np.testing.assert_array_equal(result.tokens, expected)
   assert result.steps == NEW
+
+
+@pytest.mark.parametrize("model", [1, 4])
+def test_batch_1_decodes_with_its_caches_in_place(gen_config, devices, expected, model):
+  """One prompt: the tokens of the batch, and no cache is copied inside the decode loop
+  (XLA:CPU copied each up to 5 times per step when the loop carried its batch dim)."""
+  gen = build(gen_config, devices, 1, 1, model, scan_layers=False)
+  result = gen.generate(PROMPTS[:1], max_new_tokens=NEW)
+  np.testing.assert_array_equal(result.tokens, expected[:1])
+  (_, decode), = gen._compiled.values()
+  census = inspect.hlo_census(decode.as_text())
+  smallest_leaf = gen.cache_bytes_per_device(1, len(PROMPTS[0]) + NEW) // (
+      2 * gen_config.model.n_layers)
+  assert census.loops and max(census.loop_copies, default=0) < smallest_leaf
 
 
 @pytest.mark.parametrize("stage", [1, 2])

@@ -261,6 +261,8 @@ def write_cache(cache: dict | None, k_BTKH: jax.Array, v_BTKH: jax.Array, index)
   def write(old, new, axis):
     new = new.astype(old.dtype)
     if jnp.ndim(index) == 0:
+      if old.shape[0] == 1:  # in place (`generate.batch_dim`)
+        return lax.dynamic_update_slice_in_dim(old[0], new[0], index, axis=axis - 1)[None]
       return lax.dynamic_update_slice_in_dim(old, new, index, axis=axis)
     row = lambda o, n, i: lax.dynamic_update_slice_in_dim(o, n, i, axis=axis - 1)
     return jax.vmap(row)(old, new, index)
