@@ -20,6 +20,11 @@ default offers 64 per second, beyond what any of the three finishes, so all thre
 saturated and the ratios compare capacities; `--rate 16 --requests 48` is the lighter load.
 
   python benchmarks/serve.py [--requests 96] [--rate 64] [--seed 0] [--plot out.png]
+  python benchmarks/serve.py --shared-prefix 512 --max-len 1024   # prefix reuse on and off
+
+`--shared-prefix N` starts every prompt with the same N tokens (a system prompt) and runs
+continuous batching with prefix reuse on and off (`serve.prefix_reuse`) instead of the static
+and transformers rows.
 
 Prints a table (output tokens/s, time to first token and time per output token, p50 and p99)
 and writes JSON and a PNG to benchmarks/results/serve.{json,png}. Goals: continuous batching
@@ -46,11 +51,13 @@ sys.path.insert(0, str(ROOT))
 from jaxpar import emulate_cpu_devices  # noqa: E402
 
 
-def workload(n: int, rate: float, seed: int, vocab: int):
-  """(arrival times s, prompts, output lengths), seeded."""
+def workload(n: int, rate: float, seed: int, vocab: int, shared: int = 0):
+  """(arrival times s, prompts, output lengths), seeded; every prompt starts with the same
+  `shared` tokens (a system prompt)."""
   rng = np.random.default_rng(seed)
   arrivals = np.cumsum(rng.exponential(1 / rate, n)) - 0  # Poisson process
-  prompts = [rng.integers(0, vocab, int(t)).tolist() for t in rng.integers(8, 97, n)]
+  system = rng.integers(0, vocab, shared).tolist()
+  prompts = [system + rng.integers(0, vocab, int(t)).tolist() for t in rng.integers(8, 97, n)]
   outputs = np.clip(np.round(rng.lognormal(np.log(24), 0.9, n)), 4, 160).astype(int).tolist()
   return arrivals.tolist(), prompts, outputs
 
@@ -62,7 +69,7 @@ def write_checkpoint(path, args) -> None:
   config = transformers.LlamaConfig(
       vocab_size=8192, hidden_size=args.width, intermediate_size=args.width * 11 // 4,
       num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=4,
-      max_position_embeddings=512, initializer_range=0.2, tie_word_embeddings=False)
+      max_position_embeddings=max(512, args.max_len), initializer_range=0.2, tie_word_embeddings=False)
   transformers.LlamaForCausalLM(config).save_pretrained(path)
 
 
@@ -117,15 +124,15 @@ async def _client_run(url: str, arrivals, prompts, outputs) -> list[dict]:
   return await asyncio.gather(*(one(*r) for r in zip(arrivals, prompts, outputs)))
 
 
-def run_jaxpar(checkpoint, policy: str, args, work) -> list[dict]:
+def run_jaxpar(checkpoint, policy: str, args, work, *overrides) -> list[dict]:
   """The server as its own process (`scripts/run.py serve`, as a user starts it: the load
   generator does not share its interpreter), on one CPU device."""
   command = [sys.executable, str(ROOT / "scripts" / "run.py"), "serve", "--config",
              str(ROOT / "configs" / "tiny.yaml"), "--port", "0", "--devices", "1"]
   for override in (f"model.checkpoint={checkpoint}", "mesh.data=1", "mesh.cpu_devices=1",
-                   f"serve.max_slots={args.slots}", "serve.max_len=256",
+                   f"serve.max_slots={args.slots}", f"serve.max_len={args.max_len}",
                    f"serve.policy={policy}", "generate.eos_id=-1", "serve.max_tokens=256",
-                   "serve.model_name=bench"):
+                   "serve.model_name=bench", *overrides):
     command += ["--set", override]
   server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
@@ -219,31 +226,40 @@ def main() -> None:
   p.add_argument("--layers", type=int, default=4)
   p.add_argument("--width", type=int, default=512)
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--shared-prefix", type=int, default=0,
+                 help="tokens of a system prompt every prompt starts with; compares "
+                      "continuous batching with prefix reuse on and off (serve.prefix_reuse)")
+  p.add_argument("--max-len", type=int, default=256, help="serve.max_len")
   p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve.json"))
   p.add_argument("--plot", default=str(ROOT / "benchmarks" / "results" / "serve.png"))
   args = p.parse_args()
   emulate_cpu_devices(1)
   from benchmarks.common import write_json
-  work = workload(args.requests, args.rate, args.seed, 8192)
+  work = workload(args.requests, args.rate, args.seed, 8192, args.shared_prefix)
   print(f"{args.requests} requests, Poisson arrivals at {args.rate:g}/s, prompts "
         f"{min(map(len, work[1]))}-{max(map(len, work[1]))} tokens, outputs {min(work[2])}-"
         f"{max(work[2])} (median {int(np.median(work[2]))}), {sum(work[2])} output tokens")
   results = {}
   with tempfile.TemporaryDirectory() as tmp:
     write_checkpoint(tmp, args)
-    for name, run in (("continuous", lambda: run_jaxpar(tmp, "continuous", args, work)),
-                      ("static", lambda: run_jaxpar(tmp, "static", args, work)),
-                      ("transformers", lambda: run_transformers(tmp, work))):
+    runs = [("continuous", lambda: run_jaxpar(tmp, "continuous", args, work))]
+    if args.shared_prefix:  # what reusing the cached system prompt buys
+      runs.append(("no prefix reuse", lambda: run_jaxpar(tmp, "continuous", args, work,
+                                                         "serve.prefix_reuse=false")))
+    else:
+      runs += [("static", lambda: run_jaxpar(tmp, "static", args, work)),
+               ("transformers", lambda: run_transformers(tmp, work))]
+    for name, run in runs:
       print(f"running {name}...", flush=True)
       rows = run()
       results[name] = {"summary": summary(rows), "requests": rows}
   base = results["continuous"]["summary"]
-  print(f"\n| {'':14} | tokens/s | vs | TTFT p50 | TTFT p99 | TPOT p50 | TPOT p99 |")
+  print(f"\n| {'':15} | tokens/s | vs | TTFT p50 | TTFT p99 | TPOT p50 | TPOT p99 |")
   print("|---|---|---|---|---|---|---|")
   for name, r in results.items():
     s = r["summary"]
     ratio = base["tokens_per_s"] / s["tokens_per_s"]
-    print(f"| {name:14} | {s['tokens_per_s']:8.1f} | {ratio:4.2f}x | {s['ttft_p50_s']:7.3f}s | "
+    print(f"| {name:15} | {s['tokens_per_s']:8.1f} | {ratio:4.2f}x | {s['ttft_p50_s']:7.3f}s | "
           f"{s['ttft_p99_s']:7.3f}s | {s['tpot_p50_s'] * 1e3:6.1f}ms | "
           f"{s['tpot_p99_s'] * 1e3:6.1f}ms |")
   print("(vs: continuous batching's throughput over this row's)")

@@ -154,6 +154,7 @@ class ServeConfig:
   max_queue: int = 256      # requests waiting for a slot before new ones get 429
   min_bucket: int = 16      # prompts pad to 16, 24, 32, 48, 64, ... tokens (a program each)
   policy: str = "continuous"  # continuous: refill slots every step; static: whole batches
+  prefix_reuse: bool = True  # a prompt starts from the longest prefix a slot's cache holds
   shutdown_timeout: float = 10.0  # on SIGTERM, seconds in-flight requests get to finish
   model_name: str = ""      # the name clients ask for; "": the checkpoint's folder name
 

@@ -310,6 +310,50 @@ def test_python_api_on_other_meshes(root, checkpoint, devices, hf, data, model):
       engine.stop()
 
 
+@pytest.mark.parametrize("data,model,scan", [(2, 4, False), (1, 8, False), (1, 8, True)])
+def test_prefix_reuse_gives_the_tokens_of_a_fresh_prefill(root, checkpoint, devices, hf, data,
+                                                          model, scan):
+  """Prompts that share a 12-token system prompt, then a second turn that repeats the first
+  with its answer: each starts from the longest prefix a slot holds (a running or a finished
+  request's) and gives transformers' greedy tokens; the reused tokens are counted, and with
+  serve.prefix_reuse=false none are."""
+  rng = np.random.default_rng(7)
+  system = rng.integers(0, 247, 12).tolist()
+  prompts = [system + rng.integers(0, 247, int(n)).tolist() for n in (3, 1, 5, 2, 4, 3)]
+  new = [8, 3, 6, 5, 2, 7]
+  for reuse in (True, False):
+    engine = engine_for(root, checkpoint, devices, f"mesh.data={data}", f"mesh.model={model}",
+                        f"model.scan_layers={str(scan).lower()}",
+                        f"serve.prefix_reuse={str(reuse).lower()}").start()
+    reused = lambda: engine.metrics.registry.get_sample_value(
+        "jaxpar_prefix_reused_tokens_total")
+    try:
+      first = engine.submit(prompts[0], serve.Params(max_tokens=new[0])).result().token_ids
+      assert first == hf_greedy(hf[0], prompts[0], new[0])
+      assert reused() == 0
+      streams = [engine.submit(p, serve.Params(max_tokens=m)) for p, m in zip(prompts, new)]
+      for stream, prompt, m in zip(streams, prompts, new):
+        assert stream.result().token_ids == hf_greedy(hf[0], prompt, m)
+      # The first prompt again (its whole prompt less the last token is cached), and the rest
+      # through 4 slots: at least the system prompt each.
+      assert reused() >= (len(prompts[0]) - 1) + 5 * len(system) if reuse else reused() == 0
+      before = reused()
+      turn = prompts[0] + first + [5, 6, 7]  # the first request's answer is cached too
+      assert engine.generate([turn], serve.Params(max_tokens=6))[0].token_ids == (
+          hf_greedy(hf[0], turn, 6))
+      # 22 of the 26-token turn are cached; its suffix pads to 16 tokens, which must fit in
+      # the 32 slots, so it starts at 16.
+      assert reused() - before == (16 if reuse else 0)
+      short = [3, 1, 4, 1]
+      answer = engine.generate([short], serve.Params(max_tokens=5))[0].token_ids
+      before, turn = reused(), short + answer + [5, 9]
+      assert engine.generate([turn], serve.Params(max_tokens=4))[0].token_ids == (
+          hf_greedy(hf[0], turn, 4))
+      assert reused() - before == (8 if reuse else 0)  # the answer's last token is not cached
+    finally:
+      engine.stop()
+
+
 @pytest.mark.parametrize("data,stage,model", [(2, 2, 2), (1, 4, 2)])
 def test_pipelined_engine(root, checkpoint, devices, hf, data, stage, model):
   """mesh.stage > 1: 10 requests through 4 slots rotating through the stages give

@@ -10,7 +10,8 @@
 One scheduler thread owns the device state. Each iteration it queues one decode step over
 every slot, reads the previous step's tokens (finished requests leave), frees the slots of
 cancelled requests, and prefills waiting requests into free slots (one compiled program per
-prompt length bucket, so no request compiles anything). A short request leaves as soon as it
+prompt length bucket, so no request compiles anything), each from the longest prefix of its
+prompt that a slot's cache already holds (`_place`). A short request leaves as soon as it
 is done and a new one takes its slot at the next step
 (`policy: static` instead waits until every slot is free, then admits a batch in arrival
 order: the baseline continuous batching is measured against).
@@ -111,7 +112,7 @@ class Engine:
 
   def __init__(self, programs: Programs, compiled: dict, *, eos_ids: tuple[int, ...],
                detokenize: Callable[[list[int]], str] | None, max_queue: int,
-               policy: str, metrics: Metrics):
+               policy: str, metrics: Metrics, prefix_reuse: bool = True):
     self.programs, self._compiled = programs, compiled
     self.generator = programs.generator
     self.slots, self.length = programs.slots, programs.length
@@ -125,6 +126,10 @@ class Engine:
     self._temperature, self._top_k = np.zeros(B, np.float32), np.zeros(B, np.int32)
     self._top_p, self._seeds = np.ones(B, np.float32), np.zeros(B, np.uint32)
     self._counts = np.zeros(B, np.int32)
+    # The tokens whose keys and values each row's cache holds at slots 0, 1, ... (a finished
+    # request's stay until the row is prefilled again): prefixes a new prompt can start from.
+    self._cached: list[list[int]] = [[] for _ in range(B)]
+    self.prefix_reuse = prefix_reuse and not isinstance(programs, PipelinedPrograms)
     self._running: list[Stream | None] = [None] * B
     self._waiting: collections.deque[Stream] = collections.deque()
     self._ids = itertools.count()
@@ -319,17 +324,51 @@ class Engine:
       if stream.cancelled:
         self._finish(stream, "cancelled")
         continue
-      self._prefill(stream, free.pop(0))
+      self._prefill(stream, free)
 
-  def _prefill(self, stream: Stream, b: int) -> None:
+  def _place(self, prompt: list[int], free: list[int]) -> tuple[int, int, int, int]:
+    """(start, bucket, source row, free row) for a prompt: it starts from the longest prefix
+    a row's cache holds (`prefix_reuse`; at least its last token is computed) and goes into
+    that row when it is free, else into the free row holding the shortest prefix (the least
+    lost)."""
+    P, start = len(prompt), 0
+    src = slot = min(free, key=lambda b: len(self._cached[b]))
+    if self.prefix_reuse:
+      want = np.asarray(prompt[:-1])
+      for b, cached in enumerate(self._cached):
+        n = min(len(cached), len(want))
+        same = np.asarray(cached[:n]) == want[:n]
+        n = n if same.all() else int(np.argmin(same))
+        if n > start:
+          start, src = n, b
+    bucket = next(t for t in self.programs.buckets if t >= P - start)
+    if start + bucket > self.length:  # the padded chunk must fit in the row
+      start = self.length - bucket
+      bucket = next(t for t in self.programs.buckets if t >= P - start)
+    return start, bucket, src, (src if src in free else slot)
+
+  def _prefill(self, stream: Stream, free: list[int]) -> None:
     P, p = len(stream.prompt), stream.params
-    bucket = next(t for t in self.programs.buckets if t >= P)
-    tokens = np.zeros((1, bucket), np.int32)
-    tokens[0, :P] = stream.prompt
     seed = np.uint32(stream.id if p.seed is None else p.seed)
     sampling = Sampling(np.float32(p.temperature), np.int32(p.top_k), np.float32(p.top_p))
-    first, self._state = self._compiled["prefill", bucket](
-        self.generator.params, self._state, tokens, np.int32(P), np.int32(b), sampling, seed)
+    if self._pipelined:
+      b = free.pop(0)
+      bucket = next(t for t in self.programs.buckets if t >= P)
+      tokens = np.zeros((1, bucket), np.int32)
+      tokens[0, :P] = stream.prompt
+      first, self._state = self._compiled["prefill", bucket](
+          self.generator.params, self._state, tokens, np.int32(P), np.int32(b), sampling,
+          seed)
+    else:
+      start, bucket, src, b = self._place(stream.prompt, free)
+      free.remove(b)
+      tokens = np.zeros((1, bucket), np.int32)
+      tokens[0, :P - start] = stream.prompt[start:]
+      first, self._state = self._compiled["prefill", bucket](
+          self.generator.params, self._state, tokens, np.int32(start), np.int32(P),
+          np.int32(src), np.int32(b), sampling, seed)
+      self.metrics.prompt_tokens(P, start)
+    self._cached[b] = list(stream.prompt)
     self._running[b] = stream
     self._positions[b], self._counts[b], self._seeds[b] = P, 1, seed
     self._temperature[b], self._top_k[b], self._top_p[b] = p.temperature, p.top_k, p.top_p
@@ -347,6 +386,8 @@ class Engine:
       stream.first_token_at = now
       self.metrics.first_token(now - stream.submitted)
     stream.token_ids.append(token)
+    if len(stream.token_ids) > 1:  # the step that made `token` wrote the previous one's entry
+      self._cached[b].append(stream.token_ids[-2])
     self.metrics.tokens(1)
     reason = None
     if token in self.eos_ids:
@@ -442,7 +483,8 @@ def build(config: Config, mesh, *, tokenizer=None, progress: bool = True) -> Eng
   if tokenizer is not None:
     detokenize = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
   return Engine(programs, compiled, eos_ids=generator.eos_ids, detokenize=detokenize,
-                max_queue=s.max_queue, policy=s.policy, metrics=Metrics())
+                max_queue=s.max_queue, policy=s.policy, metrics=Metrics(),
+                prefix_reuse=s.prefix_reuse)
 
 
 def _compile(programs, *, progress: bool) -> dict:
@@ -461,11 +503,13 @@ def _compile(programs, *, progress: bool) -> dict:
     state = programs.empty_state(abstract=True)
     scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype)
     compiled = {}
+    sampling = Sampling(scalar(jnp.float32), scalar(jnp.int32), scalar(jnp.float32))
+    # (start, length, source row, row) or, pipelined, (length, row)
+    where = (scalar(jnp.int32),) * (2 if pipelined else 4)
     for bucket in programs.buckets:
       compiled["prefill", bucket] = programs.prefill(bucket).lower(
-          g.params, state, jax.ShapeDtypeStruct((1, bucket), jnp.int32), scalar(jnp.int32),
-          scalar(jnp.int32), Sampling(scalar(jnp.float32), scalar(jnp.int32),
-                                      scalar(jnp.float32)), scalar(jnp.uint32)).compile()
+          g.params, state, jax.ShapeDtypeStruct((1, bucket), jnp.int32), *where, sampling,
+          scalar(jnp.uint32)).compile()
     for greedy in (True, False):
       if pipelined:
         grid = lambda dtype, *lead: jax.ShapeDtypeStruct((*lead, programs.G, programs.Bg), dtype)

@@ -1,6 +1,7 @@
 """What `GET /metrics` reports (Prometheus text format): queue length, running slots, tokens
-generated (and a tokens/s gauge over the last 10 s), time to first token and time per output
-token histograms, requests by finish reason."""
+generated (and a tokens/s gauge over the last 10 s), prompt tokens admitted and those reused
+from a cached prefix, time to first token and time per output token histograms, requests by
+finish reason."""
 
 import collections
 import threading
@@ -29,6 +30,10 @@ class Metrics:
     self._tpot = prom.Histogram("jaxpar_time_per_output_token_seconds",
                                 "mean time between a request's tokens after the first",
                                 buckets=_SECONDS, registry=r)
+    self._prompt = prom.Counter("jaxpar_prompt_tokens", "prompt tokens admitted", registry=r)
+    self._reused = prom.Counter("jaxpar_prefix_reused_tokens",
+                                "prompt tokens whose keys and values came from a cached prefix",
+                                registry=r)
     self._requests = prom.Counter("jaxpar_requests", "requests ended, by finish reason",
                                   ["finish_reason"], registry=r)
     self._window_s, self._recent = window_s, collections.deque()
@@ -50,6 +55,10 @@ class Metrics:
       while self._recent and self._recent[0][0] < now - self._window_s:
         self._recent.popleft()
       return sum(n for _, n in self._recent) / self._window_s
+
+  def prompt_tokens(self, total: int, reused: int) -> None:
+    self._prompt.inc(total)
+    self._reused.inc(reused)
 
   def first_token(self, seconds: float) -> None:
     self._ttft.observe(seconds)

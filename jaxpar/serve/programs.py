@@ -10,11 +10,15 @@ queue step t+1 before it has read step t's tokens. A row's tokens sit at the cac
 to their positions (no left padding), so each row has its own write index: the decode step's
 `Step.index` is the [B] vector of row positions.
 
-    prefill[T](params, state, tokens_1T, length, slot, sampling, seed) -> first token, state
-        the prompt, right-padded to the bucket T, through every block with a fresh [1, T]
-        cache; the cache rows written into row `slot` at 0..T-1 (past `length` they are never
-        visible: a row sees slots <= its position, and decoding overwrites them in order), and
-        row `slot` of `Slots` set to the request (its first token at position `length`)
+    prefill[T](params, state, tokens_1T, start, length, src, slot, sampling, seed)
+            -> first token, state
+        prompt tokens start..length-1, right-padded to the bucket T, through every block at
+        positions start..start+T-1, over a copy of cache row `src` whose slots 0..start-1
+        hold the prompt's first `start` tokens (a prefix another request left there: prefix
+        reuse; start = 0 reads nothing from it); the row, the new entries written at start,
+        replaces row `slot` (entries past `length` are never visible: a row sees slots <= its
+        position, and decoding overwrites them in order), and row `slot` of `Slots` is set to
+        the request (its first token at position `length`)
     decode[span](params, state) -> next_B, state
         each row's last token at its position; attention reads the first `span` slots of
         every row only (one program per span in `spans`, 2x apart: the engine takes the least
@@ -28,6 +32,7 @@ sampled decode steps are two programs: a step with every row greedy skips the fi
 """
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -45,15 +50,25 @@ def request_keys(seeds_B: jax.Array, counts_B: jax.Array) -> jax.Array:
   return jax.vmap(lambda s, n: jax.random.fold_in(jax.random.key(s), n))(seeds_B, counts_B)
 
 
-def _insert(caches, row, slot, *, scan: bool):
-  """Writes a one-row cache (any length <= the cache's) into row `slot`, from position 0."""
+def _row(caches, src, *, scan: bool, split: bool):
+  """Row `src` of every cache, as a one-row cache. Rows `split` over devices: a masked sum
+  over the rows, so each device reads its own and one row is all-reduced (a dynamic slice
+  would all-gather every row)."""
   batch_axis = 1 if scan else 0  # a scan's caches are stacked [L, B, ...]
 
-  def write(cache, update):
-    start = [0] * cache.ndim
-    start[batch_axis] = slot
-    return lax.dynamic_update_slice(cache, update.astype(cache.dtype), start)
-  return jax.tree.map(write, caches, row)
+  def take(c):
+    if not split:
+      return lax.dynamic_slice_in_dim(c, src, 1, axis=batch_axis)
+    mine = lax.broadcasted_iota(jnp.int32, c.shape, batch_axis) == src
+    return jnp.sum(jnp.where(mine, c, 0), axis=batch_axis, keepdims=True, dtype=c.dtype)
+  return jax.tree.map(take, caches)
+
+
+def _insert(caches, row, slot, *, scan: bool):
+  """Writes a one-row cache into row `slot`."""
+  batch_axis = 1 if scan else 0
+  return jax.tree.map(lambda c, r: lax.dynamic_update_slice_in_dim(c, r, slot, axis=batch_axis),
+                      caches, row)
 
 
 @dataclasses.dataclass
@@ -132,18 +147,20 @@ class Programs:
     # One row does not split over `data`: every data group computes it (no collective), and
     # the group that holds row `slot` keeps it.
     rules = g.forward.rules.replace(BATCH, None)
-    keys, scan = g.family.config_keys, g.scan
+    keys, scan, S = g.family.config_keys, g.scan, self.length
+    split = math.prod(g.mesh.shape[a] for a in g.forward.rules.mesh_axes(BATCH)) > 1
 
-    def run(params, state, tokens_1T, length, slot, sampling, seed):
+    def run(params, state, tokens_1T, start, length, src, slot, sampling, seed):
       caches, slots = state
       with use_rules(rules, keys=keys):
         model, graphdef, layers = g.model_parts(params)
-        positions_1T = jnp.arange(bucket, dtype=jnp.int32)[None]
-        step = Step(positions_1T, jnp.tril(jnp.ones((1, bucket, bucket), bool)), 0)
-        row = new_caches(g, 1, bucket, scan=scan)
+        positions_1T = start + jnp.arange(bucket, dtype=jnp.int32)[None]
+        mask_1TS = (jnp.arange(S)[None, :] <= positions_1T[0, :, None])[None]
+        step = Step(positions_1T, mask_1TS, start)
         x_1TD = model.embed(tokens_1T, positions_1T)
+        row = _row(caches, src, scan=scan, split=split)
         x_1TD, row = run_blocks(graphdef, layers, x_1TD, step, row, scan=scan)
-        last_11D = lax.dynamic_slice_in_dim(x_1TD, length - 1, 1, axis=1)
+        last_11D = lax.dynamic_slice_in_dim(x_1TD, length - 1 - start, 1, axis=1)
         logits_1V = model.head(last_11D)[:, 0]
         keys_1 = request_keys(seed[None], jnp.zeros((1,), jnp.int32))
         token_1 = sample(logits_1V, keys_1, Sampling(*(jnp.reshape(v, (1,)) for v in
