@@ -144,8 +144,9 @@ class Programs:
 
   def prefill(self, bucket: int):
     g = self.generator
-    # One row does not split over `data`: every data group computes it (no collective), and
-    # the group that holds row `slot` keeps it.
+    # One row does not split over `data`: every data group computes it (reading the source
+    # row is the only collective, `_row`), and the group that holds row `slot` keeps it.
+    # The engine keeps start + bucket <= length.
     rules = g.forward.rules.replace(BATCH, None)
     keys, scan, S = g.family.config_keys, g.scan, self.length
     split = math.prod(g.mesh.shape[a] for a in g.forward.rules.mesh_axes(BATCH)) > 1
