@@ -354,6 +354,31 @@ def test_prefix_reuse_gives_the_tokens_of_a_fresh_prefill(root, checkpoint, devi
       engine.stop()
 
 
+def test_a_failed_step_ends_its_requests_and_forgets_the_cached_prefixes(root, checkpoint,
+                                                                          devices, hf):
+  """A decode step that raises ends its requests with 'error' and zeroes the caches; the next
+  request shares a prefix with the earlier ones but prefills it again (and equals
+  transformers)."""
+  engine = engine_for(root, checkpoint, devices, "mesh.data=1", "mesh.model=8").start()
+  prompt, params = PROMPTS[2] + [7, 8], serve.Params(max_tokens=4)
+  try:
+    engine.generate([prompt], params)
+    working = dict(engine._compiled)
+
+    def fail(*args):
+      raise RuntimeError("injected")
+    engine._compiled.update({k: fail for k in working if k[0] == "decode"})
+    assert engine.submit(prompt + [9], params).result().finish_reason == "error"
+    engine._compiled.update(working)
+    reused = engine.metrics.registry.get_sample_value("jaxpar_prefix_reused_tokens_total")
+    turn = prompt + [9, 10]
+    assert engine.generate([turn], params)[0].token_ids == hf_greedy(hf[0], turn, 4)
+    assert engine.metrics.registry.get_sample_value(
+        "jaxpar_prefix_reused_tokens_total") == reused
+  finally:
+    engine.stop()
+
+
 @pytest.mark.parametrize("data,stage,model", [(2, 2, 2), (1, 4, 2)])
 def test_pipelined_engine(root, checkpoint, devices, hf, data, stage, model):
   """mesh.stage > 1: 10 requests through 4 slots rotating through the stages give

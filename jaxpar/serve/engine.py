@@ -235,6 +235,7 @@ class Engine:
         self._running = [None] * self.slots
         self._waiting.clear()
         self._state = self.programs.empty_state()
+        self._cached = [[] for _ in range(self.slots)]  # the caches are zeroed
         self._prev_rows, self._prev_owner = None, [None] * self.slots
         self._pending = []
       if (self._stopping and not self._waiting and not self.running()
