@@ -15,10 +15,11 @@ to their positions (no left padding), so each row has its own write index: the d
         prompt tokens start..length-1, right-padded to the bucket T, through every block at
         positions start..start+T-1, over a copy of cache row `src` whose slots 0..start-1
         hold the prompt's first `start` tokens (a prefix another request left there: prefix
-        reuse; start = 0 reads nothing from it); the row, the new entries written at start,
-        replaces row `slot` (entries past `length` are never visible: a row sees slots <= its
-        position, and decoding overwrites them in order), and row `slot` of `Slots` is set to
-        the request (its first token at position `length`)
+        reuse); with start = 0, over its own T slots of a zeroed row instead (a branch of its
+        own, so a fresh prompt does not attend over the whole row). The row, the new entries
+        written at start, replaces row `slot` (entries past `length` are never visible: a row
+        sees slots <= its position, and decoding overwrites them in order), and row `slot` of
+        `Slots` is set to the request (its first token at position `length`)
     decode[span](params, state) -> next_B, state
         each row's last token at its position; attention reads the first `span` slots of
         every row only (one program per span in `spans`, 2x apart: the engine takes the least
@@ -156,11 +157,17 @@ class Programs:
       with use_rules(rules, keys=keys):
         model, graphdef, layers = g.model_parts(params)
         positions_1T = start + jnp.arange(bucket, dtype=jnp.int32)[None]
-        mask_1TS = (jnp.arange(S)[None, :] <= positions_1T[0, :, None])[None]
-        step = Step(positions_1T, mask_1TS, start)
         x_1TD = model.embed(tokens_1T, positions_1T)
-        row = _row(caches, src, scan=scan, split=split)
-        x_1TD, row = run_blocks(graphdef, layers, x_1TD, step, row, scan=scan)
+
+        def through(row, width: int):  # the chunk over the first `width` slots of `row`
+          mask_1TS = (jnp.arange(width)[None, :] <= positions_1T[0, :, None])[None]
+          return run_blocks(graphdef, layers, x_1TD, Step(positions_1T, mask_1TS, start), row,
+                            scan=scan)
+        # A fresh prompt (start 0) attends over its own T slots of a zeroed row; one that
+        # continues a cached prefix, over all S slots of a copy of row `src`.
+        x_1TD, row = lax.cond(
+            start == 0, lambda: through(new_caches(g, 1, S, scan=scan), bucket),
+            lambda: through(_row(caches, src, scan=scan, split=split), S))
         last_11D = lax.dynamic_slice_in_dim(x_1TD, length - 1 - start, 1, axis=1)
         logits_1V = model.head(last_11D)[:, 0]
         keys_1 = request_keys(seed[None], jnp.zeros((1,), jnp.int32))
