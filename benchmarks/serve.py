@@ -20,7 +20,7 @@ default offers 64 per second, beyond what any of the three finishes, so all thre
 saturated and the ratios compare capacities; `--rate 16 --requests 48` is the lighter load.
 
   python benchmarks/serve.py [--requests 96] [--rate 64] [--seed 0] [--plot out.png]
-  python benchmarks/serve.py --shared-prefix 512 --max-len 1024   # prefix reuse on and off
+  python benchmarks/serve.py --shared-prefix 384 --max-len 768   # prefix reuse on and off
 
 `--shared-prefix N` starts every prompt with the same N tokens (a system prompt) and runs
 continuous batching with prefix reuse on and off (`serve.prefix_reuse`) instead of the static
@@ -69,7 +69,8 @@ def write_checkpoint(path, args) -> None:
   config = transformers.LlamaConfig(
       vocab_size=8192, hidden_size=args.width, intermediate_size=args.width * 11 // 4,
       num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=4,
-      max_position_embeddings=max(512, args.max_len), initializer_range=0.2, tie_word_embeddings=False)
+      max_position_embeddings=max(512, args.max_len), initializer_range=0.2,
+      tie_word_embeddings=False)
   transformers.LlamaForCausalLM(config).save_pretrained(path)
 
 

@@ -68,13 +68,16 @@ def test_greedy_tokens_equal_full_recompute(gen_config, devices, expected, data,
   assert result.steps == NEW
 
 
-@pytest.mark.parametrize("model", [1, 4])
-def test_batch_1_decodes_with_its_caches_in_place(gen_config, devices, expected, model):
-  """One prompt: the tokens of the batch, and no cache is copied inside the decode loop
-  (XLA:CPU copied each up to 5 times per step when the loop carried its batch dim)."""
-  gen = build(gen_config, devices, 1, 1, model, scan_layers=False)
+@pytest.mark.parametrize("model,scan", [(1, False), (4, False), (1, True)])
+def test_batch_1_decodes_with_its_caches_in_place(gen_config, devices, expected, model, scan):
+  """One prompt: the tokens of the batch; unrolled, no cache is copied inside the decode loop
+  (XLA:CPU copied each 4 times per step when the loop carried its batch dim). A scan carries
+  its stacked caches without the batch dim too (tokens only)."""
+  gen = build(gen_config, devices, 1, 1, model, scan_layers=scan)
   result = gen.generate(PROMPTS[:1], max_new_tokens=NEW)
   np.testing.assert_array_equal(result.tokens, expected[:1])
+  if scan:
+    return
   (_, decode), = gen._compiled.values()
   census = inspect.hlo_census(decode.as_text())
   smallest_leaf = gen.cache_bytes_per_device(1, len(PROMPTS[0]) + NEW) // (

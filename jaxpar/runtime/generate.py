@@ -80,7 +80,8 @@ def batch_dim(caches, scan: bool, batch: int, *, add: bool):
   """At batch 1, the caches without their batch dim (`add=False`) or with it back: a decode
   loop carries them so. Carried with it, XLA:CPU fuses the squeeze that each attention
   product makes into the cache's update, runs the update twice and copies the whole cache
-  for each (GPT-2 at batch 1: 97 cache copies per step, about 15% of the step); carried
+  for each (GPT-2 at batch 1: 97 cache copies per step; without them the step is 1.08-1.11x
+  faster); carried
   without it, and updated without it (`write_cache`), every update is in place."""
   if batch != 1:
     return caches

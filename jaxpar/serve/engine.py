@@ -342,33 +342,32 @@ class Engine:
         n = n if same.all() else int(np.argmin(same))
         if n > start:
           start, src = n, b
-    bucket = next(t for t in self.programs.buckets if t >= P - start)
+    bucket = self._bucket(P - start)
     if start + bucket > self.length:  # the padded chunk must fit in the row
       start = self.length - bucket
-      bucket = next(t for t in self.programs.buckets if t >= P - start)
+      bucket = self._bucket(P - start)
     return start, bucket, src, (src if src in free else slot)
+
+  def _bucket(self, tokens: int) -> int:
+    """The least prompt bucket that holds `tokens`."""
+    return next(t for t in self.programs.buckets if t >= tokens)
 
   def _prefill(self, stream: Stream, free: list[int]) -> None:
     P, p = len(stream.prompt), stream.params
     seed = np.uint32(stream.id if p.seed is None else p.seed)
     sampling = Sampling(np.float32(p.temperature), np.int32(p.top_k), np.float32(p.top_p))
-    if self._pipelined:
-      b = free.pop(0)
-      bucket = next(t for t in self.programs.buckets if t >= P)
-      tokens = np.zeros((1, bucket), np.int32)
-      tokens[0, :P] = stream.prompt
-      first, self._state = self._compiled["prefill", bucket](
-          self.generator.params, self._state, tokens, np.int32(P), np.int32(b), sampling,
-          seed)
+    if self._pipelined:  # the whole prompt, into the first free row
+      b, start = free[0], 0
+      bucket, where = self._bucket(P), (P, b)
     else:
       start, bucket, src, b = self._place(stream.prompt, free)
-      free.remove(b)
-      tokens = np.zeros((1, bucket), np.int32)
-      tokens[0, :P - start] = stream.prompt[start:]
-      first, self._state = self._compiled["prefill", bucket](
-          self.generator.params, self._state, tokens, np.int32(start), np.int32(P),
-          np.int32(src), np.int32(b), sampling, seed)
-      self.metrics.prompt_tokens(P, start)
+      where = (start, P, src, b)
+    free.remove(b)
+    tokens = np.zeros((1, bucket), np.int32)
+    tokens[0, :P - start] = stream.prompt[start:]
+    first, self._state = self._compiled["prefill", bucket](
+        self.generator.params, self._state, tokens, *map(np.int32, where), sampling, seed)
+    self.metrics.prompt_tokens(P, start)
     self._cached[b] = list(stream.prompt)
     self._running[b] = stream
     self._positions[b], self._counts[b], self._seeds[b] = P, 1, seed
