@@ -9,8 +9,8 @@ a pytree with leaves [S, R, Lc, ...] sharded over `stage` on dim 0 (see `to_stag
 device holds only its own chunks. The batch is cut into M microbatches (strided, so the `data`
 split of the batch stays inside each microbatch).
 
-Schedule, one `lax.scan` of T = R*M + S - 1 ticks inside `jax.shard_map` over `stage` only
-(`data` and `model` stay automatic, so tensor parallelism inside a stage keeps working):
+Schedule: T = R*M + S - 1 ticks of the stage ring (`jaxpar.parallel.ring`: `jax.shard_map`
+over `stage` only, so tensor parallelism inside a stage keeps working):
 
     msg    = bubble          # the activation each stage received from the previous one
     parked = [bubble] * M    # stage 0 only (R > 1): activations back from the last stage
@@ -43,11 +43,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from jaxpar.axes import STAGE
 from jaxpar.errors import UserError
+from jaxpar.parallel import ring
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,27 +169,6 @@ def active(n_layers: int, *, stages: int, repeats: int = 1) -> np.ndarray | None
   return staged_layers(n_layers, stages=stages, repeats=repeats) >= 0
 
 
-def _varying(x: Any) -> Any:
-  return jax.tree.map(lambda a: lax.pcast(a, (STAGE,), to="varying"), x)
-
-
-def _masked_write(buffer: Any, index, value: Any, keep) -> Any:
-  """buffer[index] = value where `keep`, leaf by leaf, touching only that slot (no
-  whole-buffer select)."""
-  def write(b, v):
-    old = lax.dynamic_index_in_dim(b, index, keepdims=False)
-    return lax.dynamic_update_index_in_dim(b, jnp.where(keep, v, old), index, 0)
-  return jax.tree.map(write, buffer, value)
-
-
-def _pick(tree: Any, index) -> Any:
-  return jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, index, keepdims=False), tree)
-
-
-def _where(cond, a: Any, b: Any) -> Any:
-  return jax.tree.map(lambda x, y: jnp.where(cond, x, y), a, b)
-
-
 def _fill(a: jax.Array, value: float) -> jax.Array:
   """What a bubble tick computes on: `value` for floats, 0 for integers."""
   return jnp.full(a.shape, value if jnp.issubdtype(a.dtype, jnp.floating) else 0, a.dtype)
@@ -224,45 +203,39 @@ def run(stage_fn: Callable[[Any, Any], Any], params: Any, x: Any, *, mesh: Mesh,
   def merge(a):
     return jnp.swapaxes(a.reshape(M, ways, rows, *a.shape[2:]), 0, 1).reshape(B, *a.shape[2:])
 
-  ring = [(k, (k + 1) % S) for k in range(S)]
   per = M // S  # finished microbatches each stage ends up holding
 
   def per_stage(params_local, x_M):
-    s = lax.axis_index(STAGE)
     chunks = jax.tree.map(lambda p: p[0], params_local)  # [R, Lc, ...]: this stage's chunks
     bubble = jax.tree.map(lambda a: _fill(a[0], bubble_fill), x_M)
-    msg = _varying(bubble)
-    parked = (_varying(jax.tree.map(lambda b: jnp.broadcast_to(b, (M, *b.shape)), bubble))
-              if R > 1 else None)
-    out = _varying(jax.tree.map(jnp.zeros_like, x_M))
+    parked = jax.tree.map(lambda b: jnp.broadcast_to(b, (M, *b.shape)), bubble) if R > 1 else None
+    out = jax.tree.map(jnp.zeros_like, x_M)
 
-    def tick(carry, t):
-      msg, parked, out = carry
+    def tick(t, s, carry, msg):
+      parked, out = carry
       i = t - s
       valid = (i >= 0) & (i < R * M)
       i = jnp.clip(i, 0, R * M - 1)
       r, m = i // M, i % M
-      first = _pick(x_M, m)
+      first = ring.pick(x_M, m)
       if R > 1:
         back = t - S  # the item that left the last stage at tick t - 1
         arrived = (s == 0) & (back >= 0) & (back < (R - 1) * M)
-        parked = _masked_write(parked, jnp.clip(back, 0, R * M - 1) % M, msg, arrived)
-        first = _where(r == 0, first, _pick(parked, m))
-      x_in = _where(valid, _where(s == 0, first, msg), bubble)
-      y = stage_fn(_pick(chunks, r), x_in)
-      out = _masked_write(out, m, y, valid & (s == S - 1) & (r == R - 1))
-      msg = lax.ppermute(y, STAGE, ring)
-      return (msg, parked, out), None
+        parked = ring.put(parked, jnp.clip(back, 0, R * M - 1) % M, msg, arrived)
+        first = ring.where(r == 0, first, ring.pick(parked, m))
+      x_in = ring.where(valid, ring.where(s == 0, first, msg), bubble)
+      y = stage_fn(ring.pick(chunks, r), x_in)
+      out = ring.put(out, m, y, valid & (s == S - 1) & (r == R - 1))
+      return (parked, out), y
 
-    (_, _, out), _ = lax.scan(tick, (msg, parked, out), jnp.arange(schedule.ticks))
+    (_, out), _ = ring.run(tick, (parked, out), bubble, ticks=schedule.ticks, stages=S)
     # Spread the finished microbatches: stage k gets [k*per, (k+1)*per) from the last stage.
     mine = jax.tree.map(lambda o: o[(S - 1) * per:], out)  # zeros except on the last stage
     for k in range(S - 1):
-      sent = lax.ppermute(jax.tree.map(lambda o: o[k * per:(k + 1) * per], out), STAGE,
-                          [(S - 1, k)])
+      sent = ring.send(jax.tree.map(lambda o: o[k * per:(k + 1) * per], out), [(S - 1, k)])
       mine = jax.tree.map(jnp.add, mine, sent)
     return mine
 
-  y_M = jax.shard_map(per_stage, mesh=mesh, in_specs=(P(STAGE), P()), out_specs=P(STAGE),
-                      axis_names={STAGE})(params, jax.tree.map(split, x))
+  y_M = ring.shard(per_stage, mesh=mesh, in_specs=(P(STAGE), P()), out_specs=P(STAGE))(
+      params, jax.tree.map(split, x))
   return jax.tree.map(merge, y_M)

@@ -2,8 +2,8 @@
 
 With S stages the B prompts form G = S groups (strided, so each group keeps the `data`
 split). Every stage keeps the KV cache of its own layers for all groups,
-[Lc, G, B/G, T, K, H], on its own devices. Two programs, each one `lax.scan` of ticks inside
-`jax.shard_map` over `stage` (`data` and `model` stay automatic). Every stage runs its layers
+[Lc, G, B/G, T, K, H], on its own devices. Two programs, each a tick function on the stage ring
+(`jaxpar.parallel.ring`; `data` and `model` stay automatic). Every stage runs its layers
 through `run_blocks`, the same way as the unpipelined path, and computes the positions of
 group g's tokens itself from the prompt lengths (rotary positions are needed in every block):
 
@@ -40,23 +40,10 @@ from jax.sharding import PartitionSpec as P
 
 from jaxpar.axes import BATCH, STAGE
 from jaxpar.models.base import Step, cache_leaf, run_blocks
-from jaxpar.parallel import pipeline
+from jaxpar.parallel import pipeline, ring
 from jaxpar.rules import constrain, use_rules
 from jaxpar.runtime.decoding import is_eos, prompt_step, token_step
 from jaxpar.runtime.sampling import row_keys, sample
-
-
-def _varying_axes(a) -> frozenset:
-  aval = jax.typeof(a)
-  if hasattr(aval, "vma"):  # jax 0.11
-    return frozenset(aval.vma)
-  return frozenset(aval.manual_axis_type.varying)  # jax 0.10
-
-
-def _varying(x):
-  """Marks values as varying over `stage` (values made inside the loop body must be)."""
-  return jax.tree.map(
-      lambda a: a if STAGE in _varying_axes(a) else lax.pcast(a, (STAGE,), to="varying"), x)
 
 
 def _groups(x, G: int, ways: int):
@@ -70,15 +57,6 @@ def _ungroup(x, ways: int):
   G, Bg, rest = x.shape[0], x.shape[1], x.shape[2:]
   rows = Bg // ways
   return jnp.swapaxes(x.reshape(G, ways, rows, *rest), 0, 1).reshape(G * Bg, *rest)
-
-
-def _pick(x, g):
-  return lax.dynamic_index_in_dim(x, g, keepdims=False)
-
-
-def _put(x, g, value, keep):
-  """x[g] = value where `keep` (only slot g is touched)."""
-  return lax.dynamic_update_index_in_dim(x, jnp.where(keep, value, _pick(x, g)), g, 0)
 
 
 class _Stage:
@@ -103,93 +81,88 @@ class _Stage:
     spec = self.gen.family.kv_cache(m, self.gen.forward.layout, self.Bg,
                                     self.prompt_len + self.max_new)
     spec = {k: cache_leaf(v, m) for k, v in spec.items()}
-    return {k: _varying(constrain(jnp.zeros((Lc, self.G, *shape), dtype), (None, None, *names)))
+    return {k: ring.varying(constrain(jnp.zeros((Lc, self.G, *shape), dtype), (None, None, *names)))
             for k, (shape, names, dtype) in spec.items()}
 
   def layers(self, graphdef, blocks, x_BTD, step: Step, caches, g, valid):
     """This stage's layers on group g; writes back only group g's cache slice. Identity
     padding layers (uneven stages) write only their own cache slots, which nothing reads."""
-    old = {k: lax.dynamic_index_in_dim(c, g, axis=1, keepdims=False) for k, c in caches.items()}
-    on = None if self.active is None else jnp.asarray(self.active[:, 0])[lax.axis_index(STAGE)]
-    y_BTD, new = run_blocks(graphdef, blocks, x_BTD, step, old, scan=True, active=on)
-    caches = {k: lax.dynamic_update_index_in_dim(caches[k], jnp.where(valid, new[k], old[k]),
-                                                 g, 1) for k in caches}
+    on = None if self.active is None else jnp.asarray(self.active[:, 0])[ring.stage()]
+    y_BTD, new = run_blocks(graphdef, blocks, x_BTD, step, ring.pick(caches, g, axis=1),
+                            scan=True, active=on)
+    caches = ring.put(caches, g, new, valid, axis=1)
     return y_BTD, caches
 
   def token(self, model, s, y_BD, keys_B):
     """The next tokens [Bg] on the last stage (zeros elsewhere: the head runs only there).
     Inside the `lax.cond` only all-reduces may run (see `sampling._search`)."""
     def compute():
-      return _varying(sample(model.head(y_BD[:, None])[:, 0], keys_B, self.sampling))
+      return ring.varying(sample(model.head(y_BD[:, None])[:, 0], keys_B, self.sampling))
     return lax.cond(s == self.S - 1, compute,
-                    lambda: _varying(jnp.zeros((self.Bg,), jnp.int32)))
+                    lambda: ring.varying(jnp.zeros((self.Bg,), jnp.int32)))
 
 
 def _prefill_stage(st: _Stage, rest, blocks_local, tokens_GBT, mask_GBT, rows_GB, key):
-  s, G, S = lax.axis_index(STAGE), st.G, st.S
+  G, S = st.G, st.S
   model, graphdef, blocks = st.model(rest, blocks_local)
-  caches = st.empty_caches()
-  msg = _varying(jnp.zeros((st.Bg, st.prompt_len, st.width), st.dtype))
-  first = _varying(jnp.zeros((G, st.Bg), jnp.int32))
+  msg = jnp.zeros((st.Bg, st.prompt_len, st.width), st.dtype)
+  first = jnp.zeros((G, st.Bg), jnp.int32)
 
-  def tick(carry, t):
-    msg, caches, first = carry
+  def tick(t, s, carry, msg):
+    caches, first = carry
     i = t - s
     valid = (i >= 0) & (i < G)
     g = jnp.clip(i, 0, G - 1)
-    step = prompt_step(_pick(mask_GBT, g), st.max_new)
-    x_BTD = model.embed(_pick(tokens_GBT, g), step.positions_BT)
+    step = prompt_step(ring.pick(mask_GBT, g), st.max_new)
+    x_BTD = model.embed(ring.pick(tokens_GBT, g), step.positions_BT)
     x_BTD = jnp.where(valid, jnp.where(s == 0, x_BTD, msg), 0.0)
     y_BTD, caches = st.layers(graphdef, blocks, x_BTD, step, caches, g, valid)
-    token_B = st.token(model, s, y_BTD[:, -1], row_keys(key, _pick(rows_GB, g), 0))
-    first = _put(first, g, token_B, valid)
-    return (lax.ppermute(y_BTD, STAGE, [(k, (k + 1) % S) for k in range(S)]), caches,
-            first), None
+    token_B = st.token(model, s, y_BTD[:, -1], row_keys(key, ring.pick(rows_GB, g), 0))
+    return (caches, ring.put(first, g, token_B, valid)), y_BTD
 
-  (_, caches, first), _ = lax.scan(tick, (msg, caches, first), jnp.arange(G + S - 1))
+  (caches, first), _ = ring.run(tick, (st.empty_caches(), first), msg, ticks=G + S - 1,
+                                stages=S)
   # Stage 0 starts the decode with the first tokens; the last stage keeps them too.
-  first = first + lax.ppermute(first, STAGE, [(S - 1, 0)])
+  first = first + ring.send(first, [(S - 1, 0)])
   return caches, first[None]
 
 
 def _decode_stage(st: _Stage, rest, blocks_local, caches, first_GB, mask_GBT, rows_GB, key):
-  s, G, S, Bg, N = lax.axis_index(STAGE), st.G, st.S, st.Bg, st.max_new
+  G, S, Bg, N = st.G, st.S, st.Bg, st.max_new
   eos_ids = st.gen.eos_ids
   first_GB = first_GB[0]
   model, graphdef, blocks = st.model(rest, blocks_local)
-  out = _varying(jnp.zeros((G, Bg, N), jnp.int32))
-  done = _varying(jnp.zeros((G, Bg), bool))
-  msg = _varying(jnp.zeros((Bg, 1, st.width), st.dtype))
-  ring_token = _varying(jnp.zeros((Bg,), jnp.int32))
+  out = jnp.zeros((G, Bg, N), jnp.int32)
+  done = jnp.zeros((G, Bg), bool)
+  msg = (jnp.zeros((Bg, 1, st.width), st.dtype), jnp.zeros((Bg,), jnp.int32))
 
-  def tick(carry, t):
-    msg, ring_token, caches, out, done = carry
+  def tick(t, s, carry, msg):
+    caches, out, done = carry
+    msg, ring_token = msg
     i = t - s
     valid = (i >= 0) & (i < (N - 1) * G)
     i = jnp.clip(i, 0, max(N - 1, 1) * G - 1)
     g, n = i % G, i // G  # group g makes its new token n + 1
-    first_B = _pick(first_GB, g)
+    first_B = ring.pick(first_GB, g)
     token_B = jnp.where(n == 0, first_B, ring_token)
-    step = token_step(_pick(mask_GBT, g), N, n + 1)
+    step = token_step(ring.pick(mask_GBT, g), N, n + 1)
     x_BTD = model.embed(token_B[:, None], step.positions_BT)
     x_BTD = jnp.where(valid, jnp.where(s == 0, x_BTD, msg), 0.0)
     y_BTD, caches = st.layers(graphdef, blocks, x_BTD, step, caches, g, valid)
-    new_B = st.token(model, s, y_BTD[:, 0], row_keys(key, _pick(rows_GB, g), n + 1))
+    new_B = st.token(model, s, y_BTD[:, 0], row_keys(key, ring.pick(rows_GB, g), n + 1))
     # Rows that produced EOS (the prefill's first token included) repeat it.
-    stopped_B = _pick(done, g) | is_eos(first_B, eos_ids)
-    previous_B = jnp.where(n == 0, first_B, _pick(_pick(out, g).T, n))
+    stopped_B = ring.pick(done, g) | is_eos(first_B, eos_ids)
+    previous_B = jnp.where(n == 0, first_B, ring.pick(ring.pick(out, g), n, axis=1))
     new_B = jnp.where(stopped_B, previous_B, new_B)
     keep = valid & (s == S - 1)
-    row_NB = _put(_pick(out, g).T, n + 1, new_B, keep)
-    out = lax.dynamic_update_index_in_dim(out, row_NB.T, g, 0)
-    done = _put(done, g, stopped_B | is_eos(new_B, eos_ids), keep)
-    msg, ring_token = lax.ppermute((y_BTD, new_B), STAGE, [(k, (k + 1) % S) for k in range(S)])
-    return (msg, ring_token, caches, out, done), None
+    out = ring.put(out, g, ring.put(ring.pick(out, g), n + 1, new_B, keep, axis=1))
+    done = ring.put(done, g, stopped_B | is_eos(new_B, eos_ids), keep)
+    return (caches, out, done), (y_BTD, new_B)
 
-  carry = (msg, ring_token, caches, out, done)
   if N > 1:
-    carry, _ = lax.scan(tick, carry, jnp.arange((N - 1) * G + S - 1))
-  return carry[3][None]
+    (_, out, _), _ = ring.run(tick, (caches, out, done), msg, ticks=(N - 1) * G + S - 1,
+                              stages=S)
+  return ring.varying(out)[None]
 
 
 def programs(gen, batch: int, prompt_len: int, max_new: int, sampling, progress: bool):
@@ -211,13 +184,13 @@ def programs(gen, batch: int, prompt_len: int, max_new: int, sampling, progress:
         return fn(st, *args)
     return wrapped
 
-  prefill_map = jax.shard_map(
+  prefill_map = ring.shard(
       in_rules(_prefill_stage), mesh=mesh, in_specs=(P(), P(STAGE), P(), P(), P(), P()),
-      out_specs=(cache_specs, P(STAGE)), axis_names={STAGE})
-  decode_map = jax.shard_map(
+      out_specs=(cache_specs, P(STAGE)))
+  decode_map = ring.shard(
       in_rules(_decode_stage), mesh=mesh,
       in_specs=(P(), P(STAGE), cache_specs, P(STAGE), P(), P(), P()),
-      out_specs=P(STAGE), axis_names={STAGE})
+      out_specs=P(STAGE))
   rows_GB = _groups(jnp.arange(batch), G, ways)
 
   def split(params):

@@ -4,8 +4,8 @@ rotate through the stages, and the pipeline never drains between engine steps.
 Slot b is row r = b % Bg of group g = b // Bg (Bg = slots / G). Each stage keeps the KV cache
 of its own layers for every slot, [Lc, G, Bg, length + 1, K, H]; position `length` is a trash
 slot that no query sees, where writes that must not land go. One engine step is one *round*,
-G ticks of the steady-state pipeline (`jax.shard_map` over `stage`), and the activations and
-tokens in flight are carried from one round to the next:
+G ticks of the steady-state pipeline on the stage ring (`jaxpar.parallel.ring`), and the
+activations and tokens in flight are carried from one round to the next:
 
     # a round; msg[s], ring: what each stage received at the end of the previous round
     for t in range(G):
@@ -38,10 +38,9 @@ from jax.sharding import PartitionSpec as P
 
 from jaxpar.axes import ACT_EMBED, BATCH, SEQ, STAGE
 from jaxpar.models.base import Step, cache_leaf, run_blocks
-from jaxpar.parallel import pipeline
+from jaxpar.parallel import pipeline, ring
 from jaxpar.rules import constrain, use_rules
 from jaxpar.runtime.generate import Generator
-from jaxpar.runtime.pipelined_generate import _pick, _varying
 from jaxpar.runtime.sampling import Sampling, likeliest, sample
 from jaxpar.serve.programs import request_keys
 
@@ -100,13 +99,13 @@ class PipelinedPrograms:
             g.family.kv_cache(m, g.forward.layout, batch, length).items()}
 
   def _new_caches(self):
-    return {k: _varying(constrain(jnp.zeros((self.Lc, self.G, *shape), dtype),
+    return {k: ring.varying(constrain(jnp.zeros((self.Lc, self.G, *shape), dtype),
                                   (None, None, *names)))
             for k, (shape, names, dtype) in self._spec(self.Bg, self.length + 1).items()}
 
   def _blocks(self, graphdef, blocks, x_BTD, step: Step, caches):
     """This stage's layers (identity padding passes its input on, uneven stages)."""
-    on = None if self.active is None else jnp.asarray(self.active[:, 0])[lax.axis_index(STAGE)]
+    on = None if self.active is None else jnp.asarray(self.active[:, 0])[ring.stage()]
     return run_blocks(graphdef, blocks, x_BTD, step, caches, scan=True, active=on)
 
   def _token(self, model, s, y_BD, keys_B, sampling, greedy: bool):
@@ -114,58 +113,54 @@ class PipelinedPrograms:
     def compute():
       logits_BV = model.head(y_BD[:, None])[:, 0]
       if greedy:
-        return _varying(likeliest(logits_BV))
-      return _varying(sample(logits_BV, keys_B, sampling))
+        return ring.varying(likeliest(logits_BV))
+      return ring.varying(sample(logits_BV, keys_B, sampling))
     return lax.cond(s == self.S - 1, compute,
-                    lambda: _varying(jnp.zeros((y_BD.shape[0],), jnp.int32)))
+                    lambda: ring.varying(jnp.zeros((y_BD.shape[0],), jnp.int32)))
 
-  def _round(self, greedy: bool, rest, blocks_local, caches, msg, ring, inject, inject_token,
-             rows: Rows):
-    s, G, S, length = lax.axis_index(STAGE), self.G, self.S, self.length
+  def _round(self, greedy: bool, rest, blocks_local, caches, msg, ring_token, inject,
+             inject_token, rows: Rows):
+    G, S, length = self.G, self.S, self.length
     model, graphdef, blocks = self._model(rest, blocks_local)
-    msg, ring = msg[0], ring[0]
-    out = _varying(jnp.zeros((G, self.Bg), jnp.int32))
+    out = jnp.zeros((G, self.Bg), jnp.int32)
 
-    def tick(carry, t):
-      msg, ring, caches, out = carry
+    def tick(t, s, carry, msg):
+      caches, out = carry
+      msg, ring_token = msg
       g = (t - s) % G
       w = (t >= s).astype(jnp.int32)  # 1: entered this round; 0: the round before
-      row = jax.tree.map(lambda a: _pick(_pick(a, w), g), rows)
+      row = ring.pick(ring.pick(rows, w), g)
       index_B = jnp.where(row.write, row.positions, length)
       mask_B1S = (jnp.arange(length + 1)[None, :] <= row.positions[:, None])[:, None, :]
       step = Step(row.positions[:, None], mask_B1S, index_B)
-      token_B = jnp.where(_pick(inject, g), _pick(inject_token, g), ring)
+      token_B = jnp.where(ring.pick(inject, g), ring.pick(inject_token, g), ring_token)
       x_B1D = jnp.where(s == 0, model.embed(token_B[:, None], step.positions_BT), msg)
-      old = {k: lax.dynamic_index_in_dim(c, g, axis=1, keepdims=False) for k, c in caches.items()}
-      y_B1D, new = self._blocks(graphdef, blocks, x_B1D, step, old)
-      caches = {k: lax.dynamic_update_index_in_dim(caches[k], new[k], g, 1) for k in caches}
+      y_B1D, new = self._blocks(graphdef, blocks, x_B1D, step, ring.pick(caches, g, axis=1))
+      caches = ring.put(caches, g, new, axis=1)
       keys_B = request_keys(row.seeds, row.counts)
       sampling = Sampling(row.temperature, row.top_k, row.top_p)
       new_B = self._token(model, s, y_B1D[:, 0], keys_B, sampling, greedy)
-      out = lax.dynamic_update_index_in_dim(out, jnp.where(s == S - 1, new_B, _pick(out, g)),
-                                            g, 0)
-      msg, ring = lax.ppermute((y_B1D, new_B), STAGE, [(k, (k + 1) % S) for k in range(S)])
-      return (msg, ring, caches, out), None
+      out = ring.put(out, g, new_B, s == S - 1)
+      return (caches, out), (y_B1D, new_B)
 
-    (msg, ring, caches, out), _ = lax.scan(tick, (msg, ring, caches, out), jnp.arange(G))
-    return caches, msg[None], ring[None], out[None]
+    (caches, out), (msg, ring_token) = ring.run(tick, (caches, out), (msg[0], ring_token[0]),
+                                                ticks=G, stages=S)
+    return caches, msg[None], ring_token[None], out[None]
 
   def _prefill(self, bucket: int, rest, blocks_local, caches, tokens_1T, length, g, r,
                sampling, seed):
-    s, S = lax.axis_index(STAGE), self.S
+    S = self.S
     model, graphdef, blocks = self._model(rest, blocks_local)
     positions_1T = jnp.arange(bucket, dtype=jnp.int32)[None]
     step = Step(positions_1T, jnp.tril(jnp.ones((1, bucket, bucket), bool)), 0)
     embedded = model.embed(tokens_1T, positions_1T)
-    msg = _varying(jnp.zeros_like(embedded))
-    first = _varying(jnp.zeros((1,), jnp.int32))
 
-    def tick(carry, t):
-      msg, caches, first = carry
-      row = {k: _varying(jnp.zeros((self.Lc, *shape), dtype))  # [Lc, 1, ...]
+    def tick(t, s, carry, msg):
+      caches, first = carry
+      row = {k: jnp.zeros((self.Lc, *shape), dtype)  # [Lc, 1, ...]
              for k, (shape, _, dtype) in self._spec(1, bucket).items()}
       x_1TD = jnp.where(s == 0, embedded, msg)
-      y_1TD, row = self._blocks(graphdef, blocks, x_1TD, step, row)
+      y_1TD, row = self._blocks(graphdef, blocks, x_1TD, step, ring.varying(row))
       mine = t == s  # stage s holds the prompt at tick s
       for k in caches:  # only this slot's first `bucket` positions, and only on tick s
         update = row[k][:, None].astype(caches[k].dtype)  # [Lc, 1, 1, ...]
@@ -175,11 +170,10 @@ class PipelinedPrograms:
       last_11D = lax.dynamic_slice_in_dim(y_1TD, length - 1, 1, axis=1)
       keys_1 = request_keys(seed[None], jnp.zeros((1,), jnp.int32))
       token_1 = self._token(model, s, last_11D[:, 0], keys_1, sampling, greedy=False)
-      first = jnp.where(mine & (s == S - 1), token_1, first)
-      msg = lax.ppermute(y_1TD, STAGE, [(k, (k + 1) % S) for k in range(S)])
-      return (msg, caches, first), None
+      return (caches, jnp.where(mine & (s == S - 1), token_1, first)), y_1TD
 
-    (_, caches, first), _ = lax.scan(tick, (msg, caches, first), jnp.arange(S))
+    (caches, first), _ = ring.run(tick, (caches, jnp.zeros((1,), jnp.int32)),
+                                  jnp.zeros_like(embedded), ticks=S, stages=S)
     return caches, first[None]
 
   # ---- the programs ----
@@ -193,8 +187,7 @@ class PipelinedPrograms:
     def wrapped(*args):
       with use_rules(rules, keys=keys):
         return fn(*args)
-    return jax.shard_map(wrapped, mesh=g.mesh, in_specs=in_specs, out_specs=out_specs,
-                         axis_names={STAGE})
+    return ring.shard(wrapped, mesh=g.mesh, in_specs=in_specs, out_specs=out_specs)
 
   def _cache_specs(self):
     return {k: P(STAGE) for k in self._spec(1, 1)}
@@ -204,9 +197,9 @@ class PipelinedPrograms:
     g = self.generator
     mapped = self._map(lambda: (
         self._new_caches(),
-        _varying(constrain(jnp.zeros((1, self.Bg, 1, self.width), self.dtype),
+        ring.varying(constrain(jnp.zeros((1, self.Bg, 1, self.width), self.dtype),
                            (None, BATCH, SEQ, ACT_EMBED))),
-        _varying(constrain(jnp.zeros((1, self.Bg), jnp.int32), (None, BATCH)))),
+        ring.varying(constrain(jnp.zeros((1, self.Bg), jnp.int32), (None, BATCH)))),
                        in_specs=(), out_specs=(self._cache_specs(), P(STAGE), P(STAGE)))
     with jax.set_mesh(g.mesh):
       state = jax.jit(mapped)()

@@ -1,0 +1,98 @@
+"""The stage ring: the one loop every pipelined program runs (forward, prefill, decode rounds).
+
+Inside `jax.shard_map` over `stage` (`shard`), each of the S stages runs the same tick
+function T times; after every tick the message each stage produced moves on to the next stage
+with one collective-permute:
+
+    msg = msg0                            # what each stage received last
+    for t in range(ticks):                # every stage runs every tick (SPMD)
+      carry, out = tick(t, s, carry, msg) # s: this stage's index
+      msg = ppermute(out, s -> (s + 1) % S)
+    return carry, msg
+
+A program is its tick function (under its own pseudocode docstring) and what it does with the
+carry before and after. Values a tick makes are `varying` over `stage` (jax requires a loop
+carry inside a shard_map to say so); the ring casts the carry and messages it is given and
+returns, so a tick need not. The helpers below read and write one group (or microbatch) of a
+buffer without touching the others: a masked write of one slot, never a whole-buffer select
+(which copies the buffer every tick).
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import Mesh
+
+from jaxpar.axes import STAGE
+
+
+def _varying_axes(a) -> frozenset:
+  aval = jax.typeof(a)
+  if hasattr(aval, "vma"):  # jax 0.11
+    return frozenset(aval.vma)
+  return frozenset(aval.manual_axis_type.varying)  # jax 0.10
+
+
+def varying(tree: Any) -> Any:
+  """Marks every leaf as varying over `stage` (a no-op for leaves that already are)."""
+  return jax.tree.map(
+      lambda a: a if STAGE in _varying_axes(a) else lax.pcast(a, (STAGE,), to="varying"), tree)
+
+
+def stage() -> jax.Array:
+  """This stage's index (inside the ring's shard_map)."""
+  return lax.axis_index(STAGE)
+
+
+def send(tree: Any, pairs: list[tuple[int, int]]) -> Any:
+  """One collective-permute of `tree` over `stage` (source, destination) pairs."""
+  return lax.ppermute(tree, STAGE, pairs)
+
+
+def run(tick: Callable[[jax.Array, jax.Array, Any, Any], tuple[Any, Any]], carry: Any,
+        msg: Any, *, ticks: int, stages: int) -> tuple[Any, Any]:
+  """Runs `tick(t, s, carry, msg) -> (carry, out)` for t in range(ticks) (a `lax.scan`), each
+  tick's `out` permuted s -> (s + 1) % S to be the next tick's `msg`. Returns the last carry
+  and the last messages received."""
+  ring = [(k, (k + 1) % stages) for k in range(stages)]
+  s = stage()
+
+  def body(state, t):
+    carry, msg = state
+    carry, out = tick(t, s, carry, msg)
+    return (varying(carry), send(varying(out), ring)), None
+
+  (carry, msg), _ = lax.scan(body, (varying(carry), varying(msg)), jnp.arange(ticks))
+  return carry, msg
+
+
+def shard(fn: Callable, *, mesh: Mesh, in_specs, out_specs) -> Callable:
+  """`fn` as a shard_map over `stage` only: `data` and `model` stay automatic, so GSPMD keeps
+  the tensor-parallel collectives inside each stage."""
+  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                       axis_names={STAGE})
+
+
+# ---- one group (or microbatch) of a buffer ----
+
+def pick(tree: Any, index, *, axis: int = 0) -> Any:
+  """Slot `index` of every leaf along `axis` (the axis removed)."""
+  return jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, index, axis, keepdims=False), tree)
+
+
+def put(tree: Any, index, value: Any, keep=True, *, axis: int = 0) -> Any:
+  """Slot `index` of every leaf along `axis` set to `value` where `keep` (the old slot kept
+  elsewhere); only that slot is touched."""
+  def write(a, v):
+    old = lax.dynamic_index_in_dim(a, index, axis, keepdims=False)
+    return lax.dynamic_update_index_in_dim(a, jnp.where(keep, v.astype(a.dtype), old), index,
+                                           axis)
+  return jax.tree.map(write, tree, value)
+
+
+def where(cond, a: Any, b: Any) -> Any:
+  """`jnp.where(cond, a, b)` leaf by leaf."""
+  return jax.tree.map(lambda x, y: jnp.where(cond, x, y), a, b)
