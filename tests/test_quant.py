@@ -23,7 +23,7 @@ from jaxpar.config import MeshConfig
 from jaxpar.errors import UserError
 from jaxpar.mesh import make_mesh, single_device_mesh
 from jaxpar.models import base
-from jaxpar.runtime import generate, inference, state
+from jaxpar.runtime import decoder, generate, inference, state
 from jaxpar.rules import Rules, use_rules
 from jaxpar.runtime.decoding import prompt_step
 
@@ -131,7 +131,7 @@ def _teacher_forced(gen, tokens_BT):
   def run(params):
     model, graphdef, layers = gen.model_parts(params)
     step = prompt_step(mask_BT, 1)
-    caches = generate.new_caches(gen, B, T + 1, scan=gen.scan)
+    caches = decoder.new_caches(gen, B, T + 1, scan=gen.scan)
     x_BTD = model.embed(jnp.asarray(tokens_BT), step.positions_BT)
     x_BTD, _ = base.run_blocks(graphdef, layers, x_BTD, step, caches, scan=gen.scan)
     return model.head(x_BTD)

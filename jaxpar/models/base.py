@@ -260,10 +260,13 @@ def write_cache(cache: dict | None, k_BTKH: jax.Array, v_BTKH: jax.Array, index)
 
   def write(old, new, axis):
     new = new.astype(old.dtype)
-    if jnp.ndim(index) == 0:
+    at = index
+    if jnp.ndim(at) == 1 and old.shape[0] == 1:  # one row: its slot as a scalar (in place)
+      at = at[0]
+    if jnp.ndim(at) == 0:
       if old.shape[0] == 1:  # in place (`generate.batch_dim`)
-        return lax.dynamic_update_slice_in_dim(old[0], new[0], index, axis=axis - 1)[None]
-      return lax.dynamic_update_slice_in_dim(old, new, index, axis=axis)
+        return lax.dynamic_update_slice_in_dim(old[0], new[0], at, axis=axis - 1)[None]
+      return lax.dynamic_update_slice_in_dim(old, new, at, axis=axis)
     row = lambda o, n, i: lax.dynamic_update_slice_in_dim(o, n, i, axis=axis - 1)
     return jax.vmap(row)(old, new, index)
 

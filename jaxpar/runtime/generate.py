@@ -20,18 +20,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax import lax
-from jax.sharding import NamedSharding
 
 from jaxpar import axes
 from jaxpar.axes import BATCH, LAYERS, SEQ
 from jaxpar.config import Config
 from jaxpar.distributed import say, to_host, tree_to_host
 from jaxpar.errors import UserError
-from jaxpar.models.base import Family, cache_leaf, run_blocks
-from jaxpar.rules import Logical, Rules, constrain, is_logical, tree_shardings, use_rules
+from jaxpar.models.base import Family, cache_leaf
+from jaxpar.rules import Logical, Rules, is_logical, tree_shardings, use_rules
 from jaxpar.runtime import inference, pipelined_generate, state
-from jaxpar.runtime.decoding import is_eos, prompt_step, report, token_step
-from jaxpar.runtime.sampling import Sampling, row_keys, sample
+from jaxpar.runtime.decoder import Decoder
+from jaxpar.runtime.decoding import is_eos, report
+from jaxpar.runtime.sampling import Sampling
 
 
 def pad_prompts(prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -45,6 +45,15 @@ def pad_prompts(prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
     tokens[b, T0 - len(p):] = p
     mask[b, T0 - len(p):] = True
   return tokens, mask
+
+
+def pad_right(prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+  """Right-pads token id lists into tokens [B, T0] (pad id 0) and their lengths [B]."""
+  T0 = max(len(p) for p in prompts)
+  tokens = np.zeros((len(prompts), T0), np.int32)
+  for b, p in enumerate(prompts):
+    tokens[b, :len(p)] = p
+  return tokens, np.asarray([len(p) for p in prompts], np.int32)
 
 
 @dataclasses.dataclass
@@ -61,19 +70,6 @@ def use_scan(config: Config, platform: str) -> bool:
   if config.model.scan_layers is not None:
     return config.model.scan_layers
   return platform != "cpu"
-
-
-def new_caches(gen: "Generator", batch: int, length: int, *, scan: bool) -> object:
-  """Zeroed KV caches laid out by the rules: stacked [L, ...] for a scan, else one per layer
-  (each leaf in the dtype its spec gives)."""
-  m = gen.forward.config.model
-  spec = {k: cache_leaf(v, m) for k, v in
-          gen.family.kv_cache(m, gen.forward.layout, batch, length).items()}
-  if scan:
-    return {k: constrain(jnp.zeros((m.n_layers, *shape), dtype), (LAYERS, *names))
-            for k, (shape, names, dtype) in spec.items()}
-  return tuple({k: constrain(jnp.zeros(shape, dtype), names) for k, (shape, names, dtype) in
-                spec.items()} for _ in range(m.n_layers))
 
 
 def batch_dim(caches, scan: bool, batch: int, *, add: bool):
@@ -164,55 +160,43 @@ class Generator:
 
   def _programs(self, batch: int, prompt_len: int, max_new: int, sampling: Sampling,
                 progress: bool):
-    fwd, scan, eos_ids = self.forward, self.scan, self.eos_ids
-    rules, keys = fwd.rules, self.family.config_keys
-    rows_B = jnp.arange(batch)
+    """(prefill, decode) over a `Decoder` of `batch` rows: the prefill of every prompt, then
+    a `lax.while_loop` of the decoder's step that ends when every row has made an EOS id (a
+    row that stopped repeats its EOS)."""
+    decoder = Decoder(self, batch, prompt_len + max_new)
+    greedy, scan, eos_ids = sampling.temperature == 0, self.scan, self.eos_ids
+    step = decoder.step_fn(greedy=greedy, span=prompt_len + max_new)
+    rules, keys = self.forward.rules, self.family.config_keys
 
-    def prefill(params, tokens_BT, mask_BT, key):
+    def decode(params, state, first_B):
+      caches, slots = state
       with use_rules(rules, keys=keys):
-        model, graphdef, layers = self.model_parts(params)
-        step = prompt_step(mask_BT, max_new)
-        caches = new_caches(self, batch, prompt_len + max_new, scan=scan)
-        x_BTD = model.embed(tokens_BT, step.positions_BT)
-        x_BTD, caches = run_blocks(graphdef, layers, x_BTD, step, caches, scan=scan)
-        logits_BV = model.head(x_BTD[:, -1:])[:, 0]
-        return sample(logits_BV, row_keys(key, rows_B, 0), sampling), caches
-
-    def decode(params, caches, first_B, mask_BT, key):
-      with use_rules(rules, keys=keys):
-        model, graphdef, layers = self.model_parts(params)
-        out_BN = jnp.zeros((batch, max_new), jnp.int32).at[:, 0].set(first_B)
-
         def cond(carry):
           n, _, _, _, done_B = carry
           return (n < max_new) & ~jnp.all(done_B)
 
         def body(carry):
-          n, token_B, caches, out_BN, done_B = carry
-          step = token_step(mask_BT, max_new, n)
-          x_BTD = model.embed(token_B[:, None], step.positions_BT)
+          n, caches, slots, out_BN, done_B = carry
+          token_B = slots.tokens
           caches = batch_dim(caches, scan, batch, add=True)
-          x_BTD, caches = run_blocks(graphdef, layers, x_BTD, step, caches, scan=scan)
+          new_B, caches, slots = step(params, caches, slots)
           caches = batch_dim(caches, scan, batch, add=False)
-          new_B = sample(model.head(x_BTD)[:, 0], row_keys(key, rows_B, n), sampling)
           new_B = jnp.where(done_B, token_B, new_B)  # a stopped row repeats its EOS
+          slots = dataclasses.replace(slots, tokens=new_B)
           out_BN = lax.dynamic_update_slice_in_dim(out_BN, new_B[:, None], n, axis=1)
           if progress:
             jax.debug.callback(report, n + 1, max_new)
-          return n + 1, new_B, caches, out_BN, done_B | is_eos(new_B, eos_ids)
+          return n + 1, caches, slots, out_BN, done_B | is_eos(new_B, eos_ids)
 
-        caches = batch_dim(caches, scan, batch, add=False)
-        carry = (1, first_B, caches, out_BN, is_eos(first_B, eos_ids))
-        n, token_B, _, out_BN, _ = lax.while_loop(cond, body, carry)
+        out_BN = jnp.zeros((batch, max_new), jnp.int32).at[:, 0].set(first_B)
+        carry = (1, batch_dim(caches, scan, batch, add=False), slots, out_BN,
+                 is_eos(first_B, eos_ids))
+        n, _, slots, out_BN, _ = lax.while_loop(cond, body, carry)
         # Rows that stopped early: the unwritten tail repeats their last token (an EOS).
         written = jnp.arange(max_new)[None, :] < n
-        return jnp.where(written, out_BN, token_B[:, None]), n
+        return jnp.where(written, out_BN, slots.tokens[:, None]), n
 
-    token_sharding = rules.sharding((BATCH, SEQ), self.mesh, what="prompts")
-    param_shardings = jax.tree.map(lambda a: a.sharding, self.params)
-    prefill_jit = jax.jit(prefill, in_shardings=(param_shardings, token_sharding,
-                                                 token_sharding, None))
-    return prefill_jit, jax.jit(decode)
+    return decoder, decoder.prefill(batch, prompt_len, greedy=greedy), jax.jit(decode)
 
   def generate(self, prompts: list[list[int]], *, max_new_tokens: int,
                sampling: Sampling = Sampling(), seed: int = 0,
@@ -220,8 +204,9 @@ class Generator:
     """Generates `max_new_tokens` for each prompt (token id lists of any lengths)."""
     n_prompts = len(prompts)
     prompts = list(prompts) + [prompts[0]] * (self.padded_batch(n_prompts) - n_prompts)
-    tokens_host, mask_host = pad_prompts(prompts)
-    B, T0 = tokens_host.shape
+    if not prompts or any(len(p) == 0 for p in prompts):
+      raise UserError("prompts: every prompt needs at least one token")
+    B, T0 = len(prompts), max(len(p) for p in prompts)
     m = self.forward.config.model
     if T0 + max_new_tokens > m.max_seq_len:
       raise UserError(f"prompt length {T0} + max_new_tokens {max_new_tokens} exceeds "
@@ -230,42 +215,78 @@ class Generator:
                       f"generate.max_new_tokens")
     self.forward.rules.check((B, T0), (BATCH, SEQ), self.mesh.shape, what="prompts",
                              keys={BATCH: "number of prompts"})
+    run = self._pipelined if self.forward.schedule is not None else self._slots
+    with jax.set_mesh(self.mesh):
+      out, steps, seconds = run(prompts, max_new_tokens, sampling, seed, progress)
+    return Result(out[:n_prompts], steps, *seconds)
+
+  def _compile(self, signature, make):
+    """The compiled programs for `signature` (made by `make()` once), and the seconds it
+    took (0 when they were already compiled)."""
+    start = time.perf_counter()
+    if signature not in self._compiled:
+      self._compiled[signature] = make()
+    return self._compiled[signature], time.perf_counter() - start
+
+  def _slots(self, prompts, max_new: int, sampling: Sampling, seed: int, progress: bool):
+    """Right-padded prompts prefilled into a `Decoder`'s rows, then its step in a loop."""
+    tokens_host, lengths = pad_right(prompts)
+    B, T0 = tokens_host.shape
+    sharding = self.forward.rules.sharding((BATCH, SEQ), self.mesh, what="prompts")
+    params = self.params
+    args = (jax.device_put(jnp.asarray(tokens_host), sharding), np.int32(0), lengths,
+            np.int32(0), np.int32(0),
+            Sampling(np.full(B, sampling.temperature, np.float32),
+                     np.full(B, sampling.top_k, np.int32), np.full(B, sampling.top_p, np.float32)),
+            np.full(B, seed, np.uint32), np.arange(B, dtype=np.int32))
+
+    def make():
+      _, prefill, decode = self._programs(B, T0, max_new, sampling, progress)
+      first, state = jax.eval_shape(prefill, params, None, *args)
+      return prefill.lower(params, None, *args).compile(), decode.lower(params, state,
+                                                                        first).compile()
+    (prefill, decode), compile_s = self._compile((B, T0, max_new, sampling, progress), make)
+    start = time.perf_counter()
+    first, state = prefill(params, None, *args)
+    first.block_until_ready()
+    prefill_s = time.perf_counter() - start
+    if progress:
+      say(f"prefill: {B} prompt{'s' if B != 1 else ''} x {T0} tokens in "
+          f"{prefill_s:.3f} s; decoding {max_new} tokens...")
+    start = time.perf_counter()
+    out, steps = decode(params, state, first)
+    out = to_host(out)  # gathered from every process
+    return out, int(steps), (prefill_s, time.perf_counter() - start, compile_s)
+
+  def _pipelined(self, prompts, max_new: int, sampling: Sampling, seed: int, progress: bool):
+    """Left-padded prompts through `pipelined_generate`'s prefill and decode ticks."""
+    tokens_host, mask_host = pad_prompts(prompts)
+    B, T0 = tokens_host.shape
     sharding = self.forward.rules.sharding((BATCH, SEQ), self.mesh, what="prompts")
     tokens = jax.device_put(jnp.asarray(tokens_host), sharding)
     mask = jax.device_put(jnp.asarray(mask_host), sharding)
-    key = jax.random.key(seed)
-    params = self.params
-    signature = (B, T0, max_new_tokens, sampling, progress)
-    with jax.set_mesh(self.mesh):
-      start = time.perf_counter()
-      if signature not in self._compiled:
-        if self.forward.schedule is not None:
-          prefill, decode = pipelined_generate.programs(self, B, T0, max_new_tokens, sampling,
-                                                        progress)
-        else:
-          prefill, decode = self._programs(B, T0, max_new_tokens, sampling, progress)
-        prefill_c = prefill.lower(params, tokens, mask, key).compile()
-        first, caches = jax.eval_shape(prefill, params, tokens, mask, key)
-        self._compiled[signature] = (prefill_c,
-                                     decode.lower(params, caches, first, mask, key).compile())
-      prefill_c, decode_c = self._compiled[signature]
-      compile_s = time.perf_counter() - start
-      start = time.perf_counter()
-      first, caches = prefill_c(params, tokens, mask, key)
-      first.block_until_ready()
-      prefill_s = time.perf_counter() - start
-      if progress:
-        how = ""
-        if self.forward.schedule is not None:
-          S = self.forward.schedule.stages
-          how = f", pipelined: {S} groups over {S} stages, {(max_new_tokens - 1) * S + S - 1} ticks"
-        say(f"prefill: {B} prompt{'s' if B != 1 else ''} x {T0} tokens in "
-            f"{prefill_s:.3f} s; decoding {max_new_tokens} tokens{how}...")
-      start = time.perf_counter()
-      out, steps = decode_c(params, caches, first, mask, key)
-      out = to_host(out)  # gathered from every process
-      decode_s = time.perf_counter() - start
-    return Result(out[:n_prompts], int(steps), prefill_s, decode_s, compile_s)
+    key, params = jax.random.key(seed), self.params
+
+    def make():
+      prefill, decode = pipelined_generate.programs(self, B, T0, max_new, sampling, progress)
+      first, caches = jax.eval_shape(prefill, params, tokens, mask, key)
+      return (prefill.lower(params, tokens, mask, key).compile(),
+              decode.lower(params, caches, first, mask, key).compile())
+    (prefill, decode), compile_s = self._compile(("pipelined", B, T0, max_new, sampling),
+                                                 make)
+    start = time.perf_counter()
+    first, caches = prefill(params, tokens, mask, key)
+    first.block_until_ready()
+    prefill_s = time.perf_counter() - start
+    if progress:
+      S = self.forward.schedule.stages
+      say(f"prefill: {B} prompt{'s' if B != 1 else ''} x {T0} tokens in {prefill_s:.3f} s; "
+          f"decoding {max_new} tokens, pipelined: {S} groups over {S} stages, "
+          f"{(max_new - 1) * S + S - 1} ticks...")
+    start = time.perf_counter()
+    out, steps = decode(params, caches, first, mask, key)
+    out = to_host(out)  # gathered from every process
+    return out, int(steps), (prefill_s, time.perf_counter() - start, compile_s)
 
 
 def _per_layer(fwd: inference.Forward) -> tuple[tuple, dict]:

@@ -39,7 +39,7 @@ from jaxpar.runtime import generate as gen_lib
 from jaxpar.runtime.sampling import Sampling
 from jaxpar.serve.metrics import Metrics
 from jaxpar.serve.pipelined import PipelinedPrograms, Rows
-from jaxpar.serve.programs import Programs
+from jaxpar.runtime.decoder import Decoder
 
 
 class RequestError(ValueError):
@@ -110,7 +110,8 @@ class Stream:
 class Engine:
   """Continuous batching over `slots` decode rows. Build with `build`."""
 
-  def __init__(self, programs: Programs, compiled: dict, *, eos_ids: tuple[int, ...],
+  def __init__(self, programs: "Decoder | PipelinedPrograms", compiled: dict, *,
+               eos_ids: tuple[int, ...],
                detokenize: Callable[[list[int]], str] | None, max_queue: int,
                policy: str, metrics: Metrics, prefix_reuse: bool = True):
     self.programs, self._compiled = programs, compiled
@@ -361,12 +362,18 @@ class Engine:
       bucket, where = self._bucket(P), (P, b)
     else:
       start, bucket, src, b = self._place(stream.prompt, free)
-      where = (start, P, src, b)
     free.remove(b)
     tokens = np.zeros((1, bucket), np.int32)
     tokens[0, :P - start] = stream.prompt[start:]
-    first, self._state = self._compiled["prefill", bucket](
-        self.generator.params, self._state, tokens, *map(np.int32, where), sampling, seed)
+    if self._pipelined:
+      first, self._state = self._compiled["prefill", bucket](
+          self.generator.params, self._state, tokens, *map(np.int32, where), sampling, seed)
+    else:
+      one = lambda v: np.asarray([v])
+      first, self._state = self._compiled["prefill", bucket](
+          self.generator.params, self._state, tokens, np.int32(start), one(np.int32(P)),
+          np.int32(src), np.int32(b), jax.tree.map(one, sampling), one(seed),
+          one(np.int32(-1)))
     self.metrics.prompt_tokens(P, start)
     self._cached[b] = list(stream.prompt)
     self._running[b] = stream
@@ -476,8 +483,8 @@ def build(config: Config, mesh, *, tokenizer=None, progress: bool = True) -> Eng
   if mesh.shape[axes.STAGE] > 1:
     programs = PipelinedPrograms(generator, s.max_slots, length, buckets(length, s.min_bucket))
   else:
-    programs = Programs(generator, s.max_slots, length, buckets(length, s.min_bucket),
-                        spans(length, s.min_bucket))
+    programs = Decoder(generator, s.max_slots, length)
+    programs.buckets, programs.spans = buckets(length, s.min_bucket), spans(length, s.min_bucket)
   compiled = _compile(programs, progress=progress)
   detokenize = None
   if tokenizer is not None:
@@ -504,12 +511,18 @@ def _compile(programs, *, progress: bool) -> dict:
     scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype)
     compiled = {}
     sampling = Sampling(scalar(jnp.float32), scalar(jnp.int32), scalar(jnp.float32))
-    # (start, length, source row, row) or, pipelined, (length, row)
-    where = (scalar(jnp.int32),) * (2 if pipelined else 4)
     for bucket in programs.buckets:
-      compiled["prefill", bucket] = programs.prefill(bucket).lower(
-          g.params, state, jax.ShapeDtypeStruct((1, bucket), jnp.int32), *where, sampling,
-          scalar(jnp.uint32)).compile()
+      if pipelined:  # (length, row)
+        where = (scalar(jnp.int32),) * 2
+        compiled["prefill", bucket] = programs.prefill(bucket).lower(
+            g.params, state, jax.ShapeDtypeStruct((1, bucket), jnp.int32), *where, sampling,
+            scalar(jnp.uint32)).compile()
+        continue
+      one = lambda a: jax.ShapeDtypeStruct((1,), a.dtype)
+      compiled["prefill", bucket] = programs.prefill(1, bucket, reuse=True).lower(
+          g.params, state, jax.ShapeDtypeStruct((1, bucket), jnp.int32), scalar(jnp.int32),
+          one(scalar(jnp.int32)), scalar(jnp.int32), scalar(jnp.int32),
+          jax.tree.map(one, sampling), one(scalar(jnp.uint32)), one(scalar(jnp.int32))).compile()
     for greedy in (True, False):
       if pipelined:
         grid = lambda dtype, *lead: jax.ShapeDtypeStruct((*lead, programs.G, programs.Bg), dtype)
@@ -519,7 +532,7 @@ def _compile(programs, *, progress: bool) -> dict:
             g.params, state, grid(bool), grid(jnp.int32), rows).compile()
         continue
       for span in programs.spans:
-        compiled["decode", greedy, span] = programs.decode(greedy=greedy, span=span).lower(
+        compiled["decode", greedy, span] = programs.step(greedy=greedy, span=span).lower(
             g.params, state).compile()
   if progress:
     say(f"compiled in {time.perf_counter() - start:.1f} s")

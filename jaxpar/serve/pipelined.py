@@ -42,7 +42,7 @@ from jaxpar.parallel import pipeline, ring
 from jaxpar.rules import constrain, use_rules
 from jaxpar.runtime.generate import Generator
 from jaxpar.runtime.sampling import Sampling, likeliest, sample
-from jaxpar.serve.programs import request_keys
+from jaxpar.runtime.decoder import request_keys
 
 _ROW_FIELDS = ("positions", "write", "temperature", "top_k", "top_p", "seeds", "counts")
 
