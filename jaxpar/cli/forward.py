@@ -63,7 +63,7 @@ def run(args, config: config_lib.Config) -> dict:
   tokens = fwd.tokens(tokens_host)
   result = {**prologue.header("forward", mesh), **report.compile_report(fwd, tokens, fwd.params),
             **_time(config, fwd, tokens)}
-  logits = inference.unpad(fwd(tokens), config.model.vocab_size)[:rows_given]
+  logits = inference.unpad(fwd(tokens), config.model.vocab_size)[:rows_given]  # no padding rows
   if fwd.schedule is not None:
     result["pipeline"] = fwd.schedule.as_dict()
   hint = VERIFY_HINT.get(config.model.dtype, "")
