@@ -115,3 +115,12 @@ def test_file_errors(root, tmp_path, capsys, no_compiling):
   assert cli.main(["forward", "--config", str(bad_rule)]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "rules.mlp='tensor'" in err[0] and "not a mesh axis" in err[0]
+
+
+def test_cli_imports_no_jax(root):
+  """scripts/run.py builds its parser before JAX starts, so --devices can still act."""
+  code = ("import sys; from jaxpar import cli; sys.modules['jaxpar.cli.main']._parser(); "
+          "assert 'jax' not in sys.modules, 'jaxpar.cli imported jax'")
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
+                        timeout=60)
+  assert proc.returncode == 0, proc.stderr
