@@ -401,7 +401,7 @@ def classify(args, config: config_lib.Config) -> dict:
 
   mesh = _open_mesh(config, args)
   vision.check_layout(config, mesh, Rules(config.rules))
-  c, batch = config.cnn, config.run.batch
+  c, batch = config.section("cnn"), config.run.batch
   if args.images:
     files = vision.list_images(args.images)
     images = vision.load_images(files, config)  # every file decoded before compiling
