@@ -6,6 +6,10 @@ import sys
 
 __version__ = "0.1.0"
 
+# The built-in families' config modules (JAX-free) register in `jaxpar.families`, so that
+# `jaxpar.config` finds them without importing a model.
+from jaxpar import models  # noqa: E402,F401
+
 
 def emulate_cpu_devices(n: int) -> None:
   """Asks XLA for `n` emulated CPU devices (used when no accelerator is present). Call it

@@ -4,7 +4,7 @@ the checkpoint complete. Saving and restoring are in `jaxpar.runtime.checkpoint`
 
 import os
 
-from jaxpar import hf_files
+from jaxpar import families, hf_files
 from jaxpar.errors import UserError
 
 META, PARAMS, FORMAT = "jaxpar.json", "params", "jaxpar-orbax/1"
@@ -55,7 +55,28 @@ def check_out(out: str, *, overwrite: bool) -> str:
 
 
 def model_fields(path: str) -> dict:
-  """ModelConfig fields (family and sizes) recorded in a jaxpar checkpoint."""
+  """Model fields (family, sizes and the family's options, flat) recorded in a jaxpar
+  checkpoint."""
   fields = dict(read_meta(path)["model"])
   fields["eos_token_ids"] = tuple(fields.get("eos_token_ids", ()))
+  return fields
+
+
+def checkpoint_config(checkpoint: str) -> dict:
+  """Model fields (`model.KEY` -> value, flat) from a checkpoint directory: a jaxpar (Orbax)
+  checkpoint's recorded family and sizes, or a Hugging Face directory's family (by
+  config.json's model_type, read by that family's registered reader), sizes and end-of-text
+  ids."""
+  if os.path.isdir(checkpoint) and is_jaxpar(checkpoint):
+    fields = model_fields(checkpoint)
+    families.family(fields["family"])  # a family this jaxpar has
+    return fields
+  raw = hf_files.read_config(checkpoint)
+  model_type = raw.get("model_type")
+  by_type = families.by_model_type()
+  if model_type not in by_type:
+    raise UserError(f"checkpoint {checkpoint}: config.json model_type={model_type!r} is not "
+                    f"supported; jaxpar reads {', '.join(sorted(by_type))}")
+  fields = by_type[model_type].from_hf(raw, checkpoint)
+  fields["eos_token_ids"] = hf_files.eos_ids(checkpoint, raw, fields["vocab_size"])
   return fields

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from jaxpar import axes
+from jaxpar import axes, checkpoint_meta, families
 from jaxpar.errors import UserError
 
 
@@ -57,12 +57,15 @@ class MeshConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """A decoder-only transformer; `family` picks the architecture (`jaxpar.models`).
+  """A decoder-only transformer; `family` picks the architecture (`jaxpar.families`).
 
-  One flat set of sizes serves every family; a family refuses the options it does not have
-  (e.g. `n_kv_heads` for GPT-2). With `checkpoint` set, the sizes come from its config.json.
+  The sizes here are shared by every family (and read by the runtime, the planner and the
+  loaders); a family's own options are `options`, its dataclass beside its model (e.g.
+  `LlamaOptions` in `jaxpar.models.llama_config`). In YAML and `--set` both are `model.KEY`:
+  the loader routes an option key to the family's dataclass, and refuses a key the family
+  does not have. With `checkpoint` set, the family and sizes come from its config.json.
   """
-  family: str = "gpt2"       # gpt2 | llama | mistral | qwen2 | qwen3 (jaxpar.models.FAMILIES)
+  family: str = "gpt2"       # gpt2 | llama | mistral | qwen2 | qwen3 (jaxpar.families)
   vocab_size: int = 256
   d_model: int = 64
   n_heads: int = 4
@@ -72,16 +75,6 @@ class ModelConfig:
   d_ff: int = 256
   max_seq_len: int = 128
   norm_eps: float = 1e-5
-  rope_theta: float = 10000.0
-  rope_type: str = "default"  # default | linear | llama3 (rotary position scaling)
-  rope_factor: float = 1.0    # linear and llama3: how much longer the context is made
-  rope_low_freq_factor: float = 1.0   # llama3 only
-  rope_high_freq_factor: float = 4.0  # llama3 only
-  rope_original_max_len: int = 8192   # llama3 only: the pre-training context
-  sliding_window: int = 0    # attend to the last N positions only (Mistral); 0: everything
-  attn_bias: bool = False    # biases on q, k and v (Qwen2)
-  qk_norm: bool = False      # RMSNorm of every q and k head before rotary (Qwen3)
-  tie_embeddings: bool = True  # logits from the token embedding; false: a separate head
   init_std: float = 0.02
   dtype: str = "float32"
   # Run the layer stack with a lax.scan (compile time independent of depth) or unrolled
@@ -97,6 +90,8 @@ class ModelConfig:
   # Applied on the mesh after loading or initialising (jaxpar.quant).
   quantize: str = "none"
   kv_cache_dtype: str = ""   # "" (model.dtype) | int8 (one scale per token and head)
+  # The family's own options: an instance of `jaxpar.families.family(family).options`.
+  options: Any = families.NoOptions()
 
   @property
   def kv_heads(self) -> int:
@@ -118,20 +113,6 @@ class RunConfig:
   verify: bool = False  # recompute on one device and report the max difference
   warmup: int = 1       # untimed calls after compiling
   iters: int = 5        # timed calls for steady-state throughput
-
-
-@dataclasses.dataclass(frozen=True)
-class CnnConfig:
-  """A ResNet-style image classifier (`jaxpar.models.cnn`): a stem convolution, `stages`
-  stages of `blocks` residual blocks (each later stage halves the image and doubles the
-  width), global average pooling and a linear head. Runs on `run.batch` images."""
-  image_size: int = 32   # images are resized to image_size x image_size pixels
-  in_channels: int = 3   # 3: RGB, 1: grey
-  width: int = 16        # channels of the first stage; stage s has width * 2**s
-  stages: int = 3
-  blocks: int = 1        # residual blocks per stage
-  num_classes: int = 10
-  norm_eps: float = 1e-5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,12 +157,25 @@ class Config:
   serve: ServeConfig = ServeConfig()
   # Ordered (logical name, mesh axis | tuple of mesh axes | None) pairs.
   rules: tuple = axes.DEFAULT_RULES
-  cnn: CnnConfig = CnnConfig()
+  # (name, dataclass) of each section a non-decoder model registers (e.g. `cnn`;
+  # `jaxpar.families.register_section`), in registration order.
+  sections: tuple = dataclasses.field(default_factory=lambda: _default_sections())
+
+  def section(self, name: str) -> Any:
+    """The registered section `name` (e.g. `config.section("cnn")`)."""
+    for key, value in self.sections:
+      if key == name:
+        return value
+    raise UserError(f"{name}: no such config section; registered sections: "
+                    f"{', '.join(families.SECTIONS) or 'none'}")
+
+
+def _default_sections() -> tuple:
+  return tuple((name, s.options()) for name, s in families.SECTIONS.items())
 
 
 _SECTIONS = {"mesh": MeshConfig, "model": ModelConfig, "run": RunConfig,
              "pipeline": PipelineConfig, "generate": GenerateConfig, "serve": ServeConfig}
-_SECTIONS["cnn"] = CnnConfig
 _DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZE_MODES = ("none", "int8", "int8-dynamic")
 KV_CACHE_DTYPES = ("", "int8")
@@ -235,20 +229,106 @@ def _rules(key: str, value: Any) -> tuple:
   return tuple(table)
 
 
+def _mapping(name: str, raw: Any) -> dict:
+  if not isinstance(raw, dict):
+    raise UserError(f"{name} is a {type(raw).__name__}, expected a mapping of keys to values")
+  return raw
+
+
 def _section(name: str, cls: type, raw: Any, base: Any) -> Any:
   if raw is None:  # every key commented out
     return base
-  if not isinstance(raw, dict):
-    raise UserError(f"{name} is a {type(raw).__name__}, expected a mapping of keys to values")
   hints = typing.get_type_hints(cls)
   fields = {f.name for f in dataclasses.fields(cls)}
   values = {}
-  for key, value in raw.items():
+  for key, value in _mapping(name, raw).items():
     if key not in fields:
       raise UserError(f"{name}.{key}: unknown key; known keys of '{name}': "
                       f"{', '.join(sorted(fields))}")
     values[key] = _check_type(f"{name}.{key}", value, hints[key])
   return dataclasses.replace(base, **values)
+
+
+_CORE_KEYS = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.name != "options")
+
+
+def _refuse_option(family: str, key: str, value: Any) -> None:
+  """The one-line error for `model.KEY` that family `family` does not have."""
+  owners = families.owners(key)
+  if owners:
+    raise UserError(f"model.{key}={value!r}: model.family={family} has no such option; drop "
+                    f"it, or pick a family that has it ({', '.join(owners)})")
+  known = sorted({*_CORE_KEYS, *families.option_names(family)})
+  raise UserError(f"model.{key}: unknown key; known keys of 'model' (model.family={family}): "
+                  f"{', '.join(known)}")
+
+
+def _options_for(model: ModelConfig, family: str) -> Any:
+  """`model.options` as family `family`'s dataclass: kept when the class is the same; else
+  the new class's defaults, with every value set away from the old defaults carried over
+  (or refused, when the new family has no such option)."""
+  cls = families.family(family).options
+  if isinstance(model.options, cls):
+    return model.options
+  old, fresh = model.options, type(model.options)()
+  carried = {}
+  for f in dataclasses.fields(old):
+    value = getattr(old, f.name)
+    if value != getattr(fresh, f.name):
+      if f.name not in {g.name for g in dataclasses.fields(cls)}:
+        _refuse_option(family, f.name, value)
+      carried[f.name] = value
+  return cls(**carried)
+
+
+def replace_model(model: ModelConfig, **fields: Any) -> ModelConfig:
+  """`model` with `fields` (`model.KEY` names, shared sizes and family options alike)
+  replaced: the family first, then each key routed to the core or to the family's options
+  (the order of keys never matters). A key the family does not have is a UserError."""
+  family = fields.get("family", model.family)
+  options = _options_for(model, family)
+  core, own = {}, {}
+  for key, value in fields.items():
+    if key in _CORE_KEYS:
+      core[key] = value
+    elif key in families.option_names(family):
+      own[key] = value
+    else:
+      _refuse_option(family, key, value)
+  return dataclasses.replace(model, **core, options=dataclasses.replace(options, **own))
+
+
+def model_fields(model: ModelConfig) -> dict:
+  """The flat `model.KEY` -> value view (shared sizes, then the family's options): what a
+  config file writes and a checkpoint records."""
+  core = {key: getattr(model, key) for key in _CORE_KEYS}
+  return {**core, **dataclasses.asdict(model.options)}
+
+
+def _model_section(raw: Any, base: ModelConfig) -> ModelConfig:
+  """The `model` section: typed like any section, each key checked against the family's
+  options once the family (which may come last) is known."""
+  if raw is None:
+    return base
+  raw = _mapping("model", raw)
+  hints = typing.get_type_hints(ModelConfig)
+  family = raw.get("family", base.family)
+  if "family" in raw:
+    family = _check_type("model.family", family, str)
+  spec = families.family(family)
+  hints |= typing.get_type_hints(spec.options)
+  values = {}
+  for key, value in raw.items():
+    if key not in hints or key == "options":
+      _refuse_option(family, key, value)
+    values[key] = _check_type(f"model.{key}", value, hints[key])
+  return replace_model(base, **values)
+
+
+def _sections(raw: Any, base: Config) -> tuple:
+  """`base.sections` with each registered section in `raw` updated."""
+  return tuple((name, _section(name, families.SECTIONS[name].options, raw[name], value)
+                if name in raw else value) for name, value in base.sections)
 
 
 def from_dict(raw: dict, *, base: Config | None = None, check: bool = True) -> Config:
@@ -257,9 +337,10 @@ def from_dict(raw: dict, *, base: Config | None = None, check: bool = True) -> C
   base = base or Config()
   if raw is None:
     raw = {}
+  known = [*_SECTIONS, "rules", *families.SECTIONS]
   if not isinstance(raw, dict):
     raise UserError(f"config is a {type(raw).__name__}, expected a mapping with sections "
-                    f"{', '.join([*_SECTIONS, 'rules'])}")
+                    f"{', '.join(known)}")
   updates = {}
   for name, value in raw.items():
     if name == "rules":  # a partial table changes those rules, in place, and keeps the rest
@@ -268,13 +349,15 @@ def from_dict(raw: dict, *, base: Config | None = None, check: bool = True) -> C
       updates["rules"] = tuple(rules.items())
     elif name == "mesh" and value == "auto":
       updates[name] = dataclasses.replace(base.mesh, auto=True)
+    elif name == "model":
+      updates[name] = _model_section(value, base.model)
     elif name in _SECTIONS:
       updates[name] = _section(name, _SECTIONS[name], value, getattr(base, name))
       if name == "mesh" and set(value or {}) & set(axes.MESH_AXES) and "auto" not in value:
         updates[name] = dataclasses.replace(updates[name], auto=False)  # sizes given
-    else:
-      raise UserError(f"{name}: unknown config section; known sections: "
-                      f"{', '.join([*_SECTIONS, 'rules'])}")
+    elif name not in families.SECTIONS:
+      raise UserError(f"{name}: unknown config section; known sections: {', '.join(known)}")
+  updates["sections"] = _sections(raw, base)
   config = dataclasses.replace(base, **updates)
   if "model" in raw and config.model.checkpoint:
     config = dataclasses.replace(config, model=_checkpoint_sizes(config.model,
@@ -285,17 +368,18 @@ def from_dict(raw: dict, *, base: Config | None = None, check: bool = True) -> C
 
 
 def _checkpoint_sizes(model: ModelConfig, given: dict) -> ModelConfig:
-  """The model with the family and sizes of `model.checkpoint`'s config.json (read by the
-  family's own reader, `jaxpar.models`). Sizes set earlier (e.g. by the base YAML) are
-  replaced; a size `given` with the checkpoint, or after it, must agree with the checkpoint."""
-  from jaxpar import models  # the family registry (imports JAX; backends stay uninitialised)
-  sizes = models.checkpoint_config(model.checkpoint)
+  """The model with the family, sizes and options of `model.checkpoint` (its config.json,
+  read by the family's registered reader, or a jaxpar checkpoint's record). Values set
+  earlier (e.g. by the base YAML) are replaced; a value `given` with the checkpoint, or after
+  it, must agree with the checkpoint."""
+  sizes = checkpoint_meta.checkpoint_config(model.checkpoint)
+  current = model_fields(model)
   for key, value in sizes.items():
-    if key in given and getattr(model, key) != value:
-      raise UserError(f"model.{key}={getattr(model, key)!r} disagrees with model.checkpoint="
+    if key in given and current.get(key) != value:
+      raise UserError(f"model.{key}={current.get(key)!r} disagrees with model.checkpoint="
                       f"{model.checkpoint} (its config.json gives {value!r}); the checkpoint "
                       f"sets the model sizes: drop model.{key}")
-  return dataclasses.replace(model, **sizes)
+  return replace_model(model, **sizes)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -316,9 +400,11 @@ def apply_overrides(config: Config, overrides: list[str]) -> Config:
   """Applies `section.key=value` overrides; `rules.NAME=AXIS` sets one rule.
 
   `model.checkpoint=` goes first, whatever its place, so every size override is checked
-  against the checkpoint rather than silently replaced by it.
+  against the checkpoint rather than silently replaced by it. The other `model.` overrides
+  go in together, so `model.family` may come after the options of the family it names.
   """
   first = [t for t in overrides if t.partition("=")[0].strip() == "model.checkpoint"]
+  model = {}
   for text in first + [t for t in overrides if t not in first]:
     path, value = parse_override(text)
     section, key = path[0], ".".join(path[1:])
@@ -326,8 +412,12 @@ def apply_overrides(config: Config, overrides: list[str]) -> Config:
       config = from_dict({"rules": {key: value}}, base=config, check=False)
     elif section == "mesh" and not key:  # mesh=auto
       config = from_dict({"mesh": value}, base=config, check=False)
+    elif section == "model" and text not in first:
+      model[key] = value
     else:
       config = from_dict({section: {key: value}}, base=config, check=False)
+  if model:
+    config = from_dict({"model": model}, base=config, check=False)
   validate(config)  # once, so the order of overrides never matters
   return config
 
@@ -387,14 +477,13 @@ def validate(config: Config) -> None:
   if not m.head_dim and m.d_model % m.n_heads:
     raise UserError(f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; "
                     f"pick a head count that divides the width, or set model.head_dim")
-  if m.n_kv_heads < 0 or m.head_dim < 0 or m.sliding_window < 0:
-    raise UserError(f"model.n_kv_heads={m.n_kv_heads}, model.head_dim={m.head_dim}, "
-                    f"model.sliding_window={m.sliding_window}: must be 0 (default) or positive")
+  if m.n_kv_heads < 0 or m.head_dim < 0:
+    raise UserError(f"model.n_kv_heads={m.n_kv_heads}, model.head_dim={m.head_dim}: must be 0 "
+                    f"(default) or positive")
   if m.n_heads % m.kv_heads:
     raise UserError(f"model.n_heads={m.n_heads} is not a multiple of model.n_kv_heads="
                     f"{m.n_kv_heads}: every key/value head serves a whole group of query heads")
-  from jaxpar import models
-  models.family(m.family).check(m)
+  _check_family(m)
   if r.seq_len > m.max_seq_len:
     raise UserError(f"run.seq_len={r.seq_len} exceeds model.max_seq_len={m.max_seq_len} (the "
                     f"position table); use --set run.seq_len={m.max_seq_len} or less")
@@ -411,28 +500,24 @@ def validate(config: Config) -> None:
     if names.count(name) > 1:
       raise UserError(f"rules.{name}: listed {names.count(name)} times; give each logical name "
                       f"one rule")
-  _validate_cnn(config.cnn)
+  for name, section in config.sections:
+    families.SECTIONS[name].check(section)
 
 
-def _validate_cnn(c: CnnConfig) -> None:
-  positive = [("cnn.image_size", c.image_size), ("cnn.width", c.width),
-              ("cnn.stages", c.stages), ("cnn.blocks", c.blocks),
-              ("cnn.num_classes", c.num_classes)]
-  for key, value in positive:
-    if value < 1:
-      raise UserError(f"{key}={value}: must be at least 1")
-  if c.in_channels not in (1, 3):
-    raise UserError(f"cnn.in_channels={c.in_channels}: expected 1 (grey) or 3 (RGB)")
-  if c.norm_eps <= 0:
-    raise UserError(f"cnn.norm_eps={c.norm_eps}: must be positive")
-  halvings = 2 ** (c.stages - 1)
-  if c.image_size % halvings:
-    raise UserError(f"cnn.image_size={c.image_size} cannot be halved {c.stages - 1} times "
-                    f"(cnn.stages={c.stages}); use a multiple of {halvings}")
+def _check_family(m: ModelConfig) -> None:
+  """The family's own checks, on options of the family's own class."""
+  spec = families.family(m.family)
+  if not isinstance(m.options, spec.options):
+    raise UserError(f"model.options is a {type(m.options).__name__}, but model.family="
+                    f"{m.family} takes {spec.options.__name__}; change the family with "
+                    f"jaxpar.config.replace_model (or a config key), not dataclasses.replace")
+  spec.check(m)
 
 
 def to_dict(config: Config) -> dict:
   """A plain dict (rules as an ordered mapping) for printing and JSON."""
   out = {name: dataclasses.asdict(getattr(config, name)) for name in _SECTIONS}
+  out["model"] = model_fields(config.model)
+  out |= {name: dataclasses.asdict(value) for name, value in config.sections}
   out["rules"] = {name: list(t) if isinstance(t, tuple) else t for name, t in config.rules}
   return out

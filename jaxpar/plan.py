@@ -11,10 +11,11 @@ predicted prefill time among those that fit the device memory, then by bytes per
 
 import dataclasses
 
-from jaxpar import axes, models
+from jaxpar import axes
 from jaxpar.config import Config
 from jaxpar.errors import UserError
 from jaxpar.hardware import PRESETS, Hardware, hardware, hardware_for  # noqa: F401
+from jaxpar.models import registry
 from jaxpar.plan_cost import (GB, GIB, Candidate, MeshShape, hlo_collectives,  # noqa: F401
                               param_bytes, predict, step_collectives)
 from jaxpar.rules import Rules
@@ -30,7 +31,7 @@ def candidates(config: Config, n_devices: int) -> tuple[list[Candidate], dict]:
   """The plans the model, batch and devices allow, and {label: why not} for the meshes that
   none of their schedules allows."""
   from jaxpar.runtime import inference  # the runtime's own checks decide what runs
-  family = models.family(config.model.family)
+  family = registry.family(config.model.family)
   rules, out, rejected = Rules(config.rules), [], {}
   L, B = config.model.n_layers, config.run.batch
   for d, s, m in factorisations(n_devices):

@@ -27,9 +27,10 @@ import math
 import jax
 import numpy as np
 
-from jaxpar import axes, models
+from jaxpar import axes
 from jaxpar import hardware as hardware_lib
 from jaxpar.config import Config, MeshConfig, PipelineConfig
+from jaxpar.models import registry
 from jaxpar.models.base import Layout, cache_leaf
 from jaxpar.rules import Rules, is_logical
 
@@ -75,7 +76,7 @@ class MeshShape:
 @functools.lru_cache(maxsize=32)
 def _abstract(model_config, layout: Layout):
   from jaxpar.runtime import state
-  family = models.family(model_config.family)
+  family = registry.family(model_config.family)
   return state.abstract(lambda rngs: family.make(model_config, layout, rngs))
 
 
@@ -105,7 +106,7 @@ def param_bytes(config: Config, c: Candidate) -> dict:
   'gathers_rest': with FSDP, the bytes each all-gathered leaf has once gathered}."""
   config = c.config(config)
   from jaxpar.runtime import inference
-  family = models.family(config.model.family)
+  family = registry.family(config.model.family)
   rules = Rules(config.rules)
   whole = rules.replace(axes.EMBED, None)  # what an FSDP leaf is once gathered
   fsdp = _ways(rules, axes.EMBED, c.mesh) > 1
@@ -139,7 +140,7 @@ def kv_cache_bytes(config: Config, c: Candidate, layout: Layout) -> int:
   """One device's KV cache for `run.batch` rows of seq_len + max_new_tokens slots."""
   config = c.config(config)
   m, rules = config.model, Rules(config.rules)
-  family = models.family(m.family)
+  family = registry.family(m.family)
   length = config.run.seq_len + config.generate.max_new_tokens
   per_layer = 0
   for leaf in family.kv_cache(m, layout, config.run.batch, length).values():

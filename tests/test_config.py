@@ -1,5 +1,7 @@
 """Config loading, overrides and the rule table: values and one-line errors."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -108,3 +110,22 @@ def test_constrain_never_silently_does_nothing(devices):
         jax.jit(lambda x: constrain(x, ("batch", "embed")))(jnp.zeros((6, 4)))
   with use_rules(Rules()), pytest.raises(RuntimeError, match="needs a mesh"):
     jax.jit(lambda x: constrain(x, ("batch", "embed")))(x)
+
+
+def test_family_options_route_to_the_family_in_any_order(root):
+  a = config_lib.load(root / "configs" / "tiny.yaml",
+                      ["model.sliding_window=8", "model.family=mistral"])
+  b = config_lib.load(root / "configs" / "tiny.yaml",
+                      ["model.family=mistral", "model.sliding_window=8"])
+  assert a == b and a.model.options.sliding_window == 8
+  assert config_lib.to_dict(a)["model"]["sliding_window"] == 8
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model.sliding_window=4", "model.sliding_window=4: model.family=gpt2 has no such option; "
+                               "drop it, or pick a family that has it (llama, mistral"),
+    ("model.rope_thta=2", "model.rope_thta: unknown key; known keys of 'model'"),
+])
+def test_a_key_the_family_lacks_is_one_line(root, override, message):
+  with pytest.raises(UserError, match=re.escape(message)):
+    config_lib.load(root / "configs" / "tiny.yaml", [override])

@@ -31,7 +31,7 @@ def gen_config(tiny):
 def build(config, devices, data=1, stage=1, model=1, **model_overrides):
   config = dataclasses.replace(
       config, mesh=MeshConfig(data=data, stage=stage, model=model),
-      model=dataclasses.replace(config.model, **model_overrides))
+      model=config_lib.replace_model(config.model, **model_overrides))
   return generate.build(config, make_mesh(config.mesh, devices=devices[:data * stage * model]),
                         eos_id=-1)
 

@@ -88,7 +88,7 @@ def mesh_for(config, devices):
 
 def with_mesh(config, data, stage, model, **model_fields):
   return dataclasses.replace(config, mesh=MeshConfig(data, stage, model),
-                             model=dataclasses.replace(config.model, **model_fields))
+                             model=config_lib.replace_model(config.model, **model_fields))
 
 
 # data x stage x model: one device, tensor parallel (key/value heads copied 2x and 4x), and
@@ -102,12 +102,13 @@ def test_config_from_checkpoint(root, checkpoints, tmp_path):
   assert all((x.n_heads, x.n_kv_heads, x.d_model, x.vocab_size, x.n_layers) ==
              (8, 2, 64, 251, 4) for x in m.values())
   assert (m["llama"].head_size, m["qwen3"].head_size) == (8, 16)
-  assert m["mistral"].sliding_window == 4 and m["llama"].sliding_window == 0
-  assert m["qwen2"].attn_bias and not m["llama"].attn_bias and not m["qwen3"].attn_bias
-  assert m["qwen3"].qk_norm and not m["qwen2"].qk_norm
-  assert not m["llama"].tie_embeddings and m["llama3"].tie_embeddings
-  assert (m["llama3"].rope_type, m["llama3"].rope_factor, m["llama3"].rope_theta,
-          m["llama3"].rope_original_max_len) == ("llama3", 8.0, 500000.0, 16)
+  o = {f: x.options for f, x in m.items()}
+  assert o["mistral"].sliding_window == 4 and o["llama"].sliding_window == 0
+  assert o["qwen2"].attn_bias and not o["llama"].attn_bias and not o["qwen3"].attn_bias
+  assert o["qwen3"].qk_norm and not o["qwen2"].qk_norm
+  assert not o["llama"].tie_embeddings and o["llama3"].tie_embeddings
+  assert (o["llama3"].rope_type, o["llama3"].rope_factor, o["llama3"].rope_theta,
+          o["llama3"].rope_original_max_len) == ("llama3", 8.0, 500000.0, 16)
   # The Hub's older style, rope_theta + rope_scaling, reads the same.
   legacy = tmp_path / "legacy"
   shutil.copytree(checkpoints["llama3"], legacy)
@@ -182,7 +183,8 @@ def test_linear_rope_scaling(root, devices, tmp_path):
   path = write_hf_decoder(tmp_path / "linear", "llama", seed=2, rope_parameters={
       "rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0})
   config = with_mesh(load(root, path), 2, 1, 4)
-  assert (config.model.rope_type, config.model.rope_factor) == ("linear", 4.0)
+  assert (config.model.options.rope_type, config.model.options.rope_factor) == ("linear",
+                                                                              4.0)
   fwd = inference.build(config, mesh_for(config, devices))
   tokens = inference.seeded_tokens(config)
   got = inference.unpad(fwd(fwd.tokens(tokens)), 251)

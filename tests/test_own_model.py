@@ -14,11 +14,11 @@ import pytest
 from flax import nnx
 
 from jaxpar import config as config_lib
-from jaxpar import models
+from jaxpar import families
 from jaxpar.axes import BATCH, EMBED, HEAD_DIM, HEADS, KV_HEADS, MLP, SEQ, VOCAB
 from jaxpar.config import MeshConfig
 from jaxpar.mesh import make_mesh
-from jaxpar.models import base
+from jaxpar.models import base, registry
 from jaxpar.rules import constrain
 from jaxpar.runtime import generate, inference
 
@@ -66,9 +66,9 @@ def no_hf(*args):
   raise NotImplementedError("this test model has no Hugging Face checkpoints")
 
 
-TINY = models.register(base.Family(
-    name="tiny-test", model_types=(), make=lambda cfg, layout, rngs: Tiny(cfg, layout, rngs),
-    check=lambda cfg: None, from_hf=no_hf, weights=no_hf, kv_cache=base.attention_cache,
+TINY = registry.register(base.Family(
+    spec=families.Spec(name="tiny-test"), make=lambda cfg, layout, rngs: Tiny(cfg, layout, rngs),
+    weights=no_hf, kv_cache=base.attention_cache,
     config_keys={HEADS: "model.n_heads", KV_HEADS: "model.n_heads", MLP: "model.d_ff"}))
 
 

@@ -12,9 +12,10 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from jaxpar import config as config_lib
-from jaxpar import inspect, models, plan
+from jaxpar import inspect, plan
 from jaxpar.config import MeshConfig, PipelineConfig
 from jaxpar.mesh import make_mesh
+from jaxpar.models import registry
 from jaxpar.rules import Rules
 from jaxpar.runtime import inference
 
@@ -69,7 +70,7 @@ def test_sharded_equals_one_device_and_predicted_bytes_equal_compiled(tiny, devi
   fields, (microbatches, repeats), batch = draws.draw(layouts(mesh), label="layout")
   data, stage, model = mesh
   config = dataclasses.replace(
-      tiny, model=dataclasses.replace(tiny.model, init_std=INIT_STD, **fields),
+      tiny, model=config_lib.replace_model(tiny.model, init_std=INIT_STD, **fields),
       mesh=MeshConfig(data, stage, model), pipeline=PipelineConfig(microbatches, repeats),
       run=dataclasses.replace(tiny.run, batch=batch, seq_len=8))
   config_lib.validate(config)
@@ -77,7 +78,7 @@ def test_sharded_equals_one_device_and_predicted_bytes_equal_compiled(tiny, devi
   # Seeded on one device (in the sharded layout's padding), then placed on the mesh: one
   # initialiser compiled on one device instead of one per mesh.
   layout = inference.layout_for(config, mesh_, Rules(config.rules),
-                                models.family(config.model.family))
+                                registry.family(config.model.family))
   one = dataclasses.replace(config, mesh=MeshConfig(1, 1, 1))
   single = inference.build(one, make_mesh(one.mesh, devices=devices[:1]), layout=layout)
   fwd = inference.build(config, mesh_, params=single.natural_params())

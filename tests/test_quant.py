@@ -34,7 +34,7 @@ _LOGITS = {}
 
 def _config(tiny, mesh, **model):
   return dataclasses.replace(tiny, mesh=MeshConfig(*mesh),
-                             model=dataclasses.replace(tiny.model, **model))
+                             model=config_lib.replace_model(tiny.model, **model))
 
 
 def logits(tiny, devices, mesh, **model):

@@ -48,7 +48,7 @@ def uneven(tiny, n_layers, data, stage, model, microbatches, repeats=1, **model_
   return dataclasses.replace(
       tiny, mesh=MeshConfig(data, stage, model),
       pipeline=PipelineConfig(microbatches, repeats),
-      model=dataclasses.replace(tiny.model, n_layers=n_layers, **model_fields),
+      model=config_lib.replace_model(tiny.model, n_layers=n_layers, **model_fields),
       run=dataclasses.replace(tiny.run, batch=data * microbatches))
 
 

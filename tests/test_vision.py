@@ -63,7 +63,7 @@ def compiled(cnn_tiny, devices, single):
 
 def test_logits_are_not_trivial(cnn_tiny, single):
   _, _, logits = single
-  assert logits.shape == (cnn_tiny.run.batch, cnn_tiny.cnn.num_classes)
+  assert logits.shape == (cnn_tiny.run.batch, cnn_tiny.section("cnn").num_classes)
   assert np.abs(logits).max() > 0.3
   assert np.ptp(logits, axis=0).max() > 1e-3  # images give different logits
 
@@ -95,7 +95,7 @@ def test_data_parallel_inference_has_no_collectives(compiled):
 def test_channel_parallel_has_one_all_reduce_per_block(cnn_tiny, compiled):
   # Column-parallel conv1, row-parallel conv2: one all-reduce of [B/data, H, W, C] per block.
   counts = census(compiled, 2, 1, 4).counts()
-  c, B = cnn_tiny.cnn, cnn_tiny.run.batch // 2
+  c, B = cnn_tiny.section("cnn"), cnn_tiny.run.batch // 2
   stream = [B * s * s * (c.width * 2 ** i) * 4 for i, s in enumerate([16, 8])]
   assert counts == {"all-reduce": {"count": 2, "bytes": sum(stream)}}
 
@@ -113,7 +113,7 @@ def test_spatial_layout_exchanges_halos_not_images(cnn_tiny, compiled, data, sta
   assert counts["all-reduce"]["count"] == 1 + (2 if model > 1 else 0)
   # Every permuted buffer is a few rows, never a whole image.
   B = cnn_tiny.run.batch // data
-  row = B * 16 * cnn_tiny.cnn.width * 4  # one row of the widest-resolution stream
+  row = B * 16 * cnn_tiny.section("cnn").width * 4  # one row of the widest-resolution stream
   assert max(x.bytes for x in found.collectives if x.kind == "collective-permute") <= row
 
 
@@ -196,7 +196,7 @@ def test_classify_a_folder_of_images(root, tmp_path, capsys, cnn_tiny, devices):
   assert sorted(result["predictions"]) == [f"img{i}.{s}" for i, s in
                                            enumerate(["png", "jpg", "png", "png", "jpeg"])]
   saved = np.load(out)
-  assert saved.dtype == np.float32 and saved.shape == (5, cnn_tiny.cnn.num_classes)
+  assert saved.dtype == np.float32 and saved.shape == (5, cnn_tiny.section("cnn").num_classes)
   # The same files, decoded by the library and classified on one device.
   files = vision.list_images(str(folder))
   single_config = config_lib.apply_overrides(cnn_tiny, ["run.batch=5", "mesh.data=1"])

@@ -34,7 +34,7 @@ def run(args, config: config_lib.Config) -> dict:
     files = vision.list_images(args.images)
     images = vision.load_images(files, config)  # every file decoded before compiling
   prologue.say_mesh(mesh)
-  c = config.cnn
+  c = config.section("cnn")
   say(f"model: ResNet image_size={c.image_size} in_channels={c.in_channels} "
       f"width={c.width} stages={c.stages} blocks={c.blocks} classes={c.num_classes}; "
       f"batch {config.run.batch}")

@@ -37,7 +37,7 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
-from jaxpar import quant
+from jaxpar import families, quant
 from jaxpar.axes import ACT_EMBED, BATCH, HEAD_DIM, KV_HEADS, LAYERS, SEQ
 from jaxpar.config import ModelConfig
 from jaxpar.rules import constrain
@@ -84,26 +84,24 @@ class Decoder(Protocol):
 class Family:
   """A model family: everything the runtime, the pipeline and the loaders may ask of it.
 
+  - `spec`: its side of the config (`jaxpar.families.Spec`: name, own options, check,
+    config.json readers), JAX-free and registered by name.
   - `make(config, layout, rngs)`: the model (a `Decoder`), parameters named by logical axes.
-  - `check(config)`: one-line UserErrors for options this family does not have (no JAX).
-  - `from_hf(raw, checkpoint)`: config.json (a dict) -> ModelConfig fields, by an allow-list.
   - `weights(config, layout)`: {parameter path: HFTensor}, the structure of the parameters
     with block leaves given per layer.
   - `kv_cache(config, layout, batch, length)`: one layer's cache {name: (shape, names[,
     dtype])}, every leaf batch-first (the dtype defaults to model.dtype).
   - `config_keys`: logical name -> the config key behind its size, for errors.
-  - `to_hf(config)`: the config.json that `from_hf` reads back (for exporting); None if the
-    family has no Hugging Face form.
   """
-  name: str
-  model_types: tuple[str, ...]
+  spec: families.Spec
   make: Callable[[ModelConfig, Layout, nnx.Rngs], Decoder]
-  check: Callable[[ModelConfig], None]
-  from_hf: Callable[[dict, str], dict]
   weights: Callable[[ModelConfig, Layout], dict]
   kv_cache: Callable[[ModelConfig, Layout, int, int], dict]
   config_keys: Mapping[str, str]
-  to_hf: Callable[[ModelConfig], dict] | None = None
+
+  @property
+  def name(self) -> str:
+    return self.spec.name
 
 
 def run_blocks(graphdef: nnx.GraphDef, layers: Any, x_BTD: jax.Array, step: Step,
@@ -215,20 +213,21 @@ def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> j
 # ---- rotary positions ----
 
 def rope_frequencies(cfg: ModelConfig) -> np.ndarray:
-  """Inverse frequencies [H/2] (float32) for rope_type default, linear or llama3."""
-  H = cfg.head_size
-  inv = 1.0 / (cfg.rope_theta ** (np.arange(0, H, 2, dtype=np.float64) / H))
-  if cfg.rope_type == "linear":
-    inv = inv / cfg.rope_factor
-  elif cfg.rope_type == "llama3":
+  """Inverse frequencies [H/2] (float32) for rope_type default, linear or llama3 (the rotary
+  options of `cfg.options`, e.g. `LlamaOptions`)."""
+  H, o = cfg.head_size, cfg.options
+  inv = 1.0 / (o.rope_theta ** (np.arange(0, H, 2, dtype=np.float64) / H))
+  if o.rope_type == "linear":
+    inv = inv / o.rope_factor
+  elif o.rope_type == "llama3":
     # Long wavelengths slowed by `factor`, short ones kept, a smooth blend between.
-    old = cfg.rope_original_max_len
-    low, high = old / cfg.rope_low_freq_factor, old / cfg.rope_high_freq_factor
+    old = o.rope_original_max_len
+    low, high = old / o.rope_low_freq_factor, old / o.rope_high_freq_factor
     wavelen = 2 * math.pi / inv
-    smooth = (old / wavelen - cfg.rope_low_freq_factor) / (
-        cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
-    blended = (1 - smooth) * inv / cfg.rope_factor + smooth * inv
-    inv = np.where(wavelen > low, inv / cfg.rope_factor, np.where(wavelen < high, inv, blended))
+    smooth = (old / wavelen - o.rope_low_freq_factor) / (
+        o.rope_high_freq_factor - o.rope_low_freq_factor)
+    blended = (1 - smooth) * inv / o.rope_factor + smooth * inv
+    inv = np.where(wavelen > low, inv / o.rope_factor, np.where(wavelen < high, inv, blended))
   return inv.astype(np.float32)
 
 

@@ -14,6 +14,9 @@ and each block costs one all-reduce; images are split over `data`, and `rules.he
 cuts every image into strips of rows (XLA exchanges the halo rows of each 3x3 window between
 neighbouring strips).
 
+Its config section (`cnn`, `CnnConfig`) and the logical names it uses are in
+`jaxpar.models.cnn_config`, registered JAX-free.
+
 Shape letters: B batch, H height, W width, I image channels, C channels (residual stream),
 F filters (inside a block), X/Y kernel rows/columns, K classes.
 """
@@ -26,7 +29,7 @@ from flax import nnx
 
 from jaxpar.axes import (ACT_CHANNELS, BATCH, CHANNELS, CLASSES, COLOR, FILTERS, HEIGHT, KERNEL,
                          WIDTH)
-from jaxpar.config import CnnConfig
+from jaxpar.models.cnn_config import CnnConfig
 from jaxpar.rules import active_rules, constrain
 
 # The config key that sets each logical size, so layout errors can name it.

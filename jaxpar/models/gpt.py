@@ -22,11 +22,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxpar import hf_files
 from jaxpar.axes import ACT_EMBED, BATCH, EMBED, HEAD_DIM, HEADS, KV_HEADS, LAYERS, MLP, SEQ, VOCAB
 from jaxpar.config import ModelConfig
-from jaxpar.errors import UserError
-from jaxpar.models import base
+from jaxpar.models import base, gpt_config
 from jaxpar.models.base import HFTensor, Layout, Step
 from jaxpar.rules import constrain
 
@@ -135,42 +133,6 @@ class GPT(nnx.Module):
     return constrain(logits_BTV, (BATCH, SEQ, VOCAB))
 
 
-def check(cfg: ModelConfig) -> None:
-  """GPT-2 has none of the Llama family's options."""
-  off = {"n_kv_heads": cfg.n_kv_heads not in (0, cfg.n_heads),
-         "head_dim": cfg.head_dim not in (0, cfg.d_model // cfg.n_heads),
-         "sliding_window": cfg.sliding_window != 0, "qk_norm": cfg.qk_norm,
-         "tie_embeddings": not cfg.tie_embeddings, "rope_type": cfg.rope_type != "default"}
-  for key, bad in off.items():
-    if bad:
-      raise UserError(f"model.{key}={getattr(cfg, key)!r}: GPT-2 (model.family=gpt2) has no "
-                      f"such option; drop it, or pick a family that has it (llama, mistral, "
-                      f"qwen2, qwen3)")
-
-
-# config.json keys: read into the config, ignored (no effect on inference), fixed.
-_SIZES = {"vocab_size": "vocab_size", "n_embd": "d_model", "n_head": "n_heads",
-          "n_layer": "n_layers", "n_positions": "max_seq_len"}
-_IGNORED = {"architectures", "model_type", "transformers_version", "dtype", "torch_dtype",
-            "bos_token_id", "eos_token_id", "pad_token_id", "initializer_range", "use_cache",
-            "attn_pdrop", "embd_pdrop", "resid_pdrop", "summary_activation",
-            "summary_first_dropout", "summary_proj_to_labels", "summary_type",
-            "summary_use_proj", "task_specific_params", "n_ctx", "_name_or_path",
-            "reorder_and_upcast_attn", "tokenizer_class"}
-_FIXED = {"activation_function": ("gelu_new", "gelu_pytorch_tanh"),
-          "tie_word_embeddings": (True,), "scale_attn_weights": (True,),
-          "scale_attn_by_inverse_layer_idx": (False,), "add_cross_attention": (False,)}
-
-
-def from_hf(raw: dict, checkpoint: str) -> dict:
-  hf_files.check_keys(raw, checkpoint, handled={*_SIZES, "n_inner", "layer_norm_epsilon"},
-                      fixed=_FIXED, ignored=_IGNORED, family="GPT-2")
-  sizes = {field: hf_files.number(raw, key, checkpoint) for key, field in _SIZES.items()}
-  sizes["norm_eps"] = hf_files.number(raw, "layer_norm_epsilon", checkpoint, float, 1e-5)
-  sizes["d_ff"] = hf_files.number(raw, "n_inner", checkpoint, int, 4 * sizes["d_model"])
-  return {"family": "gpt2", **sizes}
-
-
 def weights(cfg: ModelConfig, layout: Layout) -> dict:
   D, K, F = cfg.d_model, cfg.n_heads * cfg.head_size, cfg.d_ff
   def packed(i: int, name: str, shape: tuple, **kw) -> HFTensor:  # q, k or v of c_attn
@@ -190,15 +152,6 @@ def weights(cfg: ModelConfig, layout: Layout) -> dict:
                      "mlp": mlp}}
 
 
-def to_hf(cfg: ModelConfig) -> dict:
-  return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
-          **{key: getattr(cfg, field) for key, field in _SIZES.items()},
-          "n_inner": cfg.d_ff, "layer_norm_epsilon": cfg.norm_eps,
-          "activation_function": "gelu_new", "tie_word_embeddings": True}
-
-
 FAMILY = base.Family(
-    name="gpt2", model_types=("gpt2",),
-    make=lambda cfg, layout, rngs: GPT(cfg, layout, rngs=rngs),
-    check=check, from_hf=from_hf, weights=weights, kv_cache=base.attention_cache,
-    config_keys=CONFIG_KEYS, to_hf=to_hf)
+    spec=gpt_config.SPEC, make=lambda cfg, layout, rngs: GPT(cfg, layout, rngs=rngs),
+    weights=weights, kv_cache=base.attention_cache, config_keys=CONFIG_KEYS)

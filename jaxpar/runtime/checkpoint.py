@@ -18,7 +18,6 @@ Saves are atomic: everything is written to `OUT.partial` and renamed to `OUT` on
 another path; a directory without jaxpar.json is refused as incomplete.
 """
 
-import dataclasses
 import json
 import os
 import shutil
@@ -31,10 +30,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxpar import axes, hf_files, models
+from jaxpar import axes, hf_files
 from jaxpar.checkpoint_meta import FORMAT, META, PARAMS, PARTIAL, check_out, read_meta
-from jaxpar.config import ModelConfig
+from jaxpar.config import ModelConfig, model_fields
 from jaxpar.errors import UserError
+from jaxpar.models import registry
 from jaxpar.models.base import HFTensor, Layout
 from jaxpar.rules import Logical, Rules, is_logical
 
@@ -179,7 +179,7 @@ def save(fwd, out: str, *, overwrite: bool = False, say: Callable[[str], None] =
   import orbax.checkpoint as ocp
   cfg = fwd.config.model
   _refuse_quantized(cfg)
-  model = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _RUN_FIELDS}
+  model = {k: v for k, v in model_fields(cfg).items() if k not in _RUN_FIELDS}
   meta = {"format": FORMAT, "model": model, "names": _name_table(_unstaged_names(fwd)),
           "dtype": cfg.dtype}
 
@@ -268,8 +268,8 @@ def export_hf(fwd, out: str, *, dtype: str, overwrite: bool = False,
   _refuse_quantized(fwd.config.model)
   import ml_dtypes
   cfg = fwd.config.model
-  family = models.family(cfg.family)
-  if family.to_hf is None:
+  family = registry.family(cfg.family)
+  if family.spec.to_hf is None:
     raise UserError(f"model.family={cfg.family!r} has no Hugging Face form; use --format orbax")
   np_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}[dtype]
   params = natural_params(fwd)
@@ -281,7 +281,7 @@ def export_hf(fwd, out: str, *, dtype: str, overwrite: bool = False,
     say(f"writing {len(tensors)} tensors ({sum(t.nbytes for t in tensors.values()) / 2**20:,.1f}"
         f" MiB, {dtype}) to {tmp} ...")
     hf_files.write_safetensors(os.path.join(tmp, hf_files.SINGLE), tensors)
-    config = {**family.to_hf(cfg), "dtype": dtype}
+    config = {**family.spec.to_hf(cfg), "dtype": dtype}
     if cfg.eos_token_ids:
       eos = list(cfg.eos_token_ids)
       config["eos_token_id"] = eos[0] if len(eos) == 1 else eos

@@ -4,7 +4,7 @@
 from a Hugging Face checkpoint) plus a jitted forward whose inputs, outputs and activations are
 all laid out by the one rule table. The model is asked for nothing but the interface of
 `jaxpar.models.base` (embed, blocks, head): any family `model.family` names runs here,
-a user's own included (`jaxpar.models.register`).
+a user's own included (`jaxpar.models.registry.register`).
 """
 
 import dataclasses
@@ -17,11 +17,12 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxpar import axes, checkpoint_meta, models, quant
+from jaxpar import axes, checkpoint_meta, quant
 from jaxpar.distributed import MAX_QUEUED, to_host, tree_to_host
 from jaxpar.config import Config, MeshConfig
 from jaxpar.errors import UserError
 from jaxpar.mesh import processes, single_device_mesh
+from jaxpar.models import registry
 from jaxpar.models.base import Family, Layout, Step, run_blocks
 from jaxpar.parallel import pipeline
 from jaxpar.rules import Logical, Rules, check_tree, is_logical, tree_shardings, use_rules
@@ -128,7 +129,7 @@ def build(config: Config, mesh: Mesh, *, params: dict | None = None,
   `abstract`: the parameters stay ShapeDtypeStructs with their shardings (nothing is created
   or read), enough to compile and inspect the program (`jaxpar.plan`).
   """
-  family = models.family(config.model.family)
+  family = registry.family(config.model.family)
   rules = Rules(config.rules)
   keys = family.config_keys
   layout = layout or layout_for(config, mesh, rules, family)

@@ -23,13 +23,11 @@ from jaxpar.config import Config, MeshConfig
 from jaxpar.distributed import tree_to_host
 from jaxpar.errors import UserError
 from jaxpar.mesh import single_device_mesh
-from jaxpar.models import cnn
+from jaxpar.models import cnn, cnn_config
 from jaxpar.rules import Rules, check_tree, tree_shardings, use_rules
 from jaxpar.runtime import state
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-_CNN_NAMES = (axes.BATCH, axes.HEIGHT, axes.WIDTH, axes.COLOR, axes.CHANNELS,
-              axes.ACT_CHANNELS, axes.FILTERS, axes.KERNEL, axes.CLASSES)
 
 
 @dataclasses.dataclass
@@ -44,7 +42,7 @@ class Classifier(state.ShardedModel):
 
 
 def image_shape(config: Config) -> tuple[int, int, int, int]:
-  c = config.cnn
+  c = config.section("cnn")
   return (config.run.batch, c.image_size, c.image_size, c.in_channels)
 
 
@@ -56,8 +54,8 @@ def _ways(rules: Rules, name: str, mesh_shape) -> tuple[int, str]:
 
 def check_layout(config: Config, mesh: Mesh, rules: Rules) -> None:
   """UserErrors, naming config keys, for layouts the CNN cannot run on. Needs no compiling."""
-  c, shape = config.cnn, dict(mesh.shape)
-  used = {a for name in _CNN_NAMES for a in rules.mesh_axes(name)}
+  c, shape = config.section("cnn"), dict(mesh.shape)
+  used = {a for name in cnn_config.NAMES for a in rules.mesh_axes(name)}
   for axis, size in shape.items():
     if size > 1 and axis not in used:
       hint = {axes.STAGE: "rules.height=stage (image strips)", axes.MODEL: "rules.filters=model",
@@ -93,7 +91,7 @@ def build(config: Config, mesh: Mesh, *, params: dict | None = None) -> Classifi
   """
   rules = Rules(config.rules)
   check_layout(config, mesh, rules)
-  make = lambda rngs: cnn.ResNet(config.cnn, rngs=rngs)
+  make = lambda rngs: cnn.ResNet(config.section("cnn"), rngs=rngs)
   graphdef, shapes, names = state.abstract(make)
   check_tree(shapes, names, rules, mesh, keys=cnn.CONFIG_KEYS)
   param_shardings = tree_shardings(names, rules, mesh)
@@ -159,7 +157,7 @@ def load_image(path: str, *, size: int, channels: int) -> np.ndarray:
 
 def load_images(paths: list[str], config: Config) -> np.ndarray:
   """All files decoded to [N, S, S, I] (float32 in [0, 1])."""
-  c = config.cnn
+  c = config.section("cnn")
   return np.stack([load_image(p, size=c.image_size, channels=c.in_channels) for p in paths])
 
 
