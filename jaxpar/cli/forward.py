@@ -1,7 +1,6 @@
 """`scripts/run.py forward`: the sharded forward pass on a seeded batch (or --prompt-ids), timed,
 with its compiled collectives, optionally checked against one device."""
 
-import time
 
 from jaxpar import axes
 from jaxpar import config as config_lib
