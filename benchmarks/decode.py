@@ -73,14 +73,13 @@ def teacher_forced_logits(gen, tokens_BT):
 
   from jaxpar.models.base import run_blocks
   from jaxpar.rules import use_rules
-  from jaxpar.runtime.decoding import prompt_step
-  from jaxpar.runtime.decoder import new_caches
+  from jaxpar.runtime.decoder import causal_step, new_caches
   B, T = tokens_BT.shape
 
   def run(params, tokens_BT):
     with use_rules(gen.forward.rules, keys=gen.family.config_keys):
       model, graphdef, layers = gen.model_parts(params)
-      step = prompt_step(jnp.ones((B, T), bool), 1)
+      step = causal_step(B, T, T + 1)
       caches = new_caches(gen, B, T + 1, scan=gen.scan)
       x_BTD = model.embed(tokens_BT, step.positions_BT)
       x_BTD, _ = run_blocks(graphdef, layers, x_BTD, step, caches, scan=gen.scan)

@@ -9,14 +9,12 @@ imports no JAX, so the CLI can validate a config before JAX starts.
 import dataclasses
 import math
 import os
-import re
-import types
 import typing
 from typing import Any
 
 import yaml
 
-from jaxpar import axes, checkpoint_meta, families
+from jaxpar import axes, checkpoint_meta, config_parse, families
 from jaxpar.errors import UserError
 
 
@@ -179,76 +177,6 @@ _SECTIONS = {"mesh": MeshConfig, "model": ModelConfig, "run": RunConfig,
 _DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZE_MODES = ("none", "int8", "int8-dynamic")
 KV_CACHE_DTYPES = ("", "int8")
-# YAML 1.1 reads `1e-05` (no dot) as a string: numbers in any usual notation are floats here.
-_FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
-
-
-def _check_type(key: str, value: Any, kind: Any) -> Any:
-  """Returns `value` as `kind` (int, float, bool, str, tuple of ints, or X | None) or raises
-  a UserError."""
-  if isinstance(kind, types.UnionType):
-    inner = [k for k in typing.get_args(kind) if k is not type(None)]
-    if value is None:
-      return None
-    kind = inner[0]
-  if kind is tuple:
-    items = value if isinstance(value, (list, tuple)) else [value]
-    return tuple(_check_type(f"{key}[{i}]", v, int) for i, v in enumerate(items))
-  if kind is float and isinstance(value, str) and _FLOAT.match(value.strip()):
-    return float(value)
-  if kind is float and isinstance(value, int) and not isinstance(value, bool):
-    return float(value)
-  if kind is int and isinstance(value, bool) or not isinstance(value, kind):
-    raise UserError(f"{key}={value!r} is a {type(value).__name__}, expected {kind.__name__}; "
-                    f"fix the value in the config or the --set override")
-  return value
-
-
-def _rule_value(key: str, value: Any) -> Any:
-  """A rule's target: a mesh axis, a list of mesh axes, or null."""
-  targets = value if isinstance(value, (list, tuple)) else [value]
-  if value is None:
-    return None
-  for target in targets:
-    if target not in axes.MESH_AXES:
-      raise UserError(f"{key}={value!r}: {target!r} is not a mesh axis; use one of "
-                      f"{', '.join(axes.MESH_AXES)}, a list of them, or null (replicated)")
-  return tuple(targets) if isinstance(value, (list, tuple)) else value
-
-
-def _rules(key: str, value: Any) -> tuple:
-  if not isinstance(value, dict):
-    raise UserError(f"{key} is a {type(value).__name__}, expected a mapping of logical names to "
-                    f"mesh axes, e.g. 'rules: {{batch: data, mlp: model}}'")
-  table = []
-  for name, target in value.items():
-    if name not in axes.LOGICAL_NAMES:
-      raise UserError(f"{key}.{name}: unknown logical name {name!r}; known names: "
-                      f"{', '.join(axes.LOGICAL_NAMES)}")
-    table.append((name, _rule_value(f"{key}.{name}", target)))
-  return tuple(table)
-
-
-def _mapping(name: str, raw: Any) -> dict:
-  if not isinstance(raw, dict):
-    raise UserError(f"{name} is a {type(raw).__name__}, expected a mapping of keys to values")
-  return raw
-
-
-def _section(name: str, cls: type, raw: Any, base: Any) -> Any:
-  if raw is None:  # every key commented out
-    return base
-  hints = typing.get_type_hints(cls)
-  fields = {f.name for f in dataclasses.fields(cls)}
-  values = {}
-  for key, value in _mapping(name, raw).items():
-    if key not in fields:
-      raise UserError(f"{name}.{key}: unknown key; known keys of '{name}': "
-                      f"{', '.join(sorted(fields))}")
-    values[key] = _check_type(f"{name}.{key}", value, hints[key])
-  return dataclasses.replace(base, **values)
-
-
 _CORE_KEYS = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.name != "options")
 
 
@@ -310,25 +238,27 @@ def _model_section(raw: Any, base: ModelConfig) -> ModelConfig:
   options once the family (which may come last) is known."""
   if raw is None:
     return base
-  raw = _mapping("model", raw)
+  raw = config_parse.mapping("model", raw)
   hints = typing.get_type_hints(ModelConfig)
   family = raw.get("family", base.family)
   if "family" in raw:
-    family = _check_type("model.family", family, str)
+    family = config_parse.check_type("model.family", family, str)
   spec = families.family(family)
   hints |= typing.get_type_hints(spec.options)
   values = {}
   for key, value in raw.items():
     if key not in hints or key == "options":
       _refuse_option(family, key, value)
-    values[key] = _check_type(f"model.{key}", value, hints[key])
+    values[key] = config_parse.check_type(f"model.{key}", value, hints[key])
   return replace_model(base, **values)
 
 
 def _sections(raw: Any, base: Config) -> tuple:
   """`base.sections` with each registered section in `raw` updated."""
-  return tuple((name, _section(name, families.SECTIONS[name].options, raw[name], value)
-                if name in raw else value) for name, value in base.sections)
+  parse = lambda name, value: config_parse.section(name, families.SECTIONS[name].options,
+                                                   raw[name], value)
+  return tuple((name, parse(name, value) if name in raw else value)
+               for name, value in base.sections)
 
 
 def from_dict(raw: dict, *, base: Config | None = None, check: bool = True) -> Config:
@@ -345,14 +275,14 @@ def from_dict(raw: dict, *, base: Config | None = None, check: bool = True) -> C
   for name, value in raw.items():
     if name == "rules":  # a partial table changes those rules, in place, and keeps the rest
       rules = dict(base.rules)
-      rules.update(_rules("rules", {} if value is None else value))
+      rules.update(config_parse.rule_table("rules", {} if value is None else value))
       updates["rules"] = tuple(rules.items())
     elif name == "mesh" and value == "auto":
       updates[name] = dataclasses.replace(base.mesh, auto=True)
     elif name == "model":
       updates[name] = _model_section(value, base.model)
     elif name in _SECTIONS:
-      updates[name] = _section(name, _SECTIONS[name], value, getattr(base, name))
+      updates[name] = config_parse.section(name, _SECTIONS[name], value, getattr(base, name))
       if name == "mesh" and set(value or {}) & set(axes.MESH_AXES) and "auto" not in value:
         updates[name] = dataclasses.replace(updates[name], auto=False)  # sizes given
     elif name not in families.SECTIONS:
@@ -382,20 +312,6 @@ def _checkpoint_sizes(model: ModelConfig, given: dict) -> ModelConfig:
   return replace_model(model, **sizes)
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-  """'model.n_layers=4' -> (['model', 'n_layers'], 4). Values are parsed as YAML scalars."""
-  key, sep, value = text.partition("=")
-  if key.strip() == "mesh" and value.strip() == "auto":
-    return ["mesh"], "auto"
-  if not sep or not key or "." not in key:
-    raise UserError(f"--set {text!r}: expected section.key=value, e.g. --set model.n_layers=4")
-  try:
-    parsed = yaml.safe_load(value) if value else None
-  except yaml.YAMLError:
-    raise UserError(f"--set {text!r}: the value {value!r} is not valid YAML; quote it") from None
-  return key.split("."), parsed
-
-
 def apply_overrides(config: Config, overrides: list[str]) -> Config:
   """Applies `section.key=value` overrides; `rules.NAME=AXIS` sets one rule.
 
@@ -406,7 +322,7 @@ def apply_overrides(config: Config, overrides: list[str]) -> Config:
   first = [t for t in overrides if t.partition("=")[0].strip() == "model.checkpoint"]
   model = {}
   for text in first + [t for t in overrides if t not in first]:
-    path, value = parse_override(text)
+    path, value = config_parse.parse_override(text)
     section, key = path[0], ".".join(path[1:])
     if section == "rules":
       config = from_dict({"rules": {key: value}}, base=config, check=False)
@@ -474,6 +390,20 @@ def validate(config: Config) -> None:
     size = getattr(config.mesh, name)
     if size == 0 or size < -1:
       raise UserError(f"mesh.{name}={size}: must be a positive size or -1 (fill)")
+  _check_model(m)
+  if r.seq_len > m.max_seq_len:
+    raise UserError(f"run.seq_len={r.seq_len} exceeds model.max_seq_len={m.max_seq_len} (the "
+                    f"position table); use --set run.seq_len={m.max_seq_len} or less")
+  names = [name for name, _ in config.rules]
+  for name in set(names):
+    if names.count(name) > 1:
+      raise UserError(f"rules.{name}: listed {names.count(name)} times; give each logical name "
+                      f"one rule")
+  for name, section in config.sections:
+    families.SECTIONS[name].check(section)
+
+
+def _check_model(m: ModelConfig) -> None:
   if not m.head_dim and m.d_model % m.n_heads:
     raise UserError(f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; "
                     f"pick a head count that divides the width, or set model.head_dim")
@@ -484,9 +414,6 @@ def validate(config: Config) -> None:
     raise UserError(f"model.n_heads={m.n_heads} is not a multiple of model.n_kv_heads="
                     f"{m.n_kv_heads}: every key/value head serves a whole group of query heads")
   _check_family(m)
-  if r.seq_len > m.max_seq_len:
-    raise UserError(f"run.seq_len={r.seq_len} exceeds model.max_seq_len={m.max_seq_len} (the "
-                    f"position table); use --set run.seq_len={m.max_seq_len} or less")
   if m.dtype not in _DTYPES:
     raise UserError(f"model.dtype={m.dtype!r}: expected one of {', '.join(_DTYPES)}")
   if m.quantize not in QUANTIZE_MODES:
@@ -495,13 +422,6 @@ def validate(config: Config) -> None:
   if m.kv_cache_dtype not in KV_CACHE_DTYPES:
     raise UserError(f"model.kv_cache_dtype={m.kv_cache_dtype!r}: expected one of "
                     f"{', '.join(repr(d) for d in KV_CACHE_DTYPES)} ('' is model.dtype)")
-  names = [name for name, _ in config.rules]
-  for name in set(names):
-    if names.count(name) > 1:
-      raise UserError(f"rules.{name}: listed {names.count(name)} times; give each logical name "
-                      f"one rule")
-  for name, section in config.sections:
-    families.SECTIONS[name].check(section)
 
 
 def _check_family(m: ModelConfig) -> None:

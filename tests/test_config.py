@@ -8,6 +8,7 @@ import pytest
 
 from jaxpar import axes
 from jaxpar import config as config_lib
+from jaxpar import config_parse
 from jaxpar.config import MeshConfig
 from jaxpar.errors import UserError
 from jaxpar.mesh import make_mesh
@@ -68,7 +69,7 @@ def test_bad_config_values(raw, message):
 @pytest.mark.parametrize("text", ["model", "model.n_layers", "=3", "n_layers=3"])
 def test_bad_override_syntax(text):
   with pytest.raises(UserError, match="expected section.key=value"):
-    config_lib.parse_override(text)
+    config_parse.parse_override(text)
 
 
 def test_rules_map_names_in_order():

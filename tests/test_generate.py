@@ -85,6 +85,21 @@ def test_batch_1_decodes_with_its_caches_in_place(gen_config, devices, expected,
   assert census.loops and max(census.loop_copies, default=0) < smallest_leaf
 
 
+def test_pipelined_decode_moves_activations_and_tokens_only(gen_config, devices, expected):
+  """On data=2 x stage=2 x model=2 the loop of rounds moves each tick's activations and
+  tokens by collective-permutes and all-reduces the model split; no collective carries a
+  KV cache (each is smaller than one layer's cache on one device)."""
+  gen = build(gen_config, devices, 2, 2, 2)
+  np.testing.assert_array_equal(gen.generate(PROMPTS, max_new_tokens=NEW).tokens, expected)
+  (_, decode, _), = gen._compiled.values()
+  census = inspect.hlo_census(decode.as_text())
+  assert set(census.counts()) <= {"collective-permute", "all-reduce", "all-gather"}
+  assert census.count("collective-permute", in_loop=True) >= 2  # activations, tokens
+  one_layer = gen.cache_bytes_per_device(len(PROMPTS), max(map(len, PROMPTS)) + NEW) // (
+      2 * gen_config.model.n_layers)
+  assert max(c.bytes for c in census.collectives) < one_layer
+
+
 @pytest.mark.parametrize("stage", [1, 2])
 def test_eos_stops_a_row_and_fills_it_with_eos(gen_config, devices, expected, stage):
   eos = int(expected[0, 2])  # a token row 0 produces at step 2
@@ -179,7 +194,7 @@ def test_generate_cli(root, tmp_path, monkeypatch, capsys):
   expected = single.generate([[1, 2, 3], [4, 5], [6], [7, 8, 9, 10]], max_new_tokens=5).tokens
   np.testing.assert_array_equal(saved, expected)
   assert "prefill: 4 prompts x 4 tokens" in stdout
-  assert "decoding 5 tokens, pipelined: 2 groups over 2 stages, 9 ticks..." in stdout
+  assert "decoding 5 tokens, pipelined: 2 groups over 2 stages, 5 rounds of 2 ticks..." in stdout
 
 
 @pytest.mark.parametrize("args,message", [

@@ -25,7 +25,6 @@ from jaxpar.mesh import make_mesh, single_device_mesh
 from jaxpar.models import base
 from jaxpar.runtime import decoder, generate, inference, state
 from jaxpar.rules import Rules, use_rules
-from jaxpar.runtime.decoding import prompt_step
 
 REL_TOL, TOP1 = 0.08, 0.90
 LLAMA = dict(family="llama", n_kv_heads=2, tie_embeddings=False)
@@ -126,11 +125,10 @@ def _teacher_forced(gen, tokens_BT):
   """Logits at every position of `tokens_BT` computed through a fresh KV cache (the
   prefill's path): float or int8, as the generator's config says."""
   B, T = tokens_BT.shape
-  mask_BT = jnp.ones((B, T), bool)
 
   def run(params):
     model, graphdef, layers = gen.model_parts(params)
-    step = prompt_step(mask_BT, 1)
+    step = decoder.causal_step(B, T, T + 1)
     caches = decoder.new_caches(gen, B, T + 1, scan=gen.scan)
     x_BTD = model.embed(jnp.asarray(tokens_BT), step.positions_BT)
     x_BTD, _ = base.run_blocks(graphdef, layers, x_BTD, step, caches, scan=gen.scan)

@@ -193,17 +193,6 @@ def run(stage_fn: Callable[[Any, Any], Any], params: Any, x: Any, *, mesh: Mesh,
   if M % S:
     raise ValueError(f"{M} microbatches do not spread over {S} stages (see `check`)")
   ways = math.prod(mesh.shape[a] for a in batch_axes)
-  B = jax.tree.leaves(x)[0].shape[0]
-  rows = B // (ways * M)  # rows of one microbatch on one batch shard
-
-  def split(a):  # microbatch m takes rows [m*rows, (m+1)*rows) of every batch shard
-    return jnp.swapaxes(a.reshape(ways, M, rows, *a.shape[1:]), 0, 1).reshape(
-        M, ways * rows, *a.shape[1:])
-
-  def merge(a):
-    return jnp.swapaxes(a.reshape(M, ways, rows, *a.shape[2:]), 0, 1).reshape(B, *a.shape[2:])
-
-  per = M // S  # finished microbatches each stage ends up holding
 
   def per_stage(params_local, x_M):
     chunks = jax.tree.map(lambda p: p[0], params_local)  # [R, Lc, ...]: this stage's chunks
@@ -229,13 +218,34 @@ def run(stage_fn: Callable[[Any, Any], Any], params: Any, x: Any, *, mesh: Mesh,
       return (parked, out), y
 
     (_, out), _ = ring.run(tick, (parked, out), bubble, ticks=schedule.ticks, stages=S)
-    # Spread the finished microbatches: stage k gets [k*per, (k+1)*per) from the last stage.
-    mine = jax.tree.map(lambda o: o[(S - 1) * per:], out)  # zeros except on the last stage
-    for k in range(S - 1):
-      sent = ring.send(jax.tree.map(lambda o: o[k * per:(k + 1) * per], out), [(S - 1, k)])
-      mine = jax.tree.map(jnp.add, mine, sent)
-    return mine
+    return _spread(out, S)
 
   y_M = ring.shard(per_stage, mesh=mesh, in_specs=(P(STAGE), P()), out_specs=P(STAGE))(
-      params, jax.tree.map(split, x))
-  return jax.tree.map(merge, y_M)
+      params, jax.tree.map(lambda a: _split(a, ways, M), x))
+  return jax.tree.map(lambda a: _merge(a, ways), y_M)
+
+
+def _split(a: jax.Array, ways: int, M: int) -> jax.Array:
+  """[B, ...] -> [M, B/M, ...]: microbatch m takes rows [m*rows, (m+1)*rows) of every one
+  of the `ways` batch shards (so each keeps the batch split)."""
+  rows = a.shape[0] // (ways * M)
+  return jnp.swapaxes(a.reshape(ways, M, rows, *a.shape[1:]), 0, 1).reshape(
+      M, ways * rows, *a.shape[1:])
+
+
+def _merge(a: jax.Array, ways: int) -> jax.Array:
+  """The inverse of `_split`."""
+  M, rows = a.shape[0], a.shape[1] // ways
+  return jnp.swapaxes(a.reshape(M, ways, rows, *a.shape[2:]), 0, 1).reshape(
+      M * ways * rows, *a.shape[2:])
+
+
+def _spread(out: Any, S: int) -> Any:
+  """The finished microbatches [M, ...] (on the last stage; zeros elsewhere) spread: stage k
+  gets [k*M/S, (k+1)*M/S) by one collective-permute each."""
+  per = jax.tree.leaves(out)[0].shape[0] // S
+  mine = jax.tree.map(lambda o: o[(S - 1) * per:], out)
+  for k in range(S - 1):
+    sent = ring.send(jax.tree.map(lambda o: o[k * per:(k + 1) * per], out), [(S - 1, k)])
+    mine = jax.tree.map(jnp.add, mine, sent)
+  return mine

@@ -1,14 +1,15 @@
 """Autoregressive generation with a sharded KV cache, the whole decode loop compiled, for any
-decoder family (`jaxpar.models.base`).
+decoder family (`jaxpar.models.base`): a driver of the slot decoder.
 
-Prompts of different lengths are left-padded into one [B, T0] batch with a mask; each row's
-positions count its real tokens only, so every row decodes as if it were alone. The cache
+The prompts are right-padded into the rows of a `decoder.Decoder` (each row's tokens at the
+cache slots equal to their positions, so every row decodes as if it were alone); the cache
 holds T0 + max_new_tokens slots per layer, laid out by the rules like any activation: batch
-over `data`, key/value heads over `model`. Two compiled programs: `prefill` (the prompt
-through every block, filling the cache, and the first new token) and `decode` (a
-`lax.while_loop` over the remaining tokens that stops when every row has produced an EOS id;
-a row that stopped repeats its EOS). With mesh.stage > 1 both are pipelined
-(`pipelined_generate`).
+over `data`, key/value heads over `model`. Two compiled programs: the decoder's prefill (every
+prompt through every block, filling the cache, and the first new token) and `decode` (a
+`lax.while_loop` of the decoder's step that stops when every row has produced an EOS id; a
+row that stopped repeats its EOS). With mesh.stage > 1 the rows form one group per stage of
+a `pipelined_decoder.PipelinedDecoder`: its prefill, then its rounds in a `lax.fori_loop`
+(`pipelined_loop`).
 """
 
 import dataclasses
@@ -28,9 +29,9 @@ from jaxpar.distributed import say, to_host, tree_to_host
 from jaxpar.errors import UserError
 from jaxpar.models.base import Family, cache_leaf
 from jaxpar.rules import Logical, Rules, is_logical, tree_shardings, use_rules
-from jaxpar.runtime import inference, pipelined_generate, state
+from jaxpar.runtime import inference, state
 from jaxpar.runtime.decoder import Decoder
-from jaxpar.runtime.decoding import is_eos, report
+from jaxpar.runtime.pipelined_decoder import PipelinedDecoder, Rows
 from jaxpar.runtime.sampling import Sampling
 
 
@@ -54,6 +55,17 @@ def pad_right(prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
   for b, p in enumerate(prompts):
     tokens[b, :len(p)] = p
   return tokens, np.asarray([len(p) for p in prompts], np.int32)
+
+
+def is_eos(tokens: jax.Array, eos_ids: tuple[int, ...]) -> jax.Array:
+  return jnp.isin(tokens, jnp.asarray(eos_ids or (-1,), jnp.int32))
+
+
+def report(done, total) -> None:
+  """Progress from inside a compiled decode loop (a host callback): about 8 lines."""
+  done, every = int(done), max(1, total // 8)
+  if done % every == 0 or done == total:
+    say(f"  decoded {done}/{total} tokens")
 
 
 @dataclasses.dataclass
@@ -259,34 +271,84 @@ class Generator:
     return out, int(steps), (prefill_s, time.perf_counter() - start, compile_s)
 
   def _pipelined(self, prompts, max_new: int, sampling: Sampling, seed: int, progress: bool):
-    """Left-padded prompts through `pipelined_generate`'s prefill and decode ticks."""
-    tokens_host, mask_host = pad_prompts(prompts)
+    """Right-padded prompts prefilled into a `PipelinedDecoder`'s groups, then its rounds in
+    a loop (`pipelined_loop`)."""
+    tokens_host, lengths = pad_right(prompts)
     B, T0 = tokens_host.shape
-    sharding = self.forward.rules.sharding((BATCH, SEQ), self.mesh, what="prompts")
-    tokens = jax.device_put(jnp.asarray(tokens_host), sharding)
-    mask = jax.device_put(jnp.asarray(mask_host), sharding)
-    key, params = jax.random.key(seed), self.params
+    decoder = PipelinedDecoder(self, B, T0 + max_new)
+    G, Bg, params = decoder.G, decoder.Bg, self.params
+    grid = lambda a: np.asarray(a).reshape(G, Bg, *np.shape(a)[1:])
+    settings = Sampling(np.full((G, Bg), sampling.temperature, np.float32),
+                        np.full((G, Bg), sampling.top_k, np.int32),
+                        np.full((G, Bg), sampling.top_p, np.float32))
+    seeds, fold = np.full((G, Bg), seed, np.uint32), grid(np.arange(B, dtype=np.int32))
+    args = (grid(tokens_host), grid(lengths), np.int32(0), settings, seeds, fold)
+    greedy = sampling.temperature == 0
 
     def make():
-      prefill, decode = pipelined_generate.programs(self, B, T0, max_new, sampling, progress)
-      first, caches = jax.eval_shape(prefill, params, tokens, mask, key)
-      return (prefill.lower(params, tokens, mask, key).compile(),
-              decode.lower(params, caches, first, mask, key).compile())
-    (prefill, decode), compile_s = self._compile(("pipelined", B, T0, max_new, sampling),
-                                                 make)
+      prefill = decoder.prefill(G, Bg, T0, greedy=greedy)
+      decode = pipelined_loop(decoder, max_new, greedy, progress)
+      state = decoder.empty_state(abstract=True)
+      first, state = jax.eval_shape(prefill, params, state, *args)
+      return (prefill.lower(params, state, *args).compile(),
+              decode.lower(params, state, first, *args[1:]).compile(), decoder.empty_state)
+    (prefill, decode, empty), compile_s = self._compile(
+        ("pipelined", B, T0, max_new, sampling, progress), make)
     start = time.perf_counter()
-    first, caches = prefill(params, tokens, mask, key)
+    first, state = prefill(params, empty(), *args)
     first.block_until_ready()
     prefill_s = time.perf_counter() - start
     if progress:
-      S = self.forward.schedule.stages
       say(f"prefill: {B} prompt{'s' if B != 1 else ''} x {T0} tokens in {prefill_s:.3f} s; "
-          f"decoding {max_new} tokens, pipelined: {S} groups over {S} stages, "
-          f"{(max_new - 1) * S + S - 1} ticks...")
+          f"decoding {max_new} tokens, pipelined: {G} groups over {decoder.S} stages, "
+          f"{max_new if max_new > 1 else 0} rounds of {G} ticks...")
     start = time.perf_counter()
-    out, steps = decode(params, caches, first, mask, key)
-    out = to_host(out)  # gathered from every process
-    return out, int(steps), (prefill_s, time.perf_counter() - start, compile_s)
+    out = to_host(decode(params, state, first, *args[1:]))  # gathered from every process
+    return out.reshape(B, max_new), max_new, (prefill_s, time.perf_counter() - start,
+                                              compile_s)
+
+
+def pipelined_loop(decoder: PipelinedDecoder, max_new: int, greedy: bool, progress: bool):
+  """The jitted decode of `max_new` - 1 more tokens for every slot of a prefilled
+  `decoder`: (params, state, first [G, Bg], lengths, slot, sampling, seeds, fold) ->
+  tokens [G, Bg, max_new]. Round r enters every row's token r at position length + r; the
+  `late` groups' tokens leave one round later, so N - 1 rounds and one more (which writes
+  nothing) make them all. Every round runs (no early stop across stages); a row that
+  stopped repeats its EOS."""
+  N, eos_ids = max_new, decoder.generator.eos_ids
+  round_fn = decoder.round_fn(greedy=greedy)
+  late = decoder.late()
+
+  def decode(params, state, first_GB, lengths_GB, slot, sampling, seeds, fold):
+    del slot
+
+    def rows(r, write):
+      return Rows(lengths_GB + r, jnp.full(first_GB.shape, write), sampling.temperature,
+                  sampling.top_k, sampling.top_p, seeds, fold, jnp.full(first_GB.shape, r + 1))
+
+    def body(r, carry):
+      state, out_GBN = carry
+      both = jax.tree.map(lambda a, b: jnp.stack([a, b]), rows(r - 1, r >= 1),
+                          rows(r, r < N - 1))
+      inject = jnp.full(first_GB.shape, r == 0)
+      token_GB, state = round_fn(params, state, inject, first_GB, both)
+      n_G = r + 1 - late.astype(jnp.int32)  # the token number that left, per group
+      keep_GN = (jnp.arange(N)[None, :] == n_G[:, None]) & (n_G[:, None] >= 1)
+      out_GBN = jnp.where(keep_GN[:, None, :], token_GB[:, :, None], out_GBN)
+      if progress:
+        jax.debug.callback(report, r + 1, N)
+      return state, out_GBN
+
+    out_GBN = jnp.zeros((*first_GB.shape, N), jnp.int32).at[:, :, 0].set(first_GB)
+    if N > 1:
+      _, out_GBN = lax.fori_loop(0, N, body, (state, out_GBN))
+    # After a row's first EOS it repeats that EOS.
+    eos = is_eos(out_GBN, eos_ids)
+    after = jnp.cumsum(eos, axis=-1) - eos > 0
+    first_eos = jnp.take_along_axis(out_GBN, jnp.argmax(eos, axis=-1)[..., None], axis=-1)
+    return jnp.where(after, first_eos, out_GBN)
+
+  return jax.jit(decode, donate_argnums=(1,))
 
 
 def _per_layer(fwd: inference.Forward) -> tuple[tuple, dict]:
@@ -304,7 +366,7 @@ def _per_layer(fwd: inference.Forward) -> tuple[tuple, dict]:
 def build(config: Config, mesh, *, eos_id: int | None = None) -> Generator:
   """A Generator for `config` on `mesh` (parameters seeded, or from model.checkpoint).
 
-  With mesh.stage > 1 decoding is pipelined (`pipelined_generate`): the prompts form one group
+  With mesh.stage > 1 decoding is pipelined (`pipelined_loop`): the prompts form one group
   per stage, so the batch is padded to a multiple of stage x data. `eos_id` (default:
   generate.eos_id, else the checkpoint's EOS ids; -1: none) stops a row.
   """

@@ -26,6 +26,7 @@ def make_app(engine: Engine, *, limits: api.Limits, tokenizer=None, template=Non
              log: bool = True) -> FastAPI:
   app = FastAPI(title="jaxpar", docs_url=None, redoc_url=None)
   created = int(time.time())
+  handler = _Completions(engine, limits, tokenizer, template, log)
 
   @app.exception_handler(api.ApiError)
   async def api_error(_, e: api.ApiError):
@@ -58,20 +59,28 @@ def make_app(engine: Engine, *, limits: api.Limits, tokenizer=None, template=Non
 
   @app.post("/v1/completions")
   async def completions(request: Request):
-    body = api.parse_json(await request.body())
-    api.check_model(body, limits)
-    prompt = api.completion_prompt(body, tokenizer)
-    return await _respond(request, body, prompt, chat=False)
+    return await handler(request, chat=False)
 
   @app.post("/v1/chat/completions")
   async def chat_completions(request: Request):
-    body = api.parse_json(await request.body())
-    api.check_model(body, limits)
-    prompt = api.chat_prompt(body, template, tokenizer)
-    return await _respond(request, body, prompt, chat=True)
+    return await handler(request, chat=True)
 
-  async def _respond(request: Request, body: dict, prompt: list[int], *, chat: bool):
-    params, stream_it, include_usage = api.sampling_params(body, limits)
+  return app
+
+
+class _Completions:
+  """A completion request: parsed, queued on the engine, answered whole or streamed."""
+
+  def __init__(self, engine: Engine, limits: api.Limits, tokenizer, template, log: bool):
+    self.engine, self.limits, self.log = engine, limits, log
+    self.tokenizer, self.template = tokenizer, template
+
+  async def __call__(self, request: Request, *, chat: bool):
+    body = api.parse_json(await request.body())
+    api.check_model(body, self.limits)
+    prompt = (api.chat_prompt(body, self.template, self.tokenizer) if chat else
+              api.completion_prompt(body, self.tokenizer))
+    params, stream_it, include_usage = api.sampling_params(body, self.limits)
     loop, outputs = asyncio.get_running_loop(), asyncio.Queue()
 
     def listener(out: Output) -> None:
@@ -81,17 +90,17 @@ def make_app(engine: Engine, *, limits: api.Limits, tokenizer=None, template=Non
         stream.cancel()
 
     try:
-      stream = engine.submit(prompt, params, listener=listener)
+      stream = self.engine.submit(prompt, params, listener=listener)
     except RequestError as e:
       raise api.ApiError(e.status, str(e), param=e.param) from None
     rid = api.new_id("chatcmpl" if chat else "cmpl")
     if stream_it:
-      events = _events(stream, outputs, rid, chat=chat, include_usage=include_usage)
+      events = self._events(stream, outputs, rid, chat=chat, include_usage=include_usage)
       return StreamingResponse(events, media_type="text/event-stream")
-    return await _whole(request, stream, outputs, rid, chat=chat)
+    return await self._whole(request, stream, outputs, rid, chat=chat)
 
-  async def _whole(request: Request, stream: Stream, outputs: asyncio.Queue, rid: str, *,
-                   chat: bool):
+  async def _whole(self, request: Request, stream: Stream, outputs: asyncio.Queue, rid: str,
+                   *, chat: bool):
     try:
       while True:
         try:
@@ -106,50 +115,47 @@ def make_app(engine: Engine, *, limits: api.Limits, tokenizer=None, template=Non
     finally:
       if stream.finish_reason is None:
         stream.cancel()
-    _log(stream)
-    _check_error(stream)
+    self._log(stream)
+    if stream.finish_reason == "error":
+      raise _engine_failed()
     choice = api.choice(chat, stream.text, stream.token_ids, stream.finish_reason, delta=False)
-    result = api.envelope(chat, rid, limits.model, [choice], chunk=False)
+    result = api.envelope(chat, rid, self.limits.model, [choice], chunk=False)
     result["usage"] = api.usage(len(stream.prompt), len(stream.token_ids))
     return result
 
-  async def _events(stream: Stream, outputs: asyncio.Queue, rid: str, *, chat: bool,
+  async def _events(self, stream: Stream, outputs: asyncio.Queue, rid: str, *, chat: bool,
                     include_usage: bool):
+    model = self.limits.model
+
     def event(payload) -> str:
       return f"data: {json.dumps(payload)}\n\n"
     try:
       if chat:  # the role first, as OpenAI sends it
         first = {"index": 0, "delta": {"role": "assistant", "content": ""},
                  "finish_reason": None}
-        yield event(api.envelope(chat, rid, limits.model, [first], chunk=True))
+        yield event(api.envelope(chat, rid, model, [first], chunk=True))
       while True:
         out: Output = await outputs.get()
         if out.finish_reason == "error":
-          yield event(api.ApiError(500, "the engine failed while decoding this request",
-                                   kind="server_error").body())
+          yield event(_engine_failed().body())
           break
         if out.text or out.token_ids or out.finish_reason:
           choice = api.choice(chat, out.text, out.token_ids, out.finish_reason, delta=True)
-          yield event(api.envelope(chat, rid, limits.model, [choice], chunk=True))
+          yield event(api.envelope(chat, rid, model, [choice], chunk=True))
         if out.finish_reason is not None:
           if include_usage:
-            last = api.envelope(chat, rid, limits.model, [], chunk=True)
+            last = api.envelope(chat, rid, model, [], chunk=True)
             last["usage"] = api.usage(len(stream.prompt), len(stream.token_ids))
             yield event(last)
           yield "data: [DONE]\n\n"
           break
-      _log(stream)
+      self._log(stream)
     finally:  # the client went away (the task is cancelled) or the stream ended
       if stream.finish_reason is None:
         stream.cancel()
 
-  def _check_error(stream: Stream) -> None:
-    if stream.finish_reason == "error":
-      raise api.ApiError(500, "the engine failed while decoding this request",
-                         kind="server_error")
-
-  def _log(stream: Stream) -> None:
-    if not log or stream.first_token_at is None:
+  def _log(self, stream: Stream) -> None:
+    if not self.log or stream.first_token_at is None:
       return
     n = len(stream.token_ids)
     ttft = stream.first_token_at - stream.submitted
@@ -158,7 +164,9 @@ def make_app(engine: Engine, *, limits: api.Limits, tokenizer=None, template=Non
     say(f"request {stream.id}: {len(stream.prompt)} prompt + {n} new tokens, "
         f"{stream.finish_reason}; first token {ttft * 1e3:.0f} ms{rate}")
 
-  return app
+
+def _engine_failed() -> api.ApiError:
+  return api.ApiError(500, "the engine failed while decoding this request", kind="server_error")
 
 
 def run(engine: Engine, app: FastAPI, *, host: str, port: int, ready: str,
