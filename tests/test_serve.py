@@ -18,7 +18,6 @@ import time
 import urllib.error
 import urllib.request
 
-import jax
 import numpy as np
 import pytest
 
@@ -363,13 +362,13 @@ def test_a_failed_step_ends_its_requests_and_forgets_the_cached_prefixes(root, c
   prompt, params = PROMPTS[2] + [7, 8], serve.Params(max_tokens=4)
   try:
     engine.generate([prompt], params)
-    working = dict(engine._compiled)
+    working = dict(engine.runner.compiled)
 
     def fail(*args):
       raise RuntimeError("injected")
-    engine._compiled.update({k: fail for k in working if k[0] == "decode"})
+    engine.runner.compiled.update({k: fail for k in working if k[0] == "decode"})
     assert engine.submit(prompt + [9], params).result().finish_reason == "error"
-    engine._compiled.update(working)
+    engine.runner.compiled.update(working)
     reused = engine.metrics.registry.get_sample_value("jaxpar_prefix_reused_tokens_total")
     turn = prompt + [9, 10]
     assert engine.generate([turn], params)[0].token_ids == hf_greedy(hf[0], turn, 4)
@@ -394,7 +393,7 @@ def test_pipelined_engine(root, checkpoint, devices, hf, data, stage, model):
       assert stream.finish_reason == "length"
     sampled = serve.Params(max_tokens=10, temperature=1.0, top_k=20, seed=3)
     piped = engine.generate([PROMPTS[1]], sampled)[0].token_ids
-    census = inspect.hlo_census(engine._compiled["round", True].as_text()).counts()
+    census = inspect.hlo_census(engine.runner.compiled["round", True].as_text()).counts()
     assert census["collective-permute"]["count"] >= 1  # activations and tokens move on
     assert census.get("all-gather", {"bytes": 0})["bytes"] <= 64  # no cache is gathered
   finally:
@@ -412,13 +411,14 @@ def test_decode_step_collectives(live):
   largest logit, then the first column that holds it: [B] each); nothing is gathered."""
   engine = live[1]
   layers = engine.generator.forward.config.model.n_layers
-  assert len(engine.programs.spans) > 1
-  for span in engine.programs.spans:
-    census = inspect.hlo_census(engine._compiled["decode", True, span].as_text()).counts()
+  assert len(engine.runner.spans) > 1
+  for span in engine.runner.spans:
+    program = engine.runner.compiled["decode", True, span]
+    census = inspect.hlo_census(program.as_text()).counts()
     assert census["all-reduce"]["count"] == 2 * layers + 1 + 2
     assert set(census) == {"all-reduce"}
-  for bucket in engine.programs.buckets:
-    census = inspect.hlo_census(engine._compiled["prefill", bucket].as_text()).counts()
+  for bucket in engine.runner.buckets:
+    census = inspect.hlo_census(engine.runner.compiled["prefill", bucket].as_text()).counts()
     assert census.get("all-gather", {"bytes": 0})["bytes"] <= 64  # the sampler's, no cache
 
 

@@ -11,7 +11,7 @@ import os
 import time
 import uuid
 
-from jaxpar.serve.engine import Params
+from jaxpar.serve.request import Params
 
 _UNSUPPORTED = {"n": 1, "best_of": 1, "logprobs": None, "top_logprobs": None, "echo": False,
                 "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": None,

@@ -19,7 +19,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from jaxpar.distributed import say
 from jaxpar.serve import openai_api as api
-from jaxpar.serve.engine import Engine, Output, RequestError, Stream
+from jaxpar.serve.engine import Engine
+from jaxpar.serve.request import Output, RequestError, Stream
 
 
 def make_app(engine: Engine, *, limits: api.Limits, tokenizer=None, template=None,

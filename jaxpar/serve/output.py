@@ -1,0 +1,75 @@
+"""The output processor: turns a request's accepted tokens into its Outputs (no JAX).
+
+Each token is recorded and counted (the first one's latency too), ends the request on EOS or at
+`max_tokens`, and is detokenised incrementally: the text sent holds back what may still turn
+into a stop string or a multi-byte character. A request that ends gets its last Output with
+the finish reason, and `on_finish` is told first, so that its row frees.
+"""
+
+import time
+from collections.abc import Callable
+
+from jaxpar.serve.metrics import Metrics
+from jaxpar.serve.request import Output, Stream
+
+
+class OutputProcessor:
+  """Outputs for the requests of one engine; `detokenize` None: token ids only."""
+
+  def __init__(self, *, eos_ids, detokenize: Callable[[list[int]], str] | None,
+               metrics: Metrics, on_finish: Callable[[Stream], None]):
+    self.eos_ids, self.detokenize = set(eos_ids), detokenize
+    self.metrics, self.on_finish = metrics, on_finish
+
+  def accept(self, stream: Stream, token: int) -> None:
+    """The next token of `stream`: recorded, streamed, maybe its last."""
+    now = time.perf_counter()
+    if stream.first_token_at is None:
+      stream.first_token_at = now
+      self.metrics.first_token(now - stream.submitted)
+    stream.token_ids.append(token)
+    self.metrics.tokens(1)
+    reason = None
+    if token in self.eos_ids:
+      reason = "stop"
+    elif len(stream.token_ids) >= stream.params.max_tokens:
+      reason = "length"
+    text, hit = self.text(stream, final=reason is not None)
+    if hit:
+      reason = "stop"
+    if reason is None:
+      stream._listener(Output([token], text))
+      return
+    self.finish(stream, reason, token_ids=[token], text=text)
+
+  def text(self, stream: Stream, *, final: bool) -> tuple[str, bool]:
+    """The new text to send, and whether a stop string ended the request. Text that may be
+    the start of a stop string, or of a multi-byte character, is held back until known."""
+    if self.detokenize is None:
+      return "", False
+    ids = [t for t in stream.token_ids if t not in self.eos_ids]
+    full = self.detokenize(ids)
+    hit = False
+    for stop in stream.params.stop:
+      at = full.find(stop)
+      if at >= 0:
+        full, hit = full[:at], True
+    stream.text = full
+    ready = len(full)
+    if not (final or hit):
+      held = max((len(s) - 1 for s in stream.params.stop), default=0)
+      ready = max(stream._sent_text, len(full.rstrip("\ufffd")) - held)
+    new = full[stream._sent_text:ready]
+    stream._sent_text = ready
+    return new, hit
+
+  def finish(self, stream: Stream, reason: str, *, token_ids=(), text: str = "") -> None:
+    """Ends `stream` with `reason`: its row frees (`on_finish`), then its last Output."""
+    stream.finish_reason = reason
+    stream.finished_at = time.perf_counter()
+    self.on_finish(stream)
+    if reason in ("stop", "length") and len(stream.token_ids) > 1:
+      per_token = (stream.finished_at - stream.first_token_at) / (len(stream.token_ids) - 1)
+      self.metrics.token_time(per_token)
+    self.metrics.finished(reason)
+    stream._listener(Output(list(token_ids), text, reason))

@@ -1,0 +1,99 @@
+"""One request to the serving engine, without JAX: how it is decoded (`Params`), what it gives
+back (`Output`, through its `Stream`), and the refusals (`RequestError`, `check`)."""
+
+import dataclasses
+import queue
+import time
+from collections.abc import Callable
+
+
+class RequestError(ValueError):
+  """A request the engine refuses: `param` names the field; `status` is the HTTP status the
+  server answers with (400 invalid, 429 queue full, 503 shutting down)."""
+
+  def __init__(self, message: str, *, param: str | None = None, status: int = 400):
+    super().__init__(message)
+    self.param, self.status = param, status
+
+
+@dataclasses.dataclass(frozen=True)
+class Params:
+  """How one request is decoded: up to `max_tokens` new tokens (EOS and stop strings end it
+  sooner), greedy when `temperature` is 0; `seed` makes sampling repeatable."""
+  max_tokens: int = 16
+  temperature: float = 0.0
+  top_k: int = 0
+  top_p: float = 1.0
+  seed: int | None = None
+  stop: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass
+class Output:
+  """What one request produced since its last Output; `finish_reason` is set on the last:
+  'stop' (EOS or a stop string), 'length' (max_tokens), 'cancelled' or 'error'."""
+  token_ids: list[int]
+  text: str
+  finish_reason: str | None = None
+
+
+class Stream:
+  """A submitted request: iterate it for Outputs as they come, or call `result()`."""
+
+  def __init__(self, rid: int, prompt: list[int], params: Params,
+               listener: Callable[[Output], None] | None):
+    self.id, self.prompt, self.params = rid, prompt, params
+    self.token_ids: list[int] = []
+    self.text = ""
+    self.finish_reason: str | None = None
+    self.submitted = time.perf_counter()
+    self.first_token_at: float | None = None
+    self.finished_at: float | None = None
+    self.cancelled = False
+    self._sent_text = 0
+    self._queue: queue.Queue | None = None if listener else queue.Queue()
+    self._listener = listener or self._queue.put
+
+  def __iter__(self):
+    while True:
+      out = self._queue.get()
+      yield out
+      if out.finish_reason is not None:
+        return
+
+  def result(self) -> "Stream":
+    """Waits until the request is done (only without a listener)."""
+    for _ in self:
+      pass
+    return self
+
+  def cancel(self) -> None:
+    """Frees the request's slot at the next step (its last Output says 'cancelled')."""
+    self.cancelled = True
+
+
+def check(prompt: list[int], params: Params, *, vocab_size: int, length: int,
+          can_detokenize: bool) -> None:
+  """RequestError for a request that a model of `vocab_size` tokens, serving rows of `length`
+  positions, cannot run (before it is queued)."""
+  if not prompt:
+    raise RequestError("the prompt is empty: give at least one token", param="prompt")
+  bad = [t for t in prompt if not 0 <= t < vocab_size]
+  if bad:
+    raise RequestError(f"token id {bad[0]} is outside the vocabulary (0 to "
+                       f"{vocab_size - 1})", param="prompt")
+  if params.max_tokens < 1:
+    raise RequestError(f"max_tokens={params.max_tokens}: must be at least 1",
+                       param="max_tokens")
+  if len(prompt) + params.max_tokens > length:
+    raise RequestError(f"this model's maximum context length is {length} tokens; the "
+                       f"request has {len(prompt)} prompt tokens and max_tokens="
+                       f"{params.max_tokens}: shorten the prompt or lower max_tokens",
+                       param="max_tokens" if len(prompt) < length else "prompt")
+  if params.temperature < 0 or params.top_k < 0 or not 0 < params.top_p <= 1:
+    raise RequestError(f"temperature={params.temperature}, top_k={params.top_k}, top_p="
+                       f"{params.top_p}: need temperature >= 0, top_k >= 0 and "
+                       f"0 < top_p <= 1", param="temperature")
+  if params.stop and not can_detokenize:
+    raise RequestError("stop strings need a tokenizer (tokenizer.json in the checkpoint)",
+                       param="stop")

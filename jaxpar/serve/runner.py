@@ -1,0 +1,191 @@
+"""Runners: what carries out the scheduler's decisions on the devices.
+
+A runner owns the device state (KV caches, the rows' decoding state) and every compiled
+program; it compiles them all when it is made, so that no request compiles anything. The
+engine asks it for one decode step over the running rows and one prefill per `Placement`, and
+gets back `(row, owner, token)` events: `token` was made for the request `owner` in `row`
+(the engine drops it when `owner` no longer holds the row). `PlainRunner` runs the slot
+decoder on a mesh without stages; `pipelined_runner.PipelinedRunner` rotates the rows through
+the stages of a pipeline.
+"""
+
+import contextlib
+import time
+from collections.abc import Sequence
+from typing import Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpar.distributed import say
+from jaxpar.runtime.decoder import Decoder
+from jaxpar.runtime.sampling import Sampling
+from jaxpar.serve.request import Stream
+from jaxpar.serve.scheduler import Placement
+
+Event = tuple[int, Stream, int]  # (row, the request that owned it, its token)
+
+
+class Runner(Protocol):
+  """What the engine needs from a runner."""
+  generator: object  # jaxpar.runtime.generate.Generator
+  slots: int
+  length: int
+  buckets: tuple[int, ...]
+  prefix_reuse: bool  # a prefill can start from another row's cached prefix
+  compiled: dict  # every program, compiled
+
+  def step(self, running: Sequence[Stream | None]) -> list[Event]:
+    """One decode step of the rows whose `running` entry is a request; the tokens that are
+    ready (possibly an earlier step's and earlier prefills')."""
+
+  def prefill(self, placement: Placement) -> list[Event]:
+    """Prefills `placement`'s prompt into its row; its first token, if ready already."""
+
+  def release(self, row: int) -> None:
+    """Row `row`'s request ended: nothing in flight may write into the row any more."""
+
+  def busy(self) -> bool:
+    """Whether tokens are in flight that `step` has yet to return."""
+
+  def reset(self) -> None:
+    """Zeroed caches and no rows (after a failed program)."""
+
+
+def buckets(length: int, smallest: int = 16) -> tuple[int, ...]:
+  """Prompt length buckets: `smallest` times 1, 1.5, 2, 3, 4, 6, 8, ... (a prompt pads by
+  less than a third), then `length` itself."""
+  out, t = set(), smallest
+  while t < length:
+    out.update((t, t * 3 // 2))
+    t *= 2
+  return tuple(sorted(b for b in out if b < length)) + (length,)
+
+
+def spans(length: int, smallest: int) -> tuple[int, ...]:
+  """The decode step's attention spans: doubling from `smallest` or length / 8 (at most four
+  programs), then `length` itself."""
+  out, t = [], max(smallest, length // 8)
+  while t < length:
+    out.append(t)
+    t *= 2
+  return (*out, length)
+
+
+def settings(stream: Stream) -> tuple[np.uint32, Sampling]:
+  """A request's sampling seed (its id unless it gives one) and settings, as the host's
+  scalars."""
+  p = stream.params
+  seed = np.uint32(stream.id if p.seed is None else p.seed)
+  return seed, Sampling(np.float32(p.temperature), np.int32(p.top_k), np.float32(p.top_p))
+
+
+def scalar(dtype) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct((), dtype)
+
+
+def abstract_sampling() -> Sampling:
+  return Sampling(scalar(jnp.float32), scalar(jnp.int32), scalar(jnp.float32))
+
+
+@contextlib.contextmanager
+def compiling(count: int, prompt_buckets: tuple[int, ...], steps: str, *, progress: bool):
+  """Says that `count` programs compile (prefill per bucket, then `steps`), and how long they
+  took."""
+  start = time.perf_counter()
+  if progress:
+    say(f"compiling {count} programs: prefill for prompts of up to "
+        f"{', '.join(map(str, prompt_buckets))} tokens, {steps} (greedy, sampled)...")
+  yield
+  if progress:
+    say(f"compiled in {time.perf_counter() - start:.1f} s")
+
+
+class PlainRunner:
+  """The slot decoder (`jaxpar.runtime.decoder`) on a mesh without stages: one prefill program
+  per prompt bucket (from a cached prefix or not) and a greedy and a sampled decode step per
+  attention span.
+
+  The decode step's inputs live on the devices, so step t is queued before the host reads
+  step t-1's tokens, and the devices decode while the host streams. A request that ends on
+  step t-1's token has step t in flight: its token is dropped (the row's owner has changed),
+  and a new request prefilled into the row runs after it."""
+  prefix_reuse = True
+
+  def __init__(self, decoder: Decoder, *, buckets: tuple[int, ...], spans: tuple[int, ...],
+               progress: bool = True):
+    self.decoder, self.generator = decoder, decoder.generator
+    self.slots, self.length = decoder.slots, decoder.length
+    self.buckets, self.spans = tuple(buckets), tuple(spans)
+    self.compiled = self._compile(progress)
+    # The host's copy of the rows' positions and temperatures (which span, greedy or not).
+    self._positions = np.zeros(self.slots, np.int32)
+    self._temperature = np.zeros(self.slots, np.float32)
+    self.reset()
+
+  def reset(self) -> None:
+    self._state = self.decoder.empty_state()
+    self._firsts: list = []  # (first token, {row: owner}) of prefills queued, not yet read
+    self._queued: list = []  # ([B] tokens, {row: owner}) of the decode step queued
+
+  def busy(self) -> bool:
+    return bool(self._firsts or self._queued)
+
+  def step(self, running: Sequence[Stream | None]) -> list[Event]:
+    rows = [b for b, s in enumerate(running) if s is not None]
+    queued = []
+    if rows:
+      greedy = all(self._temperature[b] == 0 for b in rows)
+      last = max(self._positions[b] for b in rows)
+      span = next(t for t in self.spans if t > last)
+      next_B, self._state = self.compiled["decode", greedy, span](self.generator.params,
+                                                                  self._state)
+      self._positions[rows] += 1
+      queued = [(next_B, {b: running[b] for b in rows})]
+    pending, self._firsts, self._queued = [*self._firsts, *self._queued], [], queued
+    events = []
+    for tokens, owners in pending:
+      tokens = np.asarray(tokens).reshape(-1)
+      events += [(b, owner, int(tokens[b if tokens.size > 1 else 0]))
+                 for b, owner in owners.items()]
+    return events
+
+  def prefill(self, placement: Placement) -> list[Event]:
+    stream, b, start = placement.stream, placement.row, placement.start
+    P = len(stream.prompt)
+    seed, sampling = settings(stream)
+    tokens = np.zeros((1, placement.bucket), np.int32)
+    tokens[0, :P - start] = stream.prompt[start:]
+    one = lambda v: np.asarray([v])
+    first, self._state = self.compiled["prefill", placement.bucket](
+        self.generator.params, self._state, tokens, np.int32(start), one(np.int32(P)),
+        np.int32(placement.source), np.int32(b), jax.tree.map(one, sampling), one(seed),
+        one(np.int32(-1)))
+    self._positions[b], self._temperature[b] = P, stream.params.temperature
+    self._firsts.append((first, {b: stream}))  # read after the next step is queued
+    return []
+
+  def release(self, row: int) -> None:
+    self._positions[row] = self._temperature[row] = 0
+
+  def _compile(self, progress: bool) -> dict:
+    d, g = self.decoder, self.generator
+    count = len(self.buckets) + 2 * len(self.spans)
+    steps = (f"decode steps of {self.slots} slots over {', '.join(map(str, self.spans))} "
+             f"positions")
+    compiled = {}
+    with compiling(count, self.buckets, steps, progress=progress), jax.set_mesh(g.mesh):
+      state = d.empty_state(abstract=True)
+      one = lambda a: jax.ShapeDtypeStruct((1,), a.dtype)
+      for bucket in self.buckets:
+        compiled["prefill", bucket] = d.prefill(1, bucket, reuse=True).lower(
+            g.params, state, jax.ShapeDtypeStruct((1, bucket), jnp.int32), scalar(jnp.int32),
+            one(scalar(jnp.int32)), scalar(jnp.int32), scalar(jnp.int32),
+            jax.tree.map(one, abstract_sampling()), one(scalar(jnp.uint32)),
+            one(scalar(jnp.int32))).compile()
+      for greedy in (True, False):
+        for span in self.spans:
+          compiled["decode", greedy, span] = d.step(greedy=greedy, span=span).lower(
+              g.params, state).compile()
+    return compiled

@@ -1,0 +1,269 @@
+"""The serving scheduler's decisions, without JAX: admission order, the two policies, the
+prefix index's placements, cancellation, and the queue's refusals. Every expectation is worked
+out by hand from the rules in `jaxpar/serve/scheduler.py`."""
+
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from jaxpar.serve.request import Params, RequestError
+from jaxpar.serve.scheduler import Placement, Scheduler
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+BUCKETS = (4, 8, 16, 32)
+
+
+def scheduler(slots=3, *, length=32, buckets=BUCKETS, max_queue=8, policy="continuous",
+              prefix_reuse=True) -> Scheduler:
+  return Scheduler(slots, length, buckets=buckets, max_queue=max_queue, policy=policy,
+                   prefix_reuse=prefix_reuse)
+
+
+def submit(sched: Scheduler, *prompts: list[int]):
+  return [sched.submit(p, Params()) for p in prompts]
+
+
+def rows(placements: list[Placement]) -> list[tuple[int, int]]:
+  """(request id, row) of each placement, in order."""
+  return [(p.stream.id, p.row) for p in placements]
+
+
+def test_the_scheduler_and_requests_import_without_jax():
+  code = ("import sys; from jaxpar.serve import engine, output, request, scheduler; "
+          "from jaxpar.serve import Params, Stream; "
+          "print(sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'flax')))")
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       check=True).stdout
+  assert out.strip() == "[]"
+
+
+def test_admission_is_first_come_first_served_into_free_rows():
+  sched = scheduler(3, prefix_reuse=False)
+  a, b, c, d = submit(sched, [1], [2], [3], [4])
+  placements, dropped = sched.admit()
+  assert rows(placements) == [(0, 0), (1, 1), (2, 2)] and dropped == []
+  assert list(sched.waiting) == [d] and sched.running == [a, b, c]
+  assert sched.admit() == ([], [])  # no row is free: d waits
+  assert sched.release(b) == 1 and sched.running == [a, None, c]
+  assert sched.release(b) is None  # a second release frees nothing
+  placements, _ = sched.admit()
+  assert rows(placements) == [(3, 1)] and sched.running == [a, d, c]
+  assert not sched.waiting
+
+
+def test_continuous_admits_into_any_free_row_static_waits_for_all():
+  for policy, first_admitted in (("continuous", [(2, 0)]), ("static", [])):
+    sched = scheduler(2, policy=policy, prefix_reuse=False)
+    a, b, c, d = submit(sched, [1], [2], [3], [4])
+    assert rows(sched.admit()[0]) == [(0, 0), (1, 1)]
+    sched.release(a)
+    assert rows(sched.admit()[0]) == first_admitted, policy
+    if policy == "static":
+      sched.release(b)  # now every row is free: c and d in arrival order
+      assert rows(sched.admit()[0]) == [(2, 0), (3, 1)]
+      assert sched.running == [c, d]
+
+
+def test_the_index_holds_each_rows_prompt_and_accepted_tokens():
+  sched = scheduler(2)
+  a, b = submit(sched, [5, 6, 7], [8])
+  sched.admit()
+  sched.cache(0, [40])
+  sched.cache(0, [41])
+  assert sched.cached == [[5, 6, 7, 40, 41], [8]]
+  sched.release(a)
+  assert sched.cached[0] == [5, 6, 7, 40, 41]  # a finished request's prefix stays
+
+
+def place(sched: Scheduler, prompt: list[int], free: list[int]) -> tuple[int, int, int, int]:
+  p = sched.place(sched.submit(prompt, Params()), free)
+  return p.start, p.bucket, p.source, p.row
+
+
+def test_placement_starts_from_the_longest_cached_prefix():
+  sched = scheduler(3)
+  sched.cached = [[1, 2, 3, 4, 5], [1, 2, 9], []]
+  # prompt[:-1] = [1, 2, 3, 4, 7]: row 0 holds 4 of it, row 1 holds 2. Two tokens left to
+  # compute fit the bucket of 4; row 0 is free, so the prompt goes there.
+  assert place(sched, [1, 2, 3, 4, 7, 8], [0, 1, 2]) == (4, 4, 0, 0)
+  # Row 0 busy: copy from it into the free row holding the shortest prefix (row 2, empty).
+  assert place(sched, [1, 2, 3, 4, 7, 8], [1, 2]) == (4, 4, 0, 2)
+  # A prompt that row 0 holds whole: its last token is still computed.
+  assert place(sched, [1, 2, 3], [0, 1, 2]) == (2, 4, 0, 0)
+  # Nothing in common: from 0 into the shortest-prefix free row; 9 tokens take bucket 16.
+  assert place(sched, [7] * 9, [0, 1]) == (0, 16, 1, 1)
+
+
+def test_placement_keeps_the_padded_chunk_inside_the_row():
+  sched = scheduler(2, buckets=(8, 16, 32))
+  cached = list(range(100, 126))  # 26 tokens
+  sched.cached = [cached, []]
+  # 29-token prompt, 26 cached: 3 left, bucket 8, but 26 + 8 > 32, so start at 32 - 8 = 24
+  # (5 tokens, still bucket 8).
+  assert place(sched, cached + [1, 2, 3], [0, 1]) == (24, 8, 0, 0)
+
+
+def test_without_prefix_reuse_every_prompt_is_computed_whole():
+  sched = scheduler(3, prefix_reuse=False)
+  sched.cached = [[1, 2, 3, 4, 5], [1, 2, 9], []]
+  assert place(sched, [1, 2, 3, 4, 7, 8], [0, 1, 2]) == (0, 8, 2, 2)
+  assert place(sched, [1, 2, 3, 4, 7, 8], [0, 1]) == (0, 8, 1, 1)
+
+
+def test_admission_places_one_after_the_other():
+  """The second of two prompts admitted together sees the first one's prompt in the index."""
+  sched = scheduler(3)
+  submit(sched, [1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6, 7, 8])
+  (p0, p1), _ = sched.admit()
+  assert (p0.row, p0.start, p0.bucket) == (0, 0, 8)
+  assert (p1.row, p1.source, p1.start, p1.bucket) == (1, 0, 6, 4)
+
+
+def test_cancelled_requests_leave_the_queue_and_their_rows():
+  sched = scheduler(2, prefix_reuse=False)
+  a, b, c, d = submit(sched, [1], [2], [3], [4])
+  sched.admit()
+  c.cancel()
+  a.cancel()
+  assert sched.cancelled() == [a, c]  # running ones first, then waiting ones
+  assert list(sched.waiting) == [d]  # c left the queue
+  assert sched.running == [a, b]  # a's row frees when it is released (finished)
+  assert sched.release(a) == 0
+  d.cancel()  # cancelled after the engine looked: admission drops it
+  e, = submit(sched, [5])
+  assert sched.admit() == ([Placement(e, 0, 0, 4, 0)], [d])
+  assert sched.cancelled() == []
+
+
+def test_a_full_queue_refuses_with_429_and_a_closing_one_with_503():
+  sched = scheduler(1, max_queue=2, prefix_reuse=False)
+  submit(sched, [1], [2])
+  with pytest.raises(RequestError, match="queue is full") as e:
+    sched.submit([3], Params())
+  assert e.value.status == 429 and len(sched.waiting) == 2
+  sched.admit()  # one leaves the queue for the row: room for one more
+  submit(sched, [3])
+  sched.close()
+  with pytest.raises(RequestError, match="shutting down") as e:
+    sched.submit([4], Params())
+  assert e.value.status == 503
+
+
+def test_reset_forgets_requests_and_prefixes():
+  sched = scheduler(2)
+  submit(sched, [1, 2], [3], [4])
+  sched.admit()
+  sched.reset()
+  assert sched.running == [None, None] and not sched.waiting and sched.cached == [[], []]
+
+
+def test_an_unknown_policy_is_refused():
+  with pytest.raises(ValueError, match="continuous, static"):
+    scheduler(policy="fifo")
+
+
+# ---- the engine's wiring, over a runner that needs no devices ----
+
+
+class FakeRunner:
+  """Each prefill's first token is 5, each decode step gives every running row 7; it records
+  what the engine asks of it."""
+  prefix_reuse = True
+
+  def __init__(self, slots: int = 2, *, fail_step: int = 0):
+    model = type("Model", (), {"vocab_size": 250})
+    forward = type("Forward", (), {"config": type("Config", (), {"model": model})})
+    self.generator = type("Generator", (), {"forward": forward})
+    self.slots, self.length, self.buckets, self.compiled = slots, 32, (8, 16, 32), {}
+    self.calls, self.fail_step = [], fail_step  # the step call that raises (1: the first)
+
+  def step(self, running):
+    self.calls.append(("step", [s and s.id for s in running]))
+    if sum(c[0] == "step" for c in self.calls) == self.fail_step:
+      raise RuntimeError("injected")
+    return [(b, s, 7) for b, s in enumerate(running) if s is not None]
+
+  def prefill(self, placement):
+    self.calls.append(("prefill", placement.stream.id, placement.row))
+    return [(placement.row, placement.stream, 5)]
+
+  def release(self, row):
+    self.calls.append(("release", row))
+
+  def busy(self):
+    return False
+
+  def reset(self):
+    self.calls.append(("reset",))
+
+
+def engine_over(runner: FakeRunner, *, prefix_reuse: bool = True):
+  from jaxpar.serve.engine import Engine
+  from jaxpar.serve.metrics import Metrics
+  return Engine(runner, eos_ids=(9,), detokenize=None, max_queue=8, policy="continuous",
+                metrics=Metrics(), prefix_reuse=prefix_reuse)
+
+
+def test_the_engine_runs_admits_and_frees_rows_in_order():
+  runner = FakeRunner()
+  engine = engine_over(runner)
+  a = engine.submit([1, 2], Params(max_tokens=3))
+  b = engine.submit([3], Params(max_tokens=1))
+  engine.step()  # nothing runs yet; both are admitted, b ends on its first token
+  engine.step()
+  engine.step()  # a's third token: it ends
+  assert runner.calls == [("step", [None, None]), ("prefill", 0, 0), ("prefill", 1, 1),
+                          ("release", 1), ("step", [0, None]), ("step", [0, None]),
+                          ("release", 0)]
+  assert (a.token_ids, a.finish_reason, b.token_ids, b.finish_reason) == (
+      [5, 7, 7], "length", [5], "length")
+  assert [o.token_ids for o in a] == [[5], [7], [7]]
+  # The index: a's prompt, then each token whose successor was made (not the last).
+  assert engine.scheduler.cached == [[1, 2, 5, 7], [3]]
+  assert engine.running() == 0
+
+
+def test_a_cancelled_request_ends_before_the_runner_steps():
+  runner = FakeRunner()
+  engine = engine_over(runner)
+  a = engine.submit([1], Params(max_tokens=5))
+  engine.step()
+  a.cancel()
+  waiting = engine.submit([2], Params())
+  waiting.cancel()
+  engine.step()
+  assert runner.calls[2:] == [("release", 0), ("step", [None, None])]
+  assert (a.finish_reason, a.token_ids, waiting.finish_reason) == ("cancelled", [5], "cancelled")
+
+
+def test_a_token_for_a_request_that_left_its_row_is_dropped():
+  runner = FakeRunner(1)
+  engine = engine_over(runner)
+  a = engine.submit([1], Params(max_tokens=4))
+  b = engine.submit([2], Params(max_tokens=4))
+  engine.step()
+  engine.scheduler.release(a)  # as if a ended with a step in flight; b takes the row
+  engine.step()  # the runner reports a token for a in row 0 (its step in flight)
+  runner.step = lambda running: [(0, a, 8)]
+  engine.step()
+  assert a.token_ids == [5] and b.token_ids == [5]
+
+
+def test_a_failed_step_ends_every_request_and_forgets_the_index():
+  runner = FakeRunner(1, fail_step=2)
+  engine = engine_over(runner)
+  a = engine.submit([1, 2, 3], Params(max_tokens=4))
+  b = engine.submit([4], Params(max_tokens=2))
+  engine.step()  # a admitted (its prompt in the index); b waits
+  assert engine.scheduler.cached == [[1, 2, 3]]
+  engine.start()  # the next step raises
+  try:
+    assert (a.result().finish_reason, b.result().finish_reason) == ("error", "error")
+    assert ("reset",) in runner.calls and engine.scheduler.cached == [[]]
+    assert a.token_ids == [5] and b.token_ids == []
+    c = engine.submit([1, 2, 3], Params(max_tokens=2)).result()
+    assert (c.token_ids, c.finish_reason) == ([5, 7], "length")
+  finally:
+    engine.stop()
