@@ -197,7 +197,7 @@ def build(config: Config, mesh, *, tokenizer=None, progress: bool = True) -> Eng
   from jaxpar.rules import Rules
   from jaxpar.runtime import generate as gen_lib
   from jaxpar.runtime.decoder import Decoder
-  from jaxpar.serve.pipelined import PipelinedPrograms
+  from jaxpar.runtime.pipelined_decoder import PipelinedDecoder
   from jaxpar.serve.pipelined_runner import PipelinedRunner
   from jaxpar.serve.runner import PlainRunner, buckets, spans
 
@@ -213,7 +213,7 @@ def build(config: Config, mesh, *, tokenizer=None, progress: bool = True) -> Eng
   generator = gen_lib.build(config, mesh)
   prompt_buckets = buckets(length, s.min_bucket)
   if mesh.shape[axes.STAGE] > 1:
-    runner = PipelinedRunner(PipelinedPrograms(generator, s.max_slots, length, prompt_buckets),
+    runner = PipelinedRunner(PipelinedDecoder(generator, s.max_slots, length), prompt_buckets,
                              progress=progress)
   else:
     runner = PlainRunner(Decoder(generator, s.max_slots, length), buckets=prompt_buckets,

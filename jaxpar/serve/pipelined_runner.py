@@ -1,6 +1,6 @@
 """The runner on a pipeline (mesh.stage > 1): one decode step of every row is one round of
-`PipelinedPrograms` (the schedule is in `jaxpar.serve.pipelined`), and a prompt is prefilled
-whole through the stages into its row.
+the pipelined slot decoder (`jaxpar.runtime.pipelined_decoder`, the schedule in pseudocode),
+and a prompt is prefilled whole through the stages into its row.
 
 The host keeps every row's state (position, token, sampling settings) and sends it each
 round, for the tokens that enter the pipeline this round (`cur`) and those that entered the
@@ -16,22 +16,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpar.serve.pipelined import PipelinedPrograms, Rows
+from jaxpar.runtime.pipelined_decoder import PipelinedDecoder, Rows
 from jaxpar.serve.request import Stream
 from jaxpar.serve.runner import Event, abstract_sampling, compiling, scalar, settings
 from jaxpar.serve.scheduler import Placement
 
 
 class PipelinedRunner:
-  """Continuous batching over the rows of `programs`, which rotate through the stages.
-  Uses only `programs`' interface: generator, slots, length, buckets, S, G, Bg,
-  empty_state(abstract=), round(greedy=), prefill(bucket)."""
+  """Continuous batching over the rows of a `PipelinedDecoder`, which rotate through the
+  stages; prompts padded to `buckets`."""
   prefix_reuse = False  # every prompt is prefilled whole, from position 0
 
-  def __init__(self, programs: PipelinedPrograms, *, progress: bool = True):
+  def __init__(self, programs: PipelinedDecoder, buckets: tuple[int, ...], *,
+               progress: bool = True):
     self.programs, self.generator = programs, programs.generator
     self.slots, self.length = programs.slots, programs.length
-    self.buckets = tuple(programs.buckets)
+    self.buckets = tuple(buckets)
     self.compiled = self._compile(progress)
     B = self.slots
     self._tokens, self._positions = np.zeros(B, np.int32), np.zeros(B, np.int32)
@@ -59,7 +59,7 @@ class PipelinedRunner:
     G, Bg, S = self.programs.G, self.programs.Bg, self.programs.S
     cur = Rows(self._positions.copy(), np.array([s is not None for s in running]),
                self._temperature.copy(), self._top_k.copy(), self._top_p.copy(),
-               self._seeds.copy(), self._counts.copy())
+               self._seeds.copy(), np.full(self.slots, -1, np.int32), self._counts.copy())
     prev = self._prev_rows or jax.tree.map(np.zeros_like, cur)
     both = jax.tree.map(lambda a, b: np.stack([a, b]).reshape(2, G, Bg), prev, cur)
     out, self._state = self.compiled["round", greedy](
@@ -83,10 +83,13 @@ class PipelinedRunner:
                        f"(prefix_reuse is False), from position 0")
     P, p = len(stream.prompt), stream.params
     seed, sampling = settings(stream)
-    tokens = np.zeros((1, placement.bucket), np.int32)
-    tokens[0, :P] = stream.prompt
+    tokens = np.zeros((1, 1, placement.bucket), np.int32)
+    tokens[0, 0, :P] = stream.prompt
+    one = lambda v: np.asarray(v).reshape(1, 1)
     first, self._state = self.compiled["prefill", placement.bucket](
-        self.generator.params, self._state, tokens, np.int32(P), np.int32(b), sampling, seed)
+        self.generator.params, self._state, tokens, one(np.int32(P)), np.int32(b),
+        jax.tree.map(one, sampling), one(seed), one(np.int32(-1)))
+    first = np.asarray(first).reshape(-1)[0]
     self._positions[b], self._counts[b], self._seeds[b] = P, 1, seed
     self._temperature[b], self._top_k[b], self._top_p[b] = p.temperature, p.top_k, p.top_p
     self._tokens[b], self._inject[b] = int(first), True
@@ -105,12 +108,15 @@ class PipelinedRunner:
     with compiling(len(self.buckets) + 2, self.buckets, steps, progress=progress), \
         jax.set_mesh(g.mesh):
       state = p.empty_state(abstract=True)
-      for bucket in self.buckets:  # (tokens, length, row, sampling, seed)
-        compiled["prefill", bucket] = p.prefill(bucket).lower(
-            g.params, state, jax.ShapeDtypeStruct((1, bucket), jnp.int32), scalar(jnp.int32),
-            scalar(jnp.int32), abstract_sampling(), scalar(jnp.uint32)).compile()
+      one = lambda a: jax.ShapeDtypeStruct((1, 1), a.dtype)
+      for bucket in self.buckets:  # (tokens, length, slot, sampling, seed, fold): one prompt
+        compiled["prefill", bucket] = p.prefill(1, 1, bucket).lower(
+            g.params, state, jax.ShapeDtypeStruct((1, 1, bucket), jnp.int32),
+            one(scalar(jnp.int32)), scalar(jnp.int32), jax.tree.map(one, abstract_sampling()),
+            one(scalar(jnp.uint32)), one(scalar(jnp.int32))).compile()
       grid = lambda dtype, *lead: jax.ShapeDtypeStruct((*lead, p.G, p.Bg), dtype)
-      dtypes = (jnp.int32, bool, jnp.float32, jnp.int32, jnp.float32, jnp.uint32, jnp.int32)
+      dtypes = (jnp.int32, bool, jnp.float32, jnp.int32, jnp.float32, jnp.uint32, jnp.int32,
+                jnp.int32)
       rows = Rows(*(grid(d, 2) for d in dtypes))
       for greedy in (True, False):
         compiled["round", greedy] = p.round(greedy=greedy).lower(
