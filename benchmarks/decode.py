@@ -77,7 +77,7 @@ def teacher_forced_logits(gen, tokens_BT):
   B, T = tokens_BT.shape
 
   def run(params, tokens_BT):
-    with use_rules(gen.forward.rules, keys=gen.family.config_keys):
+    with use_rules(gen.rules, keys=gen.family.config_keys):
       model, graphdef, layers = gen.model_parts(params)
       step = causal_step(B, T, T + 1)
       caches = new_caches(gen, B, T + 1, scan=gen.scan)
@@ -87,7 +87,7 @@ def teacher_forced_logits(gen, tokens_BT):
 
   with jax.set_mesh(gen.mesh):
     out = jax.jit(run)(gen.params, jnp.asarray(tokens_BT, jnp.int32))
-  return np.asarray(out)[..., :gen.forward.config.model.vocab_size]
+  return np.asarray(out)[..., :gen.config.model.vocab_size]
 
 
 def quality(gens: dict, tokens_BT) -> dict:
@@ -157,7 +157,7 @@ def main() -> None:
   print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), jax {jax.__version__}; "
         f"weights {weight_bytes / 1e6:.0f} MB; jnp.sum read bandwidth {bandwidth / 1e9:.1f} "
         f"GB/s; jaxpar layers {'scanned' if gens['float32'].scan else 'unrolled'}", flush=True)
-  vocab = gens["float32"].forward.config.model.vocab_size
+  vocab = gens["float32"].config.model.vocab_size
   tokens = np.random.default_rng(8).integers(0, vocab, (8, args.prompt_len))
   scores = quality(gens, tokens)
   results = [run_batch(args, batch, hf, gens, vocab, weight_bytes, bandwidth)

@@ -18,7 +18,7 @@ def weight_matrices(generator) -> tuple[list, object]:
   params = generator.natural_params()
   blocks = params["blocks"]
   mats = [[a[l] for a in jax.tree.leaves(blocks) if a.ndim == 3]
-          for l in range(generator.forward.config.model.n_layers)]
+          for l in range(generator.config.model.n_layers)]
   rest = {k: v for k, v in params.items() if k != "blocks"}
   head = max((a for a in jax.tree.leaves(rest) if a.ndim == 2), key=lambda a: a.size)
   return mats, head

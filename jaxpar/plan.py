@@ -44,8 +44,8 @@ def candidates(config: Config, n_devices: int) -> tuple[list[Candidate], dict]:
       try:
         cfg = c.config(config)
         inference.layout_for(cfg, mesh, rules, family)
-        inference.check_batch(cfg, mesh, rules, family)
-        inference.make_schedule(cfg, mesh, rules, None)
+        schedule = inference.make_schedule(cfg, mesh, rules, None)
+        inference.check_batch(cfg, mesh, rules, family, schedule)
       except UserError as e:
         found = found or str(e)
         continue

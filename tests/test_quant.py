@@ -134,9 +134,9 @@ def _teacher_forced(gen, tokens_BT):
     x_BTD, _ = base.run_blocks(graphdef, layers, x_BTD, step, caches, scan=gen.scan)
     return model.head(x_BTD)
 
-  with jax.set_mesh(gen.mesh), use_rules(gen.forward.rules, keys=gen.family.config_keys):
+  with jax.set_mesh(gen.mesh), use_rules(gen.rules, keys=gen.family.config_keys):
     out = jax.jit(run)(gen.params)
-  return np.asarray(out)[..., :gen.forward.config.model.vocab_size]
+  return np.asarray(out)[..., :gen.config.model.vocab_size]
 
 
 @pytest.mark.parametrize("mesh", [(1, 1, 1), (2, 1, 4)])

@@ -410,7 +410,7 @@ def test_decode_step_collectives(live):
   vocab-parallel embedding and two for the greedy token over the vocab-parallel logits (the
   largest logit, then the first column that holds it: [B] each); nothing is gathered."""
   engine = live[1]
-  layers = engine.generator.forward.config.model.n_layers
+  layers = engine.generator.config.model.n_layers
   assert len(engine.runner.spans) > 1
   for span in engine.runner.spans:
     program = engine.runner.compiled["decode", True, span]

@@ -80,11 +80,11 @@ def test_uneven_pipelined_decode_equals_one_device(tiny, devices, layers, stage,
   config = uneven(tiny, layers, 1, stage, model, stage, **fields)
   sharded = generate.build(config, make_mesh(config.mesh, devices=devices[:stage * model]),
                            eos_id=-1)
-  assert sharded.forward.schedule is not None
+  assert sharded.schedule is not None
   got = sharded.generate(PROMPTS, max_new_tokens=6).tokens
   one = dataclasses.replace(config, mesh=MeshConfig(1, 1, 1))
   single = generate.build(one, make_mesh(one.mesh, devices=devices[:1]), eos_id=-1)
-  single.forward.params = jax.device_put(sharded.natural_params(), devices[0])
+  single.stacked = jax.device_put(sharded.natural_params(), devices[0])
   single.layers = None  # run the stacked parameters given above
   single.scan = True
   want = single.generate(PROMPTS, max_new_tokens=6).tokens

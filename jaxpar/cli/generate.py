@@ -93,7 +93,7 @@ def _build(config: config_lib.Config, mesh):
   for note in generator.notes:
     say(note)
   param_bytes = generator.param_bytes_per_device()
-  say(f"{prologue.params_line(config, generator.forward.init_timings, seconds)}: "
+  say(f"{prologue.params_line(config, generator.init_timings, seconds)}: "
       f"{inspect.human(param_bytes)} per device")
   return generator, param_bytes
 

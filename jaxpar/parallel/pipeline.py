@@ -77,14 +77,18 @@ class Schedule:
             "ticks": self.ticks, "bubble": self.bubble}
 
 
-def check(schedule: Schedule, *, n_layers: int, batch: int, data: int = 1) -> None:
-  """One-line UserErrors for layouts the schedule cannot run, before anything compiles."""
+def check(schedule: Schedule, *, n_layers: int, batch: int | None = None,
+          data: int = 1) -> None:
+  """One-line UserErrors for layouts the schedule cannot run, before anything compiles: the
+  layers always, the batch's microbatches when `batch` is given (a forward pass)."""
   S, M, R = schedule.stages, schedule.microbatches, schedule.repeats
   if M < 1 or R < 1:
     raise UserError(f"pipeline.microbatches={M}, pipeline.repeats={R}: both must be at least 1")
   if n_layers < S * R:
     raise UserError(f"model.n_layers={n_layers} is fewer than mesh.stage={S} x "
                     f"pipeline.repeats={R} chunks of layers; use fewer stages or repeats")
+  if batch is None:
+    return
   if batch % M:
     raise UserError(f"run.batch={batch} is not divisible by pipeline.microbatches={M}; choose "
                     f"a microbatch count that divides the batch")

@@ -87,9 +87,9 @@ def choose(logits_BV: jax.Array, keys_B: jax.Array, counts_B: jax.Array,
 def new_caches(gen, batch: int, length: int, *, scan: bool) -> object:
   """Zeroed KV caches laid out by the rules: stacked [L, ...] for a scan, else one per layer
   (each leaf in the dtype its spec gives)."""
-  m = gen.forward.config.model
+  m = gen.config.model
   spec = {k: cache_leaf(v, m) for k, v in
-          gen.family.kv_cache(m, gen.forward.layout, batch, length).items()}
+          gen.family.kv_cache(m, gen.layout, batch, length).items()}
   if scan:
     return {k: constrain(jnp.zeros((m.n_layers, *shape), dtype), (LAYERS, *names))
             for k, (shape, names, dtype) in spec.items()}
@@ -144,14 +144,14 @@ class Decoder:
   @property
   def data_ways(self) -> int:
     g = self.generator
-    return math.prod(g.mesh.shape[a] for a in g.forward.rules.mesh_axes(BATCH))
+    return math.prod(g.mesh.shape[a] for a in g.rules.mesh_axes(BATCH))
 
   def cache_shardings(self):
     """The caches' shardings by the rules (a tree like `new_caches` makes)."""
     g = self.generator
-    m, rules = g.forward.config.model, g.forward.rules
+    m, rules = g.config.model, g.rules
     spec = {k: cache_leaf(v, m)[1] for k, v in
-            g.family.kv_cache(m, g.forward.layout, self.slots, self.length).items()}
+            g.family.kv_cache(m, g.layout, self.slots, self.length).items()}
     if g.scan:
       return {k: rules.sharding((LAYERS, *names), g.mesh, what="the KV cache")
               for k, names in spec.items()}
@@ -161,7 +161,7 @@ class Decoder:
   def state_shardings(self):
     """(caches, slots) shardings: the caches' by the rules, the slots' rows like the batch."""
     g = self.generator
-    rows = g.forward.rules.sharding((BATCH,), g.mesh, what="decoder slots")
+    rows = g.rules.sharding((BATCH,), g.mesh, what="decoder slots")
     slots = jax.tree.map(lambda _: rows, _empty_slots(1))
     return self.cache_shardings(), slots
 
@@ -171,7 +171,7 @@ class Decoder:
     g = self.generator
 
     def make():
-      with use_rules(g.forward.rules, keys=g.family.config_keys):
+      with use_rules(g.rules, keys=g.family.config_keys):
         caches = new_caches(g, self.slots, self.length, scan=g.scan)
         return caches, _empty_slots(self.slots)
     shardings = self.state_shardings()
@@ -187,7 +187,7 @@ class Decoder:
     docstring); `reuse`: one prompt that may continue a cached prefix (start > 0). With
     rows = slots the state passed may be None: the prompts' rows become the whole state."""
     g, S, scan = self.generator, self.length, self.generator.scan
-    rules = g.forward.rules
+    rules = g.rules
     if rows % self.data_ways:  # rows that do not split over `data`: every group computes
       rules = rules.replace(BATCH, None)  # them, and the group holding the slot keeps them
     split = self.data_ways > 1
@@ -249,7 +249,7 @@ class Decoder:
     g, fn = self.generator, self.step_fn(greedy=greedy, span=span)
 
     def run(params, state):
-      with use_rules(g.forward.rules, keys=g.family.config_keys):
+      with use_rules(g.rules, keys=g.family.config_keys):
         next_B, caches, slots = fn(params, *state)
       return next_B, (caches, slots)
     return jax.jit(run, donate_argnums=(1,), out_shardings=(None, self.state_shardings()))

@@ -27,8 +27,9 @@ from jaxpar.axes import BATCH, LAYERS, SEQ
 from jaxpar.config import Config
 from jaxpar.distributed import say, to_host, tree_to_host
 from jaxpar.errors import UserError
-from jaxpar.models.base import Family, cache_leaf
-from jaxpar.rules import Logical, Rules, is_logical, tree_shardings, use_rules
+from jaxpar.models.base import cache_leaf
+from jaxpar.rules import Logical, is_logical, tree_shardings, use_rules
+from jaxpar.parallel import pipeline
 from jaxpar.runtime import inference, state
 from jaxpar.runtime.decoder import Decoder
 from jaxpar.runtime.pipelined_decoder import PipelinedDecoder, Rows
@@ -100,40 +101,47 @@ def batch_dim(caches, scan: bool, batch: int, *, add: bool):
 
 @dataclasses.dataclass
 class Generator:
-  """A model on a mesh, ready to generate. Build with `build`."""
-  forward: inference.Forward
+  """A model on a mesh, ready to generate: the first two of `inference`'s build steps (the
+  placement and the parameters), from which it makes its decoders. Build with `build`."""
+  placement: inference.Placement
   scan: bool
   eos_ids: tuple[int, ...]  # () : no end-of-text token
-  # Unrolled layers: the blocks' parameters as one dict per layer (separate buffers, each
-  # sharded like the stack minus its `layers` dim), and the other parameters. They replace
-  # `forward.params` (set to None, so the weights are not held twice); the stacked blocks
-  # are rebuilt inside the programs only for `nnx.merge` and never used, so XLA drops them.
+  # Scanned: the parameters, blocks stacked. Unrolled: the blocks' parameters as one dict per
+  # layer (separate buffers, each sharded like the stack minus its `layers` dim) in `layers`,
+  # and the other parameters in `rest`; the stacked blocks are rebuilt inside the programs
+  # only for `nnx.merge` and never used, so XLA drops them.
+  stacked: dict | None = None
   layers: tuple | None = None
   rest: dict | None = None
+  init_timings: dict = dataclasses.field(default_factory=dict)
   notes: list = dataclasses.field(default_factory=list)  # what `build` changed, said once
   _compiled: dict = dataclasses.field(default_factory=dict)
 
-  @property
-  def mesh(self):
-    return self.forward.mesh
-
-  @property
-  def family(self) -> Family:
-    return self.forward.family
+  mesh = property(lambda self: self.placement.mesh)
+  config = property(lambda self: self.placement.config)
+  rules = property(lambda self: self.placement.rules)
+  family = property(lambda self: self.placement.family)
+  layout = property(lambda self: self.placement.layout)
+  graphdef = property(lambda self: self.placement.graphdef)
+  schedule = property(lambda self: self.placement.schedule)
 
   def padded_batch(self, n_prompts: int) -> int:
     """The batch the programs run: `n_prompts` rounded up so it splits over the batch axes
     (and, pipelined, into one group per stage); extra rows repeat the first prompt and are
     dropped from the result."""
-    unit = math.prod(self.mesh.shape[a] for a in self.forward.rules.mesh_axes(BATCH))
-    if self.forward.schedule is not None:
-      unit *= self.forward.schedule.stages
+    unit = math.prod(self.mesh.shape[a] for a in self.rules.mesh_axes(BATCH))
+    if self.schedule is not None:
+      unit *= self.schedule.stages
     return -(-n_prompts // unit) * unit
 
   def natural_params(self) -> dict:
     """The parameters on the host in the model's own layout (blocks stacked [L, ...])."""
     if self.layers is None:
-      return self.forward.natural_params()
+      host = tree_to_host(self.stacked)
+      if self.schedule is None:
+        return host
+      return {**host, "blocks": pipeline.from_stages(host["blocks"],
+                                                     n_layers=self.config.model.n_layers)}
     blocks = jax.tree.map(lambda *xs: np.stack(xs), *tree_to_host(self.layers))
     return {**tree_to_host(self.rest), "blocks": blocks}
 
@@ -141,7 +149,7 @@ class Generator:
   def params(self) -> tuple:
     """What the compiled programs take: (parameters, per-layer blocks or None)."""
     if self.layers is None:
-      return self.forward.params, None
+      return self.stacked, None
     return self.rest, self.layers
 
   def param_bytes_per_device(self) -> int:
@@ -149,8 +157,8 @@ class Generator:
 
   def cache_bytes_per_device(self, batch: int, length: int) -> int:
     """Bytes of the KV cache one device holds (all layers; copied key/value heads counted)."""
-    m, mesh, rules = self.forward.config.model, self.mesh, self.forward.rules
-    spec = self.family.kv_cache(m, self.forward.layout, batch, length)
+    m, mesh, rules = self.config.model, self.mesh, self.rules
+    spec = self.family.kv_cache(m, self.layout, batch, length)
     total = 0
     for leaf in spec.values():
       shape, names, dtype = cache_leaf(leaf, m)
@@ -162,7 +170,7 @@ class Generator:
   def model_parts(self, params):
     """(model, the blocks' graphdef, the layers run_blocks takes) inside a program."""
     rest, layers = params
-    graphdef = self.forward.graphdef
+    graphdef = self.graphdef
     if layers is None:
       model = nnx.merge(graphdef, rest)
       return model, nnx.graphdef(model.blocks), rest["blocks"]
@@ -178,7 +186,7 @@ class Generator:
     decoder = Decoder(self, batch, prompt_len + max_new)
     greedy, scan, eos_ids = sampling.temperature == 0, self.scan, self.eos_ids
     step = decoder.step_fn(greedy=greedy, span=prompt_len + max_new)
-    rules, keys = self.forward.rules, self.family.config_keys
+    rules, keys = self.rules, self.family.config_keys
 
     def decode(params, state, first_B):
       caches, slots = state
@@ -219,15 +227,15 @@ class Generator:
     if not prompts or any(len(p) == 0 for p in prompts):
       raise UserError("prompts: every prompt needs at least one token")
     B, T0 = len(prompts), max(len(p) for p in prompts)
-    m = self.forward.config.model
+    m = self.config.model
     if T0 + max_new_tokens > m.max_seq_len:
       raise UserError(f"prompt length {T0} + max_new_tokens {max_new_tokens} exceeds "
                       f"model.max_seq_len={m.max_seq_len}; shorten the prompts "
                       f"(generate.prompt_len for seeded ones) or lower "
                       f"generate.max_new_tokens")
-    self.forward.rules.check((B, T0), (BATCH, SEQ), self.mesh.shape, what="prompts",
+    self.rules.check((B, T0), (BATCH, SEQ), self.mesh.shape, what="prompts",
                              keys={BATCH: "number of prompts"})
-    run = self._pipelined if self.forward.schedule is not None else self._slots
+    run = self._pipelined if self.schedule is not None else self._slots
     with jax.set_mesh(self.mesh):
       out, steps, seconds = run(prompts, max_new_tokens, sampling, seed, progress)
     return Result(out[:n_prompts], steps, *seconds)
@@ -244,7 +252,7 @@ class Generator:
     """Right-padded prompts prefilled into a `Decoder`'s rows, then its step in a loop."""
     tokens_host, lengths = pad_right(prompts)
     B, T0 = tokens_host.shape
-    sharding = self.forward.rules.sharding((BATCH, SEQ), self.mesh, what="prompts")
+    sharding = self.rules.sharding((BATCH, SEQ), self.mesh, what="prompts")
     params = self.params
     args = (jax.device_put(jnp.asarray(tokens_host), sharding), np.int32(0), lengths,
             np.int32(0), np.int32(0),
@@ -351,45 +359,43 @@ def pipelined_loop(decoder: PipelinedDecoder, max_new: int, greedy: bool, progre
   return jax.jit(decode, donate_argnums=(1,))
 
 
-def _per_layer(fwd: inference.Forward) -> tuple[tuple, dict]:
+def _per_layer(pl: inference.Placement, params: dict) -> tuple[tuple, dict]:
   """The stacked blocks as one parameter dict per layer, each sharded by the rules as the
   stack is, minus its `layers` dim; and the other parameters."""
-  names = jax.tree.map(lambda n: Logical(n.names[1:]), fwd.names["blocks"], is_leaf=is_logical)
-  shardings = tree_shardings(names, fwd.rules, fwd.mesh)
-  blocks = fwd.params["blocks"]
-  with jax.set_mesh(fwd.mesh):
+  names = jax.tree.map(lambda n: Logical(n.names[1:]), pl.names["blocks"], is_leaf=is_logical)
+  shardings = tree_shardings(names, pl.rules, pl.mesh)
+  blocks = params["blocks"]
+  with jax.set_mesh(pl.mesh):
     layers = tuple(jax.tree.map(lambda a, s: jax.device_put(a[l], s), blocks, shardings)
-                   for l in range(fwd.config.model.n_layers))
-  return layers, {k: v for k, v in fwd.params.items() if k != "blocks"}
+                   for l in range(pl.config.model.n_layers))
+  return layers, {k: v for k, v in params.items() if k != "blocks"}
 
 
 def build(config: Config, mesh, *, eos_id: int | None = None) -> Generator:
-  """A Generator for `config` on `mesh` (parameters seeded, or from model.checkpoint).
+  """A Generator for `config` on `mesh` (parameters seeded, or from model.checkpoint): the
+  placement and parameters of `inference`, no forward program (nothing of run.batch,
+  run.seq_len or pipeline.microbatches applies).
 
-  With mesh.stage > 1 decoding is pipelined (`pipelined_loop`): the prompts form one group
-  per stage, so the batch is padded to a multiple of stage x data. `eos_id` (default:
-  generate.eos_id, else the checkpoint's EOS ids; -1: none) stops a row.
+  With mesh.stage > 1 decoding is pipelined (`pipelined_loop`) over contiguous stages: the
+  prompts form one group per stage, so the batch is padded to a multiple of stage x data.
+  `eos_id` (default: generate.eos_id, else the checkpoint's EOS ids; -1: none) stops a row.
   """
   stages, notes = mesh.shape[axes.STAGE], []
-  if stages > 1:
-    if config.pipeline.repeats != 1:
-      notes.append(f"note: pipelined decoding runs contiguous stages; pipeline.repeats="
-                   f"{config.pipeline.repeats} (the circular schedule) applies to forward only")
-    config = dataclasses.replace(config, pipeline=dataclasses.replace(
-        config.pipeline, microbatches=stages, repeats=1))
-    data = math.prod(mesh.shape[a] for a in Rules(config.rules).mesh_axes(BATCH))
-    batch = -(-config.run.batch // (stages * data)) * stages * data
-    config = dataclasses.replace(config, run=dataclasses.replace(config.run, batch=batch))
-  fwd = inference.build(config, mesh)
+  if stages > 1 and config.pipeline.repeats != 1:
+    notes.append(f"note: pipelined decoding runs contiguous stages; pipeline.repeats="
+                 f"{config.pipeline.repeats} (the circular schedule) applies to forward only")
+  placement = inference.place(config, mesh, pipelined=stages > 1, repeats=1)
+  params, _, timings = inference.load_params(placement)
   if eos_id is None:
     eos_id = config.generate.eos_id
   eos_ids = config.model.eos_token_ids if eos_id is None else (
       () if eos_id < 0 else (eos_id,))
   scan = use_scan(config, mesh.devices.flat[0].platform) or stages > 1  # a stage scans
-  generator = Generator(fwd, scan, tuple(eos_ids), notes=notes)
-  if not scan:
-    generator.layers, generator.rest = _per_layer(fwd)
-    fwd.params = None  # the per-layer buffers replace the stack
+  generator = Generator(placement, scan, tuple(eos_ids), init_timings=timings, notes=notes)
+  if scan:
+    generator.stacked = params
+  else:  # the per-layer buffers replace the stack
+    generator.layers, generator.rest = _per_layer(placement, params)
   return generator
 
 

@@ -1,8 +1,13 @@
 """The sharded forward pass of any decoder family: build, compile, run, verify.
 
-`build` turns a `Config` and a mesh into a `Forward`: born-sharded parameters (seeded, or read
-from a Hugging Face checkpoint) plus a jitted forward whose inputs, outputs and activations are
-all laid out by the one rule table. The model is asked for nothing but the interface of
+A model on a mesh is built in three steps, each taking the previous ones as inputs:
+
+    placement = place(config, mesh)          # layout: names, shapes, shardings, schedule; no arrays
+    params, names, _ = load_params(placement)  # one of SOURCES (seed, given, checkpoints), quantised
+    forward = forward_fn(placement)          # a program; `generate` makes decoders instead
+
+`build` composes them into a `Forward`: born-sharded parameters plus a jitted forward whose
+inputs, outputs and activations are all laid out by the one rule table. The model is asked for nothing but the interface of
 `jaxpar.models.base` (embed, blocks, head): any family `model.family` names runs here,
 a user's own included (`jaxpar.models.registry.register`).
 """
@@ -63,11 +68,12 @@ class Forward(state.ShardedModel):
 
 def layout_for(config: Config, mesh: Mesh, rules: Rules, family: Family) -> Layout:
   """The vocabulary padding and key/value head copies this mesh needs; one-line errors when
-  the heads do not divide the axes the rules split them over."""
+  the heads or the MLP width do not divide the axes the rules split them over."""
   m, shape = config.model, mesh.shape
   ways = lambda name: math.prod(shape[a] for a in rules.mesh_axes(name) if a in shape)
   keys = family.config_keys
   rules.check((m.n_heads,), (axes.HEADS,), shape, what="the model", keys=keys)
+  rules.check((m.d_ff,), (axes.MLP,), shape, what="the model", keys=keys)
   kv_ways, K = ways(axes.KV_HEADS), m.kv_heads
   if kv_ways > K and kv_ways % K:
     raise UserError(f"{keys.get(axes.KV_HEADS, 'model.n_kv_heads')}={K} neither divides nor is "
@@ -78,18 +84,23 @@ def layout_for(config: Config, mesh: Mesh, rules: Rules, family: Family) -> Layo
   return layout
 
 
-def check_batch(config: Config, mesh: Mesh, rules: Rules, family: Family) -> None:
-  """The sizes the rules split must divide: batch and sequence of the tokens, MLP width
-  (UserErrors naming run.batch, model.d_ff, ...), before any tensor is traced."""
-  keys = family.config_keys
+def check_batch(config: Config, mesh: Mesh, rules: Rules, family: Family,
+                schedule: pipeline.Schedule | None = None) -> None:
+  """What the forward program splits must divide: the batch and sequence of run.batch x
+  run.seq_len tokens and the pipeline's microbatches (UserErrors naming run.batch, ...),
+  before any tensor is traced."""
   rules.check((config.run.batch, config.run.seq_len), (axes.BATCH, axes.SEQ), mesh.shape,
-              what="tokens", keys=keys)
-  rules.check((config.model.d_ff,), (axes.MLP,), mesh.shape, what="the model", keys=keys)
+              what="tokens", keys=family.config_keys)
+  if schedule is not None:
+    pipeline.check(schedule, n_layers=config.model.n_layers, batch=config.run.batch,
+                   data=math.prod(mesh.shape[a] for a in rules.mesh_axes(axes.BATCH)))
 
 
-def make_schedule(config: Config, mesh: Mesh, rules: Rules,
-                  pipelined: bool | None) -> pipeline.Schedule | None:
-  """The pipeline schedule (None without one), checked against the config."""
+def make_schedule(config: Config, mesh: Mesh, rules: Rules, pipelined: bool | None,
+                  repeats: int | None = None) -> pipeline.Schedule | None:
+  """The pipeline schedule (None without one; `pipelined` forces it on or off, default on
+  when mesh.stage > 1; `repeats` overrides pipeline.repeats), checked against the layers
+  (the batch is the forward program's: `check_batch`)."""
   stages = mesh.shape[axes.STAGE]
   if not (stages > 1 if pipelined is None else pipelined):
     return None
@@ -97,9 +108,9 @@ def make_schedule(config: Config, mesh: Mesh, rules: Rules,
   if axes.STAGE in batch_axes or axes.STAGE in rules.mesh_axes(axes.SEQ):
     raise UserError(f"rules.batch={list(batch_axes)} uses the stage axis, which the pipeline "
                     f"needs for layers; map batch to data (and model) only")
-  schedule = pipeline.Schedule(stages, config.pipeline.microbatches, config.pipeline.repeats)
-  pipeline.check(schedule, n_layers=config.model.n_layers, batch=config.run.batch,
-                 data=math.prod(mesh.shape[a] for a in batch_axes))
+  schedule = pipeline.Schedule(stages, config.pipeline.microbatches,
+                               repeats or config.pipeline.repeats)
+  pipeline.check(schedule, n_layers=config.model.n_layers)
   return schedule
 
 
@@ -116,55 +127,136 @@ def causal_step(batch: int, length: int) -> Step:
   return Step(positions_BT, jnp.tril(jnp.ones((1, length, length), bool)))
 
 
-def build(config: Config, mesh: Mesh, *, params: dict | None = None,
-          layout: Layout | None = None, pipelined: bool | None = None,
-          abstract: bool = False) -> Forward:
-  """Checks the layout, creates (or places) the parameters and jits the forward pass.
+@dataclasses.dataclass
+class Placement:
+  """Step 1, the layout of a model on a mesh: its parameters' names, shapes and shardings
+  and the pipeline schedule; no arrays (the planner compiles from it). With a schedule, the
+  blocks are regrouped into stages, [S, R, Lc, ...] (`pipeline.to_stages`); `natural` is
+  (shapes, names) in the model's own layout, blocks [L, ...], what checkpoints hold."""
+  config: Config
+  mesh: Mesh
+  rules: Rules
+  family: Family
+  layout: Layout
+  schedule: pipeline.Schedule | None
+  graphdef: nnx.GraphDef
+  shapes: dict
+  names: dict
+  natural: tuple[dict, dict]
 
-  `params` (a dict in the model's own layout, e.g. gathered from another mesh) replaces the
-  seeded initialisation; it is placed on this mesh's shardings. `layout` overrides the
-  vocabulary padding and key/value copies (default: what the rules need on this mesh; pass the
-  sharded model's to reuse its parameters on one device). `pipelined` forces the pipeline on or
-  off (default: on when mesh.stage > 1). The model is the family `model.family` names.
-  `abstract`: the parameters stay ShapeDtypeStructs with their shardings (nothing is created
-  or read), enough to compile and inspect the program (`jaxpar.plan`).
-  """
+  def make(self, rngs: nnx.Rngs):
+    return self.family.make(self.config.model, self.layout, rngs)
+
+  def to_layout(self, p: dict) -> dict:
+    """Parameters in the model's own layout -> this placement's (staged blocks)."""
+    if self.schedule is None:
+      return p
+    s = self.schedule
+    return {**p, "blocks": pipeline.to_stages(p["blocks"], stages=s.stages, repeats=s.repeats)}
+
+  def shardings(self, names: dict | None = None) -> dict:
+    return tree_shardings(self.names if names is None else names, self.rules, self.mesh)
+
+
+def place(config: Config, mesh: Mesh, *, layout: Layout | None = None,
+          pipelined: bool | None = None, repeats: int | None = None) -> Placement:
+  """The layout step: heads, key/value copies and vocabulary padding checked against the
+  rules (`layout_for`; `layout` overrides it), the schedule (`pipelined` forces it on or off,
+  default on when mesh.stage > 1; `repeats` overrides pipeline.repeats), every parameter's
+  names checked against the mesh. One-line UserErrors, nothing allocated."""
   family = registry.family(config.model.family)
   rules = Rules(config.rules)
   keys = family.config_keys
   layout = layout or layout_for(config, mesh, rules, family)
-  check_batch(config, mesh, rules, family)
-  schedule = make_schedule(config, mesh, rules, pipelined)
-  out_rules = rules
-  if schedule is not None:  # after the pipeline the batch is spread over the stages too
-    out_rules = rules.replace(axes.BATCH, (*rules.mesh_axes(axes.BATCH), axes.STAGE))
-  token_sharding = rules.sharding((axes.BATCH, axes.SEQ), mesh, what="tokens")
-  logits_sharding = out_rules.sharding((axes.BATCH, axes.SEQ, axes.VOCAB), mesh, what="logits")
-  make = lambda rngs: family.make(config.model, layout, rngs)
-  graphdef, shapes, names = state.abstract(make)
-  if schedule is None:  # staged, the layers are checked against the stages below
-    check_tree(shapes, names, rules, mesh, keys=keys)
-
-  def to_layout(p: dict) -> dict:
-    if schedule is None:
-      return p
-    blocks = pipeline.to_stages(p["blocks"], stages=schedule.stages, repeats=schedule.repeats)
-    return {**p, "blocks": blocks}
-
-  natural = shapes, names  # blocks [L, ...]: what checkpoints are read and written in
-  active = None
+  schedule = make_schedule(config, mesh, rules, pipelined, repeats)
+  graphdef, shapes, names = state.abstract(lambda rngs: family.make(config.model, layout, rngs))
+  placement = Placement(config, mesh, rules, family, layout, schedule, graphdef, shapes, names,
+                        (shapes, names))
   if schedule is not None:
-    names = _staged_names(names)
-    shapes = jax.eval_shape(to_layout, shapes)
-    check_tree(shapes, names, rules, mesh, keys=keys)
+    placement.names = _staged_names(names)
+    placement.shapes = jax.eval_shape(placement.to_layout, shapes)
+  check_tree(placement.shapes, placement.names, rules, mesh, keys=keys)
+  return placement
+
+
+def _seeded(pl: Placement, _, shardings, timings: dict) -> dict:
+  return state.create(pl.make, seed=pl.config.run.seed, mesh=pl.mesh, shardings=shardings,
+                      layout=pl.to_layout, timings=timings)
+
+
+def _given(pl: Placement, params: dict, shardings, _) -> dict:
+  return jax.device_put(pl.to_layout(params), shardings)
+
+
+def _jaxpar_checkpoint(pl: Placement, _, shardings, __) -> dict:
+  from jaxpar.runtime import checkpoint  # Orbax: each device reads its own slices
+  return checkpoint.restore(pl.config.model.checkpoint, shapes=pl.natural[0],
+                            names=pl.natural[1], cfg=pl.config.model, layout=pl.layout,
+                            rules=pl.rules, mesh=pl.mesh, to_layout=pl.to_layout,
+                            shardings=shardings)
+
+
+def _hf_checkpoint(pl: Placement, _, shardings, __) -> dict:
+  from jaxpar.runtime import hf  # Hugging Face weights, each device reading its own slice
+  m = pl.config.model
+  return hf.load_params(m.checkpoint, pl.family.weights(m, pl.layout), shapes=pl.shapes,
+                        shardings=shardings,
+                        stages=None if pl.schedule is None else pl.schedule.stages,
+                        n_layers=m.n_layers)
+
+
+def _abstract(pl: Placement, _, shardings, __) -> dict:
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      pl.shapes, shardings)
+
+
+# Step 2, the parameters: every source reads or makes them straight into their shards,
+# (placement, given parameters, shardings, timings) -> parameters.
+SOURCES = {"seed": _seeded, "given": _given, "jaxpar checkpoint": _jaxpar_checkpoint,
+           "hf checkpoint": _hf_checkpoint, "abstract": _abstract}
+
+
+def source(config: Config, *, given: bool = False, abstract: bool = False) -> str:
+  """Where the parameters come from: 'abstract' (shapes and shardings only), 'given' (a
+  dict in the model's own layout, e.g. gathered from another mesh), a checkpoint
+  ('jaxpar checkpoint', 'hf checkpoint') or 'seed'."""
+  if abstract or given:
+    return "abstract" if abstract else "given"
+  checkpoint = config.model.checkpoint
+  if checkpoint:
+    return "jaxpar checkpoint" if checkpoint_meta.is_jaxpar(checkpoint) else "hf checkpoint"
+  return "seed"
+
+
+def load_params(pl: Placement, *, params: dict | None = None,
+                abstract: bool = False) -> tuple[dict, dict, dict]:
+  """(parameters, their names, the seeded initialiser's timings): from their `source`,
+  then quantised on the mesh (model.quantize; the scales born sharded)."""
+  timings, names, mode = {}, pl.names, pl.config.model.quantize
+  kind = source(pl.config, given=params is not None, abstract=abstract)
+  if kind == "given" and mode != "none":  # e.g. a quantised model's own parameters
+    names = quant.quantized_names(params, names, mode, present=True)
+  params = SOURCES[kind](pl, params, pl.shardings(names), timings)
+  if mode != "none":  # on the mesh, after loading: scales born sharded
+    params, names = quant.quantize_params(params, names, mode,
+                                          lambda n: tree_shardings(n, pl.rules, pl.mesh))
+  return params, names, timings
+
+
+def forward_fn(pl: Placement):
+  """The forward pass, traced: (params, tokens [B, T]) -> logits [B, T, V_padded], laid out
+  by the rules (after a pipeline the batch is spread over the stages too)."""
+  config, rules, keys, schedule = pl.config, pl.rules, pl.family.config_keys, pl.schedule
+  out_rules = rules
+  if schedule is not None:
+    out_rules = rules.replace(axes.BATCH, (*rules.mesh_axes(axes.BATCH), axes.STAGE))
     active = pipeline.active(config.model.n_layers, stages=schedule.stages,
                              repeats=schedule.repeats)
-  param_shardings = tree_shardings(names, rules, mesh)
   scan = config.model.scan_layers is not False
 
   def forward(params: dict, tokens_BT: jax.Array) -> jax.Array:
     with use_rules(rules, keys=keys):
-      model = nnx.merge(graphdef, params)
+      model = nnx.merge(pl.graphdef, params)
       block_graphdef = nnx.graphdef(model.blocks)
       B, T = tokens_BT.shape
       step = causal_step(B, T)
@@ -177,54 +269,46 @@ def build(config: Config, mesh: Mesh, *, params: dict | None = None,
       else:
         def stage_fn(chunk, x_BTD):  # positions are 0..T-1 on every stage
           blocks, on = chunk  # `on`: None, or which of the chunk's layers are not padding
-          rows = x_BTD.shape[0]
-          y_BTD, _ = run_blocks(block_graphdef, blocks, x_BTD, causal_step(rows, T), scan=True,
-                                active=on)
+          y_BTD, _ = run_blocks(block_graphdef, blocks, x_BTD, causal_step(x_BTD.shape[0], T),
+                                scan=True, active=on)
           return y_BTD
         on = None if active is None else jnp.asarray(active)
-        x_BTD = pipeline.run(stage_fn, (params["blocks"], on), x_BTD, mesh=mesh,
+        x_BTD = pipeline.run(stage_fn, (params["blocks"], on), x_BTD, mesh=pl.mesh,
                              schedule=schedule, batch_axes=rules.mesh_axes(axes.BATCH))
     with use_rules(out_rules, keys=keys):
       return model.head(x_BTD)
+  return forward, out_rules
 
-  # Trace once abstractly: every activation's layout is checked before anything compiles.
+
+def build(config: Config, mesh: Mesh, *, params: dict | None = None,
+          layout: Layout | None = None, pipelined: bool | None = None,
+          abstract: bool = False) -> Forward:
+  """The forward program, in three steps: the layout (`place`), the forward traced
+  abstractly so every activation's layout is checked, then the parameters (`load_params`)
+  and the jit.
+
+  `params` (a dict in the model's own layout, e.g. gathered from another mesh) replaces the
+  seeded initialisation; it is placed on this mesh's shardings. `layout` overrides the
+  vocabulary padding and key/value copies (default: what the rules need on this mesh; pass the
+  sharded model's to reuse its parameters on one device). `pipelined` forces the pipeline on or
+  off (default: on when mesh.stage > 1). `abstract`: the parameters stay ShapeDtypeStructs
+  with their shardings (nothing is created or read), enough to compile and inspect the
+  program (`jaxpar.plan`).
+  """
+  pl = place(config, mesh, layout=layout, pipelined=pipelined)
+  check_batch(config, mesh, pl.rules, pl.family, pl.schedule)
+  forward, out_rules = forward_fn(pl)
   tokens_shape = jax.ShapeDtypeStruct((config.run.batch, config.run.seq_len), jnp.int32)
   with jax.set_mesh(mesh):
-    jax.eval_shape(forward, shapes, tokens_shape)
-
-  timings = {}
-  if abstract:
-    params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          shapes, param_shardings)
-  elif params is not None:
-    params = to_layout(params)
-    if config.model.quantize != "none":  # e.g. a quantised model's own parameters
-      names = quant.quantized_names(params, names, config.model.quantize,
-                                     present=True)
-      param_shardings = tree_shardings(names, rules, mesh)
-    params = jax.device_put(params, param_shardings)
-  elif config.model.checkpoint and checkpoint_meta.is_jaxpar(config.model.checkpoint):
-    from jaxpar.runtime import checkpoint  # Orbax: each device reads its own slices
-    params = checkpoint.restore(config.model.checkpoint, shapes=natural[0], names=natural[1],
-                                cfg=config.model, layout=layout, rules=rules, mesh=mesh,
-                                to_layout=to_layout, shardings=param_shardings)
-  elif config.model.checkpoint:
-    from jaxpar.runtime import hf  # Hugging Face weights, each device reading its own slice
-    params = hf.load_params(config.model.checkpoint, family.weights(config.model, layout),
-                            shapes=shapes, shardings=param_shardings,
-                            stages=None if schedule is None else schedule.stages,
-                            n_layers=config.model.n_layers)
-  else:
-    params = state.create(make, seed=config.run.seed, mesh=mesh, shardings=param_shardings,
-                          layout=to_layout, timings=timings)
-  if config.model.quantize != "none":  # on the mesh, after loading: scales born sharded
-    params, names = quant.quantize_params(params, names, config.model.quantize,
-                                          lambda n: tree_shardings(n, rules, mesh))
-    param_shardings = tree_shardings(names, rules, mesh)
-  fn = jax.jit(forward, in_shardings=(param_shardings, token_sharding),
-               out_shardings=logits_sharding)
-  return Forward(config, mesh, rules, graphdef, params, names, fn, family=family,
-                 layout=layout, schedule=schedule, init_timings=timings)
+    jax.eval_shape(forward, pl.shapes, tokens_shape)
+  params, names, timings = load_params(pl, params=params, abstract=abstract)
+  fn = jax.jit(forward, in_shardings=(pl.shardings(names),
+                                      pl.rules.sharding((axes.BATCH, axes.SEQ), mesh,
+                                                        what="tokens")),
+               out_shardings=out_rules.sharding((axes.BATCH, axes.SEQ, axes.VOCAB), mesh,
+                                                what="logits"))
+  return Forward(config, mesh, pl.rules, pl.graphdef, params, names, fn, family=pl.family,
+                 layout=pl.layout, schedule=pl.schedule, init_timings=timings)
 
 
 def seeded_tokens(config: Config) -> np.ndarray:

@@ -87,13 +87,13 @@ class PipelinedDecoder:
   def __post_init__(self):
     g = self.generator
     self.S = self.G = g.mesh.shape[STAGE]
-    self.data_ways = math.prod(g.mesh.shape[a] for a in g.forward.rules.mesh_axes(BATCH))
+    self.data_ways = math.prod(g.mesh.shape[a] for a in g.rules.mesh_axes(BATCH))
     if self.slots % (self.G * self.data_ways):
       raise UserError(f"serve.max_slots={self.slots}: with mesh.stage={self.S} the slots form "
                       f"{self.G} groups, each split over the {self.data_ways} devices of the "
                       f"batch axes; use a multiple of {self.G * self.data_ways}")
     self.Bg = self.slots // self.G
-    m = g.forward.config.model
+    m = g.config.model
     self.width, self.dtype = m.d_model, jnp.dtype(m.dtype)  # the activations between stages
     self.Lc = pipeline.per_chunk(m.n_layers, stages=self.S)  # identity padding included
     self.active = pipeline.active(m.n_layers, stages=self.S)  # None, or [S, 1, Lc] (uneven)
@@ -108,9 +108,9 @@ class PipelinedDecoder:
   def _spec(self, batch: int, length: int) -> dict:
     """{leaf: (shape, names, dtype)} of one layer's cache."""
     g = self.generator
-    m = g.forward.config.model
+    m = g.config.model
     return {k: cache_leaf(v, m) for k, v in
-            g.family.kv_cache(m, g.forward.layout, batch, length).items()}
+            g.family.kv_cache(m, g.layout, batch, length).items()}
 
   def _blocks(self, graphdef, blocks, x_BTD, step: Step, caches):
     """This stage's layers (identity padding passes its input on, uneven stages)."""
@@ -196,7 +196,7 @@ class PipelinedDecoder:
     """`fn` on the ring under the model's rules; `rows` that do not split over the batch
     axes are computed by every data group."""
     g = self.generator
-    rules, keys = g.forward.rules, g.family.config_keys
+    rules, keys = g.rules, g.family.config_keys
     if rows is not None and rows % self.data_ways:
       rules = rules.replace(BATCH, None)
 
