@@ -174,8 +174,7 @@ class FakeRunner:
 
   def __init__(self, slots: int = 2, *, fail_step: int = 0):
     model = type("Model", (), {"vocab_size": 250})
-    forward = type("Forward", (), {"config": type("Config", (), {"model": model})})
-    self.generator = type("Generator", (), {"forward": forward})
+    self.generator = type("Generator", (), {"config": type("Config", (), {"model": model})})
     self.slots, self.length, self.buckets, self.compiled = slots, 32, (8, 16, 32), {}
     self.calls, self.fail_step = [], fail_step  # the step call that raises (1: the first)
 

@@ -36,21 +36,9 @@ from jaxpar.runtime.pipelined_decoder import PipelinedDecoder, Rows
 from jaxpar.runtime.sampling import Sampling
 
 
-def pad_prompts(prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-  """Left-pads token id lists into tokens [B, T0] (pad id 0) and a bool mask [B, T0]."""
-  if not prompts or any(len(p) == 0 for p in prompts):
-    raise UserError("prompts: every prompt needs at least one token")
-  T0 = max(len(p) for p in prompts)
-  tokens = np.zeros((len(prompts), T0), np.int32)
-  mask = np.zeros((len(prompts), T0), bool)
-  for b, p in enumerate(prompts):
-    tokens[b, T0 - len(p):] = p
-    mask[b, T0 - len(p):] = True
-  return tokens, mask
-
-
 def pad_right(prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-  """Right-pads token id lists into tokens [B, T0] (pad id 0) and their lengths [B]."""
+  """Right-pads token id lists into tokens [B, T0] (pad id 0) and their lengths [B]: each
+  row's tokens at the cache slots equal to their positions."""
   T0 = max(len(p) for p in prompts)
   tokens = np.zeros((len(prompts), T0), np.int32)
   for b, p in enumerate(prompts):

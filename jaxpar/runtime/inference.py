@@ -298,15 +298,13 @@ def build(config: Config, mesh: Mesh, *, params: dict | None = None,
   pl = place(config, mesh, layout=layout, pipelined=pipelined)
   check_batch(config, mesh, pl.rules, pl.family, pl.schedule)
   forward, out_rules = forward_fn(pl)
+  tokens = pl.rules.sharding((axes.BATCH, axes.SEQ), mesh, what="tokens")
+  logits = out_rules.sharding((axes.BATCH, axes.SEQ, axes.VOCAB), mesh, what="logits")
   tokens_shape = jax.ShapeDtypeStruct((config.run.batch, config.run.seq_len), jnp.int32)
   with jax.set_mesh(mesh):
     jax.eval_shape(forward, pl.shapes, tokens_shape)
   params, names, timings = load_params(pl, params=params, abstract=abstract)
-  fn = jax.jit(forward, in_shardings=(pl.shardings(names),
-                                      pl.rules.sharding((axes.BATCH, axes.SEQ), mesh,
-                                                        what="tokens")),
-               out_shardings=out_rules.sharding((axes.BATCH, axes.SEQ, axes.VOCAB), mesh,
-                                                what="logits"))
+  fn = jax.jit(forward, in_shardings=(pl.shardings(names), tokens), out_shardings=logits)
   return Forward(config, mesh, pl.rules, pl.graphdef, params, names, fn, family=pl.family,
                  layout=pl.layout, schedule=pl.schedule, init_timings=timings)
 

@@ -63,7 +63,7 @@ class Engine:
                policy: str, metrics: Metrics, prefix_reuse: bool = True):
     self.runner, self.generator = runner, runner.generator
     self.slots, self.length = runner.slots, runner.length
-    self.vocab_size = self.generator.forward.config.model.vocab_size
+    self.vocab_size = self.generator.config.model.vocab_size
     self.detokenize, self.metrics = detokenize, metrics
     self.scheduler = Scheduler(self.slots, self.length, buckets=runner.buckets,
                                max_queue=max_queue, policy=policy,
