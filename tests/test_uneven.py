@@ -82,6 +82,12 @@ def test_uneven_pipelined_decode_equals_one_device(tiny, devices, layers, stage,
                            eos_id=-1)
   assert sharded.schedule is not None
   got = sharded.generate(PROMPTS, max_new_tokens=6).tokens
+  # Each stage holds ceil(L / S) layer slots: keys and values of B rows x T positions of the
+  # key/value heads on one device (issue 25: this raised an IndivisibleError).
+  m, T = config.model, 16
+  heads = max(m.kv_heads, model) // model
+  want_bytes = 2 * -(-layers // stage) * len(PROMPTS) * heads * m.head_size * T * 4
+  assert sharded.cache_bytes_per_device(len(PROMPTS), T) == want_bytes
   one = dataclasses.replace(config, mesh=MeshConfig(1, 1, 1))
   single = generate.build(one, make_mesh(one.mesh, devices=devices[:1]), eos_id=-1)
   single.stacked = jax.device_put(sharded.natural_params(), devices[0])

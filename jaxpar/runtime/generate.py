@@ -144,15 +144,19 @@ class Generator:
     return state.param_bytes_per_device(self.params)
 
   def cache_bytes_per_device(self, batch: int, length: int) -> int:
-    """Bytes of the KV cache one device holds (all layers; copied key/value heads counted)."""
+    """Bytes of the KV cache one device holds (all its layers; copied key/value heads
+    counted). On a pipeline a stage holds the cache of its own layer slots, identity padding
+    of uneven stages included (`pipeline.per_chunk`)."""
     m, mesh, rules = self.config.model, self.mesh, self.rules
-    spec = self.family.kv_cache(m, self.layout, batch, length)
     total = 0
-    for leaf in spec.values():
+    for leaf in self.family.kv_cache(m, self.layout, batch, length).values():
       shape, names, dtype = cache_leaf(leaf, m)
-      full, names = (m.n_layers, *shape), (LAYERS, *names)
-      per = rules.sharding(names, mesh, what="the KV cache").shard_shape(full)
-      total += math.prod(per) * jnp.dtype(dtype).itemsize
+      if self.schedule is None:  # [L, ...], split as the rules say
+        shape, names, slots = (m.n_layers, *shape), (LAYERS, *names), 1
+      else:  # each stage's own slots
+        slots = pipeline.per_chunk(m.n_layers, stages=self.schedule.stages)
+      per = rules.sharding(names, mesh, what="the KV cache").shard_shape(shape)
+      total += slots * math.prod(per) * jnp.dtype(dtype).itemsize
     return total
 
   def model_parts(self, params):
