@@ -391,9 +391,6 @@ def validate(config: Config) -> None:
     if size == 0 or size < -1:
       raise UserError(f"mesh.{name}={size}: must be a positive size or -1 (fill)")
   _check_model(m)
-  if r.seq_len > m.max_seq_len:
-    raise UserError(f"run.seq_len={r.seq_len} exceeds model.max_seq_len={m.max_seq_len} (the "
-                    f"position table); use --set run.seq_len={m.max_seq_len} or less")
   names = [name for name, _ in config.rules]
   for name in set(names):
     if names.count(name) > 1:

@@ -177,7 +177,10 @@ def test_generate_cli(root, tmp_path, monkeypatch, capsys):
   code = cli.main(["generate", "--config", "configs/tiny.yaml", "--set", "mesh.model=2",
                    "--set", "mesh.data=2", "--set", "mesh.stage=2", "--set", "model.n_layers=4",
                    "--prompt-ids", "1,2,3;4,5;6;7,8,9,10", "--max-new-tokens", "5",
-                   "--save-tokens", str(out), "--json"])
+                   "--save-tokens", str(out), "--json",
+                   # forward's settings, which generate does not use: no error for them
+                   "--set", "run.seq_len=64", "--set", "run.batch=3",
+                   "--set", "pipeline.microbatches=3"])
   stdout = capsys.readouterr().out
   assert code == 0
   result = json.loads(stdout.strip().splitlines()[-1])

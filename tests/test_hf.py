@@ -18,7 +18,9 @@ from jaxpar import cli, hf_files
 from jaxpar import config as config_lib
 from jaxpar.config import MeshConfig, PipelineConfig
 from jaxpar.errors import UserError
-from jaxpar.mesh import make_mesh
+from jaxpar.mesh import make_mesh, single_device_mesh
+from jaxpar.models import registry
+from jaxpar.rules import Rules
 from jaxpar.runtime import hf, inference
 from tests.conftest import write_hf_gpt2
 
@@ -83,8 +85,10 @@ def test_config_takes_sizes_from_checkpoint(root, hf_checkpoint, tmp_path):
   assert load(root, hf_checkpoint, "model.n_layers=4").model.n_layers == 4  # agrees: fine
   with pytest.raises(UserError, match=r"model.n_layers=2 disagrees with model.checkpoint="):
     load(root, hf_checkpoint, "model.n_layers=2")
+  long = load(root, hf_checkpoint, "run.seq_len=65")  # generate and serve do not use it
   with pytest.raises(UserError, match=r"run.seq_len=65 exceeds model.max_seq_len=64"):
-    load(root, hf_checkpoint, "run.seq_len=65")
+    inference.check_batch(long, single_device_mesh(jax.devices()[0]), Rules(long.rules),
+                          registry.family(long.model.family))
 
 
 # (data, stage, model, microbatches, repeats, layers): one device, tensor parallel, circular

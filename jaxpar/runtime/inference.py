@@ -89,8 +89,12 @@ def check_batch(config: Config, mesh: Mesh, rules: Rules, family: Family,
   """What the forward program splits must divide: the batch and sequence of run.batch x
   run.seq_len tokens and the pipeline's microbatches (UserErrors naming run.batch, ...),
   before any tensor is traced."""
-  rules.check((config.run.batch, config.run.seq_len), (axes.BATCH, axes.SEQ), mesh.shape,
-              what="tokens", keys=family.config_keys)
+  r, m = config.run, config.model
+  if r.seq_len > m.max_seq_len:
+    raise UserError(f"run.seq_len={r.seq_len} exceeds model.max_seq_len={m.max_seq_len} (the "
+                    f"position table); use --set run.seq_len={m.max_seq_len} or less")
+  rules.check((r.batch, r.seq_len), (axes.BATCH, axes.SEQ), mesh.shape, what="tokens",
+              keys=family.config_keys)
   if schedule is not None:
     pipeline.check(schedule, n_layers=config.model.n_layers, batch=config.run.batch,
                    data=math.prod(mesh.shape[a] for a in rules.mesh_axes(axes.BATCH)))
