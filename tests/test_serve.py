@@ -236,6 +236,23 @@ def test_bad_request_gets_a_json_error_and_serving_goes_on(live, client, hf, bod
   assert complete(client, [4, 5, 6], 3).choices[0].token_ids == hf_greedy(hf[0], [4, 5, 6], 3)
 
 
+def test_without_max_tokens_a_request_gets_what_the_context_leaves(live, hf):
+  """No max_tokens: a completion makes 16 new tokens (OpenAI's default), or what the 32
+  positions of its slot leave after the prompt; a chat up to serve.max_tokens (24 here)."""
+  url = live[0] + "/v1/completions"
+  for prompt, want in [([4, 5, 6], 16), ([4, 5, 6] * 9, 32 - 27)]:
+    code, answer = post(url, json.dumps({"model": "test-model", "prompt": prompt,
+                                         "temperature": 0}))
+    assert code == 200 and answer["usage"]["completion_tokens"] == want
+    assert answer["choices"][0]["token_ids"] == hf_greedy(hf[0], prompt, want)
+    assert answer["choices"][0]["finish_reason"] == "length"
+  code, answer = post(live[0] + "/v1/chat/completions", json.dumps(
+      {"model": "test-model", "messages": [{"role": "user", "content": "hi"}],
+       "temperature": 0}))
+  prompt_len = answer["usage"]["prompt_tokens"]
+  assert code == 200 and answer["usage"]["completion_tokens"] == min(24, 32 - prompt_len)
+
+
 def test_eos_ends_a_request(live, client, hf):
   """A request stops at its first end-of-text token (kept in token_ids, finish 'stop')."""
   expected = hf_greedy(hf[0], PROMPTS[2], 12)

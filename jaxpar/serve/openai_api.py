@@ -72,14 +72,23 @@ def check_model(body: dict, limits: Limits) -> None:
                    f"{limits.model!r}", param="model", code="model_not_found")
 
 
-def sampling_params(body: dict, limits: Limits) -> tuple[Params, bool, bool]:
-  """(Params, stream, include usage in the stream) from a request body."""
+COMPLETION_MAX_TOKENS = 16  # /v1/completions without max_tokens, as OpenAI's API
+
+
+def sampling_params(body: dict, limits: Limits, *, prompt_len: int,
+                    chat: bool) -> tuple[Params, bool, bool]:
+  """(Params, stream, include usage in the stream) from a request body. Without max_tokens
+  a request makes up to serve.max_tokens (chat) or 16 (completions) new tokens, as many as
+  the context leaves after its prompt."""
   for key, default in _UNSUPPORTED.items():
     if body.get(key, default) not in (default, None):
       raise ApiError(400, f"{key}={json.dumps(body[key])} is not supported by this server; "
                      f"leave it out", param=key)
   max_key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-  max_tokens = _field(body, max_key, int, limits.max_tokens,
+  default = limits.max_tokens if chat else min(COMPLETION_MAX_TOKENS, limits.max_tokens)
+  if limits.context > prompt_len:  # else the prompt alone is too long: the engine says so
+    default = min(default, limits.context - prompt_len)
+  max_tokens = _field(body, max_key, int, default,
                       check=lambda v: 1 <= v <= limits.max_tokens,
                       expect=f"an integer from 1 to {limits.max_tokens}")
   temperature = _field(body, "temperature", (int, float), 1.0, check=lambda v: 0 <= v <= 2,

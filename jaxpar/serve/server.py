@@ -81,7 +81,8 @@ class _Completions:
     api.check_model(body, self.limits)
     prompt = (api.chat_prompt(body, self.template, self.tokenizer) if chat else
               api.completion_prompt(body, self.tokenizer))
-    params, stream_it, include_usage = api.sampling_params(body, self.limits)
+    params, stream_it, include_usage = api.sampling_params(body, self.limits,
+                                                           prompt_len=len(prompt), chat=chat)
     loop, outputs = asyncio.get_running_loop(), asyncio.Queue()
 
     def listener(out: Output) -> None:
