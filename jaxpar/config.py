@@ -128,7 +128,7 @@ class GenerateConfig:
 class ServeConfig:
   """The serving engine and HTTP server (`scripts/run.py serve`)."""
   max_slots: int = 8        # requests decoded together (a multiple of the data axis)
-  max_len: int = 0          # positions per slot: prompt + max_tokens; 0: model.max_seq_len
+  max_len: int = 0          # positions per slot: prompt + max_tokens; 0: see serve.build
   max_tokens: int = 256     # the most new tokens a request may ask for (and the default)
   max_queue: int = 256      # requests waiting for a slot before new ones get 429
   min_bucket: int = 16      # prompts pad to 16, 24, 32, 48, 64, ... tokens (a program each)

@@ -8,6 +8,7 @@ process for the command line and SIGTERM.
 """
 
 import concurrent.futures
+import dataclasses
 import json
 import os
 import signal
@@ -23,6 +24,8 @@ import pytest
 
 from jaxpar import config as config_lib
 from jaxpar import inspect, serve
+from jaxpar.config import MeshConfig
+from jaxpar.errors import UserError
 from jaxpar.mesh import make_mesh
 from jaxpar.serve import openai_api, server
 from tests.conftest import write_hf_decoder
@@ -251,6 +254,25 @@ def test_without_max_tokens_a_request_gets_what_the_context_leaves(live, hf):
        "temperature": 0}))
   prompt_len = answer["usage"]["prompt_tokens"]
   assert code == 200 and answer["usage"]["completion_tokens"] == min(24, 32 - prompt_len)
+
+
+def test_slot_length_is_capped_and_must_fit(root, devices):
+  """serve.max_len 0: model.max_seq_len, at most 8192 positions (a Llama 3.x checkpoint says
+  131072); a length whose KV cache cannot fit in memory is refused before compiling (64
+  slots x 2**22 positions x 1 KiB = 256 GiB)."""
+  from jaxpar.runtime import generate
+  from jaxpar.serve import engine as engine_lib
+  one = make_mesh(MeshConfig(1, 1, 1), devices=devices[:1])
+  for max_seq_len, want in [(32, 32), (2**22, 8192)]:
+    config = config_lib.load(root / "configs" / "tiny.yaml", [
+        "model.family=llama", f"model.max_seq_len={max_seq_len}", "serve.max_slots=64"])
+    gen = generate.build(config, one)
+    assert gen.cache_bytes_per_device(64, 1) == 64 * 2 * 2 * 8 * 8 * 4  # k, v; 2 layers
+    assert engine_lib.slot_length(config, gen) == want
+  huge = dataclasses.replace(config, serve=dataclasses.replace(config.serve, max_len=2**22))
+  with pytest.raises(UserError, match=r"serve.max_len=4194304: 64 slots of 4194304 positions "
+                                      r"need 256.0 GiB of KV cache per device"):
+    engine_lib.slot_length(huge, gen)
 
 
 def test_eos_ends_a_request(live, client, hf):

@@ -202,15 +202,15 @@ def build(config: Config, mesh, *, tokenizer=None, progress: bool = True) -> Eng
   from jaxpar.serve.runner import PlainRunner, buckets, spans
 
   s = config.serve
-  length = s.max_len or config.model.max_seq_len
-  if length > config.model.max_seq_len:
-    raise UserError(f"serve.max_len={length} exceeds model.max_seq_len="
-                    f"{config.model.max_seq_len}; lower serve.max_len (0: max_seq_len)")
+  if s.max_len > config.model.max_seq_len:
+    raise UserError(f"serve.max_len={s.max_len} exceeds model.max_seq_len="
+                    f"{config.model.max_seq_len}; lower serve.max_len (0: the default)")
   data = math.prod(mesh.shape[a] for a in Rules(config.rules).mesh_axes(axes.BATCH))
   if s.max_slots % data:
     raise UserError(f"serve.max_slots={s.max_slots} does not split over the {data} devices "
                     f"of the batch axes; use a multiple of {data}")
   generator = gen_lib.build(config, mesh)
+  length = slot_length(config, generator)
   prompt_buckets = buckets(length, s.min_bucket)
   if mesh.shape[axes.STAGE] > 1:
     runner = PipelinedRunner(PipelinedDecoder(generator, s.max_slots, length), prompt_buckets,
@@ -224,3 +224,41 @@ def build(config: Config, mesh, *, tokenizer=None, progress: bool = True) -> Eng
   return Engine(runner, eos_ids=generator.eos_ids, detokenize=detokenize,
                 max_queue=s.max_queue, policy=s.policy, metrics=Metrics(),
                 prefix_reuse=s.prefix_reuse)
+
+
+DEFAULT_MAX_LEN = 8192  # positions per slot unless serve.max_len asks for more
+CACHE_SHARE = 0.9  # of a device's free memory the KV cache may take (the rest: activations)
+
+
+def free_bytes(mesh) -> int:
+  """Bytes free on one device of `mesh` (its accelerator's memory; on CPU, the host's
+  available memory shared by its emulated devices)."""
+  device = mesh.devices.flat[0]
+  stats = device.memory_stats() if device.platform != "cpu" else None
+  if stats and "bytes_limit" in stats:
+    return stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+  with open("/proc/meminfo") as f:
+    available = next(int(line.split()[1]) * 1024 for line in f
+                     if line.startswith("MemAvailable:"))
+  local = sum(d.process_index == device.process_index for d in mesh.devices.flat)
+  return available // local
+
+
+def slot_length(config: Config, generator) -> int:
+  """Positions per slot: serve.max_len, refused when the slots' KV cache does not fit in
+  the devices' free memory (weights loaded); by default the least of model.max_seq_len,
+  DEFAULT_MAX_LEN and what fits."""
+  s, m = config.serve, config.model
+  per_position = generator.cache_bytes_per_device(s.max_slots, 1)
+  fits = int(CACHE_SHARE * free_bytes(generator.mesh)) // per_position
+  if s.max_len > fits:
+    gib = lambda n: f"{n / 2**30:.1f} GiB"
+    raise UserError(f"serve.max_len={s.max_len}: {s.max_slots} slots of {s.max_len} positions "
+                    f"need {gib(per_position * s.max_len)} of KV cache per device, and "
+                    f"{gib(CACHE_SHARE * free_bytes(generator.mesh))} is free there after the "
+                    f"weights; lower serve.max_len (at most {fits}) or serve.max_slots")
+  length = s.max_len or min(m.max_seq_len, DEFAULT_MAX_LEN, fits)
+  if length < 2:
+    raise UserError(f"serve.max_slots={s.max_slots}: after the weights no device has room for "
+                    f"a KV cache of 2 positions per slot; lower serve.max_slots")
+  return length
