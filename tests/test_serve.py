@@ -275,6 +275,32 @@ def test_slot_length_is_capped_and_must_fit(root, devices):
     engine_lib.slot_length(huge, gen)
 
 
+def test_a_body_over_the_limit_gets_413_unread(live, client, hf):
+  """The context is 32 positions, so the limit is 1 MiB: a body that says it has 2 MiB is
+  refused before it is sent, and one streamed without a length (chunked) as soon as it passes
+  the limit, with a 413 that names the limit; serving goes on."""
+  import http.client
+  host, port = live[0].removeprefix("http://").split(":")
+  for chunked in (False, True):
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.putrequest("POST", "/v1/completions")
+    conn.putheader("Content-Type", "application/json")
+    conn.putheader(*("Transfer-Encoding", "chunked") if chunked else
+                   ("Content-Length", str(2**21)))
+    conn.endheaders()
+    if chunked:
+      try:
+        for _ in range(32):  # 32 x 64 KiB: 2 MiB, the server stops reading at 1 MiB
+          conn.send(b"10000\r\n" + b"a" * 2**16 + b"\r\n")
+      except (BrokenPipeError, ConnectionResetError):
+        pass
+    response = conn.getresponse()
+    answer = json.loads(response.read())
+    assert response.status == 413 and "larger than 1048576 bytes" in answer["error"]["message"]
+    conn.close()
+  assert complete(client, [4, 5, 6], 3).choices[0].token_ids == hf_greedy(hf[0], [4, 5, 6], 3)
+
+
 def test_eos_ends_a_request(live, client, hf):
   """A request stops at its first end-of-text token (kept in token_ids, finish 'stop')."""
   expected = hf_greedy(hf[0], PROMPTS[2], 12)

@@ -38,6 +38,12 @@ class Limits:
   max_tokens: int     # the most a request may ask for (and the default)
   context: int        # positions per slot: prompt + max_tokens
 
+  @property
+  def body_bytes(self) -> int:
+    """The largest request body read: 64 bytes per position of context, at least 1 MiB (a
+    prompt that fills the context is far smaller; a larger body is refused unread)."""
+    return max(2**20, 64 * self.context)
+
 
 def parse_json(raw: bytes) -> dict:
   try:

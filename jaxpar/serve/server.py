@@ -77,10 +77,12 @@ class _Completions:
     self.tokenizer, self.template = tokenizer, template
 
   async def __call__(self, request: Request, *, chat: bool):
-    body = api.parse_json(await request.body())
+    body = api.parse_json(await self._read(request))
     api.check_model(body, self.limits)
-    prompt = (api.chat_prompt(body, self.template, self.tokenizer) if chat else
-              api.completion_prompt(body, self.tokenizer))
+    # Off the event loop: a long text prompt must not hold up /health and the streams.
+    prompt = await asyncio.to_thread(
+        *(api.chat_prompt, body, self.template, self.tokenizer) if chat else
+        (api.completion_prompt, body, self.tokenizer))
     params, stream_it, include_usage = api.sampling_params(body, self.limits,
                                                            prompt_len=len(prompt), chat=chat)
     loop, outputs = asyncio.get_running_loop(), asyncio.Queue()
@@ -100,6 +102,19 @@ class _Completions:
       events = self._events(stream, outputs, rid, chat=chat, include_usage=include_usage)
       return StreamingResponse(events, media_type="text/event-stream")
     return await self._whole(request, stream, outputs, rid, chat=chat)
+
+  async def _read(self, request: Request) -> bytes:
+    """The body, refused with a 413 as soon as it passes `limits.body_bytes`."""
+    limit, chunks, size = self.limits.body_bytes, [], 0
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+      raise _too_large(int(declared), limit)
+    async for chunk in request.stream():
+      size += len(chunk)
+      if size > limit:
+        raise _too_large(size, limit)
+      chunks.append(chunk)
+    return b"".join(chunks)
 
   async def _whole(self, request: Request, stream: Stream, outputs: asyncio.Queue, rid: str,
                    *, chat: bool):
@@ -196,3 +211,9 @@ def run(engine: Engine, app: FastAPI, *, host: str, port: int, ready: str,
   finally:
     engine.stop(timeout=0)
     say("server stopped")
+
+
+def _too_large(size: int, limit: int) -> api.ApiError:
+  return api.ApiError(413, f"the request body is larger than {limit} bytes ({size} declared "
+                      f"or read), the most this server reads (64 per position of its context, "
+                      f"at least 1 MiB): shorten the prompt", code="request_too_large")
