@@ -36,10 +36,21 @@ def read_meta(path: str) -> dict:
   return meta
 
 
-def check_out(out: str, *, overwrite: bool) -> str:
+# What a checkpoint folder holds besides its weights that `generate` and `serve` read: the
+# tokenizer and the chat template (conversion copies them).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model",
+                   "chat_template.jinja")
+
+
+def check_out(out: str, *, overwrite: bool, source: str = "") -> str:
   """`out` (absolute) if a new checkpoint may be written there, else a UserError: its folder
-  must exist; an existing checkpoint is replaced only with `overwrite`, anything else never."""
+  must exist; an existing checkpoint is replaced only with `overwrite`, anything else never,
+  and never the checkpoint being read (`source`)."""
   out = os.path.abspath(out)
+  if source and os.path.realpath(out) == os.path.realpath(source):
+    raise UserError(f"--out {out} is the checkpoint being read (model.checkpoint); write the "
+                    f"new one to another path")
   parent = os.path.dirname(out)
   if not os.path.isdir(parent):
     raise UserError(f"--out {out}: folder {parent} does not exist; create it or choose another "

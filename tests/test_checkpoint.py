@@ -6,6 +6,7 @@ mismatched checkpoints are one-line errors."""
 
 import dataclasses
 import json
+import shutil
 import os
 import signal
 import subprocess
@@ -132,6 +133,27 @@ def test_existing_out_is_refused(root, orbax_llama, hf_llama, tmp_path):
   code, _, err = convert(root, hf_llama, folder, "--overwrite")
   assert code == 2 and "is not a checkpoint" in err
   assert (folder / "todo.txt").read_text() == "mine"
+
+
+def test_convert_keeps_the_tokenizer_and_never_writes_over_its_source(root, hf_llama,
+                                                                      tmp_path):
+  """The tokenizer and chat template travel with the weights (Orbax and Hugging Face);
+  --out naming the checkpoint being read is refused, --overwrite or not, and loses nothing."""
+  source = tmp_path / "source"
+  shutil.copytree(hf_llama, source)
+  files = {"tokenizer.json": '{"model": "yours"}', "tokenizer_config.json": '{"a": 1}',
+           "chat_template.jinja": "{{ messages[0].content }}"}
+  for name, text in files.items():
+    (source / name).write_text(text)
+  for fmt in ("orbax", "hf"):
+    code, _, err = convert(root, source, tmp_path / fmt, "--format", fmt)
+    assert code == 0, err
+    assert {n: (tmp_path / fmt / n).read_text() for n in files} == files
+  before = sorted(os.listdir(source))
+  code, _, err = convert(root, source, source, "--format", "hf", "--overwrite")
+  assert code == 2 and "is the checkpoint being read (model.checkpoint)" in err
+  assert sorted(os.listdir(source)) == before and (source / "tokenizer.json").read_text() == (
+      files["tokenizer.json"])
 
 
 def test_sigkill_midway_keeps_the_old_checkpoint(root, tmp_path):

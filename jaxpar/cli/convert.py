@@ -48,4 +48,4 @@ def _check_out(args, config: config_lib.Config) -> None:
                     f"weights (quantisation happens on the mesh at load); drop "
                     f"model.quantize, and set it when running the checkpoint")
   from jaxpar.checkpoint_meta import check_out
-  check_out(args.out, overwrite=args.overwrite)
+  check_out(args.out, overwrite=args.overwrite, source=config.model.checkpoint)

@@ -31,7 +31,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxpar import axes, hf_files
-from jaxpar.checkpoint_meta import FORMAT, META, PARAMS, PARTIAL, check_out, read_meta
+from jaxpar.checkpoint_meta import (FORMAT, META, PARAMS, PARTIAL, TOKENIZER_FILES,
+                                    check_out, read_meta)
 from jaxpar.config import ModelConfig, model_fields
 from jaxpar.errors import UserError
 from jaxpar.models import registry
@@ -122,15 +123,20 @@ def _name_table(names: Any) -> dict:
 
 # ---- atomic directories ----
 
-def _replace_atomically(out: str, *, overwrite: bool, write: Callable[[str], None]) -> None:
-  """Runs `write(tmp)` into `out.partial`, then renames it to `out` (the old `out` removed
-  only after the new one is in place)."""
-  out = check_out(out, overwrite=overwrite)
+def _replace_atomically(out: str, *, overwrite: bool, write: Callable[[str], None],
+                        source: str = "") -> None:
+  """Runs `write(tmp)` into `out.partial` and copies the tokenizer files of the checkpoint
+  `source` there, then renames it to `out` (the old `out` removed only after the new one is
+  in place; never `source` itself)."""
+  out = check_out(out, overwrite=overwrite, source=source)
   tmp = out + PARTIAL
   if jax.process_index() == 0 and os.path.exists(tmp):
     shutil.rmtree(tmp)  # left by a conversion that was killed
   write(tmp)
   if jax.process_index() == 0:
+    for name in TOKENIZER_FILES if source else ():
+      if os.path.isfile(os.path.join(source, name)):
+        shutil.copyfile(os.path.join(source, name), os.path.join(tmp, name))
     old = out + ".old"
     if os.path.exists(out):
       os.rename(out, old)
@@ -198,7 +204,7 @@ def save(fwd, out: str, *, overwrite: bool = False, say: Callable[[str], None] =
       os.replace(os.path.join(tmp, META + ".tmp"), os.path.join(tmp, META))
     say(f"wrote the parameters in {time.perf_counter() - start:.2f} s")
 
-  _replace_atomically(out, overwrite=overwrite, write=write)
+  _replace_atomically(out, overwrite=overwrite, write=write, source=cfg.checkpoint)
   say(f"saved a jaxpar checkpoint to {os.path.abspath(out)}")
 
 
@@ -290,5 +296,5 @@ def export_hf(fwd, out: str, *, dtype: str, overwrite: bool = False,
     with open(os.path.join(tmp, "config.json"), "w") as f:  # last
       json.dump(config, f, indent=1)
 
-  _replace_atomically(out, overwrite=overwrite, write=write)
+  _replace_atomically(out, overwrite=overwrite, write=write, source=cfg.checkpoint)
   say(f"saved a Hugging Face checkpoint to {os.path.abspath(out)}")
