@@ -319,6 +319,11 @@ def apply_overrides(config: Config, overrides: list[str]) -> Config:
   against the checkpoint rather than silently replaced by it. The other `model.` overrides
   go in together, so `model.family` may come after the options of the family it names.
   """
+  keys = [t.partition("=")[0].strip() for t in overrides]
+  sizes = [k for k in keys if k in [f"mesh.{a}" for a in axes.MESH_AXES]]
+  if "mesh" in keys and sizes:  # either order would drop one of them
+    raise UserError(f"--set mesh=auto with --set {', '.join(sizes)}: auto picks every mesh "
+                    f"size; drop one of them")
   first = [t for t in overrides if t.partition("=")[0].strip() == "model.checkpoint"]
   model = {}
   for text in first + [t for t in overrides if t not in first]:

@@ -86,8 +86,11 @@ def section(name: str, cls: type, raw: Any, base: Any) -> Any:
 def parse_override(text: str) -> tuple[list[str], Any]:
   """'model.n_layers=4' -> (['model', 'n_layers'], 4). Values are parsed as YAML scalars."""
   key, sep, value = text.partition("=")
-  if key.strip() == "mesh" and value.strip() == "auto":
-    return ["mesh"], "auto"
+  if key.strip() == "mesh":
+    if value.strip() == "auto":
+      return ["mesh"], "auto"
+    raise UserError(f"--set {text!r}: the whole mesh takes only 'auto' (the planner picks the "
+                    f"sizes); set sizes with mesh.data=, mesh.stage=, mesh.model=")
   if not sep or not key or "." not in key:
     raise UserError(f"--set {text!r}: expected section.key=value, e.g. --set model.n_layers=4")
   try:

@@ -214,8 +214,16 @@ def test_mesh_auto_in_yaml_and_override(root, tmp_path):
   path.write_text(yaml.safe_dump(raw))
   assert config_lib.load(path).mesh.auto
   assert config_lib.load(root / "configs" / "tiny.yaml", ["mesh=auto"]).mesh.auto
-  # A size given after `auto` turns it off: the sizes are what the user asked for.
+  # A size given over a file's `auto` turns it off: the sizes are what the user asked for.
   assert not config_lib.load(path, ["mesh.model=2"]).mesh.auto
+  # Both as overrides, in either order: refused (one of them would be dropped).
+  tiny = root / "configs" / "tiny.yaml"
+  for sets in (["mesh.model=2", "mesh=auto"], ["mesh=auto", "mesh.model=2"]):
+    with pytest.raises(UserError, match=r"--set mesh=auto with --set mesh.model: auto picks "
+                                        r"every mesh size; drop one of them"):
+      config_lib.load(tiny, sets)
+  with pytest.raises(UserError, match=r"'mesh=automatic': the whole mesh takes only 'auto'"):
+    config_lib.load(tiny, ["mesh=automatic"])
   with pytest.raises(UserError, match="mesh: auto is chosen by the planner"):
     config_lib.load(path).mesh.shape(8)
 
