@@ -250,6 +250,8 @@ def _model_section(raw: Any, base: ModelConfig) -> ModelConfig:
     if key not in hints or key == "options":
       _refuse_option(family, key, value)
     values[key] = config_parse.check_type(f"model.{key}", value, hints[key])
+  if values.get("checkpoint"):  # ~ and ~user, as a shell would
+    values["checkpoint"] = os.path.expanduser(values["checkpoint"])
   return replace_model(base, **values)
 
 

@@ -4,6 +4,7 @@ slice of the file; config.json sets the sizes; broken checkpoints are one-line e
 
 import dataclasses
 import json
+import os
 import pathlib
 import shutil
 
@@ -85,6 +86,12 @@ def test_config_takes_sizes_from_checkpoint(root, hf_checkpoint, tmp_path):
   assert load(root, hf_checkpoint, "model.n_layers=4").model.n_layers == 4  # agrees: fine
   with pytest.raises(UserError, match=r"model.n_layers=2 disagrees with model.checkpoint="):
     load(root, hf_checkpoint, "model.n_layers=2")
+  home = pathlib.Path.home()  # `~` is the home folder, as in a shell
+  if hf_checkpoint.is_relative_to(home):
+    tilde = "~/" + str(hf_checkpoint.relative_to(home))
+  else:
+    tilde = "~/" + os.path.relpath(hf_checkpoint, home)
+  assert load(root, tilde).model.checkpoint == os.path.join(home, tilde[2:])
   long = load(root, hf_checkpoint, "run.seq_len=65")  # generate and serve do not use it
   with pytest.raises(UserError, match=r"run.seq_len=65 exceeds model.max_seq_len=64"):
     inference.check_batch(long, single_device_mesh(jax.devices()[0]), Rules(long.rules),
