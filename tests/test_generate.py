@@ -180,7 +180,7 @@ def test_generate_cli(root, tmp_path, monkeypatch, capsys):
                    "--save-tokens", str(out), "--json",
                    # forward's settings, which generate does not use: no error for them
                    "--set", "run.seq_len=64", "--set", "run.batch=3",
-                   "--set", "pipeline.microbatches=3"])
+                   "--set", "pipeline.microbatches=3", "--top-k", "5"])
   stdout = capsys.readouterr().out
   assert code == 0
   result = json.loads(stdout.strip().splitlines()[-1])
@@ -188,9 +188,15 @@ def test_generate_cli(root, tmp_path, monkeypatch, capsys):
   assert saved.dtype == np.int32 and saved.shape == (4, 5)
   assert result["new_tokens"] == saved.tolist()
   assert result["mesh"] == {"data": 2, "stage": 2, "model": 2}
-  for key in ("tokens_per_s", "prefill_s", "decode_s", "kv_cache_bytes_per_device",
-              "param_bytes_per_device"):
+  for key in ("tokens_per_s", "decode_tokens_per_s", "prefill_s", "decode_s",
+              "kv_cache_bytes_per_device", "param_bytes_per_device"):
     assert result[key] > 0
+  assert result["decode_tokens_per_s"] == pytest.approx(4 * 4 / result["decode_s"])
+  assert result["tokens_per_s"] == pytest.approx(4 * 5 / (result["prefill_s"] +
+                                                          result["decode_s"]))
+  assert " tokens/s with the prefill, " in stdout
+  assert "note: top_k 5 and top_p 1.0 apply when sampling; temperature 0 decodes greedily" in (
+      stdout)
   # The same seeded model on one device, through the library, makes the same tokens.
   config = config_lib.load(root / "configs" / "tiny.yaml", ["model.n_layers=4"])
   single = generate.build(config, make_mesh(MeshConfig(1, 1, 1), devices=jax.devices()[:1]))

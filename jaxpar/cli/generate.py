@@ -65,7 +65,8 @@ def run(args, config: config_lib.Config) -> dict:
       "compile_s": result.compile_s,
       "prefill_s": result.prefill_s,
       "decode_s": result.decode_s,
-      "tokens_per_s": new / (result.prefill_s + result.decode_s),
+      "tokens_per_s": new / (result.prefill_s + result.decode_s),  # prefill included
+      "decode_tokens_per_s": _decode_rate(result),
       "kv_cache_bytes_per_device": cache_bytes,
       "param_bytes_per_device": param_bytes,
       "scan_layers": generator.scan,
@@ -108,6 +109,9 @@ def _say_plan(config: config_lib.Config, generator, prompts: list, batch: int,
         f"rows dropped)")
   mode = "greedy" if g.temperature == 0 else (
       f"sampling (temperature {g.temperature}, top_k {g.top_k}, top_p {g.top_p})")
+  if g.temperature == 0 and (g.top_k or g.top_p != 1):
+    say(f"note: top_k {g.top_k} and top_p {g.top_p} apply when sampling; temperature 0 decodes "
+        f"greedily (pass --temperature 1 to sample)")
   span = f"{min(lengths)}-{max(lengths)}" if min(lengths) != max(lengths) else str(lengths[0])
   say(f"{report.count(len(prompts), 'prompt')} of {span} tokens, {g.max_new_tokens} new "
       f"tokens each, {mode}, eos {list(generator.eos_ids) or 'none'}; "
@@ -120,10 +124,16 @@ def _say_result(result, tokenizer) -> list[str] | None:
   new = result.tokens.shape[0] * result.steps  # the user's rows only
   total_s = result.prefill_s + result.decode_s
   say(f"compiled in {result.compile_s:.2f} s; prefill {result.prefill_s * 1e3:.1f} ms, decode "
-      f"{result.steps} steps in {result.decode_s * 1e3:.1f} ms: {new / total_s:,.1f} tokens/s")
+      f"{result.steps} steps in {result.decode_s * 1e3:.1f} ms: {new / total_s:,.1f} tokens/s "
+      f"with the prefill, {_decode_rate(result):,.1f} decoding")
   texts = [tokenizer.decode(row.tolist()) for row in result.tokens] if tokenizer else None
   for b, row in enumerate(result.tokens[:8]):
     say(f"  [{b}] {row.tolist()}" + (f" {texts[b]!r}" if texts else ""))
   if len(result.tokens) > 8:
     say(f"  ... {len(result.tokens) - 8} more rows")
   return texts
+
+
+def _decode_rate(result) -> float:
+  """New tokens/s of the decode loop alone (the first token of each row is the prefill's)."""
+  return result.tokens.shape[0] * max(result.steps - 1, 0) / max(result.decode_s, 1e-9)
