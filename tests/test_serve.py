@@ -194,6 +194,30 @@ def test_chat_completion_renders_the_template(client, hf):
       answer.choices[0].message.content)
 
 
+def test_chat_accepts_what_openai_clients_send(live):
+  """Text parts, an assistant's null content, and options at their ask-nothing values
+  (logprobs false, top_logprobs 0, tool_choice "none") answer as the plain request does;
+  asking for something (logprobs true) is still refused by name."""
+  url = live[0] + "/v1/chat/completions"
+  plain = [{"role": "user", "content": "w10\nw11"}, {"role": "assistant", "content": ""},
+           {"role": "user", "content": "w12"}]
+  sent = [{"role": "user", "content": [{"type": "text", "text": "w10"},
+                                       {"type": "text", "text": "w11"}]},
+          {"role": "assistant", "content": None}, {"role": "user", "content": "w12"}]
+  base = {"model": "test-model", "max_tokens": 4, "temperature": 0}
+  code, want = post(url, json.dumps({**base, "messages": plain}))
+  assert code == 200
+  code, got = post(url, json.dumps({**base, "messages": sent, "logprobs": False,
+                                    "top_logprobs": 0, "tool_choice": "none"}))
+  assert code == 200, got
+  assert got["choices"][0]["token_ids"] == want["choices"][0]["token_ids"]
+  assert got["usage"] == want["usage"]
+  code, refused = post(url, json.dumps({**base, "messages": plain, "logprobs": True}))
+  assert code == 400 and refused["error"]["param"] == "logprobs"
+  dated = openai_api.ChatTemplate("{{ strftime_now('%Y') }}", {})  # as transformers gives it
+  assert dated.render(messages=[]) == str(time.localtime().tm_year)
+
+
 def test_seeded_sampling_is_repeatable_and_independent_of_neighbours(client):
   kw = dict(model="test-model", prompt=PROMPTS[0], max_tokens=10, temperature=1.0, top_p=0.9,
             extra_body={"top_k": 20})  # top_k: an extension, as vLLM's

@@ -6,6 +6,7 @@ penalties are refused by name rather than ignored.
 """
 
 import dataclasses
+import datetime
 import json
 import os
 import time
@@ -13,10 +14,16 @@ import uuid
 
 from jaxpar.serve.request import Params
 
-_UNSUPPORTED = {"n": 1, "best_of": 1, "logprobs": None, "top_logprobs": None, "echo": False,
-                "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": None,
-                "suffix": None, "tools": None, "tool_choice": None, "functions": None,
-                "response_format": None}
+# Options this server cannot honour, with the values (besides null) that ask for nothing
+# and are accepted: what clients send by default.
+_UNSUPPORTED = {"n": (1,), "best_of": (1,), "logprobs": (False,), "top_logprobs": (0,),
+                "echo": (False,), "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0),
+                "logit_bias": ({},), "suffix": ("",), "tools": ([],), "tool_choice": ("none",),
+                "functions": ([],), "response_format": ({"type": "text"},)}
+
+
+def _asks_nothing(value, allowed: tuple) -> bool:
+  return value is None or any(type(value) is type(a) and value == a for a in allowed)
 
 
 class ApiError(Exception):
@@ -86,8 +93,8 @@ def sampling_params(body: dict, limits: Limits, *, prompt_len: int,
   """(Params, stream, include usage in the stream) from a request body. Without max_tokens
   a request makes up to serve.max_tokens (chat) or 16 (completions) new tokens, as many as
   the context leaves after its prompt."""
-  for key, default in _UNSUPPORTED.items():
-    if body.get(key, default) not in (default, None):
+  for key, allowed in _UNSUPPORTED.items():
+    if not _asks_nothing(body.get(key), allowed):
       raise ApiError(400, f"{key}={json.dumps(body[key])} is not supported by this server; "
                      f"leave it out", param=key)
   max_key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
@@ -140,17 +147,35 @@ def chat_prompt(body: dict, template, tokenizer) -> list[int]:
     raise ApiError(400, "chat completions need a chat template and tokenizer.json in the "
                    "checkpoint; use /v1/completions", param="messages")
   messages = body.get("messages")
-  if (not isinstance(messages, list) or not messages
-      or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                 and isinstance(m.get("content"), str) for m in messages)):
+  if not isinstance(messages, list) or not messages:
     raise ApiError(400, "messages is invalid: expected a non-empty list of "
                    "{\"role\": ..., \"content\": \"...\"} objects", param="messages")
+  messages = [_message(m, i) for i, m in enumerate(messages)]
   try:
     text = template.render(messages=messages)
   except Exception as e:  # the template's own raise_exception, or a template error
     raise ApiError(400, f"the chat template refused the messages: {e}",
                    param="messages") from None
   return tokenizer.encode(text, add_special_tokens=False).ids
+
+
+def _message(m, i: int) -> dict:
+  """A message with its content as one string: a list of text parts joined by newlines, an
+  assistant's null content (beside tool calls) empty."""
+  if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+    raise ApiError(400, f"messages[{i}] is invalid: expected an object with a \"role\" and a "
+                   f"\"content\"", param="messages")
+  content = m.get("content")
+  if content is None and m["role"] == "assistant":
+    content = ""
+  elif isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                         and isinstance(p.get("text"), str) for p in content):
+    content = "\n".join(p["text"] for p in content)
+  if not isinstance(content, str):
+    raise ApiError(400, f"messages[{i}].content is invalid: expected a string or a list of "
+                   f"{{\"type\": \"text\", \"text\": \"...\"}} parts (this server reads "
+                   f"text only)", param="messages")
+  return {**m, "content": content}
 
 
 class ChatTemplate:
@@ -166,6 +191,7 @@ class ChatTemplate:
     env.filters["tojson"] = lambda x, indent=None: json.dumps(x, indent=indent,
                                                               ensure_ascii=False)
     env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
     self._template, self._special = env.from_string(source), special
 
   def render(self, *, messages: list[dict]) -> str:
