@@ -124,3 +124,14 @@ def test_cli_imports_no_jax(root):
   proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
                         timeout=60)
   assert proc.returncode == 0, proc.stderr
+
+
+def test_ctrl_c_ends_with_one_line_not_a_traceback(root, monkeypatch, capsys, tmp_path):
+  from jaxpar.cli import convert
+
+  def interrupted(args, config):
+    raise KeyboardInterrupt
+  monkeypatch.setattr(convert, "run", interrupted)
+  monkeypatch.chdir(root)
+  code = cli.main(["convert", "--config", "configs/tiny.yaml", "--out", str(tmp_path / "x")])
+  assert code == 130 and capsys.readouterr().err.strip() == "interrupted: convert stopped"

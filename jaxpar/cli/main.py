@@ -133,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except KeyboardInterrupt:  # Ctrl-C: a checkpoint being written is never half-replaced
+    print(f"interrupted: {args.command} stopped", file=sys.stderr)
+    return 130
   if args.json and distributed.is_main():
     print(json.dumps(result))
   return 0
