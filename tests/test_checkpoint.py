@@ -228,6 +228,15 @@ def test_damaged_and_mismatched_checkpoints(root, orbax_llama, tmp_path, capsys,
                     and p.parent.name == "d"), key=lambda p: -p.stat().st_size)
     damage(files[0])
     expect_one_line(capsys, forward(copy), "the checkpoint is damaged: convert it again")
+    capsys.readouterr()
+  # The cause named plainly (not tensorstore's spec), and in a process of its own nothing
+  # after the one line (asyncio reported the other failed reads: a hundred lines).
+  proc = subprocess.run([sys.executable, "scripts/run.py", "forward", "--config",
+                         "configs/tiny.yaml", "--set", f"model.checkpoint={copy}"], cwd=root,
+                        capture_output=True, text=True, timeout=600,
+                        env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
+  assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+  assert "damaged" in proc.stderr and "bound method" not in proc.stderr
   # jaxpar.json of another model (its layers do not match the saved parameters).
   other = tmp_path / "other"
   shutil.copytree(orbax_llama, other)

@@ -19,8 +19,10 @@ another path; a directory without jaxpar.json is refused as incomplete.
 """
 
 import json
+import logging
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -236,12 +238,43 @@ def restore(path: str, *, shapes: Any, names: Any, cfg: ModelConfig, layout: Lay
   except UserError:
     raise
   except Exception as e:  # Orbax and tensorstore raise many types for damaged files
-    first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-    raise UserError(f"checkpoint {path}: the parameters cannot be read ({first}); the "
+    _silence_pending_reads()
+    raise UserError(f"checkpoint {path}: the parameters cannot be read ({_cause(e)}); the "
                     f"checkpoint is damaged: convert it again") from None
   with jax.set_mesh(mesh):
     return jax.jit(lambda p: to_layout(from_natural(p, names, cfg, layout)),
                    out_shardings=shardings)(restored)
+
+
+def _silence_pending_reads() -> None:
+  """After a failed restore, its other reads fail later too: asyncio logs them, or Python
+  reports them as unraisable when their coroutines are collected, each with a hundred lines
+  of tensorstore spec after the one-line error. Those reports are dropped; others pass."""
+  if getattr(_silence_pending_reads, "done", False):
+    return
+  _silence_pending_reads.done = True
+
+  def keep(record: logging.LogRecord) -> bool:
+    text = record.getMessage()
+    return not ("exception was never retrieved" in text and "TensorStore" in text)
+
+  def hook(unraisable, previous=sys.unraisablehook):
+    if "_read_array_index_and_device_put" not in repr(unraisable.object):
+      previous(unraisable)
+  logging.getLogger("asyncio").addFilter(keep)
+  sys.unraisablehook = hook
+
+
+def _cause(e: BaseException) -> str:
+  """The first line of the innermost error in `e`'s chain that names what failed (tensorstore
+  wraps it in messages that print a bound method), at most 200 characters."""
+  lines = []
+  while e is not None:
+    text = str(e).strip()
+    if text and "<bound method" not in text:
+      lines.append(text.splitlines()[0][:200])
+    e = e.__cause__ or e.__context__
+  return lines[-1] if lines else "unreadable"
 
 
 # ---- export to Hugging Face ----
