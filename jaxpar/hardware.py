@@ -25,7 +25,8 @@ class Hardware:
 # Dense bf16 peaks, HBM and one-way link bandwidth from the vendors' sheets. The CPU row is
 # this 2-core machine: ~465 GFLOP/s (float32 einsum at 512 rows) and ~40 GB/s (copy), both
 # measured in JAX_NOTES; its link figure (emulated devices exchange through host memory) is
-# an assumption, not a measurement.
+# an assumption, not a measurement; its memory is replaced by each device's share of the
+# host's available memory when planning for this machine (`for_devices`).
 PRESETS = {
     "h100": Hardware("NVIDIA H100 SXM", 989.0, 3350.0, 450.0, 80.0),
     "h200": Hardware("NVIDIA H200", 989.0, 4800.0, 450.0, 141.0),
@@ -48,6 +49,21 @@ def hardware(preset: str = "cpu", *, tflops: float | None = None, hbm_gbps: floa
     if value is not None and value <= 0:
       raise UserError(f"{flags[key]} {value:g}: must be positive")
   return dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
+
+
+def host_available_bytes() -> int:
+  """The host's available memory (MemAvailable: free plus what the kernel can reclaim)."""
+  with open("/proc/meminfo") as f:
+    return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+
+
+def for_devices(preset: str, n_devices: int, **figures) -> Hardware:
+  """`hardware(preset, **figures)` for `n_devices` devices: emulated CPU devices share one
+  host, so each gets its share of the host's available memory (not the preset's 64 GiB)
+  unless `memory_gib` is given."""
+  if preset == "cpu" and figures.get("memory_gib") is None:
+    figures["memory_gib"] = host_available_bytes() / GIB / n_devices
+  return hardware(preset, **figures)
 
 
 def hardware_for(device_kind: str, platform: str) -> str:

@@ -14,7 +14,7 @@ import dataclasses
 from jaxpar import axes
 from jaxpar.config import Config
 from jaxpar.errors import UserError
-from jaxpar.hardware import PRESETS, Hardware, hardware, hardware_for  # noqa: F401
+from jaxpar.hardware import PRESETS, Hardware, for_devices, hardware, hardware_for  # noqa: F401
 from jaxpar.models import registry
 from jaxpar.plan_cost import (GB, GIB, Candidate, MeshShape, hlo_collectives,  # noqa: F401
                               param_bytes, predict, step_collectives)

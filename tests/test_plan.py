@@ -228,6 +228,22 @@ def test_mesh_auto_in_yaml_and_override(root, tmp_path):
     config_lib.load(path).mesh.shape(8)
 
 
+def test_emulated_devices_share_the_host_memory(root, capsys):
+  """On CPU each emulated device plans with its share of the host's available memory (the
+  preset's 64 GiB per device was 8 x 64 GiB on a 24 GiB machine); --device-memory still
+  overrides it."""
+  with open("/proc/meminfo") as f:
+    available = next(int(l.split()[1]) * 1024 for l in f if l.startswith("MemAvailable:"))
+  hw = plan.for_devices("cpu", 8)
+  assert abs(hw.memory_gib - available / 8 / plan.GIB) < 0.05 * hw.memory_gib
+  assert plan.for_devices("cpu", 8, memory_gib=3.0).memory_gib == 3.0
+  assert plan.for_devices("h100", 8).memory_gib == 80.0  # an accelerator's own memory
+  args = ["plan", "--config", "configs/tiny.yaml", "--compile", "0", "--json"]
+  assert cli.main(args) == 0
+  planned = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["hardware"]
+  assert abs(planned["memory_gib"] - hw.memory_gib) < 0.1 * hw.memory_gib
+
+
 def test_mesh_auto_runs_the_best_plan_and_says_why(root, capsys):
   args = ["--config", "configs/tiny.yaml", "--set", "mesh=auto", "--set", "run.batch=64",
           "--set", "run.seq_len=32"]

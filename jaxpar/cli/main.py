@@ -106,7 +106,7 @@ def _auto_mesh(config: config_lib.Config, args) -> config_lib.Config:
   accelerated = args.platform != "cpu" and jax.devices()[0].platform != "cpu"
   device = jax.devices()[0] if accelerated else jax.devices("cpu")[0]
   n = len(jax.devices() if accelerated else jax.devices("cpu"))
-  hw = plan_lib.hardware(plan_lib.hardware_for(device.device_kind, device.platform))
+  hw = plan_lib.for_devices(plan_lib.hardware_for(device.device_kind, device.platform), n)
   plans, _ = plan_lib.rank(config, n, hw)
   plan_lib.check_fits(plans, hw)
   why = plan_report.why(plans[0], plans[1] if len(plans) > 1 else None)

@@ -34,10 +34,9 @@ def run(args, config: config_lib.Config) -> dict:
   from jaxpar import plan_report
   n = args.devices or len(jax.devices())
   device = jax.devices()[0]
-  hw = plan_lib.hardware(args.hardware or plan_lib.hardware_for(device.device_kind,
-                                                                 device.platform),
-                         tflops=args.flops, hbm_gbps=args.hbm_gbps, link_gbps=args.link_gbps,
-                         memory_gib=args.device_memory)
+  preset = args.hardware or plan_lib.hardware_for(device.device_kind, device.platform)
+  hw = plan_lib.for_devices(preset, n, tflops=args.flops, hbm_gbps=args.hbm_gbps,
+                            link_gbps=args.link_gbps, memory_gib=args.device_memory)
   if args.compile < 0:
     raise UserError(f"--compile {args.compile}: must be 0 or more")
   return {"command": "plan", **plan_report.run(config, n_devices=n, hw=hw,

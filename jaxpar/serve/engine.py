@@ -42,7 +42,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from jaxpar import axes
+from jaxpar import axes, hardware
 from jaxpar.config import Config
 from jaxpar.distributed import say
 from jaxpar.errors import UserError
@@ -237,11 +237,8 @@ def free_bytes(mesh) -> int:
   stats = device.memory_stats() if device.platform != "cpu" else None
   if stats and "bytes_limit" in stats:
     return stats["bytes_limit"] - stats.get("bytes_in_use", 0)
-  with open("/proc/meminfo") as f:
-    available = next(int(line.split()[1]) * 1024 for line in f
-                     if line.startswith("MemAvailable:"))
   local = sum(d.process_index == device.process_index for d in mesh.devices.flat)
-  return available // local
+  return hardware.host_available_bytes() // local
 
 
 def slot_length(config: Config, generator) -> int:
