@@ -273,3 +273,13 @@ def test_two_processes(root, hf_llama, hf_greedy, tmp_path):
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   assert result["processes"] == 2
   np.testing.assert_array_equal(np.array(result["new_tokens"]), hf_greedy)
+  # Exported to Hugging Face by 2 processes (each holding half the shards): transformers
+  # loads the same model (issue 25: jax.device_get of shards another process holds).
+  hf_out = tmp_path / "two_hf"
+  proc = launch(root, "convert", "--config", "configs/tiny.yaml", "--set",
+                f"model.checkpoint={out}", "--set", "mesh.data=1", "--set", "mesh.model=8",
+                "--format", "hf", "--out", str(hf_out))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  tokens = np.random.default_rng(1).integers(0, 251, (2, 10))
+  np.testing.assert_allclose(hf_logits(hf_out, tokens), hf_logits(hf_llama, tokens), rtol=0,
+                             atol=1e-5)

@@ -36,6 +36,7 @@ from jaxpar import axes, hf_files
 from jaxpar.checkpoint_meta import (FORMAT, META, PARAMS, PARTIAL, TOKENIZER_FILES,
                                     check_out, read_meta)
 from jaxpar.config import ModelConfig, model_fields
+from jaxpar.distributed import tree_to_host
 from jaxpar.errors import UserError
 from jaxpar.models import registry
 from jaxpar.models.base import HFTensor, Layout
@@ -130,7 +131,9 @@ def _replace_atomically(out: str, *, overwrite: bool, write: Callable[[str], Non
   """Runs `write(tmp)` into `out.partial` and copies the tokenizer files of the checkpoint
   `source` there, then renames it to `out` (the old `out` removed only after the new one is
   in place; never `source` itself)."""
-  out = check_out(out, overwrite=overwrite, source=source)
+  if jax.process_index() == 0:  # the one that renames (the others may come after it has)
+    out = check_out(out, overwrite=overwrite, source=source)
+  out = os.path.abspath(out)
   tmp = out + PARTIAL
   if jax.process_index() == 0 and os.path.exists(tmp):
     shutil.rmtree(tmp)  # left by a conversion that was killed
@@ -311,10 +314,11 @@ def export_hf(fwd, out: str, *, dtype: str, overwrite: bool = False,
   if family.spec.to_hf is None:
     raise UserError(f"model.family={cfg.family!r} has no Hugging Face form; use --format orbax")
   np_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}[dtype]
-  params = natural_params(fwd)
-  host = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), params)
+  host = tree_to_host(natural_params(fwd))  # gathered from every process
 
-  def write(tmp: str) -> None:
+  def write(tmp: str) -> None:  # one file set: the first process writes it
+    if jax.process_index() != 0:
+      return
     os.makedirs(tmp)
     tensors = _hf_tensors(host, family.weights(cfg, Layout()), cfg, np_dtype)
     say(f"writing {len(tensors)} tensors ({sum(t.nbytes for t in tensors.values()) / 2**20:,.1f}"
