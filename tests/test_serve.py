@@ -511,35 +511,74 @@ def test_decode_step_collectives(live):
     assert census.get("all-gather", {"bytes": 0})["bytes"] <= 64  # the sampler's, no cache
 
 
-def test_serve_command_and_sigterm(root, checkpoint, tmp_path):
-  """`scripts/run.py serve`: a ready line with the address; SIGTERM while a request is in
-  flight lets it finish, then the process exits cleanly."""
+def start_server(root, checkpoint, *sets) -> tuple[subprocess.Popen, str]:
+  """`scripts/run.py serve` on tiny.yaml's mesh, 8 slots, model name 'm': the process and
+  its /v1 URL from the ready line."""
   env = {**os.environ, "JAXPAR_CACHE_DIR": str(root / ".jax_cache")}
   process = subprocess.Popen(
       [sys.executable, str(root / "scripts" / "run.py"), "serve", "--config",
        str(root / "configs" / "tiny.yaml"), "--port", "0", "--set",
        f"model.checkpoint={checkpoint}", "--set", "serve.max_slots=8", "--set",
-       "serve.model_name=m"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-      env=env)
+       "serve.model_name=m", *[a for s in sets for a in ("--set", s)]],
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+  lines = []
+  for line in process.stdout:
+    lines.append(line)
+    if line.startswith("serving"):
+      break
+  assert lines and lines[-1].startswith("serving 'm' at http://127.0.0.1:"), "".join(lines)
+  return process, lines[-1].split(" at ")[1].split()[0]
+
+
+def wait_running(url: str, n: int) -> None:
+  while f"jaxpar_running_slots {n}.0".encode() not in urllib.request.urlopen(
+      url.removesuffix("/v1") + "/metrics").read():
+    time.sleep(0.005)
+
+
+def test_serve_command_and_sigterm(root, checkpoint, tmp_path):
+  """`scripts/run.py serve`: a ready line with the address; SIGTERM while a request is in
+  flight lets it finish, then the process exits cleanly."""
+  process, url = start_server(root, checkpoint)
   try:
-    lines = []
-    for line in process.stdout:
-      lines.append(line)
-      if line.startswith("serving"):
-        break
-    assert lines and lines[-1].startswith("serving 'm' at http://127.0.0.1:"), "".join(lines)
-    url = lines[-1].split(" at ")[1].split()[0]
     body = json.dumps({"model": "m", "prompt": [1, 2, 3], "max_tokens": 20, "temperature": 0})
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
       pending = pool.submit(post, url + "/completions", body)
-      while b"jaxpar_running_slots 1.0" not in urllib.request.urlopen(
-          url.removesuffix("/v1") + "/metrics").read():
-        time.sleep(0.005)
+      wait_running(url, 1)
       process.send_signal(signal.SIGTERM)
       code, answer = pending.result(timeout=60)
     assert code == 200 and answer["choices"][0]["finish_reason"] == "length"
     assert len(answer["choices"][0]["token_ids"]) == 20
     assert process.wait(timeout=60) == 0
     assert "server stopped" in process.stdout.read()
+  finally:
+    process.kill()
+
+
+def test_sigterm_past_the_shutdown_timeout_ends_every_request_cleanly(root, checkpoint):
+  """serve.shutdown_timeout 0: requests still running at SIGTERM end at once, each with an
+  OpenAI-style error (a 503 to a waiting client; an error event and [DONE] to a stream) and
+  a log line; no traceback."""
+  import http.client
+  process, url = start_server(root, checkpoint, "serve.shutdown_timeout=0")
+  try:
+    host, port = url.removeprefix("http://").removesuffix("/v1").split(":")
+    body = {"model": "m", "prompt": [1, 2, 3], "max_tokens": 60, "temperature": 0}
+    stream = http.client.HTTPConnection(host, int(port), timeout=60)
+    stream.request("POST", "/v1/completions", json.dumps({**body, "stream": True}),
+                   {"Content-Type": "application/json"})
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+      pending = pool.submit(post, url + "/completions", json.dumps(body))
+      wait_running(url, 2)
+      process.send_signal(signal.SIGTERM)
+      code, answer = pending.result(timeout=60)
+    assert code == 503 and answer["error"]["code"] == "shutting_down", answer
+    events = [line for line in stream.getresponse().read().decode().splitlines() if line]
+    assert events[-1] == "data: [DONE]"
+    assert json.loads(events[-2].removeprefix("data: "))["error"]["code"] == "shutting_down"
+    assert process.wait(timeout=60) == 0
+    log = process.stdout.read()
+    assert "Traceback" not in log and "CancelledError" not in log, log
+    assert log.count("new tokens, cancelled") == 2, log
   finally:
     process.kill()

@@ -125,6 +125,7 @@ class _Completions:
         except asyncio.TimeoutError:
           if await request.is_disconnected():
             stream.cancel()
+            self._log(stream, "the client went away")
             return JSONResponse({}, status_code=499)
           continue
         if out.finish_reason is not None:
@@ -135,6 +136,8 @@ class _Completions:
     self._log(stream)
     if stream.finish_reason == "error":
       raise _engine_failed()
+    if stream.finish_reason == "cancelled":  # by the server: the client is still here
+      raise _shut_down(stream)
     choice = api.choice(chat, stream.text, stream.token_ids, stream.finish_reason, delta=False)
     result = api.envelope(chat, rid, self.limits.model, [choice], chunk=False)
     result["usage"] = api.usage(len(stream.prompt), len(stream.token_ids))
@@ -153,8 +156,10 @@ class _Completions:
         yield event(api.envelope(chat, rid, model, [first], chunk=True))
       while True:
         out: Output = await outputs.get()
-        if out.finish_reason == "error":
-          yield event(_engine_failed().body())
+        if out.finish_reason in ("error", "cancelled"):  # cancelled by the server: shutdown
+          error = _engine_failed() if out.finish_reason == "error" else _shut_down(stream)
+          yield event(error.body())
+          yield "data: [DONE]\n\n"
           break
         if out.text or out.token_ids or out.finish_reason:
           choice = api.choice(chat, out.text, out.token_ids, out.finish_reason, delta=True)
@@ -170,20 +175,32 @@ class _Completions:
     finally:  # the client went away (the task is cancelled) or the stream ended
       if stream.finish_reason is None:
         stream.cancel()
+        self._log(stream, "the client went away")
 
-  def _log(self, stream: Stream) -> None:
-    if not self.log or stream.first_token_at is None:
+  def _log(self, stream: Stream, why: str = "") -> None:
+    """One line per request: its tokens, how it ended, its first token's latency."""
+    if not self.log:
       return
     n = len(stream.token_ids)
-    ttft = stream.first_token_at - stream.submitted
-    total = stream.finished_at - stream.submitted
-    rate = f", {(n - 1) / (total - ttft):.1f} tok/s after it" if n > 1 and total > ttft else ""
-    say(f"request {stream.id}: {len(stream.prompt)} prompt + {n} new tokens, "
-        f"{stream.finish_reason}; first token {ttft * 1e3:.0f} ms{rate}")
+    line = (f"request {stream.id}: {len(stream.prompt)} prompt + {n} new tokens, "
+            f"{why or stream.finish_reason}")
+    if stream.first_token_at is not None:
+      ttft = stream.first_token_at - stream.submitted
+      total = (stream.finished_at or time.perf_counter()) - stream.submitted
+      line += f"; first token {ttft * 1e3:.0f} ms"
+      if n > 1 and total > ttft:
+        line += f", {(n - 1) / (total - ttft):.1f} tok/s after it"
+    say(line)
 
 
 def _engine_failed() -> api.ApiError:
   return api.ApiError(500, "the engine failed while decoding this request", kind="server_error")
+
+
+def _shut_down(stream: Stream) -> api.ApiError:
+  return api.ApiError(503, f"the server shut down before this request finished (after "
+                      f"{len(stream.token_ids)} new tokens); retry it", kind="server_error",
+                      code="shutting_down")
 
 
 def run(engine: Engine, app: FastAPI, *, host: str, port: int, ready: str,
@@ -199,8 +216,15 @@ def run(engine: Engine, app: FastAPI, *, host: str, port: int, ready: str,
         bound = self.servers[0].sockets[0].getsockname()
         say(ready.format(address=f"http://{bound[0]}:{bound[1]}"))
 
+    async def shutdown(self, sockets=None):
+      # First the engine: requests in flight get `shutdown_timeout` to finish, the rest end
+      # (a 503 error to a waiting client, an error event and [DONE] to a stream, a log line
+      # each) while the connections are still open; new ones are refused with 503.
+      await asyncio.to_thread(engine.stop, timeout=shutdown_timeout)
+      await super().shutdown(sockets=sockets)
+
   config = uvicorn.Config(app, host=host, port=port, log_level="warning",
-                          timeout_graceful_shutdown=shutdown_timeout, access_log=False)
+                          timeout_graceful_shutdown=5, access_log=False)
   server = Server(config)
   # uvicorn handles SIGTERM and Ctrl-C (a graceful shutdown), then raises the signal again
   # for the handler that was there before: this one, so the process ends normally.
