@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from jaxpar import axes, checkpoint_meta, config_parse, families
+from jaxpar.config_check import validate
 from jaxpar.errors import UserError
 
 
@@ -174,9 +175,6 @@ def _default_sections() -> tuple:
 
 _SECTIONS = {"mesh": MeshConfig, "model": ModelConfig, "run": RunConfig,
              "pipeline": PipelineConfig, "generate": GenerateConfig, "serve": ServeConfig}
-_DTYPES = ("float32", "bfloat16", "float16")
-QUANTIZE_MODES = ("none", "int8", "int8-dynamic")
-KV_CACHE_DTYPES = ("", "int8")
 _CORE_KEYS = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.name != "options")
 
 
@@ -359,83 +357,6 @@ def load(path: str | os.PathLike, overrides: list[str] = ()) -> Config:
     where = f" at line {mark.line + 1}" if mark else ""
     raise UserError(f"--config {path}: not valid YAML{where}; fix the syntax") from None
   return apply_overrides(from_dict(raw, check=False), list(overrides))
-
-
-def validate(config: Config) -> None:
-  """Range checks that need no devices (mesh divisibility is checked in `jaxpar.rules`)."""
-  m, r = config.model, config.run
-  positive = [("model.vocab_size", m.vocab_size), ("model.d_model", m.d_model),
-              ("model.n_heads", m.n_heads), ("model.n_layers", m.n_layers),
-              ("model.d_ff", m.d_ff), ("model.max_seq_len", m.max_seq_len),
-              ("run.batch", r.batch), ("run.seq_len", r.seq_len), ("run.iters", r.iters),
-              ("mesh.cpu_devices", config.mesh.cpu_devices),
-              ("pipeline.microbatches", config.pipeline.microbatches),
-              ("pipeline.repeats", config.pipeline.repeats),
-              ("generate.max_new_tokens", config.generate.max_new_tokens),
-              ("generate.prompt_len", config.generate.prompt_len),
-              ("serve.max_slots", config.serve.max_slots),
-              ("serve.max_tokens", config.serve.max_tokens),
-              ("serve.max_queue", config.serve.max_queue),
-              ("serve.min_bucket", config.serve.min_bucket)]
-  for key, value in positive:
-    if value < 1:
-      raise UserError(f"{key}={value}: must be at least 1")
-  g = config.generate
-  if g.temperature < 0 or g.top_k < 0 or not 0 < g.top_p <= 1:
-    raise UserError(f"generate.temperature={g.temperature}, generate.top_k={g.top_k}, "
-                    f"generate.top_p={g.top_p}: need temperature >= 0, top_k >= 0 and "
-                    f"0 < top_p <= 1")
-  if config.serve.policy not in ("continuous", "static"):
-    raise UserError(f"serve.policy={config.serve.policy!r}: expected 'continuous' (refill slots "
-                    f"every step) or 'static' (whole batches)")
-  if config.serve.max_len < 0 or config.serve.shutdown_timeout < 0:
-    raise UserError(f"serve.max_len={config.serve.max_len}, serve.shutdown_timeout="
-                    f"{config.serve.shutdown_timeout}: must be 0 or more")
-  if r.warmup < 0:
-    raise UserError(f"run.warmup={r.warmup}: must be 0 or more")
-  for name in axes.MESH_AXES:
-    size = getattr(config.mesh, name)
-    if size == 0 or size < -1:
-      raise UserError(f"mesh.{name}={size}: must be a positive size or -1 (fill)")
-  _check_model(m)
-  names = [name for name, _ in config.rules]
-  for name in set(names):
-    if names.count(name) > 1:
-      raise UserError(f"rules.{name}: listed {names.count(name)} times; give each logical name "
-                      f"one rule")
-  for name, section in config.sections:
-    families.SECTIONS[name].check(section)
-
-
-def _check_model(m: ModelConfig) -> None:
-  if not m.head_dim and m.d_model % m.n_heads:
-    raise UserError(f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; "
-                    f"pick a head count that divides the width, or set model.head_dim")
-  if m.n_kv_heads < 0 or m.head_dim < 0:
-    raise UserError(f"model.n_kv_heads={m.n_kv_heads}, model.head_dim={m.head_dim}: must be 0 "
-                    f"(default) or positive")
-  if m.n_heads % m.kv_heads:
-    raise UserError(f"model.n_heads={m.n_heads} is not a multiple of model.n_kv_heads="
-                    f"{m.n_kv_heads}: every key/value head serves a whole group of query heads")
-  _check_family(m)
-  if m.dtype not in _DTYPES:
-    raise UserError(f"model.dtype={m.dtype!r}: expected one of {', '.join(_DTYPES)}")
-  if m.quantize not in QUANTIZE_MODES:
-    raise UserError(f"model.quantize={m.quantize!r}: expected one of "
-                    f"{', '.join(QUANTIZE_MODES)}")
-  if m.kv_cache_dtype not in KV_CACHE_DTYPES:
-    raise UserError(f"model.kv_cache_dtype={m.kv_cache_dtype!r}: expected one of "
-                    f"{', '.join(repr(d) for d in KV_CACHE_DTYPES)} ('' is model.dtype)")
-
-
-def _check_family(m: ModelConfig) -> None:
-  """The family's own checks, on options of the family's own class."""
-  spec = families.family(m.family)
-  if not isinstance(m.options, spec.options):
-    raise UserError(f"model.options is a {type(m.options).__name__}, but model.family="
-                    f"{m.family} takes {spec.options.__name__}; change the family with "
-                    f"jaxpar.config.replace_model (or a config key), not dataclasses.replace")
-  spec.check(m)
 
 
 def to_dict(config: Config) -> dict:

@@ -86,7 +86,7 @@ def section(name: str, cls: type, raw: Any, base: Any) -> Any:
 def parse_override(text: str) -> tuple[list[str], Any]:
   """'model.n_layers=4' -> (['model', 'n_layers'], 4). Values are parsed as YAML scalars."""
   key, sep, value = text.partition("=")
-  if key.strip() == "mesh":
+  if key.strip() == "mesh" and sep:
     if value.strip() == "auto":
       return ["mesh"], "auto"
     raise UserError(f"--set {text!r}: the whole mesh takes only 'auto' (the planner picks the "
