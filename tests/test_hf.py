@@ -10,7 +10,6 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
@@ -19,7 +18,7 @@ from jaxpar import config as config_lib
 from jaxpar.config import MeshConfig, PipelineConfig
 from jaxpar.errors import UserError
 from jaxpar.mesh import make_mesh
-from jaxpar.runtime import hf, inference
+from jaxpar.runtime import inference
 from tests.conftest import write_hf_gpt2
 
 ATTN = "transformer.h.0.attn.c_attn.weight"

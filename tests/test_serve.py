@@ -18,7 +18,6 @@ import time
 import urllib.error
 import urllib.request
 
-import jax
 import numpy as np
 import pytest
 
