@@ -17,9 +17,21 @@ import pytest  # noqa: E402
 from jaxpar import config as config_lib  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-jax.config.update("jax_compilation_cache_dir", str(ROOT / ".jax_cache"))
+# JAXPAR_TEST_CACHE points a run at another cache (an empty one measures a cold run).
+CACHE = pathlib.Path(os.environ.get("JAXPAR_TEST_CACHE", ROOT / ".jax_cache"))
+jax.config.update("jax_compilation_cache_dir", str(CACHE))
+# The CLI processes the tests start (README blocks, ranks, conversions) share it.
+os.environ["JAXPAR_CACHE_DIR"] = str(CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def torch_on_one_thread():
+  """transformers' reference models are tiny: on 2 busy cores, torch's default of a thread per
+  core made a greedy generate 20x slower than one thread (the test extra has torch)."""
+  import torch
+  torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

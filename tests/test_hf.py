@@ -11,7 +11,6 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
@@ -22,7 +21,7 @@ from jaxpar.errors import UserError
 from jaxpar.mesh import make_mesh, single_device_mesh
 from jaxpar.models import registry
 from jaxpar.rules import Rules
-from jaxpar.runtime import hf, inference
+from jaxpar.runtime import inference
 from tests.conftest import write_hf_gpt2
 
 ATTN = "transformer.h.0.attn.c_attn.weight"

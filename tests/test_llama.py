@@ -91,58 +91,45 @@ def with_mesh(config, data, stage, model, **model_fields):
                              model=config_lib.replace_model(config.model, **model_fields))
 
 
-# data x stage x model: one device, tensor parallel (key/value heads copied 2x and 4x), and
-# pipelines with tensor parallelism (key/value heads split).
-MESHES = [(1, 1, 1), (2, 1, 4), (1, 1, 8), (2, 2, 2), (1, 4, 2)]
+# Families x meshes as a matrix, not a product. data x stage x model: one device, tensor
+# parallel with key/value heads copied 2x (model=4) and 4x (model=8), and pipelines with
+# tensor parallelism (key/value heads split). Llama runs on every mesh; each other family with
+# its key/value heads copied 2x and 4x and in a pipeline, which is where what is its own
+# (Mistral's window, Qwen2's biases, Qwen3's wider heads and norms) meets the sharding.
+ALL = [(1, 1, 1), (2, 1, 4), (1, 1, 8), (2, 2, 2), (1, 4, 2)]
+FAMILY_MESHES = {"llama": ALL, "mistral": [(2, 1, 4), (1, 1, 8), (1, 4, 2)],
+                 "qwen2": [(2, 1, 4), (1, 1, 8), (2, 2, 2)],
+                 "qwen3": [(2, 1, 4), (1, 1, 8), (1, 4, 2)]}
+MATRIX = [(f, *mesh) for f, meshes in FAMILY_MESHES.items() for mesh in meshes]
 
 
-def test_config_from_checkpoint(root, checkpoints, tmp_path):
-  m = {f: load(root, checkpoints[f]).model for f in [*FAMILIES, "llama3"]}
-  assert {f: m[f].family for f in FAMILIES} == {f: f for f in FAMILIES}
-  assert all((x.n_heads, x.n_kv_heads, x.d_model, x.vocab_size, x.n_layers) ==
-             (8, 2, 64, 251, 4) for x in m.values())
-  assert (m["llama"].head_size, m["qwen3"].head_size) == (8, 16)
-  o = {f: x.options for f, x in m.items()}
-  assert o["mistral"].sliding_window == 4 and o["llama"].sliding_window == 0
-  assert o["qwen2"].attn_bias and not o["llama"].attn_bias and not o["qwen3"].attn_bias
-  assert o["qwen3"].qk_norm and not o["qwen2"].qk_norm
-  assert not o["llama"].tie_embeddings and o["llama3"].tie_embeddings
-  assert (o["llama3"].rope_type, o["llama3"].rope_factor, o["llama3"].rope_theta,
-          o["llama3"].rope_original_max_len) == ("llama3", 8.0, 500000.0, 16)
-  # The Hub's older style, rope_theta + rope_scaling, reads the same.
-  legacy = tmp_path / "legacy"
-  shutil.copytree(checkpoints["llama3"], legacy)
-  raw = json.loads((legacy / "config.json").read_text())
-  params = raw.pop("rope_parameters")
-  raw["rope_theta"] = params.pop("rope_theta")
-  raw["rope_scaling"] = params
-  (legacy / "config.json").write_text(json.dumps(raw))
-  old = load(root, legacy).model
-  assert dataclasses.replace(old, checkpoint="") == dataclasses.replace(m["llama3"],
-                                                                         checkpoint="")
+@pytest.fixture(scope="module")
+def hf_seeded_logits(root, checkpoints) -> dict:
+  """transformers' logits of each family's seeded tokens (the same on every mesh)."""
+  return {f: hf_logits(checkpoints[f], inference.seeded_tokens(load(root, checkpoints[f])))
+          for f in FAMILIES}
 
 
-@pytest.mark.parametrize("data,stage,model", MESHES)
-@pytest.mark.parametrize("family", FAMILIES)
-def test_logits_equal_transformers(root, devices, checkpoints, family, data, stage, model):
+@pytest.mark.parametrize("family,data,stage,model", MATRIX)
+def test_logits_equal_transformers(root, devices, checkpoints, hf_seeded_logits, family, data,
+                                   stage, model):
   config = with_mesh(load(root, checkpoints[family]), data, stage, model)
   fwd = inference.build(config, mesh_for(config, devices))
   assert fwd.layout.kv_repeat == max(1, model // 2)
   tokens = inference.seeded_tokens(config)
   got = inference.unpad(fwd(fwd.tokens(tokens)), 251)
-  expected = hf_logits(checkpoints[family], tokens)
+  expected = hf_seeded_logits[family]
   assert np.abs(expected).max() > 1.0  # not a comparison between near-zeros
   np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
 
 
 # (data, stage, model, scan_layers): unrolled and scanned, tensor parallel with copied
-# key/value heads, pipelined (which scans each stage's layers).
-GREEDY = [(1, 1, 1, False), (2, 1, 4, True), (1, 1, 8, False), (2, 2, 2, None),
-          (1, 4, 2, None)]
+# key/value heads, pipelined (which scans each stage's layers). The same matrix as above.
+SCAN = {(1, 1, 1): False, (2, 1, 4): True, (1, 1, 8): False, (2, 2, 2): None, (1, 4, 2): None}
+GREEDY = [(f, *mesh, SCAN[tuple(mesh)]) for f, *mesh in MATRIX]
 
 
-@pytest.mark.parametrize("data,stage,model,scan", GREEDY)
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family,data,stage,model,scan", GREEDY)
 def test_greedy_equals_transformers(root, devices, checkpoints, hf_greedy, family, data, stage,
                                     model, scan):
   config = with_mesh(load(root, checkpoints[family]), data, stage, model, scan_layers=scan)

@@ -122,14 +122,20 @@ def test_generate_equals_one_process(tmp_path, hf_checkpoint, devices, sets):
   assert result["new_tokens"] == expected.tolist()
 
 
+# configs/cnn.yaml's mesh and rules (image strips over `stage`, filters over `model`) at
+# cnn_tiny's size: 16x16 images, widths 8 and 16, one block per stage.
+CNN_SMALL = ["cnn.image_size=16", "cnn.width=8", "cnn.stages=2", "cnn.blocks=1", "run.batch=8"]
+
+
 def test_classify_equals_one_process(tmp_path, devices):
   out = tmp_path / "logits.npy"
+  small = [a for s in CNN_SMALL for a in ("--set", s)]
   result = result_of(launch(2, "classify", "--config", "configs/cnn.yaml", "--devices", "4",
-                            "--set", "run.iters=1", "--set", "run.warmup=0", "--no-verify",
-                            "--save-logits", str(out), "--json"))
+                            *small, "--set", "run.iters=1", "--set", "run.warmup=0",
+                            "--no-verify", "--save-logits", str(out), "--json"))
   assert result["processes"] == 2 and result["mesh"] == {"data": 2, "stage": 2, "model": 2}
 
-  config = config_lib.load(ROOT / "configs" / "cnn.yaml")
+  config = config_lib.load(ROOT / "configs" / "cnn.yaml", CNN_SMALL)
   one = dataclasses.replace(config, mesh=MeshConfig(1, 1, 1))
   single = vision.build(one, make_mesh(one.mesh, devices=devices[:1]))
   images = vision.seeded_images(config)

@@ -7,10 +7,8 @@ devices. The choices: data parallel for a narrow model on a big batch, a split m
 device cannot hold the weights, and a one-line error saying by how much when nothing fits.
 """
 
-import dataclasses
 import json
 
-import jax
 import numpy as np
 import pytest
 import yaml

@@ -1,5 +1,6 @@
 """The README's Python examples run verbatim, in a fresh process (as a new user pastes them)."""
 
+import os
 import re
 import subprocess
 import sys
@@ -12,7 +13,11 @@ def test_readme_python_blocks_run_as_written(root, tmp_path):
   for i, code in enumerate(blocks):
     script = tmp_path / f"block_{i}.py"
     script.write_text(code)
-    env = {k: v for k, v in __import__("os").environ.items() if k != "XLA_FLAGS"}
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    # The tests' compilation cache (tests/conftest.py), so a repeated run compiles nothing.
+    env.update(JAX_COMPILATION_CACHE_DIR=os.environ["JAXPAR_CACHE_DIR"],
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     proc = subprocess.run([sys.executable, str(script)], cwd=root, capture_output=True,
                           text=True, timeout=600, env=env)
     assert proc.returncode == 0, f"README block {i} failed:\n{code}\n{proc.stderr[-3000:]}"

@@ -93,8 +93,8 @@ def test_floats_in_any_notation(root, tmp_path, monkeypatch, capsys):
 
 
 # 5. Every shipped config runs every command it serves (depth cut to the stages it needs, the
-# vocabulary to 1001 rows, which no axis divides: the mesh, rules and family options are the
-# shipped ones, and the test does not spend its time creating a 128256-row table).
+# vocabulary to 1001 rows, which no mesh axis divides: the full tables of 128k-152k rows took
+# most of the time; a config is still loaded and checked at its full size).
 SHIPPED = [(c, cmd) for c in ("default", "tiny", "gpt2", "pipeline", "llama", "mistral",
                               "qwen2", "qwen3") for cmd in ("forward", "generate")]
 SHIPPED += [("cnn", "classify"), ("cnn_tiny", "classify")]
@@ -107,10 +107,12 @@ def test_shipped_configs_run(root, monkeypatch, capsys, name, command):
   config = config_lib.load(path)
   args = [command, "--config", str(path), "--set", "run.iters=1", "--set", "run.warmup=0",
           "--json"]
-  if command != "classify":
+  if command == "classify":  # tests/test_vision.py compares layouts with one device
+    args += ["--no-verify"]
+  else:
     depth = config.mesh.stage * (config.pipeline.repeats if command == "forward" else 1)
-    args += ["--set", f"model.n_layers={max(depth, 1)}", "--set", "model.vocab_size=1001",
-             "--no-verify"
+    args += ["--set", f"model.n_layers={max(depth, 1)}", "--set",
+             f"model.vocab_size={min(config.model.vocab_size, 1001)}", "--no-verify"
              if command == "forward" else "--max-new-tokens=2"]
   code, out, err, result = run(capsys, *args)
   assert code == 0, err
@@ -154,8 +156,8 @@ def test_forward_pads_prompt_rows(root, monkeypatch, capsys, tmp_path):
 
 # 7. A size set before the checkpoint is checked against it, as one set after it is.
 def test_override_order_does_not_matter(root, hf_checkpoint):
-  for order in ([f"model.n_layers=3", f"model.checkpoint={hf_checkpoint}"],
-                [f"model.checkpoint={hf_checkpoint}", f"model.n_layers=3"]):
+  for order in (["model.n_layers=3", f"model.checkpoint={hf_checkpoint}"],
+                [f"model.checkpoint={hf_checkpoint}", "model.n_layers=3"]):
     with pytest.raises(UserError, match=r"model.n_layers=3 disagrees with model.checkpoint"):
       config_lib.load(root / "configs" / "tiny.yaml", order)
 
