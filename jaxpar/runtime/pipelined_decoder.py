@@ -16,7 +16,7 @@ slots equal to their positions (prompts right-padded).
       x = embed(prompt[i], 0..T-1) if s == 0 else msg
       y = layers(x, fresh cache of T slots)      # then copied into group g0 + i's rows
       if s == S-1: first[i] = sample(head(y[length - 1]), key(seed, row, 0))
-      msg = ppermute(y, s -> s+1)
+      msg = send(y, s -> s+1)
 
     # a round: every slot's next step enters the pipeline, G ticks of the steady state;
     # msg[s], ring: what each stage received at the end of the previous round
@@ -26,9 +26,10 @@ slots equal to their positions (prompts right-padded).
       x = embed(inject[g] ? inject_token[g] : ring, pos[w][g]) if s == 0 else msg
       y = layers(x, cache[:, g], index = write[w][g] ? pos[w][g] : trash)
       if s == S-1: out[g] = sample(head(y), settings[w][g], key(seed, row, count)[w][g])
-      msg, ring = ppermute((y, out[g]), s -> (s+1) % S)
+      msg, ring = send((y, out[g]), s -> (s+1) % S)
 
-Group g enters stage 0 at tick g and leaves the last stage at tick g + S - 1: in this round
+(`send` is the move `jaxpar.parallel.ring.run` makes after every tick: the tick functions
+here never permute anything themselves.) Group g enters stage 0 at tick g and leaves the last stage at tick g + S - 1: in this round
 for g = 0, in the next for the others (`late`), so its token is read one round late, and a
 request that has finished has one more step in flight, whose token is dropped. Its token
 reaches stage 0 through `ring` exactly when the group's next step starts, so no stage waits
