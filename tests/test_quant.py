@@ -165,6 +165,23 @@ def test_int8_kv_cache_generates_on_meshes(tiny, devices):
   np.testing.assert_array_equal(tokens[0], tokens[1])
 
 
+def test_int8_weights_generate_on_meshes(tiny, devices):
+  """Greedy tokens with int8 weights: the same on 2x1x4 (unrolled layers, each its own
+  buffer) and 2x2x2 (pipelined) as on one device, and not all the float32 model's (the
+  weights were quantised)."""
+  prompts = inference.seeded_tokens(tiny)[:, :6].tolist()
+  tokens = {}
+  for mesh, mode in [((1, 1, 1), "int8"), ((2, 1, 4), "int8"), ((2, 2, 2), "int8"),
+                     ((1, 1, 1), "none")]:
+    config = _config(tiny, mesh, quantize=mode, n_layers=4, init_std=0.3)
+    gen = generate.build(config, make_mesh(config.mesh, devices=devices[:math.prod(mesh)]),
+                         eos_id=-1)
+    tokens[mesh, mode] = gen.generate(prompts, max_new_tokens=6).tokens
+  np.testing.assert_array_equal(tokens[(2, 1, 4), "int8"], tokens[(1, 1, 1), "int8"])
+  np.testing.assert_array_equal(tokens[(2, 2, 2), "int8"], tokens[(1, 1, 1), "int8"])
+  assert not np.array_equal(tokens[(1, 1, 1), "int8"], tokens[(1, 1, 1), "none"])
+
+
 def test_int8_kv_cache_bytes_hand_count(tiny, devices):
   config = _config(tiny, (2, 1, 4), kv_cache_dtype="int8")
   gen = generate.build(config, make_mesh(config.mesh, devices=devices), eos_id=-1)

@@ -351,10 +351,11 @@ def pipelined_loop(decoder: PipelinedDecoder, max_new: int, greedy: bool, progre
   return jax.jit(decode, donate_argnums=(1,))
 
 
-def _per_layer(pl: inference.Placement, params: dict) -> tuple[tuple, dict]:
+def _per_layer(pl: inference.Placement, params: dict, names: dict) -> tuple[tuple, dict]:
   """The stacked blocks as one parameter dict per layer, each sharded by the rules as the
-  stack is, minus its `layers` dim; and the other parameters."""
-  names = jax.tree.map(lambda n: Logical(n.names[1:]), pl.names["blocks"], is_leaf=is_logical)
+  stack is (`names`: the parameters' own, quantised ones included), minus its `layers` dim;
+  and the other parameters."""
+  names = jax.tree.map(lambda n: Logical(n.names[1:]), names["blocks"], is_leaf=is_logical)
   shardings = tree_shardings(names, pl.rules, pl.mesh)
   blocks = params["blocks"]
   with jax.set_mesh(pl.mesh):
@@ -377,7 +378,7 @@ def build(config: Config, mesh, *, eos_id: int | None = None) -> Generator:
     notes.append(f"note: pipelined decoding runs contiguous stages; pipeline.repeats="
                  f"{config.pipeline.repeats} (the circular schedule) applies to forward only")
   placement = inference.place(config, mesh, pipelined=stages > 1, repeats=1)
-  params, _, timings = inference.load_params(placement)
+  params, names, timings = inference.load_params(placement)
   if eos_id is None:
     eos_id = config.generate.eos_id
   eos_ids = config.model.eos_token_ids if eos_id is None else (
@@ -387,7 +388,7 @@ def build(config: Config, mesh, *, eos_id: int | None = None) -> Generator:
   if scan:
     generator.stacked = params
   else:  # the per-layer buffers replace the stack
-    generator.layers, generator.rest = _per_layer(placement, params)
+    generator.layers, generator.rest = _per_layer(placement, params, names)
   return generator
 
 
