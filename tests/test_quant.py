@@ -128,7 +128,7 @@ def _teacher_forced(gen, tokens_BT):
 
   def run(params):
     model, graphdef, layers = gen.model_parts(params)
-    step = decoder.causal_step(B, T, T + 1)
+    step = base.causal_step(B, T, T + 1)
     caches = decoder.new_caches(gen, B, T + 1, scan=gen.scan)
     x_BTD = model.embed(jnp.asarray(tokens_BT), step.positions_BT)
     x_BTD, _ = base.run_blocks(graphdef, layers, x_BTD, step, caches, scan=gen.scan)

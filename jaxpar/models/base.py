@@ -51,6 +51,15 @@ class Step(NamedTuple):
   index: Any = 0
 
 
+def causal_step(batch: int, tokens: int, length: int | None = None) -> Step:
+  """The Step of `tokens` tokens at positions 0.. in every row, written from cache slot 0 of
+  `length` (default: `tokens`): each sees the slots up to its own."""
+  length = tokens if length is None else length
+  positions_BT = jnp.broadcast_to(jnp.arange(tokens, dtype=jnp.int32), (batch, tokens))
+  mask_1TS = (jnp.arange(length)[None, :] <= jnp.arange(tokens)[:, None])[None]
+  return Step(positions_BT, mask_1TS, 0)
+
+
 @dataclasses.dataclass(frozen=True)
 class Layout:
   """How a mesh changes a model's shapes: the vocabulary padded to `vocab_multiple` rows, and

@@ -97,14 +97,6 @@ def new_caches(gen, batch: int, length: int, *, scan: bool) -> object:
                 spec.items()} for _ in range(m.n_layers))
 
 
-def causal_step(batch: int, tokens: int, length: int) -> Step:
-  """The Step of `tokens` tokens at positions 0.. of every row, written from cache slot 0
-  of `length`: each sees the slots up to its own."""
-  positions_BT = jnp.broadcast_to(jnp.arange(tokens, dtype=jnp.int32), (batch, tokens))
-  mask_1TS = (jnp.arange(length)[None, :] <= jnp.arange(tokens)[:, None])[None]
-  return Step(positions_BT, mask_1TS, 0)
-
-
 def _rows(caches, src, count: int, *, scan: bool, split: bool):
   """Rows src..src+count-1 of every cache. Rows `split` over devices: a masked sum over the
   rows (one row only), so each device reads its own and one row is all-reduced (a dynamic

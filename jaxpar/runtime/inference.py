@@ -2,14 +2,14 @@
 
 A model on a mesh is built in three steps, each taking the previous ones as inputs:
 
-    placement = place(config, mesh)          # layout: names, shapes, shardings, schedule; no arrays
-    params, names, _ = load_params(placement)  # one of SOURCES (seed, given, checkpoints), quantised
-    forward = forward_fn(placement)          # a program; `generate` makes decoders instead
+    placement = place(config, mesh)            # names, shapes, shardings, schedule; no arrays
+    params, names, _ = load_params(placement)  # from one of SOURCES, then quantised
+    forward = forward_fn(placement)            # a program (`generate` makes decoders)
 
 `build` composes them into a `Forward`: born-sharded parameters plus a jitted forward whose
-inputs, outputs and activations are all laid out by the one rule table. The model is asked for nothing but the interface of
-`jaxpar.models.base` (embed, blocks, head): any family `model.family` names runs here,
-a user's own included (`jaxpar.models.registry.register`).
+inputs, outputs and activations are all laid out by the one rule table. The model is asked
+for nothing but the interface of `jaxpar.models.base` (embed, blocks, head): any family
+`model.family` names runs here, a user's own included (`jaxpar.models.registry.register`).
 """
 
 import dataclasses
@@ -28,7 +28,7 @@ from jaxpar.config import Config, MeshConfig
 from jaxpar.errors import UserError
 from jaxpar.mesh import processes, single_device_mesh
 from jaxpar.models import registry
-from jaxpar.models.base import Family, Layout, Step, run_blocks
+from jaxpar.models.base import Family, Layout, causal_step, run_blocks
 from jaxpar.parallel import pipeline
 from jaxpar.rules import Logical, Rules, check_tree, is_logical, tree_shardings, use_rules
 from jaxpar.runtime import state
@@ -123,12 +123,6 @@ def _staged_names(names: dict) -> dict:
   staged = jax.tree.map(lambda n: Logical((n.names[0], None, None, *n.names[1:])),
                         names["blocks"], is_leaf=is_logical)
   return {**names, "blocks": staged}
-
-
-def causal_step(batch: int, length: int) -> Step:
-  """Positions 0..T-1 in every row and a causal mask: a batch of equal-length sequences."""
-  positions_BT = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-  return Step(positions_BT, jnp.tril(jnp.ones((1, length, length), bool)))
 
 
 @dataclasses.dataclass

@@ -29,16 +29,17 @@ slots equal to their positions (prompts right-padded).
       msg, ring = send((y, out[g]), s -> (s+1) % S)
 
 (`send` is the move `jaxpar.parallel.ring.run` makes after every tick: the tick functions
-here never permute anything themselves.) Group g enters stage 0 at tick g and leaves the last stage at tick g + S - 1: in this round
-for g = 0, in the next for the others (`late`), so its token is read one round late, and a
-request that has finished has one more step in flight, whose token is dropped. Its token
-reaches stage 0 through `ring` exactly when the group's next step starts, so no stage waits
-(G = S). The caller says, per row, which slot states hold for the tokens that entered this
-round (`cur`) and the round before (`prev`): when a slot changes hands between rounds, the
-old request's step still in flight writes to the trash slot (`write` false), not over the
-new request's prompt. A new prompt joins the ring at its group's next turn (`inject`): the
-other groups never stop. Random draws are keyed like the plain decoder's: (seed, row, token
-number), (seed, token number) where the row is -1.
+here never permute anything themselves.) Group g enters stage 0 at tick g and leaves the
+last stage at tick g + S - 1: in this round for g = 0, in the next for the others (`late`),
+so its token is read one round late, and a request that has finished has one more step in
+flight, whose token is dropped. Its token reaches stage 0 through `ring` exactly when the
+group's next step starts, so no stage waits (G = S). The caller says, per row, which slot
+states hold for the tokens that entered this round (`cur`) and the round before (`prev`):
+when a slot changes hands between rounds, the old request's step still in flight writes to
+the trash slot (`write` false), not over the new request's prompt. A new prompt joins the
+ring at its group's next turn (`inject`): the other groups never stop. Random draws are
+keyed like the plain decoder's: (seed, row, token number), (seed, token number) where the
+row is -1.
 """
 
 import dataclasses
@@ -51,7 +52,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxpar.axes import ACT_EMBED, BATCH, SEQ, STAGE
 from jaxpar.errors import UserError
-from jaxpar.models.base import Step, cache_leaf, run_blocks
+from jaxpar.models.base import Step, cache_leaf, causal_step, run_blocks
 from jaxpar.parallel import pipeline, ring
 from jaxpar.rules import constrain, use_rules
 from jaxpar.runtime.decoder import base_keys, token_keys
@@ -162,8 +163,7 @@ class PipelinedDecoder:
                r0, sampling, seeds_NR, fold_NR):
     S, (n, R, T) = self.S, tokens_NRT.shape
     model, graphdef, blocks = self._model(rest, blocks_local)
-    positions_RT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (R, T))
-    step = Step(positions_RT, jnp.tril(jnp.ones((1, T, T), bool)), 0)
+    step = causal_step(R, T)
 
     def tick(t, s, carry, msg):
       caches, first = carry
@@ -172,7 +172,7 @@ class PipelinedDecoder:
       i = jnp.clip(i, 0, n - 1)
       fresh = {k: jnp.zeros((self.Lc, *shape), dtype)  # [Lc, R, T, ...]
                for k, (shape, _, dtype) in self._spec(R, T).items()}
-      x_RTD = jnp.where(s == 0, model.embed(ring.pick(tokens_NRT, i), positions_RT), msg)
+      x_RTD = jnp.where(s == 0, model.embed(ring.pick(tokens_NRT, i), step.positions_BT), msg)
       y_RTD, new = self._blocks(graphdef, blocks, x_RTD, step, ring.varying(fresh))
       for k in caches:  # group g0 + i's rows r0.., their first T slots, on valid ticks only
         update = new[k][:, None].astype(caches[k].dtype)  # [Lc, 1, R, T, ...]
