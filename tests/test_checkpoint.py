@@ -22,7 +22,7 @@ from jaxpar import config as config_lib
 from jaxpar.errors import UserError
 from jaxpar.mesh import make_mesh
 from jaxpar.runtime import checkpoint, generate, inference
-from tests.conftest import write_hf_decoder
+from tests.conftest import cli_env, write_hf_decoder
 from tests.test_llama import NEW, PROMPTS, hf_logits, transformers_greedy
 
 SOURCE_MESH = ["mesh.data=2", "mesh.stage=2", "mesh.model=2", "pipeline.repeats=2"]
@@ -37,7 +37,7 @@ def convert(root, source, out, *args) -> tuple[int, str, str]:
   proc = subprocess.run(
       [sys.executable, "scripts/run.py", "convert", "--config", "configs/tiny.yaml", "--set",
        f"model.checkpoint={source}", *args, "--out", str(out)], cwd=root, capture_output=True,
-      text=True, timeout=600, env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
+      text=True, timeout=600, env=cli_env())
   return proc.returncode, proc.stdout, proc.stderr
 
 
@@ -155,22 +155,26 @@ def test_convert_keeps_the_tokenizer_and_never_writes_over_its_source(root, hf_l
       files["tokenizer.json"])
 
 
-def test_sigkill_midway_keeps_the_old_checkpoint(root, tmp_path):
+def test_sigkill_midway_keeps_the_old_checkpoint(root, tmp_path, devices):
   """A conversion killed while writing over an existing checkpoint (--overwrite) leaves the old
   one loadable and untouched, a `.partial` directory that is refused as incomplete, and no
   other path changed."""
-  sizes = ["--set", "model.d_model=512", "--set", "model.d_ff=2048", "--set",
-           "model.n_layers=8", "--set", "model.vocab_size=8192", "--set", "model.n_heads=8"]
+  sizes = ["model.d_model=512", "model.d_ff=2048", "model.n_layers=8", "model.vocab_size=8192",
+           "model.n_heads=8"]  # 112 MiB: the kill lands while it is written
   good, other = tmp_path / "good", tmp_path / "other"
-  proc = subprocess.run([sys.executable, "scripts/run.py", "convert", "--config",
-                         "configs/tiny.yaml", *sizes, "--set", "run.seed=0", "--out", str(good)],
-                        cwd=root, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr
-  shutil.copytree(good, other)  # a checkpoint beside it, which must stay as it is
+  config = config_lib.load(root / "configs" / "tiny.yaml", sizes)
+  config = dataclasses.replace(config, mesh=config_lib.MeshConfig(1, 1, 1))
+  one = make_mesh(config.mesh, devices=devices[:1])
+  rng = np.random.default_rng(0)  # numpy's draws: quicker than compiling the initialiser
+  params = jax.tree.map(lambda a: rng.standard_normal(a.shape, np.float32).astype(a.dtype),
+                        inference.place(config, one).natural[0])
+  checkpoint.save(inference.build(config, one, params=params), str(good), say=lambda _: None)
+  shutil.copytree(good, other)  # the source, and a checkpoint beside it that must stay as is
   before = {p: contents(p) for p in (good, other)}
   proc = subprocess.Popen([sys.executable, "scripts/run.py", "convert", "--config",
-                           "configs/tiny.yaml", *sizes, "--set", "run.seed=7", "--out",
-                           str(good), "--overwrite"], cwd=root, stdout=subprocess.DEVNULL,
+                           "configs/tiny.yaml", *[a for s in sizes for a in ("--set", s)],
+                           "--set", f"model.checkpoint={other}", "--out", str(good),
+                           "--overwrite"], cwd=root, stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
   partial = tmp_path / "good.partial"
   deadline = time.time() + 300
@@ -229,7 +233,7 @@ def test_damaged_and_mismatched_checkpoints(root, orbax_llama, tmp_path, capsys,
   proc = subprocess.run([sys.executable, "scripts/run.py", "forward", "--config",
                          "configs/tiny.yaml", "--set", f"model.checkpoint={copy}"], cwd=root,
                         capture_output=True, text=True, timeout=600,
-                        env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
+                        env=cli_env())
   assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
   assert "damaged" in proc.stderr and "bound method" not in proc.stderr
   # jaxpar.json of another model (its layers do not match the saved parameters).
@@ -246,7 +250,7 @@ def launch(root, *args) -> subprocess.CompletedProcess:
   return subprocess.run(
       [sys.executable, "scripts/launch_local.py", "--processes", "2", "--timeout", "500", "--",
        *args, "--devices", "4"], cwd=root, capture_output=True, text=True, timeout=600,
-      env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
+      env=cli_env())
 
 
 def test_two_processes(root, hf_llama, hf_greedy, tmp_path):

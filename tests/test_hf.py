@@ -231,8 +231,8 @@ def test_wrong_shape_and_missing_tensor(root, devices, hf_checkpoint, tmp_path, 
                   "the safetensors files have no tensor transformer.h.3.mlp.c_fc.bias")
   (no_file := tmp_path / "no_file").mkdir()
   shutil.copy(hf_checkpoint / "config.json", no_file)
-  with pytest.raises(UserError, match=r"no model.safetensors \(or model.safetensors.index.json\) in "
-                                      r"the directory"):
+  with pytest.raises(UserError, match=r"no model.safetensors \(or model.safetensors.index.json\)"
+                                      r" in the directory"):
     build(load(root, no_file), devices)
   (no_file / "model.safetensors").write_bytes(b"not a safetensors file")
   with pytest.raises(UserError, match=r"is not a readable safetensors file"):

@@ -24,25 +24,23 @@ from jaxpar import config as config_lib
 from jaxpar.config import MeshConfig
 from jaxpar.mesh import make_mesh
 from jaxpar.runtime import generate, inference, vision
+from tests.conftest import cli_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "scripts" / "launch_local.py"
 
 
-def _env() -> dict:
-  """This environment without XLA_FLAGS: --devices decides each rank's device count."""
-  return {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
 
 
 def launch(processes: int, *run_args: str, timeout: float = 240) -> subprocess.CompletedProcess:
   return subprocess.run([sys.executable, str(LAUNCH), "--processes", str(processes), "--",
                          *run_args], capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                        env=_env())
+                        env=cli_env())
 
 
 def run_script(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
   return subprocess.run([sys.executable, str(ROOT / "scripts" / "run.py"), *args],
-                        capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=_env())
+                        capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=cli_env())
 
 
 def run_ranks(commands: list[list[str]], envs: list[dict],
@@ -169,7 +167,7 @@ def test_a_killed_rank_stops_every_rank(tmp_path):
         [sys.executable, str(LAUNCH), "--processes", "2", "--", "forward", "--config",
          "configs/tiny.yaml", "--devices", "4", "--set", "mesh.model=4", "--set",
          "run.iters=10000000", "--no-verify"], stdout=stdout, stderr=stderr, cwd=ROOT,
-        env=_env())
+        env=cli_env())
   try:
     pids = [int(p) for p in _wait_for(err, "pids ", 60).split("pids ")[1].split(";")[0].split()]
     _wait_for(out, "compiled in", 180)  # both ranks are in the timed loop
@@ -280,7 +278,7 @@ print(json.dumps(reads))
 def test_each_process_reads_only_its_own_layers(hf_checkpoint):
   address = f"127.0.0.1:{free_port()}"
   ranks = run_ranks([["-c", _READER, address, str(i), str(hf_checkpoint)] for i in range(2)],
-                    [_env()] * 2)
+                    [cli_env()] * 2)
   layers = []
   for code, stdout, stderr in ranks:
     assert code == 0, stderr[-3000:]
@@ -302,7 +300,7 @@ def test_joins_the_cluster_slurm_describes():
                      "JAX_COORDINATOR_PORT": str(port)}
   command = [str(ROOT / "scripts" / "run.py"), "forward", "--config", "configs/tiny.yaml",
              "--devices", "4", "--set", "mesh.model=4", "--verify", "--json"]
-  ranks = run_ranks([command] * 2, [{**_env(), **slurm(i)} for i in range(2)])
+  ranks = run_ranks([command] * 2, [{**cli_env(), **slurm(i)} for i in range(2)])
   for code, _, stderr in ranks:
     assert code == 0, stderr[-3000:]
   result = json.loads(ranks[0][1].strip().splitlines()[-1])

@@ -97,6 +97,9 @@ def test_schedule_counts():
 # (data, stage, model, microbatches, repeats, layers) for the GPT through the runtime.
 GPT = [(2, 2, 2, 2, 1, 2), (1, 4, 2, 4, 1, 4), (2, 4, 1, 4, 2, 8), (1, 8, 1, 8, 1, 8),
        (1, 2, 4, 4, 2, 4), (1, 4, 2, 4, 2, 8)]
+# Gradients too on those that add what the toy's gradients (TOY: the same schedules, no
+# model axis) do not check: the model axis (2 and 4), with data 1 and 2, repeats 1 and 2.
+GPT_GRADS = {(2, 2, 2, 2, 1, 2), (1, 2, 4, 4, 2, 4), (1, 4, 2, 4, 2, 8)}
 
 
 def build(tiny, devices, d, s, m, microbatches, repeats, layers):
@@ -133,13 +136,14 @@ def test_gpt_pipeline_equals_sequential(tiny, devices, d, s, m, microbatches, re
   expected = inference.unpad(seq(seq.tokens(tokens_host)), tiny.model.vocab_size)
   np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-5)
 
-  # Gradients with respect to every parameter, back in the model's own layout.
-  got = grad_of_logits(fwd, tokens, tiny.model.vocab_size)
-  got = {**jax.device_get(got), "blocks": pipeline.from_stages(jax.device_get(got["blocks"]))}
-  want = jax.device_get(grad_of_logits(seq, seq.tokens(tokens_host), tiny.model.vocab_size))
-  for (path, g), w in zip(jax.tree.leaves_with_path(got), jax.tree.leaves(want)):
-    np.testing.assert_allclose(g, w, rtol=0, atol=1e-5, err_msg=jax.tree_util.keystr(path))
-  assert np.abs(want["blocks"]["mlp"]["w_up"]).max() > 1e-2  # not a comparison of near-zeros
+  if (d, s, m, microbatches, repeats, layers) in GPT_GRADS:
+    # Gradients with respect to every parameter, back in the model's own layout.
+    got = grad_of_logits(fwd, tokens, tiny.model.vocab_size)
+    got = {**jax.device_get(got), "blocks": pipeline.from_stages(jax.device_get(got["blocks"]))}
+    want = jax.device_get(grad_of_logits(seq, seq.tokens(tokens_host), tiny.model.vocab_size))
+    for (path, g), w in zip(jax.tree.leaves_with_path(got), jax.tree.leaves(want)):
+      np.testing.assert_allclose(g, w, rtol=0, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+    assert np.abs(want["blocks"]["mlp"]["w_up"]).max() > 1e-2  # not near-zeros compared
 
   # The compiled program: the tick loop runs R*M + S - 1 times; each stage runs L/(R*S)
   # layers per tick (an inner loop, or unrolled when it is one layer).
@@ -155,7 +159,7 @@ def test_gpt_pipeline_equals_sequential(tiny, devices, d, s, m, microbatches, re
   assert census.count("collective-permute", in_loop=False) == s - 1
   for pairs in permute_pairs(compiled.as_text()):
     for src, dst in pairs:  # every permute moves along `stage` only
-      a, b = np.unravel_index(src, fwd.mesh.devices.shape), np.unravel_index(dst, fwd.mesh.devices.shape)
+      a, b = (np.unravel_index(i, fwd.mesh.devices.shape) for i in (src, dst))
       assert a[0] == b[0] and a[2] == b[2] and a[1] != b[1]
 
   # Each device holds only its own stage's blocks: exactly total / (stage x model).

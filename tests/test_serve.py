@@ -9,8 +9,8 @@ process for the command line and SIGTERM.
 
 import concurrent.futures
 import dataclasses
+import functools
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -28,7 +28,7 @@ from jaxpar.config import MeshConfig
 from jaxpar.errors import UserError
 from jaxpar.mesh import make_mesh
 from jaxpar.serve import openai_api, server
-from tests.conftest import write_hf_decoder
+from tests.conftest import cli_env, write_hf_decoder
 
 WORDS = [f"w{i}" for i in range(247)] + ["<s>", "<|user|>", "<|assistant|>", "</s>"]
 TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} "
@@ -42,12 +42,17 @@ MAX_TOKENS = [int(n) for n in rng.integers(1, 12, 16)]
 
 def hf_greedy(model, prompt: list[int], new: int) -> list[int]:
   """transformers' greedy generate of one prompt alone (no EOS stop)."""
+  return list(_hf_greedy(model, tuple(prompt), new))
+
+
+@functools.cache  # many tests check the same requests against the one module-wide model
+def _hf_greedy(model, prompt: tuple[int, ...], new: int) -> tuple[int, ...]:
   import torch
   with torch.no_grad():
     ids = torch.tensor([prompt])
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
                          do_sample=False, eos_token_id=None, pad_token_id=0)
-  return out[0, len(prompt):].tolist()
+  return tuple(out[0, len(prompt):].tolist())
 
 
 @pytest.fixture(scope="module")
@@ -514,13 +519,12 @@ def test_decode_step_collectives(live):
 def start_server(root, checkpoint, *sets) -> tuple[subprocess.Popen, str]:
   """`scripts/run.py serve` on tiny.yaml's mesh, 8 slots, model name 'm': the process and
   its /v1 URL from the ready line."""
-  env = {**os.environ, "JAXPAR_CACHE_DIR": str(root / ".jax_cache")}
   process = subprocess.Popen(
       [sys.executable, str(root / "scripts" / "run.py"), "serve", "--config",
        str(root / "configs" / "tiny.yaml"), "--port", "0", "--set",
        f"model.checkpoint={checkpoint}", "--set", "serve.max_slots=8", "--set",
        "serve.model_name=m", *[a for s in sets for a in ("--set", s)]],
-      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=cli_env())
   lines = []
   for line in process.stdout:
     lines.append(line)
