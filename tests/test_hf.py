@@ -261,7 +261,9 @@ def hf_greedy(hf_checkpoint_8):
   return out
 
 
-@pytest.mark.parametrize("data,stage,model", [(1, 1, 1), (2, 1, 4), (2, 2, 2), (1, 8, 1)])
+# One device and all three axes: test_generate.py checks greedy tokens on nine meshes against a
+# NumPy recompute, these against transformers.
+@pytest.mark.parametrize("data,stage,model", [(1, 1, 1), (2, 2, 2)])
 def test_greedy_generate_equals_transformers(root, devices, hf_checkpoint_8, hf_greedy, data,
                                              stage, model):
   from jaxpar.runtime import generate

@@ -63,7 +63,9 @@ def test_seeded_sampling_does_not_depend_on_the_mesh(tiny, devices):
   prompts = [[1, 2, 3], [4, 5], [6], [7, 8, 9, 10], [3, 1], [9]]
   sampling = generate.Sampling(temperature=1.0, top_k=50, top_p=0.9)
   results, gens = [], []
-  for data, stage, model in [(1, 1, 1), (2, 1, 4), (8, 1, 1), (2, 2, 2), (4, 2, 1), (1, 4, 2)]:
+  # one device; the plain decoder over data and model; the pipelined one over all three axes
+  # and over stage and model (both with rows padded to the groups)
+  for data, stage, model in [(1, 1, 1), (2, 1, 4), (2, 2, 2), (1, 4, 2)]:
     c = dataclasses.replace(config, mesh=MeshConfig(data, stage, model))
     gens.append(generate.build(c, make_mesh(c.mesh, devices=devices[:data * stage * model]),
                                eos_id=-1))
