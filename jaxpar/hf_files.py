@@ -135,6 +135,11 @@ class SafeTensors:
     raw = self._maps[path][start + begin:start + end]
     return raw.view(_DTYPES[entry["dtype"]]).reshape(entry["shape"])
 
+  def release(self) -> None:
+    """Unmaps the files (each is mapped again when next read): the pages read so far stop
+    counting in this process's memory."""
+    self._maps.clear()
+
   def read(self, name: str, box: tuple[slice, ...]) -> np.ndarray:
     """The rectangle `box` of tensor `name`, as float32."""
     return np.asarray(self.array(name)[box], np.float32)

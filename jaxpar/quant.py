@@ -108,25 +108,53 @@ def quantized_names(params: dict, names: dict, mode: str, *, present: bool = Fal
                                           is_leaf=lambda x: is_quantized(x) or is_logical(x))
 
 
+def _check_mode(mode: str) -> None:
+  if mode not in MODES:
+    raise UserError(f"model.quantize={mode!r}: expected one of none, {', '.join(MODES)}")
+  _qwix()
+
+
+def quantize_tree(params: dict, names: dict, mode: str) -> dict:
+  """Float matrices quantised, traced (inside a program that makes the parameters: the
+  floats never leave it); leaves already quantised, and those not multiplied by, pass
+  through."""
+  def leaf(path, p, n):
+    if not is_quantized(p) and quantizable(path, n):
+      return quantize_array(p, mode)
+    return p
+  return jax.tree_util.tree_map_with_path(leaf, params, names,
+                                          is_leaf=lambda x: is_quantized(x))
+
+
 def quantize_params(params: dict, names: dict, mode: str, shardings_for) -> tuple[dict, dict]:
   """(quantised params, their names): float matrices quantised on the mesh, in one program
   whose outputs are born in their shards; leaves already quantised pass through.
   `shardings_for(names)` gives the shardings of a names tree. The float inputs are donated."""
-  if mode not in MODES:
-    raise UserError(f"model.quantize={mode!r}: expected one of none, {', '.join(MODES)}")
-  _qwix()
+  _check_mode(mode)
   qnames = quantized_names(params, names, mode)
-
-  def convert(params):
-    def leaf(path, p, n):
-      if not is_quantized(p) and quantizable(path, n):
-        return quantize_array(p, mode)
-      return p
-    return jax.tree_util.tree_map_with_path(leaf, params, names,
-                                            is_leaf=lambda x: is_quantized(x))
-
-  out = jax.jit(convert, out_shardings=shardings_for(qnames), donate_argnums=0)(params)
+  out = jax.jit(lambda p: quantize_tree(p, names, mode), out_shardings=shardings_for(qnames),
+                donate_argnums=0)(params)
   return out, qnames
+
+
+def leaf_quantizer(names: dict, mode: str, shardings_for):
+  """(quantise, quantised names) for a source that makes the parameters one leaf at a time:
+  `quantise(path, array)` turns a float matrix into its QWeight on the mesh (its own small
+  program, the float input donated, the int8 values and scales born in their shards) and
+  returns any other leaf as it is. Called on each leaf as it is read, the float model never
+  exists whole: the load's peak is the int8 model plus one float leaf."""
+  _check_mode(mode)
+  qnames = quantized_names(names, names, mode)
+  flat = lambda tree: dict(jax.tree_util.tree_flatten_with_path(
+      tree, is_leaf=lambda x: is_quantized(x) or is_logical(x))[0])
+  floats, quantized = flat(names), flat(qnames)
+
+  def quantise(path: tuple, array: jax.Array):
+    if not quantizable(path, floats[path]):
+      return array
+    return jax.jit(quantize_array, static_argnums=1, donate_argnums=0,
+                   out_shardings=shardings_for(quantized[path]))(array, mode)
+  return quantise, qnames
 
 
 # ---- products ----

@@ -17,14 +17,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxpar import cli
+from jaxpar import cli, quant
 from jaxpar import config as config_lib
 from jaxpar.config import MeshConfig
 from jaxpar.errors import UserError
 from jaxpar.mesh import make_mesh, single_device_mesh
 from jaxpar.models import base
 from jaxpar.runtime import decoder, generate, inference, state
-from jaxpar.rules import Rules, use_rules
+from jaxpar.rules import Rules, tree_shardings, use_rules
 
 REL_TOL, TOP1 = 0.08, 0.90
 LLAMA = dict(family="llama", n_kv_heads=2, tie_embeddings=False)
@@ -223,3 +223,36 @@ def test_int8_from_given_parameters(tiny, devices):
   for fwd in (from_float, again):
     got = inference.unpad(fwd(fwd.tokens(tokens)), config.model.vocab_size)
     np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_int8_checkpoint_quantised_as_each_tensor_is_read(root, devices, tmp_path, monkeypatch):
+  """A Hugging Face checkpoint with model.quantize=int8 on data=2 x model=4: each tensor is
+  quantised before the next is read, so the device arrays alive while loading never exceed
+  the int8 model plus one float tensor (loading every float first held the whole float
+  model); the result equals quantising the whole float model on the mesh after loading."""
+  from jaxpar.hf_files import SafeTensors
+  from tests.conftest import write_hf_decoder
+  checkpoint = write_hf_decoder(tmp_path / "hf", "llama", num_hidden_layers=8)
+  load = lambda *sets: config_lib.load(root / "configs" / "tiny.yaml", [
+      f"model.checkpoint={checkpoint}", "mesh.data=2", "mesh.model=4", *sets])
+  mesh = make_mesh(load().mesh, devices=devices)
+  floats = inference.build(load(), mesh)
+  float_bytes = [leaf.nbytes for leaf in jax.tree.leaves(floats.params)]
+
+  before = {id(a) for a in jax.live_arrays()}
+  peak = [0]
+  release = SafeTensors.release
+
+  def measured(files):  # after each tensor is read, before it is quantised
+    peak[0] = max(peak[0], sum(a.nbytes for a in jax.live_arrays() if id(a) not in before))
+    release(files)
+  monkeypatch.setattr(SafeTensors, "release", measured)
+  int8 = inference.build(load("model.quantize=int8"), mesh)
+  int8_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(int8.params))
+  assert peak[0] <= int8_bytes + max(float_bytes) < 0.6 * sum(float_bytes)
+
+  want, _ = quant.quantize_params(floats.params, floats.names, "int8",
+                                  lambda n: tree_shardings(n, floats.rules, mesh))
+  for got, expected in zip(jax.tree.leaves(int8.params), jax.tree.leaves(want)):
+    assert got.sharding == expected.sharding
+    np.testing.assert_array_equal(got, expected)

@@ -69,18 +69,23 @@ class _Leaf:
     name = self.name(layer)
     box, where = _box(indices, self.files.shape(name))
     block = self.files.read(name, box) if all(b.stop > b.start for b in box) else None
+    if block is not None and all(np.array_equal(w, np.arange(len(w))) for w in where):
+      return block.T if src.transpose else block  # the box itself: no copy here
     out = np.zeros([len(i) for i in indices], np.float32)
     if block is not None:
       valid = np.ix_(*[w >= 0 for w in where])
       out[valid] = block[np.ix_(*[w[w >= 0] for w in where])]
     return out.T if src.transpose else out
 
-  def callback(self, index: tuple) -> np.ndarray:
+  def callback(self, index: tuple, dtype) -> np.ndarray:
+    """The shard at `index`, in `dtype`, filled a layer at a time (no second copy)."""
     ranges = [range(*sl.indices(n)) for sl, n in zip(index, self.shape)]
-    zeros = lambda: np.zeros([len(r) for r in ranges[self.lead:]], np.float32)
-    values = [zeros() if l is not None and l < 0 else self.read(l, ranges[self.lead:])
-              for l in self.layers(ranges[:self.lead])]  # l < 0: identity padding
-    return np.stack(values).reshape([len(r) for r in ranges])
+    out = np.zeros([len(r) for r in ranges], dtype)
+    layers = out.reshape(-1, *out.shape[self.lead:])
+    for i, l in enumerate(self.layers(ranges[:self.lead])):
+      if l is None or l >= 0:  # l < 0: identity padding, zeros
+        layers[i] = self.read(l, ranges[self.lead:])
+    return out
 
 
 def _check(files: SafeTensors, leaves: list[_Leaf], n_layers: int, checkpoint: str) -> None:
@@ -101,7 +106,8 @@ def _check(files: SafeTensors, leaves: list[_Leaf], n_layers: int, checkpoint: s
 
 
 def load_params(checkpoint: str, sources: dict, *, shapes: dict, shardings: Any,
-                stages: int | None = None, n_layers: int | None = None) -> dict:
+                stages: int | None = None, n_layers: int | None = None,
+                each=lambda path, array: array) -> dict:
   """The parameters of the Hugging Face directory `checkpoint` as a pure dict of sharded
   arrays with the structure of `shapes` (ShapeDtypeStructs; blocks [L, ...], or
   [S, R, Lc, ...] when `stages` is set), each leaf placed by `shardings` and cast to its
@@ -110,7 +116,9 @@ def load_params(checkpoint: str, sources: dict, *, shapes: dict, shardings: Any,
   `n_layers`: the model's layers, when the stages hold identity padding past them (uneven
   stages: slots of no layer are zeros). Each device's callback reads only its slice.
   Missing or mis-shaped tensors and unreadable files are one-line UserErrors naming the
-  tensor or file, raised before anything is read.
+  tensor or file, raised before anything is read. `each(path, array)` takes every leaf as
+  soon as it is read, before the next one is (int8: quantised, so the floats never exist
+  whole), and gives what the tree holds.
   """
   files = SafeTensors(checkpoint)
   is_source = lambda x: isinstance(x, HFTensor)
@@ -127,15 +135,17 @@ def load_params(checkpoint: str, sources: dict, *, shapes: dict, shardings: Any,
   _check(files, jax.tree.leaves(leaves, is_leaf=lambda x: isinstance(x, _Leaf)), n_layers,
          checkpoint)
 
-  def make(leaf: _Leaf, spec, sharding) -> jax.Array:
+  def make(path, leaf: _Leaf, spec, sharding):
     cache: dict[tuple, np.ndarray] = {}  # replicated shards ask for the same slice
 
     def callback(index):
       key = tuple((sl.start, sl.stop) for sl in index)
       if key not in cache:
-        cache[key] = leaf.callback(index).astype(spec.dtype)
+        cache[key] = leaf.callback(index, spec.dtype)
       return cache[key]
-    return jax.make_array_from_callback(spec.shape, sharding, callback)
+    array = jax.make_array_from_callback(spec.shape, sharding, callback)
+    files.release()  # the pages read so far leave this process
+    return each(path, array)
 
-  return jax.tree.map(make, leaves, shapes, shardings,
-                      is_leaf=lambda x: isinstance(x, _Leaf))
+  return jax.tree_util.tree_map_with_path(make, leaves, shapes, shardings,
+                                          is_leaf=lambda x: isinstance(x, _Leaf))

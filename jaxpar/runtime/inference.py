@@ -177,16 +177,18 @@ def place(config: Config, mesh: Mesh, *, layout: Layout | None = None,
   return placement
 
 
-def _seeded(pl: Placement, _, shardings, timings: dict) -> dict:
+def _seeded(pl: Placement, _, shardings, timings: dict, quantise) -> dict:
+  layout = pl.to_layout if quantise is None else (  # inside the program: no float leaves out
+      lambda p: jax.tree_util.tree_map_with_path(quantise, pl.to_layout(p)))
   return state.create(pl.make, seed=pl.config.run.seed, mesh=pl.mesh, shardings=shardings,
-                      layout=pl.to_layout, timings=timings)
+                      layout=layout, timings=timings)
 
 
-def _given(pl: Placement, params: dict, shardings, _) -> dict:
+def _given(pl: Placement, params: dict, shardings, _, __) -> dict:
   return jax.device_put(pl.to_layout(params), shardings)
 
 
-def _jaxpar_checkpoint(pl: Placement, _, shardings, __) -> dict:
+def _jaxpar_checkpoint(pl: Placement, _, shardings, __, ___) -> dict:
   from jaxpar.runtime import checkpoint  # Orbax: each device reads its own slices
   return checkpoint.restore(pl.config.model.checkpoint, shapes=pl.natural[0],
                             names=pl.natural[1], cfg=pl.config.model, layout=pl.layout,
@@ -194,24 +196,30 @@ def _jaxpar_checkpoint(pl: Placement, _, shardings, __) -> dict:
                             shardings=shardings)
 
 
-def _hf_checkpoint(pl: Placement, _, shardings, __) -> dict:
+def _hf_checkpoint(pl: Placement, _, shardings, __, quantise) -> dict:
   from jaxpar.runtime import hf  # Hugging Face weights, each device reading its own slice
   m = pl.config.model
   return hf.load_params(m.checkpoint, pl.family.weights(m, pl.layout), shapes=pl.shapes,
                         shardings=shardings,
                         stages=None if pl.schedule is None else pl.schedule.stages,
-                        n_layers=m.n_layers)
+                        n_layers=m.n_layers, each=quantise or (lambda path, array: array))
 
 
-def _abstract(pl: Placement, _, shardings, __) -> dict:
+def _abstract(pl: Placement, _, shardings, __, ___) -> dict:
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                       pl.shapes, shardings)
 
 
 # Step 2, the parameters: every source reads or makes them straight into their shards,
-# (placement, given parameters, shardings, timings) -> parameters.
+# (placement, given parameters, shardings, timings, quantise) -> parameters. With
+# model.quantize, the sources in MADE_BY_LEAF take `quantise(path, leaf)`
+# (`quant.leaf_quantizer`) and apply it to each leaf as they make it, so the float model
+# never exists whole (the seed's program returns the leaves quantised, the Hugging Face
+# reader quantises each before it reads the next); the others load floats, quantised on the
+# mesh after.
 SOURCES = {"seed": _seeded, "given": _given, "jaxpar checkpoint": _jaxpar_checkpoint,
            "hf checkpoint": _hf_checkpoint, "abstract": _abstract}
+MADE_BY_LEAF = {"seed", "hf checkpoint"}
 
 
 def source(config: Config, *, given: bool = False, abstract: bool = False) -> str:
@@ -229,15 +237,20 @@ def source(config: Config, *, given: bool = False, abstract: bool = False) -> st
 def load_params(pl: Placement, *, params: dict | None = None,
                 abstract: bool = False) -> tuple[dict, dict, dict]:
   """(parameters, their names, the seeded initialiser's timings): from their `source`,
-  then quantised on the mesh (model.quantize; the scales born sharded)."""
+  quantised (model.quantize) leaf by leaf as they are made where the source makes them, else
+  on the mesh after loading (the scales born sharded either way)."""
   timings, names, mode = {}, pl.names, pl.config.model.quantize
   kind = source(pl.config, given=params is not None, abstract=abstract)
+  shardings_for = lambda n: tree_shardings(n, pl.rules, pl.mesh)
+  if mode != "none" and kind in MADE_BY_LEAF:
+    quantise, qnames = quant.leaf_quantizer(names, mode, shardings_for)
+    made = qnames if kind == "seed" else names  # the seed's program returns them quantised
+    return SOURCES[kind](pl, None, shardings_for(made), timings, quantise), qnames, timings
   if kind == "given" and mode != "none":  # e.g. a quantised model's own parameters
     names = quant.quantized_names(params, names, mode, present=True)
-  params = SOURCES[kind](pl, params, pl.shardings(names), timings)
+  params = SOURCES[kind](pl, params, pl.shardings(names), timings, None)
   if mode != "none":  # on the mesh, after loading: scales born sharded
-    params, names = quant.quantize_params(params, names, mode,
-                                          lambda n: tree_shardings(n, pl.rules, pl.mesh))
+    params, names = quant.quantize_params(params, names, mode, shardings_for)
   return params, names, timings
 
 
