@@ -114,26 +114,22 @@ def _check_mode(mode: str) -> None:
   _qwix()
 
 
-def quantize_tree(params: dict, names: dict, mode: str) -> dict:
-  """Float matrices quantised, traced (inside a program that makes the parameters: the
-  floats never leave it); leaves already quantised, and those not multiplied by, pass
-  through."""
-  def leaf(path, p, n):
-    if not is_quantized(p) and quantizable(path, n):
-      return quantize_array(p, mode)
-    return p
-  return jax.tree_util.tree_map_with_path(leaf, params, names,
-                                          is_leaf=lambda x: is_quantized(x))
-
-
 def quantize_params(params: dict, names: dict, mode: str, shardings_for) -> tuple[dict, dict]:
   """(quantised params, their names): float matrices quantised on the mesh, in one program
   whose outputs are born in their shards; leaves already quantised pass through.
   `shardings_for(names)` gives the shardings of a names tree. The float inputs are donated."""
   _check_mode(mode)
   qnames = quantized_names(params, names, mode)
-  out = jax.jit(lambda p: quantize_tree(p, names, mode), out_shardings=shardings_for(qnames),
-                donate_argnums=0)(params)
+
+  def convert(params):
+    def leaf(path, p, n):
+      if not is_quantized(p) and quantizable(path, n):
+        return quantize_array(p, mode)
+      return p
+    return jax.tree_util.tree_map_with_path(leaf, params, names,
+                                            is_leaf=lambda x: is_quantized(x))
+
+  out = jax.jit(convert, out_shardings=shardings_for(qnames), donate_argnums=0)(params)
   return out, qnames
 
 
@@ -142,7 +138,8 @@ def leaf_quantizer(names: dict, mode: str, shardings_for):
   `quantise(path, array)` turns a float matrix into its QWeight on the mesh (its own small
   program, the float input donated, the int8 values and scales born in their shards) and
   returns any other leaf as it is. Called on each leaf as it is read, the float model never
-  exists whole: the load's peak is the int8 model plus one float leaf."""
+  exists whole: the load's peak is the int8 model plus one float leaf. Traced inside the
+  program that makes the parameters (the seeded initialiser), it is inlined there."""
   _check_mode(mode)
   qnames = quantized_names(names, names, mode)
   flat = lambda tree: dict(jax.tree_util.tree_flatten_with_path(

@@ -225,16 +225,20 @@ def test_int8_from_given_parameters(tiny, devices):
     np.testing.assert_allclose(got, want, atol=1e-6)
 
 
-def test_int8_checkpoint_quantised_as_each_tensor_is_read(root, devices, tmp_path, monkeypatch):
-  """A Hugging Face checkpoint with model.quantize=int8 on data=2 x model=4: each tensor is
-  quantised before the next is read, so the device arrays alive while loading never exceed
-  the int8 model plus one float tensor (loading every float first held the whole float
-  model); the result equals quantising the whole float model on the mesh after loading."""
+@pytest.mark.parametrize("layout", [["mesh.data=2", "mesh.model=4"],
+                                    ["mesh.data=2", "mesh.stage=2", "mesh.model=2"]])
+def test_int8_checkpoint_quantised_as_each_tensor_is_read(root, devices, tmp_path, monkeypatch,
+                                                          layout):
+  """A Hugging Face checkpoint with model.quantize=int8, on data x model and on a pipeline
+  (blocks regrouped into stages): each tensor is quantised before the next is read, so the
+  device arrays alive while loading never exceed the int8 model plus one float tensor
+  (loading every float first held the whole float model); the result equals quantising the
+  whole float model on the mesh after loading."""
   from jaxpar.hf_files import SafeTensors
   from tests.conftest import write_hf_decoder
   checkpoint = write_hf_decoder(tmp_path / "hf", "llama", num_hidden_layers=8)
   load = lambda *sets: config_lib.load(root / "configs" / "tiny.yaml", [
-      f"model.checkpoint={checkpoint}", "mesh.data=2", "mesh.model=4", *sets])
+      f"model.checkpoint={checkpoint}", *layout, *sets])
   mesh = make_mesh(load().mesh, devices=devices)
   floats = inference.build(load(), mesh)
   float_bytes = [leaf.nbytes for leaf in jax.tree.leaves(floats.params)]

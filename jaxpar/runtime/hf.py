@@ -107,7 +107,7 @@ def _check(files: SafeTensors, leaves: list[_Leaf], n_layers: int, checkpoint: s
 
 def load_params(checkpoint: str, sources: dict, *, shapes: dict, shardings: Any,
                 stages: int | None = None, n_layers: int | None = None,
-                each=lambda path, array: array) -> dict:
+                each=None) -> dict:
   """The parameters of the Hugging Face directory `checkpoint` as a pure dict of sharded
   arrays with the structure of `shapes` (ShapeDtypeStructs; blocks [L, ...], or
   [S, R, Lc, ...] when `stages` is set), each leaf placed by `shardings` and cast to its
@@ -116,9 +116,9 @@ def load_params(checkpoint: str, sources: dict, *, shapes: dict, shardings: Any,
   `n_layers`: the model's layers, when the stages hold identity padding past them (uneven
   stages: slots of no layer are zeros). Each device's callback reads only its slice.
   Missing or mis-shaped tensors and unreadable files are one-line UserErrors naming the
-  tensor or file, raised before anything is read. `each(path, array)` takes every leaf as
-  soon as it is read, before the next one is (int8: quantised, so the floats never exist
-  whole), and gives what the tree holds.
+  tensor or file, raised before anything is read. `each(path, array)`, if given, takes every
+  leaf as soon as it is read, before the next one is (int8: quantised, so the floats never
+  exist whole), and gives what the tree holds.
   """
   files = SafeTensors(checkpoint)
   is_source = lambda x: isinstance(x, HFTensor)
@@ -145,7 +145,7 @@ def load_params(checkpoint: str, sources: dict, *, shapes: dict, shardings: Any,
       return cache[key]
     array = jax.make_array_from_callback(spec.shape, sharding, callback)
     files.release()  # the pages read so far leave this process
-    return each(path, array)
+    return array if each is None else each(path, array)
 
   return jax.tree_util.tree_map_with_path(make, leaves, shapes, shardings,
                                           is_leaf=lambda x: isinstance(x, _Leaf))

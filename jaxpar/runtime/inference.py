@@ -202,7 +202,7 @@ def _hf_checkpoint(pl: Placement, _, shardings, __, quantise) -> dict:
   return hf.load_params(m.checkpoint, pl.family.weights(m, pl.layout), shapes=pl.shapes,
                         shardings=shardings,
                         stages=None if pl.schedule is None else pl.schedule.stages,
-                        n_layers=m.n_layers, each=quantise or (lambda path, array: array))
+                        n_layers=m.n_layers, each=quantise)
 
 
 def _abstract(pl: Placement, _, shardings, __, ___) -> dict:
