@@ -74,7 +74,7 @@ def teacher_forced_logits(gen, tokens_BT):
   from jaxpar.models.base import run_blocks
   from jaxpar.rules import use_rules
   from jaxpar.models.base import causal_step
-  from jaxpar.runtime.decoder import new_caches
+  from jaxpar.runtime.slots import new_caches
   B, T = tokens_BT.shape
 
   def run(params, tokens_BT):

@@ -78,7 +78,7 @@ def test_batch_1_decodes_with_its_caches_in_place(gen_config, devices, expected,
   np.testing.assert_array_equal(result.tokens, expected[:1])
   if scan:
     return
-  (_, decode), = gen._compiled.values()
+  (_, _, decode), = gen._compiled.values()
   census = inspect.hlo_census(decode.as_text())
   smallest_leaf = gen.cache_bytes_per_device(1, len(PROMPTS[0]) + NEW) // (
       2 * gen_config.model.n_layers)
@@ -91,7 +91,7 @@ def test_pipelined_decode_moves_activations_and_tokens_only(gen_config, devices,
   KV cache (each is smaller than one layer's cache on one device)."""
   gen = build(gen_config, devices, 2, 2, 2)
   np.testing.assert_array_equal(gen.generate(PROMPTS, max_new_tokens=NEW).tokens, expected)
-  (_, decode, _), = gen._compiled.values()
+  (_, _, decode), = gen._compiled.values()
   census = inspect.hlo_census(decode.as_text())
   assert set(census.counts()) <= {"collective-permute", "all-reduce", "all-gather"}
   assert census.count("collective-permute", in_loop=True) >= 2  # activations, tokens
@@ -239,3 +239,51 @@ def test_odd_prompt_counts_are_padded_to_the_mesh(gen_config, devices, expected,
   assert gen.padded_batch(3) == 8 if data == 8 else gen.padded_batch(3) == 4
   tokens = gen.generate(PROMPTS[:3], max_new_tokens=NEW).tokens
   np.testing.assert_array_equal(tokens, expected[:3])
+
+
+def test_a_prompt_prefilled_over_a_step_in_flight_keeps_its_row(gen_config, devices):
+  """data=2 x stage=2 x model=2, 4 slots: row 2 is `late` (its step leaves the pipeline in
+  the next step). A request ends with its step still in flight and a new prompt is prefilled
+  into its row: that step writes to the trash slot, and the new prompt's first token (not the
+  one the ring brings) enters next. After three more steps the row's cache (all but the trash
+  slot) and tokens equal those of the same prompt prefilled into an empty decoder."""
+  from jaxpar.runtime.decoder import Decoder
+  gen = build(gen_config, devices, 2, 2, 2)
+  length, row, prompt = 12, 2, [9, 10, 11, 12, 13, 14]
+  decoder = Decoder(gen, 4, length)
+  assert decoder.late()[row]
+  prefill, step = decoder.prefill(1, 8), decoder.step(greedy=True, span=length)
+  greedy = sampling.Sampling(np.zeros(1, np.float32), np.zeros(1, np.int32),
+                             np.ones(1, np.float32))
+
+  def put(state, tokens):
+    padded = np.zeros((1, 8), np.int32)
+    padded[0, :len(tokens)] = tokens
+    _, state = prefill(gen.params, state, padded, np.int32(0), np.array([len(tokens)]),
+                       np.int32(0), np.int32(row), greedy, np.zeros(1, np.uint32),
+                       np.full(1, -1, np.int32))
+    return state
+
+  def run(state):
+    state, out = put(state, prompt), []
+    for _ in range(3):
+      tokens, state = step(gen.params, state)
+      out.append(int(tokens[row]))
+    return state, out
+
+  with jax.set_mesh(gen.mesh):
+    state = put(decoder.empty_state(), [3, 1])
+    _, state = step(gen.params, state)  # the old request's step at position 2, in flight
+    (over, tokens), (fresh, want) = run(state), run(decoder.empty_state())
+  assert tokens[1:] == want[1:]  # a late row's first step gives its previous entry's token
+  for k, shape in ((k, v[0]) for k, v in decoder_spec(gen, length + 1).items()):
+    positions = shape.index(length + 1)  # the slot axis of [B, ...] (the trash slot last);
+    # the caches are [layers, G, Bg, ...]: row `row`'s is [layers, ...], same axis
+    mine = lambda caches: np.take(np.asarray(caches[k])[:, row // 2, row % 2],
+                                  np.arange(length), axis=positions)
+    np.testing.assert_array_equal(mine(over.caches), mine(fresh.caches))
+
+
+def decoder_spec(gen, length: int) -> dict:
+  from jaxpar.runtime.slots import cache_spec
+  return cache_spec(gen, 1, length)

@@ -23,7 +23,7 @@ from jaxpar.config import MeshConfig
 from jaxpar.errors import UserError
 from jaxpar.mesh import make_mesh, single_device_mesh
 from jaxpar.models import base
-from jaxpar.runtime import decoder, generate, inference, state
+from jaxpar.runtime import generate, inference, slots, state
 from jaxpar.rules import Rules, tree_shardings, use_rules
 
 REL_TOL, TOP1 = 0.08, 0.90
@@ -129,7 +129,7 @@ def _teacher_forced(gen, tokens_BT):
   def run(params):
     model, graphdef, layers = gen.model_parts(params)
     step = base.causal_step(B, T, T + 1)
-    caches = decoder.new_caches(gen, B, T + 1, scan=gen.scan)
+    caches = slots.new_caches(gen, B, T + 1, scan=gen.scan)
     x_BTD = model.embed(jnp.asarray(tokens_BT), step.positions_BT)
     x_BTD, _ = base.run_blocks(graphdef, layers, x_BTD, step, caches, scan=gen.scan)
     return model.head(x_BTD)

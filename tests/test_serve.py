@@ -475,8 +475,10 @@ def test_a_failed_step_ends_its_requests_and_forgets_the_cached_prefixes(root, c
 @pytest.mark.parametrize("data,stage,model", [(2, 2, 2), (1, 4, 2)])
 def test_pipelined_engine(root, checkpoint, devices, hf, live, data, stage, model):
   """mesh.stage > 1: 10 requests through 4 slots rotating through the stages give
-  transformers' greedy tokens; a seeded sampled request gives the same tokens as on the
-  data=2 x model=4 engine (draws keyed by seed and token number only)."""
+  transformers' greedy tokens; so do prompts that take over the rows of short requests
+  whose last steps are still in flight through the stages (the late rows' tokens go to whoever
+  held the row when the step entered); a seeded sampled request gives the same
+  tokens as on the data=2 x model=4 engine (draws keyed by seed and token number only)."""
   engine = engine_for(root, checkpoint, devices, f"mesh.data={data}", f"mesh.stage={stage}",
                       f"mesh.model={model}").start()
   try:
@@ -485,11 +487,20 @@ def test_pipelined_engine(root, checkpoint, devices, hf, live, data, stage, mode
     for stream, prompt, m in zip(streams, PROMPTS, MAX_TOKENS):
       assert stream.result().token_ids == hf_greedy(hf[0], prompt, m)
       assert stream.finish_reason == "length"
+    # Each short request ends on its first token with its step at position 2 in flight.
+    short = [engine.submit([3, 1 + i], serve.Params(max_tokens=1)) for i in range(SLOTS)]
+    takers = [(PROMPTS[i][:3] * 3)[:4 + i % 2] for i in range(SLOTS)]
+    streams = [engine.submit(p, serve.Params(max_tokens=3)) for p in takers]
+    assert all(len(s.result().token_ids) == 1 for s in short)
+    for stream, prompt in zip(streams, takers):
+      assert stream.result().token_ids == hf_greedy(hf[0], prompt, 3)
     sampled = serve.Params(max_tokens=10, temperature=1.0, top_k=20, seed=3)
     piped = engine.generate([PROMPTS[1]], sampled)[0].token_ids
-    census = inspect.hlo_census(engine.runner.compiled["round", True].as_text()).counts()
-    assert census["collective-permute"]["count"] >= 1  # activations and tokens move on
-    assert census.get("all-gather", {"bytes": 0})["bytes"] <= 64  # no cache is gathered
+    for span in engine.runner.spans:
+      program = engine.runner.compiled["decode", True, span]
+      census = inspect.hlo_census(program.as_text()).counts()
+      assert census["collective-permute"]["count"] >= 1  # activations and tokens move on
+      assert census.get("all-gather", {"bytes": 0})["bytes"] <= 64  # no cache is gathered
   finally:
     engine.stop()
   assert live[1].generate([PROMPTS[1]], sampled)[0].token_ids == piped

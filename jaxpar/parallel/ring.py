@@ -56,7 +56,12 @@ def run(tick: Callable[[jax.Array, jax.Array, Any, Any], tuple[Any, Any]], carry
         msg: Any, *, ticks: int, stages: int) -> tuple[Any, Any]:
   """Runs `tick(t, s, carry, msg) -> (carry, out)` for t in range(ticks) (a `lax.scan`), each
   tick's `out` permuted s -> (s + 1) % S to be the next tick's `msg`. Returns the last carry
-  and the last messages received."""
+  and the last messages received. One stage (no shard_map needed): the ticks are plain calls
+  with t and s Python ints, and each `out` is the next `msg` as it is."""
+  if stages == 1:
+    for t in range(ticks):
+      carry, msg = tick(t, 0, carry, msg)
+    return carry, msg
   ring = [(k, (k + 1) % stages) for k in range(stages)]
   s = stage()
 
@@ -67,6 +72,24 @@ def run(tick: Callable[[jax.Array, jax.Array, Any, Any], tuple[Any, Any]], carry
 
   (carry, msg), _ = lax.scan(body, (varying(carry), varying(msg)), jnp.arange(ticks))
   return carry, msg
+
+
+def first(s, make: Callable[[], Any], msg: Any) -> Any:
+  """What stage `s` takes in: `make()` on the first stage, the message on the others."""
+  if isinstance(s, int):
+    return make() if s == 0 else msg
+  return jnp.where(s == 0, make(), msg)
+
+
+def last(s, stages: int, compute: Callable[[], Any]) -> Any:
+  """`compute()` on the last stage, zeros of its shape on the others (a `lax.cond`: inside
+  it only all-reduces may run, see `sampling._search`)."""
+  if isinstance(s, int):
+    return compute() if s == stages - 1 else jax.tree.map(
+        lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(compute))
+  zeros = lambda: jax.tree.map(lambda a: varying(jnp.zeros(a.shape, a.dtype)),
+                               jax.eval_shape(compute))
+  return lax.cond(s == stages - 1, lambda: varying(compute()), zeros)
 
 
 def shard(fn: Callable, *, mesh: Mesh, in_specs, out_specs) -> Callable:

@@ -1,247 +1,389 @@
-"""The slot decoder: one KV cache of `slots` rows and every row's decoding state, and the two
-programs that advance them. `generate` drives it (prefill every prompt, then a compiled loop
-of its step) and the server runs it (prefill a request into a free row, one step of every row
-per engine iteration); a capability of decoding is written here once.
+"""The slot decoder: one KV cache of `slots` rows, every row's decoding state, and the two
+programs that advance them, on any mesh. `generate` drives it (prefill every prompt, then a
+compiled loop of its step) and the server runs it (prefill a request into a free row, one step
+of every row per engine iteration); a capability of decoding is written here once.
 
-The state is (caches, slots), both on the devices and donated to every call, so they update
-in place. The cache holds `slots` rows of `length` positions per layer, laid out by the rules
-(rows over `data`, key/value heads over `model`). A row's tokens sit at the cache slots equal
-to their positions (prompts are right-padded, never left-padded), so each row writes at its
-own position: a step's `Step.index` is the [B] vector of row positions. `Slots` holds each
-row's last token, position, token count, sampling settings and random key, [B] each and split
-like the rows: a step reads them and writes the next, so the host sends nothing per step.
+The state (`slots.State`) lives on the devices and is donated to every call, so it updates in
+place and the host sends nothing per step. A row's tokens sit at the cache slots equal to
+their positions (prompts are right-padded), so each row writes at its own position. Each
+program is one tick function run on the stage ring (`jaxpar.parallel.ring`). On a pipeline
+(mesh.stage = S > 1) the slots form G = S groups of Bg = slots / G rows that rotate through
+the stages (slot b is row b % Bg of group b // Bg); each stage keeps the cache of its own
+layers for every slot, [Lc, G, Bg, length + 1, ...], where position `length` is a trash slot
+no query sees, for writes that must not land. Without stages (S = 1) the ring is one call of
+the tick: one group of every row, nothing in flight, no trash slot, the cache laid out by the
+rules alone (rows over `data`, key/value heads over `model`; stacked for a scan, else a
+buffer per layer).
 
     prefill[R, T](params, state, tokens_RT, start, lengths_R, src, slot, sampling_R,
                   seeds_R, rows_R) -> first_R, state
-        R prompts, right-padded to T tokens, through every block at positions
-        start..start+T-1, into rows slot..slot+R-1. With start = 0 each attends over its own
-        T slots of a zeroed row; with start > 0 (one prompt, `reuse`) over a copy of row
-        `src`, whose slots 0..start-1 hold the prompt's first `start` tokens (a prefix
-        another request left there). Entries past a prompt's length are never visible (a row
-        sees slots <= its position, and decoding overwrites them in order). The first new
-        token comes from each prompt's last position.
-    step[span](params, caches, slots) -> next_B, caches, slots
-        each row's last token at its position; attention reads the first `span` slots of
-        every row only (the least span that holds every running row, so short requests do not
-        stream a long cache); rows that hold no request compute too (their output is ignored)
+      # R prompts, right-padded to T, at positions start.., into rows slot..slot+R-1, as
+      # n groups of R/n rows (n = R / Bg, or 1 when R <= Bg); n + S - 1 ticks (GPipe)
+      for t in range(n + S - 1):
+        i = t - s                         # stage s works on group i; idle unless 0 <= i < n
+        x = embed(tokens[i], start..) if s == 0 else msg
+        y, rows = layers(x, zeroed rows (start = 0) or a copy of row src (start > 0: a prompt
+                         continuing the prefix another request left there; S = 1 only))
+        group i's rows = rows               # whole rows, on valid ticks
+        if s == S-1: first[i] = choose(head(y[lengths - 1]), key(seed, row), token 0)
+        msg = y
+    step[span](params, state) -> out_B, state
+      # every row's next token enters; G ticks
+      for t in range(G):
+        g = (t - s) % G                     # the group stage s works on
+        e = cur if t >= s else prev         # entered stage 0 this round, or the round before
+        x = embed(fresh[g] ? cur.tokens[g] : ring, e.positions[g]) if s == 0 else msg
+        y = layers(x, cache[g]: attends over the first `span` slots, writes at e.positions[g]
+                   (the trash slot where e.keep[g] is false))
+        if s == S-1: out[g] = choose(head(y), e's settings, key(seed, row), e.counts[g])
+        msg, ring = y, out[g]
 
-Random draws are keyed by (seed, prompt row, token number), (seed, token number) when the
-row is -1: a request's tokens depend on neither its slot nor its neighbours, and generate's
-on no mesh.
+(`msg = ...` is what the ring sends to stage s + 1 after the tick: the tick functions never
+permute anything themselves.) Group g enters stage 0 at tick g and leaves the last stage at
+tick g + S - 1: in its own round for g = 0, in the next round for the others (`late`), whose
+`out` is the token of their previous entry. That token reaches stage 0 through `ring` exactly
+when the group's next step starts, so no stage waits (G = S). A prefill gives its rows a new
+request: their entry still in flight (`prev`) writes to the trash slot from then on (`keep`),
+and their first token enters from `cur.tokens` (`fresh`), not from the ring. Rows that hold
+no request compute too (the host ignores their tokens). The step attends over the first
+`span` slots of each row only (the least span that holds every running row, so short
+requests do not stream a long cache).
 """
 
 import dataclasses
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxpar.axes import BATCH, LAYERS
-from jaxpar.models.base import Step, cache_leaf, run_blocks
+from jaxpar.axes import ACT_EMBED, BATCH, LAYERS, SEQ, STAGE
+from jaxpar.errors import UserError
+from jaxpar.models.base import Step, run_blocks
+from jaxpar.parallel import pipeline, ring
 from jaxpar.rules import constrain, use_rules
-from jaxpar.runtime.sampling import Sampling, likeliest, sample
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class Slots:
-  """Every row's decoding state on the devices: the last token (the next step's input), its
-  position, how many tokens the row has made (its draws' counter), its sampling settings,
-  and its random key's data."""
-  tokens: jax.Array
-  positions: jax.Array
-  counts: jax.Array
-  sampling: Sampling
-  keys: jax.Array  # uint32 [B, key size]: `jax.random.key_data`
-
-
-def base_keys(seeds_R: jax.Array, rows_R: jax.Array) -> jax.Array:
-  """Key data [R, ...] of key(seed), folded with the prompt row where it is >= 0."""
-  def one(seed, row):
-    key = jax.random.key(seed)
-    with_row = jax.random.fold_in(key, jnp.maximum(row, 0))
-    return jnp.where(row >= 0, jax.random.key_data(with_row), jax.random.key_data(key))
-  return jax.vmap(one)(seeds_R, rows_R)
-
-
-def token_keys(keys_B: jax.Array, counts_B: jax.Array) -> jax.Array:
-  """The key of each row's token number `counts_B[b]` (0: the first)."""
-  return jax.vmap(lambda k, n: jax.random.fold_in(jax.random.wrap_key_data(k), n))(
-      keys_B, counts_B)
-
-
-def request_keys(seeds_B: jax.Array, counts_B: jax.Array) -> jax.Array:
-  """The key of token number `counts_B[b]` of the request seeded `seeds_B[b]` (no row)."""
-  return token_keys(base_keys(seeds_B, jnp.full(seeds_B.shape, -1, jnp.int32)), counts_B)
-
-
-def choose(logits_BV: jax.Array, keys_B: jax.Array, counts_B: jax.Array,
-           sampling: Sampling, *, greedy: bool) -> jax.Array:
-  """Next tokens [B]: the likeliest (`greedy`, every row greedy), or drawn per row."""
-  if greedy:
-    return likeliest(logits_BV)
-  return sample(logits_BV, token_keys(keys_B, counts_B), sampling)
-
-
-def new_caches(gen, batch: int, length: int, *, scan: bool) -> object:
-  """Zeroed KV caches laid out by the rules: stacked [L, ...] for a scan, else one per layer
-  (each leaf in the dtype its spec gives)."""
-  m = gen.config.model
-  spec = {k: cache_leaf(v, m) for k, v in
-          gen.family.kv_cache(m, gen.layout, batch, length).items()}
-  if scan:
-    return {k: constrain(jnp.zeros((m.n_layers, *shape), dtype), (LAYERS, *names))
-            for k, (shape, names, dtype) in spec.items()}
-  return tuple({k: constrain(jnp.zeros(shape, dtype), names) for k, (shape, names, dtype) in
-                spec.items()} for _ in range(m.n_layers))
-
-
-def _rows(caches, src, count: int, *, scan: bool, split: bool):
-  """Rows src..src+count-1 of every cache. Rows `split` over devices: a masked sum over the
-  rows (one row only), so each device reads its own and one row is all-reduced (a dynamic
-  slice would all-gather every row)."""
-  axis = 1 if scan else 0  # a scan's caches are stacked [L, B, ...]
-
-  def take(c):
-    if not split:
-      return lax.dynamic_slice_in_dim(c, src, count, axis=axis)
-    mine = lax.broadcasted_iota(jnp.int32, c.shape, axis) == src
-    return jnp.sum(jnp.where(mine, c, 0), axis=axis, keepdims=True, dtype=c.dtype)
-  return jax.tree.map(take, caches)
-
-
-def _insert(caches, rows, slot, *, scan: bool):
-  """Writes `rows` into rows slot, slot+1, ... of every cache."""
-  axis = 1 if scan else 0
-  return jax.tree.map(lambda c, r: lax.dynamic_update_slice_in_dim(c, r, slot, axis=axis),
-                      caches, rows)
-
-
-def _empty_slots(B: int) -> Slots:
-  zeros = lambda dtype: jnp.zeros((B,), dtype)
-  key_shape = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))).shape
-  return Slots(zeros(jnp.int32), zeros(jnp.int32), zeros(jnp.int32),
-               Sampling(zeros(jnp.float32), zeros(jnp.int32), jnp.ones((B,), jnp.float32)),
-               jnp.zeros((B, *key_shape), jnp.uint32))
+from jaxpar.runtime.slots import (Ring, Slots, State, advance, base_keys, cache_spec, choose,
+                                  copy_rows, empty_slots, new_caches)
 
 
 @dataclasses.dataclass
 class Decoder:
-  """`slots` rows of `length` positions for a `Generator`'s model (a mesh without stages)."""
+  """`slots` rows of `length` positions for a `Generator`'s model, on its mesh."""
   generator: object  # jaxpar.runtime.generate.Generator
   slots: int
   length: int
 
-  @property
-  def data_ways(self) -> int:
+  def __post_init__(self):
     g = self.generator
-    return math.prod(g.mesh.shape[a] for a in g.rules.mesh_axes(BATCH))
+    m = g.config.model
+    self.S = self.G = g.mesh.shape[STAGE]
+    self.pipelined = self.S > 1
+    self.data_ways = math.prod(g.mesh.shape[a] for a in g.rules.mesh_axes(BATCH))
+    if self.pipelined and self.slots % (self.G * self.data_ways):
+      raise UserError(f"serve.max_slots={self.slots}: with mesh.stage={self.S} the slots form "
+                      f"{self.G} groups, each split over the {self.data_ways} devices of the "
+                      f"batch axes; use a multiple of {self.G * self.data_ways}")
+    self.Bg = self.slots // self.G
+    self.positions = self.length + self.pipelined  # a pipeline's trash slot
+    self.scan = g.scan or self.pipelined  # a stage scans its layers
+    self.width, self.dtype = m.d_model, jnp.dtype(m.dtype)  # the activations between stages
+    if self.pipelined:
+      self.Lc = pipeline.per_chunk(m.n_layers, stages=self.S)  # identity padding included
+      self.active = pipeline.active(m.n_layers, stages=self.S)  # None, or [S, 1, Lc]
 
-  def cache_shardings(self):
-    """The caches' shardings by the rules (a tree like `new_caches` makes)."""
+  def late(self) -> np.ndarray:
+    """bool [slots]: the rows whose step's token leaves the pipeline in the next step."""
+    return np.arange(self.slots) // self.Bg + self.S - 1 >= self.G
+
+  # ---- the tick functions (traced inside a program; s a Python int when S = 1) ----
+
+  def _layers(self, graphdef, layers, x_BTD, step: Step, caches):
+    """This stage's layers (identity padding passes its input on, uneven stages)."""
+    on = None
+    if self.pipelined and self.active is not None:
+      on = jnp.asarray(self.active[:, 0])[ring.stage()]
+    return run_blocks(graphdef, layers, x_BTD, step, caches, scan=self.scan, active=on)
+
+  def _step_tick(self, parts, greedy: bool, span: int, rows, t, s, carry, msg):
+    (model, graphdef, layers), (caches, out), (x_msg, token_msg) = parts, carry, msg
+    prev, keep, cur, fresh = rows  # [G, Bg] each on a pipeline; else cur only, [B]
+    g = (t - s) % self.G
+    if self.pipelined:  # the entry stage s works on: this round's or the round before's
+      e, keep = ring.pick(ring.where(t >= s, (cur, jnp.ones_like(keep)), (prev, keep)), g)
+    else:
+      e = cur
+    positions_B = e.positions
+    mask_B1S = (jnp.arange(span)[None, :] <= positions_B[:, None])[:, None, :]
+    index_B = positions_B if keep is None else jnp.where(keep, positions_B, self.length)
+    step = Step(positions_B[:, None], mask_B1S, index_B)
+
+    def embed():
+      tokens_B = e.tokens if fresh is None else jnp.where(ring.pick(fresh, g), e.tokens,
+                                                          token_msg)
+      return model.embed(tokens_B[:, None], step.positions_BT)
+    x_B1D = ring.first(s, embed, x_msg)
+    y_B1D, new = self._layers(graphdef, layers, x_B1D, step, self._group(caches, g))
+    caches = self._regroup(caches, g, new)
+    token_B = ring.last(s, self.S, lambda: choose(model.head(y_B1D)[:, 0], e.keys, e.counts,
+                                                  e.sampling, greedy=greedy))
+    return (caches, self._out(out, g, token_B, s == self.S - 1)), (y_B1D, token_B)
+
+  def _prefill_tick(self, parts, greedy: bool, reuse: bool, inputs, t, s, carry, msg):
+    (model, graphdef, layers), (caches, first) = parts, carry
+    tokens_nRT, start, lengths_nR, src, slot, sampling_nR, keys_nR = inputs
+    n, R, T = tokens_nRT.shape
+    i = t - s
+    valid = 0 <= i < n if isinstance(i, int) else (i >= 0) & (i < n)
+    i = min(max(i, 0), n - 1) if isinstance(i, int) else jnp.clip(i, 0, n - 1)
+    positions_RT = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (R, T))
+    x_RTD = ring.first(s, lambda: model.embed(ring.pick(tokens_nRT, i), positions_RT), msg)
+
+    def through(rows, width: int):  # the chunk over the first `width` slots of `rows`
+      mask_1TS = (jnp.arange(width)[None, :] <= positions_RT[0, :, None])[None]
+      return self._layers(graphdef, layers, x_RTD, Step(positions_RT, mask_1TS, start), rows)
+    fresh = lambda: through(self._zero_rows(R), T)
+    if reuse:  # a prompt that continues a cached prefix attends over all its row's slots
+      y_RTD, new = lax.cond(start == 0, fresh, lambda: through(
+          copy_rows(caches, src, R, axis=int(self.scan), split=self.data_ways > 1),
+          self.positions))
+    else:
+      y_RTD, new = fresh()
+    caches = self._put_rows(caches, new, slot + i * R, valid)
+    lengths_R = ring.pick(lengths_nR, i)
+    last_RD = jnp.take_along_axis(y_RTD, (lengths_R - 1 - start)[:, None, None], axis=1)
+    token_R = ring.last(s, self.S, lambda: choose(
+        model.head(last_RD)[:, 0], ring.pick(keys_nR, i), jnp.zeros((R,), jnp.int32),
+        ring.pick(sampling_nR, i), greedy=greedy))
+    return (caches, self._out(first, i, token_R, valid & (s == self.S - 1))), y_RTD
+
+  # ---- one group's caches and outputs ----
+
+  def _group(self, caches, g):
+    return ring.pick(caches, g, axis=1) if self.pipelined else caches
+
+  def _regroup(self, caches, g, new):
+    return ring.put(caches, g, new, axis=1) if self.pipelined else new
+
+  def _out(self, out, i, value, keep):
+    return ring.put(out, i, value, keep) if self.pipelined else value
+
+  def _zero_rows(self, R: int):
+    """Zeroed caches of R rows, as one stage's layers hold them."""
     g = self.generator
-    m, rules = g.config.model, g.rules
-    spec = {k: cache_leaf(v, m)[1] for k, v in
-            g.family.kv_cache(m, g.layout, self.slots, self.length).items()}
-    if g.scan:
-      return {k: rules.sharding((LAYERS, *names), g.mesh, what="the KV cache")
-              for k, names in spec.items()}
-    one = {k: rules.sharding(names, g.mesh, what="the KV cache") for k, names in spec.items()}
-    return tuple(one for _ in range(m.n_layers))
+    if not self.pipelined:
+      return new_caches(g, R, self.positions, scan=self.scan)
+    return ring.varying({k: jnp.zeros((self.Lc, *shape), dtype) for k, (shape, _, dtype) in
+                         cache_spec(g, R, self.positions).items()})
 
-  def state_shardings(self):
-    """(caches, slots) shardings: the caches' by the rules, the slots' rows like the batch."""
+  def _put_rows(self, caches, rows, slot, valid):
+    """`rows` (whole rows) into slots slot.. of `caches` (None: the rows are the caches)."""
+    if caches is None:
+      return rows
+    if not self.pipelined:
+      axis = int(self.scan)  # a scan's caches are stacked [L, B, ...]
+      return jax.tree.map(lambda c, r: lax.dynamic_update_slice_in_dim(c, r, slot, axis=axis),
+                          caches, rows)
+
+    def put(c, r):  # [Lc, G, Bg, ...] <- [Lc, R, ...] at group slot // Bg, row slot % Bg
+      update = r[:, None].astype(c.dtype)
+      at = (0, slot // self.Bg, slot % self.Bg) + (0,) * (c.ndim - 3)
+      old = lax.dynamic_slice(c, at, update.shape)
+      return lax.dynamic_update_slice(c, jnp.where(valid, update, old), at)
+    return jax.tree.map(put, caches, rows)
+
+  # ---- the programs ----
+
+  def _rules(self, rows: int | None):
+    """The model's rules; `rows` that do not split over the batch axes are computed by every
+    data group (the group holding the slot keeps them)."""
+    rules = self.generator.rules
+    return rules.replace(BATCH, None) if rows is not None and rows % self.data_ways else rules
+
+  def _staged(self, fn, in_specs, out_specs, *, rows: int | None = None):
+    """`fn(parts, *args)` on the ring's shard_map under the model's rules: (params, *args)."""
     g = self.generator
-    rows = g.rules.sharding((BATCH,), g.mesh, what="decoder slots")
-    slots = jax.tree.map(lambda _: rows, _empty_slots(1))
-    return self.cache_shardings(), slots
+    rules, keys = self._rules(rows), g.family.config_keys
 
-  def empty_state(self, *, abstract: bool = False):
-    """(zeroed caches, empty slots) for every row (shapes and shardings only, when
-    `abstract`)."""
+    def local(rest, blocks_local, *args):
+      with use_rules(rules, keys=keys):
+        blocks = jax.tree.map(lambda a: a[0, 0], blocks_local)  # this stage's [Lc, ...]
+        model, graphdef, _ = g.model_parts(({**rest, "blocks": blocks}, None))
+        return fn((model, graphdef, blocks), *args)
+    mapped = ring.shard(local, mesh=g.mesh, in_specs=(P(), P(STAGE), *in_specs),
+                        out_specs=out_specs)
+
+    def run(params, *args):
+      params, _ = params
+      return mapped({k: v for k, v in params.items() if k != "blocks"}, params["blocks"],
+                    *args)
+    return run
+
+  def _plain(self, fn, *, rows: int | None = None):
+    """`fn(parts, *args)` under the model's rules: (params, *args)."""
     g = self.generator
+    rules, keys = self._rules(rows), g.family.config_keys
 
-    def make():
+    def run(params, *args):
+      with use_rules(rules, keys=keys):
+        return fn(g.model_parts(params), *args)
+    return run
+
+  def _cache_specs(self):
+    return {k: P(STAGE) for k in cache_spec(self.generator, 1, 1)}
+
+  def _jit(self, fn):
+    return jax.jit(fn, donate_argnums=(1,), out_shardings=(None, self.state_shardings()))
+
+  def prefill(self, rows: int, bucket: int, *, greedy: bool = False, reuse: bool = False):
+    """The jitted prefill of `rows` prompts of up to `bucket` tokens (see the module
+    docstring); `reuse`: one prompt that may continue a cached prefix (start > 0; without
+    stages). With rows = slots the state passed may be None: the prompts' rows become the
+    whole state."""
+    if reuse and self.pipelined:
+      raise ValueError("a pipelined prefill starts every prompt at position 0 (no reuse)")
+    n = rows // self.Bg if rows > self.Bg else 1
+    R, S = rows // n, self.S
+
+    def ticks(parts, caches, *inputs):
+      first = jnp.zeros((n, R), jnp.int32) if self.pipelined else None
+      msg = ring.varying(jnp.zeros((R, bucket, self.width), self.dtype)) if S > 1 else None
+      tick = functools.partial(self._prefill_tick, parts, greedy, reuse, inputs)
+      (caches, first), _ = ring.run(tick, (caches, first), msg, ticks=n + S - 1, stages=S)
+      return caches, first[None] if self.pipelined else first
+
+    if self.pipelined:
+      spec = self._cache_specs()
+      body = self._staged(ticks, in_specs=(spec,) + (P(),) * 7,
+                          out_specs=(spec, P(STAGE)), rows=R)
+    else:
+      body = self._plain(ticks, rows=R)
+
+    def run(params, state, tokens_RT, start, lengths_R, src, slot, sampling, seeds_R, rows_R):
+      if state is None:
+        state = self._make_empty() if self.pipelined else State(None, None)
+      keys_R = base_keys(seeds_R, rows_R)
+      group = lambda a: a.reshape(n, R, *a.shape[1:])
+      caches, first = body(params, state.caches, *jax.tree.map(group, (tokens_RT,)), start,
+                           group(lengths_R), src, slot,
+                           *jax.tree.map(group, (sampling, keys_R)))
+      first_R = first.reshape(rows) if not self.pipelined else first[S - 1].reshape(rows)
+      fresh = Slots(first_R, lengths_R, jnp.ones((rows,), jnp.int32), sampling, keys_R)
+      if state.slots is None:  # every row prefilled: the new rows are the state
+        return first_R, State(caches, fresh)
+      at = slot + jnp.arange(rows)
+      slots = jax.tree.map(lambda a, v: a.at[at].set(v.astype(a.dtype)), state.slots, fresh)
+      r = state.ring
+      if r is not None:  # the rows' entries in flight are the old requests': never kept
+        r = dataclasses.replace(r, keep=r.keep.at[at].set(False), fresh=r.fresh.at[at].set(True))
+      return first_R, State(caches, slots, r)
+    return self._jit(run)
+
+  def step_fn(self, *, greedy: bool, span: int):
+    """One decode step of every row, traced (a loop or a program calls it):
+    (params, state) -> (out_B, state); `out_B[b]` is the token of row b's entry of this step,
+    of the step before for `late` rows."""
+    S, G, Bg = self.S, self.G, self.Bg
+
+    def ticks(parts, caches, prev, keep, cur, fresh, x_msg, token_msg):
+      rows = (prev, keep, cur, fresh)
+      if S > 1:
+        rows = jax.tree.map(lambda a: a.reshape(G, Bg, *a.shape[1:]), rows)
+      tick = functools.partial(self._step_tick, parts, greedy, span, rows)
+      out, msg = None, (None, None)
+      if S > 1:
+        out, msg = jnp.zeros((G, Bg), jnp.int32), (x_msg[0], token_msg[0])
+      (caches, out), (x_msg, token_msg) = ring.run(tick, (caches, out), msg, ticks=G,
+                                                   stages=S)
+      if S == 1:
+        return caches, out
+      return caches, x_msg[None], token_msg[None], out[None]
+
+    if not self.pipelined:
+      body = self._plain(ticks)
+
+      def step(params, state):
+        caches, out_B = body(params, state.caches, None, None, state.slots, None, None, None)
+        return out_B, State(caches, advance(state.slots, out_B, self.length))
+      return step
+
+    spec = self._cache_specs()
+    body = self._staged(ticks, in_specs=(spec,) + (P(),) * 4 + (P(STAGE),) * 2,
+                        out_specs=(spec, P(STAGE), P(STAGE), P(STAGE)))
+
+    def step(params, state):
+      r = state.ring
+      caches, x_msg, token_msg, out = body(params, state.caches, r.prev, r.keep, state.slots,
+                                           r.fresh, r.msg, r.token)
+      out_B = out[S - 1].reshape(-1)
+      r = Ring(state.slots, jnp.ones_like(r.keep), jnp.zeros_like(r.fresh), x_msg, token_msg)
+      return out_B, State(caches, advance(state.slots, out_B, self.length), r)
+    return step
+
+  def step(self, *, greedy: bool, span: int):
+    """The jitted step (`step_fn`), the state donated."""
+    return self._jit(self.step_fn(greedy=greedy, span=span))
+
+  # ---- the state ----
+
+  def _make_empty(self) -> State:
+    """The zeroed state, traced."""
+    g = self.generator
+    if not self.pipelined:
       with use_rules(g.rules, keys=g.family.config_keys):
-        caches = new_caches(g, self.slots, self.length, scan=g.scan)
-        return caches, _empty_slots(self.slots)
-    shardings = self.state_shardings()
+        return State(new_caches(g, self.slots, self.positions, scan=self.scan),
+                     empty_slots(self.slots))
+
+    def stage_local():
+      caches = {k: ring.varying(constrain(jnp.zeros((self.Lc, self.G, *shape), dtype),
+                                          (None, None, *names)))
+                for k, (shape, names, dtype) in cache_spec(g, self.Bg, self.positions).items()}
+      msg = constrain(jnp.zeros((1, self.Bg, 1, self.width), self.dtype),
+                      (None, BATCH, SEQ, ACT_EMBED))
+      token = constrain(jnp.zeros((1, self.Bg), jnp.int32), (None, BATCH))
+      return caches, ring.varying(msg), ring.varying(token)
+    with use_rules(g.rules, keys=g.family.config_keys):
+      caches, msg, token = ring.shard(stage_local, mesh=g.mesh, in_specs=(),
+                                      out_specs=(self._cache_specs(), P(STAGE), P(STAGE)))()
+    none = jnp.zeros((self.slots,), bool)
+    return State(caches, empty_slots(self.slots), Ring(empty_slots(self.slots), none, none,
+                                                       msg, token))
+
+  def state_shardings(self) -> State:
+    """The state's shardings: the caches' by the rules (and over `stage`), the rows' like
+    the batch (replicated on a pipeline, whose groups cut the rows differently)."""
+    if not hasattr(self, "_shardings"):
+      g = self.generator
+      if self.pipelined:
+        with jax.set_mesh(g.mesh):
+          self._shardings = jax.jit(self._make_empty).lower().compile().output_shardings
+        replicated = NamedSharding(g.mesh, P())
+        self._shardings = dataclasses.replace(
+            self._shardings, slots=jax.tree.map(lambda _: replicated, self._shardings.slots),
+            ring=dataclasses.replace(self._shardings.ring, **{
+                k: jax.tree.map(lambda _: replicated, getattr(self._shardings.ring, k))
+                for k in ("prev", "keep", "fresh")}))
+      else:
+        spec = {k: names for k, (_, names, _) in
+                cache_spec(g, self.slots, self.positions).items()}
+        sharding = lambda names: g.rules.sharding(names, g.mesh, what="the KV cache")
+        if self.scan:
+          caches = {k: sharding((LAYERS, *names)) for k, names in spec.items()}
+        else:
+          caches = tuple({k: sharding(names) for k, names in spec.items()}
+                         for _ in range(g.config.model.n_layers))
+        rows = g.rules.sharding((BATCH,), g.mesh, what="decoder slots")
+        self._shardings = State(caches, jax.tree.map(lambda _: rows, empty_slots(1)))
+    return self._shardings
+
+  def empty_state(self, *, abstract: bool = False) -> State:
+    """The zeroed state (shapes and shardings only, when `abstract`)."""
+    g, shardings = self.generator, self.state_shardings()
     with jax.set_mesh(g.mesh):
-      fn = jax.jit(make, out_shardings=shardings)
+      fn = jax.jit(self._make_empty, out_shardings=shardings)
       if not abstract:
         return fn()
       return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           jax.eval_shape(fn), shardings)
-
-  def prefill(self, rows: int, bucket: int, *, greedy: bool = False, reuse: bool = False):
-    """The jitted prefill of `rows` prompts of up to `bucket` tokens (see the module
-    docstring); `reuse`: one prompt that may continue a cached prefix (start > 0). With
-    rows = slots the state passed may be None: the prompts' rows become the whole state."""
-    g, S, scan = self.generator, self.length, self.generator.scan
-    rules = g.rules
-    if rows % self.data_ways:  # rows that do not split over `data`: every group computes
-      rules = rules.replace(BATCH, None)  # them, and the group holding the slot keeps them
-    split = self.data_ways > 1
-
-    def run(params, state, tokens_RT, start, lengths_R, src, slot, sampling, seeds_R, rows_R):
-      caches = None if state is None else state[0]
-      with use_rules(rules, keys=g.family.config_keys):
-        model, graphdef, layers = g.model_parts(params)
-        positions_RT = jnp.broadcast_to(start + jnp.arange(bucket, dtype=jnp.int32),
-                                        (rows, bucket))
-        x_RTD = model.embed(tokens_RT, positions_RT)
-
-        def through(cache, width: int):  # the chunk over the first `width` slots of `cache`
-          mask_1TS = (jnp.arange(width)[None, :] <= positions_RT[0, :, None])[None]
-          return run_blocks(graphdef, layers, x_RTD, Step(positions_RT, mask_1TS, start),
-                            cache, scan=scan)
-        fresh = lambda: through(new_caches(g, rows, S, scan=scan), bucket)
-        if reuse:  # a prompt that continues a cached prefix attends over all S slots
-          x_RTD, new = lax.cond(start == 0, fresh, lambda: through(
-              _rows(caches, src, rows, scan=scan, split=split), S))
-        else:
-          x_RTD, new = fresh()
-        last_RD = jnp.take_along_axis(x_RTD, (lengths_R - 1 - start)[:, None, None], axis=1)
-        keys_R = base_keys(seeds_R, rows_R)
-        first_R = choose(model.head(last_RD)[:, 0], keys_R, jnp.zeros((rows,), jnp.int32),
-                         sampling, greedy=greedy)
-      fresh = Slots(first_R, lengths_R, jnp.ones((rows,), jnp.int32), sampling, keys_R)
-      if state is None:  # every row prefilled: the new rows are the state
-        return first_R, (new, fresh)
-      at = slot + jnp.arange(rows)
-      slots = jax.tree.map(lambda a, v: a.at[at].set(v.astype(a.dtype)), state[1], fresh)
-      return first_R, (_insert(caches, new, slot, scan=scan), slots)
-
-    return jax.jit(run, donate_argnums=(1,), out_shardings=(None, self.state_shardings()))
-
-  def step_fn(self, *, greedy: bool, span: int):
-    """One decode step of every row, traced (a loop or a program calls it):
-    (params, caches, slots) -> (next_B, caches, slots)."""
-    g, S = self.generator, self.length
-
-    def step(params, caches, slots: Slots):
-      positions_B = slots.positions
-      model, graphdef, layers = g.model_parts(params)
-      mask_B1S = (jnp.arange(span)[None, :] <= positions_B[:, None])[:, None, :]
-      x_B1D = model.embed(slots.tokens[:, None], positions_B[:, None])
-      x_B1D, caches = run_blocks(graphdef, layers, x_B1D,
-                                 Step(positions_B[:, None], mask_B1S, positions_B), caches,
-                                 scan=g.scan)
-      next_B = choose(model.head(x_B1D)[:, 0], slots.keys, slots.counts, slots.sampling,
-                      greedy=greedy)
-      # A row past its request's end (the host drops its token) stays inside the cache.
-      slots = dataclasses.replace(slots, tokens=next_B, counts=slots.counts + 1,
-                                  positions=jnp.minimum(positions_B + 1, S - 1))
-      return next_B, caches, slots
-    return step
-
-  def step(self, *, greedy: bool, span: int):
-    """The jitted step: (params, state) -> (next_B, state), the state donated."""
-    g, fn = self.generator, self.step_fn(greedy=greedy, span=span)
-
-    def run(params, state):
-      with use_rules(g.rules, keys=g.family.config_keys):
-        next_B, caches, slots = fn(params, *state)
-      return next_B, (caches, slots)
-    return jax.jit(run, donate_argnums=(1,), out_shardings=(None, self.state_shardings()))

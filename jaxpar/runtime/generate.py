@@ -7,9 +7,8 @@ holds T0 + max_new_tokens slots per layer, laid out by the rules like any activa
 over `data`, key/value heads over `model`. Two compiled programs: the decoder's prefill (every
 prompt through every block, filling the cache, and the first new token) and `decode` (a
 `lax.while_loop` of the decoder's step that stops when every row has produced an EOS id; a
-row that stopped repeats its EOS). With mesh.stage > 1 the rows form one group per stage of
-a `pipelined_decoder.PipelinedDecoder`: its prefill, then its rounds in a `lax.fori_loop`
-(`pipelined_loop`).
+row that stopped repeats its EOS). With mesh.stage > 1 the decoder is pipelined (its rows form
+one group per stage) and the same two programs run on its stage ring.
 """
 
 import dataclasses
@@ -32,7 +31,6 @@ from jaxpar.rules import Logical, is_logical, tree_shardings, use_rules
 from jaxpar.parallel import pipeline
 from jaxpar.runtime import inference, state
 from jaxpar.runtime.decoder import Decoder
-from jaxpar.runtime.pipelined_decoder import PipelinedDecoder, Rows
 from jaxpar.runtime.sampling import Sampling
 
 
@@ -73,7 +71,7 @@ def use_scan(config: Config, platform: str) -> bool:
   return platform != "cpu"
 
 
-def batch_dim(caches, scan: bool, batch: int, *, add: bool):
+def batch_dim(state, scan: bool, batch: int, *, add: bool):
   """At batch 1, the caches without their batch dim (`add=False`) or with it back: a decode
   loop carries them so. Carried with it, XLA:CPU fuses the squeeze that each attention
   product makes into the cache's update, runs the update twice and copies the whole cache
@@ -81,10 +79,17 @@ def batch_dim(caches, scan: bool, batch: int, *, add: bool):
   faster); carried
   without it, and updated without it (`write_cache`), every update is in place."""
   if batch != 1:
-    return caches
+    return state
   dim = 1 if scan else 0  # stacked caches: [L, B, ...]
   change = jnp.expand_dims if add else jnp.squeeze
-  return jax.tree.map(lambda a: change(a, dim), caches)
+  return dataclasses.replace(state, caches=jax.tree.map(lambda a: change(a, dim),
+                                                        state.caches))
+
+
+def loop_steps(decoder: Decoder, max_new: int) -> int:
+  """Steps after the prefill that make `max_new` tokens per row: one more when some rows
+  are `late` (their step gives the token of the entry before)."""
+  return 0 if max_new == 1 else max_new - 1 + int(decoder.late().any())
 
 
 @dataclasses.dataclass
@@ -172,41 +177,46 @@ class Generator:
 
   def _programs(self, batch: int, prompt_len: int, max_new: int, sampling: Sampling,
                 progress: bool):
-    """(prefill, decode) over a `Decoder` of `batch` rows: the prefill of every prompt, then
-    a `lax.while_loop` of the decoder's step that ends when every row has made an EOS id (a
-    row that stopped repeats its EOS)."""
+    """(decoder, prefill, decode) over a `Decoder` of `batch` rows: the prefill of every
+    prompt, then a `lax.while_loop` of the decoder's step that ends when every row has made
+    an EOS id or `max_new` tokens. A `late` row's step gives the token of its previous
+    entry, so with late rows the loop runs one step more. After its first EOS a row repeats
+    it."""
     decoder = Decoder(self, batch, prompt_len + max_new)
-    greedy, scan, eos_ids = sampling.temperature == 0, self.scan, self.eos_ids
+    greedy, eos_ids = sampling.temperature == 0, self.eos_ids
     step = decoder.step_fn(greedy=greedy, span=prompt_len + max_new)
+    late_B = jnp.asarray(decoder.late(), jnp.int32)
+    lag, steps = int(decoder.late().any()), loop_steps(decoder, max_new)
     rules, keys = self.rules, self.family.config_keys
 
     def decode(params, state, first_B):
-      caches, slots = state
       with use_rules(rules, keys=keys):
         def cond(carry):
-          n, _, _, _, done_B = carry
-          return (n < max_new) & ~jnp.all(done_B)
+          n, _, _, done_B = carry
+          return (n < steps) & ~jnp.all(done_B)
 
         def body(carry):
-          n, caches, slots, out_BN, done_B = carry
-          token_B = slots.tokens
-          caches = batch_dim(caches, scan, batch, add=True)
-          new_B, caches, slots = step(params, caches, slots)
-          caches = batch_dim(caches, scan, batch, add=False)
-          new_B = jnp.where(done_B, token_B, new_B)  # a stopped row repeats its EOS
-          slots = dataclasses.replace(slots, tokens=new_B)
-          out_BN = lax.dynamic_update_slice_in_dim(out_BN, new_B[:, None], n, axis=1)
+          n, state, out_BN, done_B = carry
+          state = batch_dim(state, decoder.scan, batch, add=True)
+          new_B, state = step(params, state)
+          state = batch_dim(state, decoder.scan, batch, add=False)
+          k_B = n + 1 - late_B  # the number of the token that left, per row
+          kept_B = (k_B >= 1) & (k_B < max_new)
+          out_BN = out_BN.at[jnp.arange(batch), jnp.where(kept_B, k_B, max_new)].set(
+              new_B, mode="drop")
           if progress:
-            jax.debug.callback(report, n + 1, max_new)
-          return n + 1, caches, slots, out_BN, done_B | is_eos(new_B, eos_ids)
+            jax.debug.callback(report, n + 1 - lag, max_new)
+          return n + 1, state, out_BN, done_B | (is_eos(new_B, eos_ids) & kept_B)
 
         out_BN = jnp.zeros((batch, max_new), jnp.int32).at[:, 0].set(first_B)
-        carry = (1, batch_dim(caches, scan, batch, add=False), slots, out_BN,
+        carry = (0, batch_dim(state, decoder.scan, batch, add=False), out_BN,
                  is_eos(first_B, eos_ids))
-        n, _, slots, out_BN, _ = lax.while_loop(cond, body, carry)
-        # Rows that stopped early: the unwritten tail repeats their last token (an EOS).
-        written = jnp.arange(max_new)[None, :] < n
-        return jnp.where(written, out_BN, slots.tokens[:, None]), n
+        n, _, out_BN, _ = lax.while_loop(cond, body, carry)
+        # After its first EOS a row repeats it (rows that stopped early: the unwritten tail).
+        eos = is_eos(out_BN, eos_ids)
+        after = jnp.cumsum(eos, axis=-1) - eos > 0
+        first_eos = jnp.take_along_axis(out_BN, jnp.argmax(eos, axis=-1)[:, None], axis=-1)
+        return jnp.where(after, first_eos, out_BN), n + 1 - lag
 
     return decoder, decoder.prefill(batch, prompt_len, greedy=greedy), jax.jit(decode)
 
@@ -227,9 +237,8 @@ class Generator:
                       f"generate.max_new_tokens")
     self.rules.check((B, T0), (BATCH, SEQ), self.mesh.shape, what="prompts",
                              keys={BATCH: "number of prompts"})
-    run = self._pipelined if self.schedule is not None else self._slots
     with jax.set_mesh(self.mesh):
-      out, steps, seconds = run(prompts, max_new_tokens, sampling, seed, progress)
+      out, steps, seconds = self._run(prompts, max_new_tokens, sampling, seed, progress)
     return Result(out[:n_prompts], steps, *seconds)
 
   def _compile(self, signature, make):
@@ -240,115 +249,41 @@ class Generator:
       self._compiled[signature] = make()
     return self._compiled[signature], time.perf_counter() - start
 
-  def _slots(self, prompts, max_new: int, sampling: Sampling, seed: int, progress: bool):
+  def _run(self, prompts, max_new: int, sampling: Sampling, seed: int, progress: bool):
     """Right-padded prompts prefilled into a `Decoder`'s rows, then its step in a loop."""
     tokens_host, lengths = pad_right(prompts)
     B, T0 = tokens_host.shape
-    sharding = self.rules.sharding((BATCH, SEQ), self.mesh, what="prompts")
+    tokens = jax.device_put(jnp.asarray(tokens_host),
+                            self.rules.sharding((BATCH, SEQ), self.mesh, what="prompts"))
     params = self.params
-    args = (jax.device_put(jnp.asarray(tokens_host), sharding), np.int32(0), lengths,
-            np.int32(0), np.int32(0),
+    args = (tokens, np.int32(0), lengths, np.int32(0), np.int32(0),
             Sampling(np.full(B, sampling.temperature, np.float32),
                      np.full(B, sampling.top_k, np.int32), np.full(B, sampling.top_p, np.float32)),
             np.full(B, seed, np.uint32), np.arange(B, dtype=np.int32))
 
     def make():
-      _, prefill, decode = self._programs(B, T0, max_new, sampling, progress)
+      decoder, prefill, decode = self._programs(B, T0, max_new, sampling, progress)
       first, state = jax.eval_shape(prefill, params, None, *args)
-      return prefill.lower(params, None, *args).compile(), decode.lower(params, state,
-                                                                        first).compile()
-    (prefill, decode), compile_s = self._compile((B, T0, max_new, sampling, progress), make)
+      state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                           state, decoder.state_shardings())
+      return (decoder, prefill.lower(params, None, *args).compile(),
+              decode.lower(params, state, first).compile())
+    (decoder, prefill, decode), compile_s = self._compile((B, T0, max_new, sampling, progress),
+                                                          make)
     start = time.perf_counter()
     first, state = prefill(params, None, *args)
     first.block_until_ready()
     prefill_s = time.perf_counter() - start
     if progress:
+      how = (f", pipelined: {decoder.G} groups over {decoder.S} stages, "
+             f"{loop_steps(decoder, max_new)} rounds of {decoder.G} ticks"
+             if decoder.pipelined else "")
       say(f"prefill: {B} prompt{'s' if B != 1 else ''} x {T0} tokens in "
-          f"{prefill_s:.3f} s; decoding {max_new} tokens...")
+          f"{prefill_s:.3f} s; decoding {max_new} tokens{how}...")
     start = time.perf_counter()
     out, steps = decode(params, state, first)
     out = to_host(out)  # gathered from every process
     return out, int(steps), (prefill_s, time.perf_counter() - start, compile_s)
-
-  def _pipelined(self, prompts, max_new: int, sampling: Sampling, seed: int, progress: bool):
-    """Right-padded prompts prefilled into a `PipelinedDecoder`'s groups, then its rounds in
-    a loop (`pipelined_loop`)."""
-    tokens_host, lengths = pad_right(prompts)
-    B, T0 = tokens_host.shape
-    decoder = PipelinedDecoder(self, B, T0 + max_new)
-    G, Bg, params = decoder.G, decoder.Bg, self.params
-    grid = lambda a: np.asarray(a).reshape(G, Bg, *np.shape(a)[1:])
-    settings = Sampling(np.full((G, Bg), sampling.temperature, np.float32),
-                        np.full((G, Bg), sampling.top_k, np.int32),
-                        np.full((G, Bg), sampling.top_p, np.float32))
-    seeds, fold = np.full((G, Bg), seed, np.uint32), grid(np.arange(B, dtype=np.int32))
-    args = (grid(tokens_host), grid(lengths), np.int32(0), settings, seeds, fold)
-    greedy = sampling.temperature == 0
-
-    def make():
-      prefill = decoder.prefill(G, Bg, T0, greedy=greedy)
-      decode = pipelined_loop(decoder, max_new, greedy, progress)
-      state = decoder.empty_state(abstract=True)
-      first, state = jax.eval_shape(prefill, params, state, *args)
-      return (prefill.lower(params, state, *args).compile(),
-              decode.lower(params, state, first, *args[1:]).compile(), decoder.empty_state)
-    (prefill, decode, empty), compile_s = self._compile(
-        ("pipelined", B, T0, max_new, sampling, progress), make)
-    start = time.perf_counter()
-    first, state = prefill(params, empty(), *args)
-    first.block_until_ready()
-    prefill_s = time.perf_counter() - start
-    if progress:
-      say(f"prefill: {B} prompt{'s' if B != 1 else ''} x {T0} tokens in {prefill_s:.3f} s; "
-          f"decoding {max_new} tokens, pipelined: {G} groups over {decoder.S} stages, "
-          f"{max_new if max_new > 1 else 0} rounds of {G} ticks...")
-    start = time.perf_counter()
-    out = to_host(decode(params, state, first, *args[1:]))  # gathered from every process
-    return out.reshape(B, max_new), max_new, (prefill_s, time.perf_counter() - start,
-                                              compile_s)
-
-
-def pipelined_loop(decoder: PipelinedDecoder, max_new: int, greedy: bool, progress: bool):
-  """The jitted decode of `max_new` - 1 more tokens for every slot of a prefilled
-  `decoder`: (params, state, first [G, Bg], lengths, slot, sampling, seeds, fold) ->
-  tokens [G, Bg, max_new]. Round r enters every row's token r at position length + r; the
-  `late` groups' tokens leave one round later, so N - 1 rounds and one more (which writes
-  nothing) make them all. Every round runs (no early stop across stages); a row that
-  stopped repeats its EOS."""
-  N, eos_ids = max_new, decoder.generator.eos_ids
-  round_fn = decoder.round_fn(greedy=greedy)
-  late = decoder.late()
-
-  def decode(params, state, first_GB, lengths_GB, slot, sampling, seeds, fold):
-    del slot
-
-    def rows(r, write):
-      return Rows(lengths_GB + r, jnp.full(first_GB.shape, write), sampling.temperature,
-                  sampling.top_k, sampling.top_p, seeds, fold, jnp.full(first_GB.shape, r + 1))
-
-    def body(r, carry):
-      state, out_GBN = carry
-      both = jax.tree.map(lambda a, b: jnp.stack([a, b]), rows(r - 1, r >= 1),
-                          rows(r, r < N - 1))
-      inject = jnp.full(first_GB.shape, r == 0)
-      token_GB, state = round_fn(params, state, inject, first_GB, both)
-      n_G = r + 1 - late.astype(jnp.int32)  # the token number that left, per group
-      keep_GN = (jnp.arange(N)[None, :] == n_G[:, None]) & (n_G[:, None] >= 1)
-      out_GBN = jnp.where(keep_GN[:, None, :], token_GB[:, :, None], out_GBN)
-      if progress:
-        jax.debug.callback(report, r + 1, N)
-      return state, out_GBN
-
-    out_GBN = jnp.zeros((*first_GB.shape, N), jnp.int32).at[:, :, 0].set(first_GB)
-    if N > 1:
-      _, out_GBN = lax.fori_loop(0, N, body, (state, out_GBN))
-    # After a row's first EOS it repeats that EOS.
-    eos = is_eos(out_GBN, eos_ids)
-    after = jnp.cumsum(eos, axis=-1) - eos > 0
-    first_eos = jnp.take_along_axis(out_GBN, jnp.argmax(eos, axis=-1)[..., None], axis=-1)
-    return jnp.where(after, first_eos, out_GBN)
-
-  return jax.jit(decode, donate_argnums=(1,))
 
 
 def _per_layer(pl: inference.Placement, params: dict, names: dict) -> tuple[tuple, dict]:
@@ -369,7 +304,7 @@ def build(config: Config, mesh, *, eos_id: int | None = None) -> Generator:
   placement and parameters of `inference`, no forward program (nothing of run.batch,
   run.seq_len or pipeline.microbatches applies).
 
-  With mesh.stage > 1 decoding is pipelined (`pipelined_loop`) over contiguous stages: the
+  With mesh.stage > 1 decoding is pipelined (`decoder.Decoder`) over contiguous stages: the
   prompts form one group per stage, so the batch is padded to a multiple of stage x data.
   `eos_id` (default: generate.eos_id, else the checkpoint's EOS ids; -1: none) stops a row.
   """

@@ -8,18 +8,17 @@
     engine.stop()
 
 Serving is three parts that this module wires together: the `scheduler` (plain Python: the
-queue, the policy, the rows' owners and the prefix index) decides what goes where, a `runner`
-(the device state and every compiled program: `PlainRunner`, or `PipelinedRunner` when the
-mesh has stages) carries it out, and the `output` processor turns tokens into Outputs (text,
-stop strings, metrics). One engine thread owns the device state; one step of it:
+queue, the policy, the rows' owners and the prefix index) decides what goes where, the
+`runner` (the device state and every compiled program, on any mesh) carries it out, and the
+`output` processor turns tokens into Outputs (text, stop strings, metrics). One engine thread
+owns the device state; one step of it:
 
     for request in scheduler.cancelled():            # waiting or running
       output.finish(request, "cancelled")            # -> its row frees (release)
-    deliver(runner.step(scheduler.running))          # plain: queue step t, read step t-1;
-                                                     # pipelined: one round
+    deliver(runner.step(scheduler.running))          # queue step t, read step t-1's tokens
     placements, cancelled = scheduler.admit()        # waiting requests into free rows
     for p in placements:
-      deliver(runner.prefill(p))                     # plain: its first token comes next step
+      deliver(runner.prefill(p))                     # its first token comes next step
 
     deliver(events):
       for row, owner, token in events:
@@ -51,14 +50,14 @@ from jaxpar.serve.output import OutputProcessor
 from jaxpar.serve.request import Output, Params, Stream, check
 from jaxpar.serve.scheduler import Scheduler
 
-if TYPE_CHECKING:  # the runners need JAX; `build` imports them
-  from jaxpar.serve.runner import Event, Runner
+if TYPE_CHECKING:  # the runner needs JAX; `build` imports it
+  from jaxpar.serve.runner import Event, RunnerLike
 
 
 class Engine:
   """Continuous batching over the rows of `runner`. Build with `build`."""
 
-  def __init__(self, runner: "Runner", *, eos_ids: tuple[int, ...],
+  def __init__(self, runner: "RunnerLike", *, eos_ids: tuple[int, ...],
                detokenize: Callable[[list[int]], str] | None, max_queue: int,
                policy: str, metrics: Metrics, prefix_reuse: bool = True):
     self.runner, self.generator = runner, runner.generator
@@ -197,9 +196,7 @@ def build(config: Config, mesh, *, tokenizer=None, progress: bool = True) -> Eng
   from jaxpar.rules import Rules
   from jaxpar.runtime import generate as gen_lib
   from jaxpar.runtime.decoder import Decoder
-  from jaxpar.runtime.pipelined_decoder import PipelinedDecoder
-  from jaxpar.serve.pipelined_runner import PipelinedRunner
-  from jaxpar.serve.runner import PlainRunner, buckets, spans
+  from jaxpar.serve.runner import Runner, buckets, spans
 
   s = config.serve
   if s.max_len > config.model.max_seq_len:
@@ -212,12 +209,8 @@ def build(config: Config, mesh, *, tokenizer=None, progress: bool = True) -> Eng
   generator = gen_lib.build(config, mesh)
   length = slot_length(config, generator)
   prompt_buckets = buckets(length, s.min_bucket)
-  if mesh.shape[axes.STAGE] > 1:
-    runner = PipelinedRunner(PipelinedDecoder(generator, s.max_slots, length), prompt_buckets,
-                             progress=progress)
-  else:
-    runner = PlainRunner(Decoder(generator, s.max_slots, length), buckets=prompt_buckets,
-                         spans=spans(length, s.min_bucket), progress=progress)
+  runner = Runner(Decoder(generator, s.max_slots, length), buckets=prompt_buckets,
+                  spans=spans(length, s.min_bucket), progress=progress)
   detokenize = None
   if tokenizer is not None:
     detokenize = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)

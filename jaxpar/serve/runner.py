@@ -1,12 +1,12 @@
-"""Runners: what carries out the scheduler's decisions on the devices.
+"""The runner: what carries out the scheduler's decisions on the devices.
 
 A runner owns the device state (KV caches, the rows' decoding state) and every compiled
 program; it compiles them all when it is made, so that no request compiles anything. The
 engine asks it for one decode step over the running rows and one prefill per `Placement`, and
 gets back `(row, owner, token)` events: `token` was made for the request `owner` in `row`
-(the engine drops it when `owner` no longer holds the row). `PlainRunner` runs the slot
-decoder on a mesh without stages; `pipelined_runner.PipelinedRunner` rotates the rows through
-the stages of a pipeline.
+(the engine drops it when `owner` no longer holds the row). `Runner` runs the slot decoder
+(`jaxpar.runtime.decoder`) on any mesh, pipelined included; `RunnerLike` is what the engine
+needs of one (tests give it fakes).
 """
 
 import contextlib
@@ -27,7 +27,7 @@ from jaxpar.serve.scheduler import Placement
 Event = tuple[int, Stream, int]  # (row, the request that owned it, its token)
 
 
-class Runner(Protocol):
+class RunnerLike(Protocol):
   """What the engine needs from a runner."""
   generator: object  # jaxpar.runtime.generate.Generator
   slots: int
@@ -102,22 +102,23 @@ def compiling(count: int, prompt_buckets: tuple[int, ...], steps: str, *, progre
     say(f"compiled in {time.perf_counter() - start:.1f} s")
 
 
-class PlainRunner:
-  """The slot decoder (`jaxpar.runtime.decoder`) on a mesh without stages: one prefill program
-  per prompt bucket (from a cached prefix or not) and a greedy and a sampled decode step per
-  attention span.
+class Runner:
+  """The slot decoder: one prefill program per prompt bucket (from a cached prefix or not,
+  without stages) and a greedy and a sampled decode step per attention span.
 
   The decode step's inputs live on the devices, so step t is queued before the host reads
   step t-1's tokens, and the devices decode while the host streams. A request that ends on
   step t-1's token has step t in flight: its token is dropped (the row's owner has changed),
-  and a new request prefilled into the row runs after it."""
-  prefix_reuse = True
+  and a new request prefilled into the row runs after it. On a pipeline the `late` rows' step
+  gives the token of their previous entry: it belongs to whoever held the row then."""
 
   def __init__(self, decoder: Decoder, *, buckets: tuple[int, ...], spans: tuple[int, ...],
                progress: bool = True):
     self.decoder, self.generator = decoder, decoder.generator
     self.slots, self.length = decoder.slots, decoder.length
     self.buckets, self.spans = tuple(buckets), tuple(spans)
+    self.prefix_reuse = not decoder.pipelined  # a pipeline prefills whole prompts
+    self._late = decoder.late()
     self.compiled = self._compile(progress)
     # The host's copy of the rows' positions and temperatures (which span, greedy or not).
     self._positions = np.zeros(self.slots, np.int32)
@@ -128,6 +129,7 @@ class PlainRunner:
     self._state = self.decoder.empty_state()
     self._firsts: list = []  # (first token, {row: owner}) of prefills queued, not yet read
     self._queued: list = []  # ([B] tokens, {row: owner}) of the decode step queued
+    self._owners: dict = {}  # {row: owner} of the last step's entries
 
   def busy(self) -> bool:
     return bool(self._firsts or self._queued)
@@ -137,12 +139,16 @@ class PlainRunner:
     queued = []
     if rows:
       greedy = all(self._temperature[b] == 0 for b in rows)
-      last = max(self._positions[b] for b in rows)
+      last = min(max(self._positions[b] for b in rows), self.length - 1)
       span = next(t for t in self.spans if t > last)
       next_B, self._state = self.compiled["decode", greedy, span](self.generator.params,
                                                                   self._state)
       self._positions[rows] += 1
-      queued = [(next_B, {b: running[b] for b in rows})]
+      now = {b: running[b] for b in rows}
+      owners = {b: owner for b in range(self.slots)
+                if (owner := (self._owners if self._late[b] else now).get(b)) is not None}
+      self._owners = now
+      queued = [(next_B, owners)]
     pending, self._firsts, self._queued = [*self._firsts, *self._queued], [], queued
     events = []
     for tokens, owners in pending:
@@ -153,6 +159,9 @@ class PlainRunner:
 
   def prefill(self, placement: Placement) -> list[Event]:
     stream, b, start = placement.stream, placement.row, placement.start
+    if start and not self.prefix_reuse:
+      raise ValueError(f"{placement}: this runner prefills whole prompts (prefix_reuse is "
+                       f"False), from position 0")
     P = len(stream.prompt)
     seed, sampling = settings(stream)
     tokens = np.zeros((1, placement.bucket), np.int32)
@@ -173,13 +182,13 @@ class PlainRunner:
     d, g = self.decoder, self.generator
     count = len(self.buckets) + 2 * len(self.spans)
     steps = (f"decode steps of {self.slots} slots over {', '.join(map(str, self.spans))} "
-             f"positions")
+             f"positions" + (f" ({d.G} groups through {d.S} stages)" if d.pipelined else ""))
     compiled = {}
     with compiling(count, self.buckets, steps, progress=progress), jax.set_mesh(g.mesh):
       state = d.empty_state(abstract=True)
       one = lambda a: jax.ShapeDtypeStruct((1,), a.dtype)
       for bucket in self.buckets:
-        compiled["prefill", bucket] = d.prefill(1, bucket, reuse=True).lower(
+        compiled["prefill", bucket] = d.prefill(1, bucket, reuse=self.prefix_reuse).lower(
             g.params, state, jax.ShapeDtypeStruct((1, bucket), jnp.int32), scalar(jnp.int32),
             one(scalar(jnp.int32)), scalar(jnp.int32), scalar(jnp.int32),
             jax.tree.map(one, abstract_sampling()), one(scalar(jnp.uint32)),

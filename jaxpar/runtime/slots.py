@@ -1,0 +1,129 @@
+"""The slot decoder's state on the devices (`decoder.Decoder` runs the programs over it).
+
+`State` holds the KV caches, every row's decoding state (`Slots`) and, on a pipeline, what
+stays in the stage ring between two rounds (`Ring`). Random draws are keyed by (seed, prompt
+row, token number), (seed, token number) when the row is -1: a request's tokens depend on
+neither its slot, its neighbours nor the mesh.
+"""
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxpar.axes import LAYERS
+from jaxpar.models.base import cache_leaf
+from jaxpar.rules import constrain
+from jaxpar.runtime.sampling import Sampling, likeliest, sample
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Slots:
+  """Every row's decoding state, [B] each: the last token (the next step's input), its
+  position, how many tokens the row has made (its draws' counter), its sampling settings,
+  and its random key's data."""
+  tokens: jax.Array
+  positions: jax.Array
+  counts: jax.Array
+  sampling: Sampling
+  keys: jax.Array  # uint32 [B, key size]: `jax.random.key_data`
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Ring:
+  """A pipeline's state between rounds: each row's entry of the round before (`prev`, still
+  in flight through the later stages for some groups) and whether that entry's keys and
+  values are kept (False once a prefill gave the row to a new request); the rows whose next
+  input is the token a prefill made (`fresh`), not the one the ring brings; and what each
+  stage received last (activations [S, Bg, 1, D] and tokens [S, Bg], one per stage)."""
+  prev: Slots
+  keep: jax.Array  # bool [B]
+  fresh: jax.Array  # bool [B]
+  msg: jax.Array
+  token: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class State:
+  """Everything a decoder's programs carry from call to call (donated to each)."""
+  caches: Any
+  slots: Slots
+  ring: Ring | None = None
+
+
+def empty_slots(B: int) -> Slots:
+  zeros = lambda dtype: jnp.zeros((B,), dtype)
+  key_shape = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))).shape
+  return Slots(zeros(jnp.int32), zeros(jnp.int32), zeros(jnp.int32),
+               Sampling(zeros(jnp.float32), zeros(jnp.int32), jnp.ones((B,), jnp.float32)),
+               jnp.zeros((B, *key_shape), jnp.uint32))
+
+
+def advance(slots: Slots, tokens_B: jax.Array, length: int) -> Slots:
+  """The rows after one step made `tokens_B`: a row past its request's end (the host drops
+  its token) stays inside the cache."""
+  return dataclasses.replace(slots, tokens=tokens_B, counts=slots.counts + 1,
+                             positions=jnp.minimum(slots.positions + 1, length - 1))
+
+
+def base_keys(seeds_R: jax.Array, rows_R: jax.Array) -> jax.Array:
+  """Key data [R, ...] of key(seed), folded with the prompt row where it is >= 0."""
+  def one(seed, row):
+    key = jax.random.key(seed)
+    with_row = jax.random.fold_in(key, jnp.maximum(row, 0))
+    return jnp.where(row >= 0, jax.random.key_data(with_row), jax.random.key_data(key))
+  return jax.vmap(one)(seeds_R, rows_R)
+
+
+def token_keys(keys_B: jax.Array, counts_B: jax.Array) -> jax.Array:
+  """The key of each row's token number `counts_B[b]` (0: the first)."""
+  return jax.vmap(lambda k, n: jax.random.fold_in(jax.random.wrap_key_data(k), n))(
+      keys_B, counts_B)
+
+
+def request_keys(seeds_B: jax.Array, counts_B: jax.Array) -> jax.Array:
+  """The key of token number `counts_B[b]` of the request seeded `seeds_B[b]` (no row)."""
+  return token_keys(base_keys(seeds_B, jnp.full(seeds_B.shape, -1, jnp.int32)), counts_B)
+
+
+def choose(logits_BV: jax.Array, keys_B: jax.Array, counts_B: jax.Array,
+           sampling: Sampling, *, greedy: bool) -> jax.Array:
+  """Next tokens [B]: the likeliest (`greedy`, every row greedy), or drawn per row."""
+  if greedy:
+    return likeliest(logits_BV)
+  return sample(logits_BV, token_keys(keys_B, counts_B), sampling)
+
+
+def cache_spec(gen, batch: int, length: int) -> dict:
+  """{leaf: (shape, logical names, dtype)} of one layer's cache."""
+  m = gen.config.model
+  return {k: cache_leaf(v, m) for k, v in
+          gen.family.kv_cache(m, gen.layout, batch, length).items()}
+
+
+def new_caches(gen, batch: int, length: int, *, scan: bool) -> object:
+  """Zeroed KV caches laid out by the rules: stacked [L, ...] for a scan, else one per layer
+  (each leaf in the dtype its spec gives)."""
+  spec, L = cache_spec(gen, batch, length), gen.config.model.n_layers
+  if scan:
+    return {k: constrain(jnp.zeros((L, *shape), dtype), (LAYERS, *names))
+            for k, (shape, names, dtype) in spec.items()}
+  return tuple({k: constrain(jnp.zeros(shape, dtype), names)
+                for k, (shape, names, dtype) in spec.items()} for _ in range(L))
+
+
+def copy_rows(caches, src, count: int, *, axis: int, split: bool):
+  """Rows src..src+count-1 of every cache. Rows `split` over devices: a masked sum over the
+  rows (one row only), so each device reads its own and one row is all-reduced (a dynamic
+  slice would all-gather every row)."""
+  def take(c):
+    if not split:
+      return lax.dynamic_slice_in_dim(c, src, count, axis=axis)
+    mine = lax.broadcasted_iota(jnp.int32, c.shape, axis) == src
+    return jnp.sum(jnp.where(mine, c, 0), axis=axis, keepdims=True, dtype=c.dtype)
+  return jax.tree.map(take, caches)
