@@ -251,8 +251,9 @@ def restore(path: str, *, shapes: Any, names: Any, cfg: ModelConfig, layout: Lay
 
 def _silence_pending_reads() -> None:
   """After a failed restore, its other reads fail later too: asyncio logs them, or Python
-  reports them as unraisable when their coroutines are collected, each with a hundred lines
-  of tensorstore spec after the one-line error. Those reports are dropped; others pass."""
+  reports them as unraisable when their coroutines are collected (or prints them, when one
+  finishes after the loop closed), each with a hundred lines of tensorstore spec after the
+  one-line error. Those reports are dropped; others pass."""
   if getattr(_silence_pending_reads, "done", False):
     return
   _silence_pending_reads.done = True
@@ -265,8 +266,14 @@ def _silence_pending_reads() -> None:
     late = "Event loop is closed" in str(unraisable.exc_value)  # a read finishing at exit
     if "_read_array_index_and_device_put" not in repr(unraisable.object) and not late:
       previous(unraisable)
+
+  def excepthook(kind, value, tb, previous=sys.excepthook):
+    # A read finishing after Orbax closed its loop: tensorstore's thread hands it back
+    # through `call_soon_threadsafe`, and Python prints the error it raises.
+    if not (kind is RuntimeError and str(value) == "Event loop is closed"):
+      previous(kind, value, tb)
   logging.getLogger("asyncio").addFilter(keep)
-  sys.unraisablehook = hook
+  sys.unraisablehook, sys.excepthook = hook, excepthook
 
 
 def _cause(e: BaseException) -> str:
