@@ -115,7 +115,8 @@ class Family:
 
 def run_blocks(graphdef: nnx.GraphDef, layers: Any, x_BTD: jax.Array, step: Step,
                caches: Any = None, *, scan: bool,
-               active: jax.Array | None = None) -> tuple[jax.Array, Any]:
+               active: jax.Array | None = None,
+               window: tuple[Any, int] | None = None) -> tuple[jax.Array, Any]:
   """Runs every block in order: the one way through a stack.
 
   `scan`: `layers` are the stacked parameters [L, ...] and `caches` (if any) stacked
@@ -124,10 +125,23 @@ def run_blocks(graphdef: nnx.GraphDef, layers: Any, x_BTD: jax.Array, step: Step
   XLA:CPU each then updates in place and no step cuts weights out of a stack).
   `active` (scan only): a bool per layer [L]; where False the layer passes its input through
   unchanged (the identity padding of uneven pipeline stages).
+  `window` = (first, count) (scan only, no caches): layers first..first+count-1 of the
+  stack (`first` may be traced), each picked inside the loop (slicing them out first would
+  copy their weights: the circular pipeline's chunks).
   """
   def block(params, x_BTD, cache):
     return nnx.merge(graphdef, params)(x_BTD, step, cache)
 
+  if scan and window is not None:
+    first, count = window
+    pick = lambda tree, j: jax.tree.map(
+        lambda a: lax.dynamic_index_in_dim(a, first + j, 0, keepdims=False), tree)
+
+    def windowed(x_BTD, j):
+      with jax.named_scope("block"):
+        y_BTD, _ = block(pick(layers, j), x_BTD, None)
+      return (y_BTD if active is None else jnp.where(pick(active, j), y_BTD, x_BTD)), None
+    return lax.scan(windowed, x_BTD, jnp.arange(count))
   if scan:
     def layer(x_BTD, inputs):
       params, cache, on = inputs

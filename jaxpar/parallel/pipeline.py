@@ -22,7 +22,8 @@ over `stage` only, so tensor parallelism inside a stage keeps working):
         parked[(t-S) % M] = msg            #   and must wait for its next repeat
       x = (input[m] if r == 0 else parked[m]) if s == 0 else msg
       x = x if 0 <= i < R*M else bubble    # bubble ticks compute on filler, never kept
-      y = stage_fn(params[s][r], x)        # chunk r of this stage: a local dynamic index
+      y = stage_fn(params[s], r*Lc, x)     # chunk r of this stage: its Lc layers from
+                                           #   r*Lc, each picked in the layer loop
       if s == S-1 and r == R-1 and 0 <= i < R*M:
         out[m] = y
       msg = ppermute(y, s -> (s+1) % S)    # one collective-permute per tick
@@ -178,12 +179,14 @@ def _fill(a: jax.Array, value: float) -> jax.Array:
   return jnp.full(a.shape, value if jnp.issubdtype(a.dtype, jnp.floating) else 0, a.dtype)
 
 
-def run(stage_fn: Callable[[Any, Any], Any], params: Any, x: Any, *, mesh: Mesh,
+def run(stage_fn: Callable[[Any, Any, Any], Any], params: Any, x: Any, *, mesh: Mesh,
         schedule: Schedule, batch_axes: tuple[str, ...] = (), bubble_fill: float = 0.0) -> Any:
-  """Runs `stage_fn(chunk_params, x_microbatch) -> y_microbatch` as a pipeline over `stage`.
+  """Runs `stage_fn(layers, first, x_microbatch) -> y_microbatch` as a pipeline over `stage`.
 
   `params` leaves are [S, R, Lc, ...] (sharded over `stage` on dim 0); `stage_fn` receives
-  [Lc, ...] leaves. `x` is an array or a pytree of arrays [B, ...] (e.g. activations and
+  this stage's leaves flattened, [R*Lc, ...], and runs the Lc layers of the tick's chunk from
+  `first` (traced), picking each inside its own layer loop (`run_blocks(window=...)`):
+  slicing the chunk out first would copy its weights every tick. `x` is an array or a pytree of arrays [B, ...] (e.g. activations and
   their positions, which every stage needs) with the batch split over the mesh axes
   `batch_axes` (not over `stage`); `stage_fn` returns the same structure. The result has
   x's shapes with the batch split over (*batch_axes, stage): the last stage hands
@@ -199,7 +202,9 @@ def run(stage_fn: Callable[[Any, Any], Any], params: Any, x: Any, *, mesh: Mesh,
   ways = math.prod(mesh.shape[a] for a in batch_axes)
 
   def per_stage(params_local, x_M):
-    chunks = jax.tree.map(lambda p: p[0], params_local)  # [R, Lc, ...]: this stage's chunks
+    # This stage's chunks, flattened [R*Lc, ...]: no size-1 dim for XLA to lay out apart.
+    layers = jax.tree.map(lambda p: p[0].reshape(-1, *p.shape[3:]), params_local)
+    Lc = jax.tree.leaves(params_local)[0].shape[2]
     bubble = jax.tree.map(lambda a: _fill(a[0], bubble_fill), x_M)
     parked = jax.tree.map(lambda b: jnp.broadcast_to(b, (M, *b.shape)), bubble) if R > 1 else None
     out = jax.tree.map(jnp.zeros_like, x_M)
@@ -217,7 +222,7 @@ def run(stage_fn: Callable[[Any, Any], Any], params: Any, x: Any, *, mesh: Mesh,
         parked = ring.put(parked, jnp.clip(back, 0, R * M - 1) % M, msg, arrived)
         first = ring.where(r == 0, first, ring.pick(parked, m))
       x_in = ring.where(valid, ring.where(s == 0, first, msg), bubble)
-      y = stage_fn(ring.pick(chunks, r), x_in)
+      y = stage_fn(layers, r * Lc, x_in)
       out = ring.put(out, m, y, valid & (s == S - 1) & (r == R - 1))
       return (parked, out), y
 

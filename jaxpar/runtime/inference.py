@@ -263,6 +263,8 @@ def forward_fn(pl: Placement):
     out_rules = rules.replace(axes.BATCH, (*rules.mesh_axes(axes.BATCH), axes.STAGE))
     active = pipeline.active(config.model.n_layers, stages=schedule.stages,
                              repeats=schedule.repeats)
+    chunk = pipeline.per_chunk(config.model.n_layers, stages=schedule.stages,
+                               repeats=schedule.repeats)  # layer slots per chunk
   scan = config.model.scan_layers is not False
 
   def forward(params: dict, tokens_BT: jax.Array) -> jax.Array:
@@ -278,10 +280,10 @@ def forward_fn(pl: Placement):
                                       for l in range(config.model.n_layers)]
         x_BTD, _ = run_blocks(block_graphdef, layers, x_BTD, step, scan=scan)
       else:
-        def stage_fn(chunk, x_BTD):  # positions are 0..T-1 on every stage
-          blocks, on = chunk  # `on`: None, or which of the chunk's layers are not padding
+        def stage_fn(layers, first, x_BTD):  # positions are 0..T-1 on every stage
+          blocks, on = layers  # `on`: None, or which layers are not padding [R*Lc]
           y_BTD, _ = run_blocks(block_graphdef, blocks, x_BTD, causal_step(x_BTD.shape[0], T),
-                                scan=True, active=on)
+                                scan=True, active=on, window=(first, chunk))
           return y_BTD
         on = None if active is None else jnp.asarray(active)
         x_BTD = pipeline.run(stage_fn, (params["blocks"], on), x_BTD, mesh=pl.mesh,
