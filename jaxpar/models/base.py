@@ -132,23 +132,19 @@ def run_blocks(graphdef: nnx.GraphDef, layers: Any, x_BTD: jax.Array, step: Step
   def block(params, x_BTD, cache):
     return nnx.merge(graphdef, params)(x_BTD, step, cache)
 
-  if scan and window is not None:
-    first, count = window
-    pick = lambda tree, j: jax.tree.map(
-        lambda a: lax.dynamic_index_in_dim(a, first + j, 0, keepdims=False), tree)
-
-    def windowed(x_BTD, j):
-      with jax.named_scope("block"):
-        y_BTD, _ = block(pick(layers, j), x_BTD, None)
-      return (y_BTD if active is None else jnp.where(pick(active, j), y_BTD, x_BTD)), None
-    return lax.scan(windowed, x_BTD, jnp.arange(count))
   if scan:
+    def picked(j):  # layer first + j of the stack, no cache
+      pick = lambda tree: jax.tree.map(
+          lambda a: lax.dynamic_index_in_dim(a, window[0] + j, 0, keepdims=False), tree)
+      return pick(layers), None, None if active is None else pick(active)
+
     def layer(x_BTD, inputs):
-      params, cache, on = inputs
+      params, cache, on = inputs if window is None else picked(inputs)
       with jax.named_scope("block"):
         y_BTD, cache = block(params, x_BTD, cache)
       return (y_BTD if on is None else jnp.where(on, y_BTD, x_BTD)), cache
-    return lax.scan(layer, x_BTD, (layers, caches, active))
+    xs = (layers, caches, active) if window is None else jnp.arange(window[1])
+    return lax.scan(layer, x_BTD, xs)
   new = []
   for l, params in enumerate(layers):
     with jax.named_scope(f"block_{l}"):

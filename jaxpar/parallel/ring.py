@@ -75,18 +75,19 @@ def run(tick: Callable[[jax.Array, jax.Array, Any, Any], tuple[Any, Any]], carry
 
 
 def first(s, make: Callable[[], Any], msg: Any) -> Any:
-  """What stage `s` takes in: `make()` on the first stage, the message on the others."""
+  """What stage `s` takes in: `make()` on the first stage, the message on the others. With
+  one stage (`run` gives s = 0, a Python int) it is the first."""
   if isinstance(s, int):
-    return make() if s == 0 else msg
+    return make()
   return jnp.where(s == 0, make(), msg)
 
 
 def last(s, stages: int, compute: Callable[[], Any]) -> Any:
   """`compute()` on the last stage, zeros of its shape on the others (a `lax.cond`: inside
-  it only all-reduces may run, see `sampling._search`)."""
+  it only all-reduces may run, see `sampling._search`). With one stage (s = 0, a Python int)
+  it is the last."""
   if isinstance(s, int):
-    return compute() if s == stages - 1 else jax.tree.map(
-        lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(compute))
+    return compute()
   zeros = lambda: jax.tree.map(lambda a: varying(jnp.zeros(a.shape, a.dtype)),
                                jax.eval_shape(compute))
   return lax.cond(s == stages - 1, lambda: varying(compute()), zeros)

@@ -58,7 +58,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
 from jaxpar.axes import ACT_EMBED, BATCH, LAYERS, SEQ, STAGE
 from jaxpar.errors import UserError
@@ -266,9 +266,8 @@ class Decoder:
         state = self._make_empty() if self.pipelined else State(None, None)
       keys_R = base_keys(seeds_R, rows_R)
       group = lambda a: a.reshape(n, R, *a.shape[1:])
-      caches, first = body(params, state.caches, *jax.tree.map(group, (tokens_RT,)), start,
-                           group(lengths_R), src, slot,
-                           *jax.tree.map(group, (sampling, keys_R)))
+      caches, first = body(params, state.caches, group(tokens_RT), start, group(lengths_R),
+                           src, slot, jax.tree.map(group, sampling), group(keys_R))
       first_R = first.reshape(rows) if not self.pipelined else first[S - 1].reshape(rows)
       fresh = Slots(first_R, lengths_R, jnp.ones((rows,), jnp.int32), sampling, keys_R)
       if state.slots is None:  # every row prefilled: the new rows are the state
@@ -351,21 +350,13 @@ class Decoder:
     return State(caches, empty_slots(self.slots), Ring(empty_slots(self.slots), none, none,
                                                        msg, token))
 
-  def state_shardings(self) -> State:
-    """The state's shardings: the caches' by the rules (and over `stage`), the rows' like
-    the batch (replicated on a pipeline, whose groups cut the rows differently)."""
-    if not hasattr(self, "_shardings"):
-      g = self.generator
-      if self.pipelined:
-        with jax.set_mesh(g.mesh):
-          self._shardings = jax.jit(self._make_empty).lower().compile().output_shardings
-        replicated = NamedSharding(g.mesh, P())
-        self._shardings = dataclasses.replace(
-            self._shardings, slots=jax.tree.map(lambda _: replicated, self._shardings.slots),
-            ring=dataclasses.replace(self._shardings.ring, **{
-                k: jax.tree.map(lambda _: replicated, getattr(self._shardings.ring, k))
-                for k in ("prev", "keep", "fresh")}))
-      else:
+  def _empty_program(self):
+    """The compiled program that makes the zeroed state (once): the rows split like the batch
+    without stages; on a pipeline the caches over `stage` (the ring's out_specs) and the rows
+    replicated (the groups cut them differently)."""
+    if not hasattr(self, "_empty"):
+      g, shardings = self.generator, None
+      if not self.pipelined:
         spec = {k: names for k, (_, names, _) in
                 cache_spec(g, self.slots, self.positions).items()}
         sharding = lambda names: g.rules.sharding(names, g.mesh, what="the KV cache")
@@ -375,15 +366,19 @@ class Decoder:
           caches = tuple({k: sharding(names) for k, names in spec.items()}
                          for _ in range(g.config.model.n_layers))
         rows = g.rules.sharding((BATCH,), g.mesh, what="decoder slots")
-        self._shardings = State(caches, jax.tree.map(lambda _: rows, empty_slots(1)))
-    return self._shardings
+        shardings = State(caches, jax.tree.map(lambda _: rows, empty_slots(1)))
+      with jax.set_mesh(g.mesh):
+        self._empty = jax.jit(self._make_empty, out_shardings=shardings).lower().compile()
+    return self._empty
+
+  def state_shardings(self) -> State:
+    return self._empty_program().output_shardings
 
   def empty_state(self, *, abstract: bool = False) -> State:
     """The zeroed state (shapes and shardings only, when `abstract`)."""
-    g, shardings = self.generator, self.state_shardings()
-    with jax.set_mesh(g.mesh):
-      fn = jax.jit(self._make_empty, out_shardings=shardings)
+    program, mesh = self._empty_program(), self.generator.mesh
+    with jax.set_mesh(mesh):
       if not abstract:
-        return fn()
+        return program()
       return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          jax.eval_shape(fn), shardings)
+                          jax.eval_shape(self._make_empty), program.output_shardings)
