@@ -28,6 +28,7 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxpar.axes import EMBED, VOCAB
 from jaxpar.errors import UserError
@@ -81,10 +82,15 @@ def quantizable(path: tuple, names: Logical) -> bool:
   return str(key).startswith("w_") or tuple(names.names[-2:]) == (VOCAB, EMBED)
 
 
+# Scales multiply by 1/127 (XLA rewrites a division by a constant into this product anyway;
+# written out, a reference in numpy computes the very same scales).
+INV_127 = np.float32(1 / 127)
+
+
 def quantize_array(w: jax.Array, mode: str) -> QWeight:
   """Per-row absmax int8: w ~ values * scale."""
   w32 = w.astype(jnp.float32)
-  scale = jnp.max(jnp.abs(w32), axis=-1, keepdims=True) / 127.0
+  scale = jnp.max(jnp.abs(w32), axis=-1, keepdims=True) * INV_127
   scale = jnp.where(scale > 0, scale, 1.0)
   values = jnp.clip(jnp.round(w32 / scale), -127, 127).astype(jnp.int8)
   return QWeight(values, scale, mode)
@@ -184,7 +190,7 @@ def quantize_heads(x: jax.Array, axis: int = -1) -> tuple[jax.Array, jax.Array]:
   """int8 values and one scale per token and head (absmax over the head width, `axis`): x
   [B, K, T, H] (axis -1) or [B, K, H, T] (axis 2) gives scales [B, K, T]."""
   x32 = x.astype(jnp.float32)
-  scale = jnp.max(jnp.abs(x32), axis=axis) / 127.0
+  scale = jnp.max(jnp.abs(x32), axis=axis) * INV_127
   scale = jnp.where(scale > 0, scale, 1.0).astype(KV_SCALE_DTYPE)
   values = jnp.clip(jnp.round(x32 / jnp.expand_dims(scale, axis).astype(jnp.float32)),
                     -127, 127)

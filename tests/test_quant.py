@@ -211,18 +211,29 @@ def test_convert_refuses_quantized(root, tmp_path, capsys):
 
 
 def test_int8_from_given_parameters(tiny, devices):
-  """Float parameters handed to `build` are quantised on the mesh; a quantised model's own
-  parameters (`natural_params`, as the verify reference uses them) are placed as they are."""
+  """Float parameters handed to `build` are quantised on the mesh as numpy quantises them
+  (absmax / 127 per row, rounded); a quantised model's own parameters (`natural_params`, as
+  the verify reference uses them) are placed as they are."""
   one = make_mesh(MeshConfig(1, 1, 1), devices=devices[:1])
   host = inference.build(_config(tiny, (1, 1, 1)), one).natural_params()
   config = _config(tiny, (1, 1, 1), quantize="int8")
-  tokens = inference.seeded_tokens(config)
   from_float = inference.build(config, one, params=host)
-  again = inference.build(config, one, params=from_float.natural_params())
-  want = logits(tiny, devices, (1, 1, 1), quantize="int8")
-  for fwd in (from_float, again):
-    got = inference.unpad(fwd(fwd.tokens(tokens)), config.model.vocab_size)
-    np.testing.assert_allclose(got, want, atol=1e-6)
+  got = from_float.natural_params()
+  floats = dict(jax.tree_util.tree_flatten_with_path(host)[0])
+  quantised = jax.tree_util.tree_flatten_with_path(got, is_leaf=quant.is_quantized)[0]
+  assert sum(quant.is_quantized(w) for _, w in quantised) >= 2 * config.model.n_layers
+  for path, w in quantised:
+    if not quant.is_quantized(w):
+      continue
+    w32 = np.asarray(floats[path], np.float32)
+    scale = np.abs(w32).max(-1, keepdims=True) * np.float32(1 / 127)
+    np.testing.assert_array_equal(np.asarray(w.scale), scale)
+    np.testing.assert_array_equal(np.asarray(w.values), np.clip(np.round(w32 / scale), -127, 127))
+  again = inference.build(config, one, params=got)
+  tokens = inference.seeded_tokens(config)
+  want = inference.unpad(from_float(from_float.tokens(tokens)), config.model.vocab_size)
+  np.testing.assert_array_equal(
+      inference.unpad(again(again.tokens(tokens)), config.model.vocab_size), want)
 
 
 @pytest.mark.parametrize("layout", [["mesh.data=2", "mesh.model=4"],
