@@ -109,7 +109,7 @@ def check_fits(plans: list[Plan], hw: Hardware) -> None:
         f"no layout fits {hw.memory_gib:g} GiB per device: the smallest, "
         f"{best.candidate.label()}, needs {need / GIB:.2f} GiB per device (parameters "
         f"{best.predicted['param_bytes_per_device'] / GIB:.2f}, KV cache "
-        f"{best.predicted['kv_cache_bytes_per_device'] / GIB:.2f}, activations "
-        f"{best.predicted['activation_bytes_per_device'] / GIB:.2f}), "
+        f"{best.predicted['kv_cache_bytes_per_device'] / GIB:.2f}, temporaries "
+        f"{best.predicted['temp_bytes_per_device'] / GIB:.2f}), "
         f"{(need - hw.memory_gib * GIB) / GIB:.2f} GiB too many; use more devices, a smaller "
         f"batch or sequence, or bfloat16")

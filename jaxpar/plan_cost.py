@@ -7,7 +7,8 @@ layer's weights all-gathered just before use). What it predicts, per device:
 - bytes: parameters (each leaf's shard under the rule table; a pipeline stage holds
   ceil(L / (S*R)) * R layers, identity padding included), the KV cache (`run.batch` rows of
   `run.seq_len + generate.max_new_tokens` slots), the forward's inputs, outputs (float32
-  logits) and a working set of activations (an estimate, see `_activation_bytes`).
+  logits) and the temporaries XLA allocates (a model fitted to what it compiles, see
+  `_io_and_temp_bytes`).
 - collectives: the instructions the compiled forward's HLO holds ({kind: {count, bytes}}, the
   format of `inspect.hlo_census(...).counts()` and `forward --json`), those inside loop bodies
   apart, and the bytes each step moves by kind and mesh axis (loop bodies counted as many
@@ -103,7 +104,8 @@ def param_bytes(config: Config, c: Candidate) -> dict:
   """{'total': one device's parameter bytes, 'blocks': of them the layers', 'per_layer':
   one layer's bytes on one device, 'matmul_per_layer': one layer's matrix entries (whole,
   for FLOPs), 'head_entries': the logits matrix's entries, 'gathers_per_layer' and
-  'gathers_rest': with FSDP, the bytes each all-gathered leaf has once gathered}."""
+  'gathers_rest': with FSDP, the bytes each all-gathered leaf has once gathered,
+  'mlp_hidden': how many d_ff-wide hiddens the MLP makes (1; 2 when gated)}."""
   config = c.config(config)
   from jaxpar.runtime import inference
   family = registry.family(config.model.family)
@@ -113,7 +115,7 @@ def param_bytes(config: Config, c: Candidate) -> dict:
   layout = inference.layout_for(config, MeshShape(c.mesh), rules, family)
   _, shapes, names = _abstract(config.model, layout)
   L = config.model.n_layers
-  per_layer = matmul = rest = 0
+  per_layer = matmul = rest = mlp_matrices = 0
   gathers: dict = {True: [], False: []}
   for (path, logical), leaf in zip(jax.tree.leaves_with_path(names, is_leaf=is_logical),
                                    jax.tree.leaves(shapes), strict=True):
@@ -126,13 +128,15 @@ def param_bytes(config: Config, c: Candidate) -> dict:
     if block:
       per_layer += nbytes
       matmul += math.prod(shape) if len(shape) > 1 else 0
+      mlp_matrices += len(shape) > 1 and axes.MLP in leaf_names
     else:
       rest += nbytes
   blocks = per_layer * layers_per_device(c, L, rules)
   V = -(-config.model.vocab_size // layout.vocab_multiple) * layout.vocab_multiple
   return {"total": blocks + rest, "blocks": blocks, "per_layer": per_layer,
           "matmul_per_layer": matmul, "head_entries": V * config.model.d_model,
-          "padded_vocab": V, "layout": layout, "gathers_per_layer": gathers[True],
+          "padded_vocab": V, "layout": layout, "mlp_hidden": mlp_matrices - 1,
+          "gathers_per_layer": gathers[True],
           "gathers_rest": gathers[False]}
 
 
@@ -253,24 +257,52 @@ def _by_kind_axis(steps: list[tuple]) -> dict:
   return out
 
 
-def _activation_bytes(config: Config, c: Candidate, V: int) -> dict:
+# The temporaries' terms, in residual streams ([rows, T, d_model] of one device) and
+# fractions: fitted to what XLA compiles for the test plans (tests/test_plan.py: both
+# families, every mesh of 8, where they are checked to within 25%) and a wider model.
+BESIDE_WEIGHTS = 2.0    # streams beside a layer's weights: its carry and the one it makes
+BESIDE_BLOCK = 2.5      # ... beside the block's own intermediates
+PIPELINE_BATCH = 2.5    # a pipeline's input and output buffers: streams of the whole batch
+PIPELINE_TICK = 4.0     # a tick's microbatch beside the weights: the message, its state, ...
+GATHERED_TABLES = 0.5   # FSDP: the share of the gathered embedding tables live beside a layer
+
+
+def _io_and_temp_bytes(config: Config, c: Candidate, p: dict) -> dict:
   """The forward's inputs, outputs (float32 logits, vocab split over `model`, batch over
-  data x stage) and an estimate of its working set: a few residual streams, the MLP and
-  attention widths and the attention scores of the rows one block runs at a time (a
-  microbatch with a pipeline, plus its buffers of the whole batch)."""
+  data x stage) and temporaries (XLA's `temp`), the larger of
+  - the layer loop: a layer's weights sliced out of the stacked layers (gathered too, with
+    FSDP; nothing to slice on a stage of one layer) beside BESIDE_WEIGHTS streams, or the
+    block's intermediates (queries, keys, values and the MLP's hidden, split over `model`;
+    float32 attention scores [rows, heads, T, T]) beside BESIDE_BLOCK streams. With a
+    pipeline a block runs on a microbatch's rows, beside PIPELINE_TICK streams of them, and
+    the pipeline's buffers of the whole batch are live throughout;
+  - the head: the float32 logits, made as temporaries and copied out, beside a stream;
+  plus, with FSDP, GATHERED_TABLES of the gathered embedding tables."""
   m, rules = config.model, Rules(config.rules)
   T, item = config.run.seq_len, np.dtype(m.dtype).itemsize
   rows, mb_rows = _rows(config, c)
-  model = c.model
-  out_rows = rows // c.stage if c.stage > 1 else rows
+  model, S = c.model, c.stage
+  V, layout = p["padded_vocab"], p["layout"]
+  out_rows = rows // S if S > 1 else rows
   out = out_rows * T * (V // _ways(rules, axes.VOCAB, c.mesh)) * 4
-  work_rows = mb_rows if c.stage > 1 else rows
-  heads = m.n_heads * m.head_size
-  work = work_rows * T * (4 * m.d_model + (m.d_ff + 3 * heads) // model) * item
-  work += work_rows * (m.n_heads // model) * T * T * 4
-  if c.stage > 1:
-    work += 2 * rows * T * m.d_model * item  # the input and finished-microbatch buffers
-  return {"input": rows * T * 4, "output": out, "working": out + work}
+  stream = lambda n: n * T * m.d_model * item
+  kv_heads = m.kv_heads * layout.kv_repeat
+
+  def block(n: int) -> int:
+    width = (m.n_heads + 2 * kv_heads) * m.head_size + p["mlp_hidden"] * m.d_ff
+    return n * T * width // model * item + n * (m.n_heads // model) * T * T * 4
+
+  weights = p["per_layer"] + sum(p["gathers_per_layer"])
+  if S == 1:
+    layer = max(weights + BESIDE_WEIGHTS * stream(rows),
+                BESIDE_BLOCK * stream(rows) + block(rows))
+  else:
+    if layers_per_device(c, m.n_layers, rules) == 1:
+      weights = 0  # one layer on the stage: used in place
+    layer = (max(weights + PIPELINE_TICK * stream(mb_rows), block(mb_rows))
+             + PIPELINE_BATCH * stream(rows))
+  temp = max(layer, out + stream(out_rows)) + GATHERED_TABLES * sum(p["gathers_rest"])
+  return {"input": rows * T * 4, "output": out, "temp": int(temp)}
 
 
 def _work(config: Config, c: Candidate, p: dict, cache: int) -> dict:
@@ -306,7 +338,7 @@ def predict(config: Config, c: Candidate, hw: Hardware) -> dict:
   S, R, M, L = c.stage, c.repeats, c.microbatches, config.model.n_layers
   p = param_bytes(config, c)
   cache = kv_cache_bytes(config, c, p["layout"])
-  act = _activation_bytes(config, c, p["padded_vocab"])
+  act = _io_and_temp_bytes(config, c, p)
   work = _work(config, c, p, cache)
   Lc = layers_per_device(c, L, Rules(config.rules)) // R
   peak, bw = hw.tflops * 1e12, hw.hbm_gbps * GB
@@ -319,15 +351,14 @@ def predict(config: Config, c: Candidate, hw: Hardware) -> dict:
     return {"step_s": max(terms["compute_s"], terms["memory_s"]) + terms["collective_s"],
             **terms, "flops": f, "bytes_read": read}
 
-  gathered = sum(p["gathers_per_layer"])  # FSDP: one layer's weights, gathered
-  total = p["total"] + cache + act["working"] + act["input"] + gathered
+  total = p["total"] + cache + act["input"] + act["output"] + act["temp"]
   bubble = (S - 1) / (R * M + S - 1) if S > 1 else 0.0
   return {
       "param_bytes_per_device": p["total"],
       "kv_cache_bytes_per_device": cache,
       "input_bytes_per_device": act["input"],
       "output_bytes_per_device": act["output"],
-      "activation_bytes_per_device": act["working"] + gathered,  # FSDP: a gathered layer
+      "temp_bytes_per_device": act["temp"],
       "bytes_per_device": total,
       "fits": total <= hw.memory_gib * GIB,
       "collectives": hlo_collectives(config, c),

@@ -82,11 +82,11 @@ def format_checked(plans: list[Plan]) -> str:
     rows.append((i + 1, c.label(), inspect.human(p["param_bytes_per_device"]),
                  inspect.human(k["param_bytes_per_device"]),
                  inspect.human(p["output_bytes_per_device"]), inspect.human(mem["output"]),
-                 inspect.human(p["activation_bytes_per_device"]), inspect.human(mem["temp"]),
+                 inspect.human(p["temp_bytes_per_device"]), inspect.human(mem["temp"]),
                  _collectives_text(p["collectives"]), _collectives_text(k["collectives"])))
   return inspect.format_table(
       ("rank", "plan", "params predicted", "compiled", "outputs predicted", "compiled",
-       "working set predicted", "temporaries compiled", "collectives predicted",
+       "temporaries predicted", "compiled", "collectives predicted",
        "compiled (HLO census)"), rows)
 
 
