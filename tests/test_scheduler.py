@@ -182,11 +182,11 @@ class FakeRunner:
     self.calls.append(("step", [s and s.id for s in running]))
     if sum(c[0] == "step" for c in self.calls) == self.fail_step:
       raise RuntimeError("injected")
-    return [(b, s, 7) for b, s in enumerate(running) if s is not None]
+    return [(b, s, 7, None) for b, s in enumerate(running) if s is not None]
 
   def prefill(self, placement):
     self.calls.append(("prefill", placement.stream.id, placement.row))
-    return [(placement.row, placement.stream, 5)]
+    return [(placement.row, placement.stream, 5, None)]
 
   def release(self, row):
     self.calls.append(("release", row))
@@ -245,7 +245,7 @@ def test_a_token_for_a_request_that_left_its_row_is_dropped():
   engine.step()
   engine.scheduler.release(a)  # as if a ended with a step in flight; b takes the row
   engine.step()  # the runner reports a token for a in row 0 (its step in flight)
-  runner.step = lambda running: [(0, a, 8)]
+  runner.step = lambda running: [(0, a, 8, None)]
   engine.step()
   assert a.token_ids == [5] and b.token_ids == [5]
 

@@ -11,6 +11,7 @@ import concurrent.futures
 import dataclasses
 import functools
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -53,6 +54,33 @@ def _hf_greedy(model, prompt: tuple[int, ...], new: int) -> tuple[int, ...]:
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
                          do_sample=False, eos_token_id=None, pad_token_id=0)
   return tuple(out[0, len(prompt):].tolist())
+
+
+def hf_logprobs(model, prompt: list[int], tokens: list[int]) -> np.ndarray:
+  """transformers' log-softmax [len(tokens), V] (float64) of the logits that chose each of
+  `tokens` after `prompt`, teacher-forced."""
+  import torch
+  with torch.no_grad():
+    logits = model(torch.tensor([prompt + tokens])).logits[0].double()
+  return torch.log_softmax(logits, -1)[len(prompt) - 1:-1].numpy()
+
+
+def check_logprobs(model, prompt, tokens, chosen, tops) -> None:
+  """Each token's log-probability (`chosen`) and its alternatives ([(id, value)], likeliest
+  first) equal transformers' within 1e-4, in transformers' order."""
+  ref = hf_logprobs(model, prompt, tokens)
+  assert len(chosen) == len(tops) == len(tokens)
+  for i, (token, value, top) in enumerate(zip(tokens, chosen, tops)):
+    assert abs(value - ref[i, token]) < 1e-4, (i, value, ref[i, token])
+    order = np.argsort(-ref[i])[:len(top)]
+    assert [t for t, _ in top] == order.tolist(), i
+    np.testing.assert_allclose([v for _, v in top], ref[i, order], atol=1e-4)
+
+
+def engine_logprobs(model, stream) -> None:
+  """A finished `Stream`'s log-probabilities against transformers."""
+  check_logprobs(model, stream.prompt, stream.token_ids, [e.logprob for e in stream.logprobs],
+                 [e.top for e in stream.logprobs])
 
 
 @pytest.fixture(scope="module")
@@ -202,7 +230,7 @@ def test_chat_completion_renders_the_template(client, hf):
 def test_chat_accepts_what_openai_clients_send(live):
   """Text parts, an assistant's null content, and options at their ask-nothing values
   (logprobs false, top_logprobs 0, tool_choice "none") answer as the plain request does;
-  asking for something (logprobs true) is still refused by name."""
+  asking for something not served (n 3) is refused by name."""
   url = live[0] + "/v1/chat/completions"
   plain = [{"role": "user", "content": "w10\nw11"}, {"role": "assistant", "content": ""},
            {"role": "user", "content": "w12"}]
@@ -217,10 +245,66 @@ def test_chat_accepts_what_openai_clients_send(live):
   assert code == 200, got
   assert got["choices"][0]["token_ids"] == want["choices"][0]["token_ids"]
   assert got["usage"] == want["usage"]
-  code, refused = post(url, json.dumps({**base, "messages": plain, "logprobs": True}))
-  assert code == 400 and refused["error"]["param"] == "logprobs"
+  code, refused = post(url, json.dumps({**base, "messages": plain, "n": 3}))
+  assert code == 400 and refused["error"]["param"] == "n"
   dated = openai_api.ChatTemplate("{{ strftime_now('%Y') }}", {})  # as transformers gives it
   assert dated.render(messages=[]) == str(time.localtime().tm_year)
+
+
+def test_logprobs_equal_transformers(client, hf):
+  """Log-probabilities through the `openai` client on data=2 x model=4 (the vocabulary split
+  4 ways): completions' `logprobs` (greedy and sampled, whole and streamed) and chat's
+  `top_logprobs`: each token's and its alternatives', in order, equal transformers'
+  log-softmax within 1e-4; each token is named by its text, text_offset counts them."""
+  model, tokenizer = hf
+  ids = lambda texts: [tokenizer.convert_tokens_to_ids(t) for t in texts]
+  prompt = PROMPTS[2]
+  for kw in ({"temperature": 0}, {"temperature": 1.0, "seed": 3}):
+    whole = client.completions.create(model="test-model", prompt=prompt, max_tokens=6,
+                                      logprobs=5, **kw).choices[0]
+    lp, tokens = whole.logprobs, whole.token_ids
+    assert ids(lp.tokens) == tokens
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(tokens))]
+    check_logprobs(model, prompt, tokens, lp.token_logprobs,
+                   [list(zip(ids(top), top.values())) for top in lp.top_logprobs])
+    chunks = list(client.completions.create(model="test-model", prompt=prompt, max_tokens=6,
+                                            logprobs=5, stream=True, **kw))
+    streamed = [c.choices[0].logprobs for c in chunks if c.choices[0].logprobs]
+    # The same tokens; a cached prefix may make the values differ in the last bits.
+    assert [t for c in chunks for t in c.choices[0].token_ids] == tokens
+    np.testing.assert_allclose([v for s in streamed for v in s.token_logprobs],
+                               lp.token_logprobs, atol=1e-5)
+    assert [o for s in streamed for o in s.text_offset] == lp.text_offset
+  messages = [{"role": "user", "content": "w10 w11 w12"}]
+  answer = client.chat.completions.create(model="test-model", messages=messages, max_tokens=5,
+                                          temperature=0, logprobs=True, top_logprobs=3)
+  content = answer.choices[0].logprobs.content
+  chat_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+  chat_ids = chat_ids["input_ids"] if hasattr(chat_ids, "keys") else chat_ids
+  check_logprobs(model, chat_ids, ids([c.token for c in content]),
+                 [c.logprob for c in content],
+                 [[(i, t.logprob) for i, t in zip(ids([t.token for t in c.top_logprobs]),
+                                                   c.top_logprobs)] for c in content])
+  assert all(bytes(c.bytes).decode() == c.token for c in content)
+  plain = client.chat.completions.create(model="test-model", messages=messages, max_tokens=5,
+                                         temperature=0)
+  assert plain.choices[0].logprobs is None
+
+
+def test_tokenize_and_detokenize(live, hf):
+  _, tokenizer = hf
+  code, got = post(live[0] + "/tokenize", json.dumps({"model": "test-model",
+                                                      "prompt": "w5 w17 w200"}))
+  assert code == 200 and got["tokens"] == tokenizer.encode("w5 w17 w200")
+  assert got["count"] == 3 and got["max_model_len"] == live[1].length
+  messages = [{"role": "user", "content": "w10"}]
+  code, chat = post(live[0] + "/tokenize", json.dumps({"messages": messages}))
+  want = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+  assert code == 200 and chat["tokens"] == (want["input_ids"] if hasattr(want, "keys") else want)
+  code, text = post(live[0] + "/detokenize", json.dumps({"tokens": got["tokens"]}))
+  assert code == 200 and text == {"prompt": "w5 w17 w200"}
+  code, bad = post(live[0] + "/detokenize", json.dumps({"tokens": [1, 999]}))
+  assert code == 400 and bad["error"]["param"] == "tokens"
 
 
 def test_seeded_sampling_is_repeatable_and_independent_of_neighbours(client):
@@ -253,6 +337,13 @@ BAD = [  # (body, status, what the error names)
     ({"model": "test-model", "prompt": [1], "n": 2}, 400, "n"),
     ({"model": "test-model", "prompt": [1], "stop": [1]}, 400, "stop"),
     ({"model": "test-model", "messages": "hi"}, 400, "messages"),
+    ({"model": "test-model", "prompt": [1], "logprobs": 21}, 400, "logprobs"),
+    ({"model": "test-model", "prompt": [1], "logprobs": True}, 400, "logprobs"),
+    ({"model": "test-model", "prompt": [1], "echo": True}, 400, "echo"),
+    ({"model": "test-model", "messages": [{"role": "user", "content": "w1"}], "logprobs": True,
+      "top_logprobs": 21}, 400, "top_logprobs"),
+    ({"model": "test-model", "messages": [{"role": "user", "content": "w1"}],
+      "top_logprobs": 2}, 400, "top_logprobs"),
 ]
 
 
@@ -388,7 +479,8 @@ def test_models_and_health(live):
 @pytest.mark.parametrize("data,model", [(8, 1), (1, 8)])
 def test_python_api_on_other_meshes(root, checkpoint, devices, hf, data, model):
   """The engine without HTTP; greedy equals transformers on data-only and model-only meshes,
-  with a static-batching engine giving the same tokens."""
+  with a static-batching engine giving the same tokens; so do log-probabilities (a
+  vocabulary whole, and split 8 ways)."""
   for policy in ("continuous", "static"):
     engine = engine_for(root, checkpoint, devices, f"mesh.data={data}", f"mesh.model={model}",
                         f"serve.max_slots={8 if data == 8 else SLOTS}",
@@ -399,6 +491,9 @@ def test_python_api_on_other_meshes(root, checkpoint, devices, hf, data, model):
       for stream, prompt, m in zip(streams, PROMPTS, MAX_TOKENS):
         tokens = [t for out in stream for t in out.token_ids]
         assert tokens == hf_greedy(hf[0], prompt, m)
+      if policy == "continuous":
+        engine_logprobs(hf[0], engine.generate([PROMPTS[3]], serve.Params(max_tokens=4,
+                                                                          logprobs=20))[0])
     finally:
       engine.stop()
 
@@ -496,6 +591,9 @@ def test_pipelined_engine(root, checkpoint, devices, hf, live, data, stage, mode
       assert stream.result().token_ids == hf_greedy(hf[0], prompt, 3)
     sampled = serve.Params(max_tokens=10, temperature=1.0, top_k=20, seed=3)
     piped = engine.generate([PROMPTS[1]], sampled)[0].token_ids
+    for params in (serve.Params(max_tokens=5, logprobs=4), dataclasses.replace(sampled,
+                                                                               logprobs=2)):
+      engine_logprobs(hf[0], engine.generate([PROMPTS[2]], params)[0])
     for span in engine.runner.spans:
       program = engine.runner.compiled["decode", True, span]
       census = inspect.hlo_census(program.as_text()).counts()
@@ -509,7 +607,8 @@ def test_pipelined_engine(root, checkpoint, devices, hf, live, data, stage, mode
 def test_decode_step_collectives(live):
   """The decode step on data=2 x model=4: two all-reduces per block, one for the
   vocab-parallel embedding and two for the greedy token over the vocab-parallel logits (the
-  largest logit, then the first column that holds it: [B] each); nothing is gathered."""
+  largest logit, then the first column that holds it: [B] each); nothing is gathered. The
+  sampled programs gather tokens and log-probability candidates only."""
   engine = live[1]
   layers = engine.generator.config.model.n_layers
   assert len(engine.runner.spans) > 1
@@ -518,9 +617,24 @@ def test_decode_step_collectives(live):
     census = inspect.hlo_census(program.as_text()).counts()
     assert census["all-reduce"]["count"] == 2 * layers + 1 + 2
     assert set(census) == {"all-reduce"}
-  for bucket in engine.runner.buckets:
-    census = inspect.hlo_census(engine.runner.compiled["prefill", bucket].as_text()).counts()
-    assert census.get("all-gather", {"bytes": 0})["bytes"] <= 64  # the sampler's, no cache
+  # The sampled programs (log-probabilities too) gather the tokens and each shard's
+  # TOP_LOGPROBS candidates, never a row of logits (V / 4 = 63 columns) or a cache.
+  from jaxpar.runtime.sampling import TOP_LOGPROBS
+  V = engine.generator.layout.vocab_multiple * -(-engine.vocab_size
+                                                  // engine.generator.layout.vocab_multiple)
+  sampled = [engine.runner.compiled["prefill", b] for b in engine.runner.buckets] + [
+      engine.runner.compiled["decode", False, span] for span in engine.runner.spans]
+  for program in sampled:
+    gathered = gathered_shapes(program.as_text())
+    assert gathered and all(V // 4 not in shape and V not in shape for shape in gathered)
+    assert max(math.prod(shape) for shape in gathered) <= SLOTS * 4 * TOP_LOGPROBS
+
+
+def gathered_shapes(hlo: str) -> list[tuple[int, ...]]:
+  """The result shapes of a program's all-gathers."""
+  import re
+  found = re.findall(r"= [a-z0-9]+\[([0-9,]*)\][^ ]* all-gather(?:-start)?\(", hlo)
+  return [tuple(int(n) for n in dims.split(",") if n) for dims in found]
 
 
 def start_server(root, checkpoint, *sets) -> tuple[subprocess.Popen, str]:

@@ -18,6 +18,7 @@ buffer without touching the others: a masked write of one slot, never a whole-bu
 (which copies the buffer every tick).
 """
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -48,8 +49,38 @@ def stage() -> jax.Array:
 
 
 def send(tree: Any, pairs: list[tuple[int, int]]) -> Any:
-  """One collective-permute of `tree` over `stage` (source, destination) pairs."""
-  return lax.ppermute(tree, STAGE, pairs)
+  """`tree` permuted over `stage` (source, destination) pairs in one collective-permute (its
+  leaves `pack`ed into one buffer). XLA:CPU gives the permutes of a tree the same rendezvous
+  key and runs independent collectives in any order on each device, so two permutes in a
+  tick could meet the wrong partners and wait forever (seen: a pipelined decode step's
+  activations and tokens, now and then)."""
+  leaves = jax.tree.leaves(tree)
+  if len(leaves) == 1:
+    return jax.tree.unflatten(jax.tree.structure(tree), [lax.ppermute(leaves[0], STAGE, pairs)])
+  return unpack(lax.ppermute(pack(tree), STAGE, pairs), tree)
+
+
+def pack(tree: Any) -> jax.Array:
+  """The leaves of `tree` (sharing their leading dim) as the bytes of one uint8 [rows, n]
+  array: what moves between devices moves in one collective."""
+  leaves = jax.tree.leaves(tree)
+  rows = leaves[0].shape[0]
+  as_bytes = lambda a: lax.bitcast_convert_type(a.reshape(rows, -1), jnp.uint8).reshape(rows, -1)
+  return jnp.concatenate([as_bytes(a) for a in leaves], axis=1)
+
+
+def unpack(packed: jax.Array, like: Any) -> Any:
+  """`pack`'s inverse: `like` gives the leaves' shapes and dtypes."""
+  leaves, out, at = jax.tree.leaves(like), [], 0
+  rows = packed.shape[0]
+  for a in leaves:
+    width = jnp.dtype(a.dtype).itemsize
+    n = math.prod(a.shape[1:]) * width
+    piece = packed[:, at:at + n]
+    piece = piece.reshape(rows, -1, width) if width > 1 else piece
+    out.append(lax.bitcast_convert_type(piece, a.dtype).reshape(a.shape))
+    at += n
+  return jax.tree.unflatten(jax.tree.structure(like), out)
 
 
 def run(tick: Callable[[jax.Array, jax.Array, Any, Any], tuple[Any, Any]], carry: Any,
@@ -67,7 +98,10 @@ def run(tick: Callable[[jax.Array, jax.Array, Any, Any], tuple[Any, Any]], carry
 
   def body(state, t):
     carry, msg = state
-    carry, out = tick(t, s, carry, msg)
+    # The send waits for the whole tick: XLA:CPU runs independent collectives in any order
+    # on each device, and a permute that one device starts before the last stage's
+    # all-reduces and its neighbour after them would wait forever.
+    carry, out = lax.optimization_barrier(tick(t, s, carry, msg))
     return (varying(carry), send(varying(out), ring)), None
 
   (carry, msg), _ = lax.scan(body, (varying(carry), varying(msg)), jnp.arange(ticks))

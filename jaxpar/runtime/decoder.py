@@ -39,7 +39,9 @@ buffer per layer).
         msg, ring = y, out[g]
 
 (`msg = ...` is what the ring sends to stage s + 1 after the tick: the tick functions never
-permute anything themselves.) Group g enters stage 0 at tick g and leaves the last stage at
+permute anything themselves. A program built `logprobs=True` also gives, beside each token,
+its `sampling.LogProbs`: `choose` computes them on the last stage, and they travel with the
+token.) Group g enters stage 0 at tick g and leaves the last stage at
 tick g + S - 1: in its own round for g = 0, in the next round for the others (`late`), whose
 `out` is the token of their previous entry. That token reaches stage 0 through `ring` exactly
 when the group's next step starts, so no stage waits (G = S). A prefill gives its rows a new
@@ -60,13 +62,14 @@ import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from jaxpar.axes import ACT_EMBED, BATCH, LAYERS, SEQ, STAGE
+from jaxpar.axes import ACT_EMBED, BATCH, LAYERS, SEQ, STAGE, VOCAB
 from jaxpar.errors import UserError
 from jaxpar.models.base import Step, run_blocks
 from jaxpar.parallel import pipeline, ring
 from jaxpar.rules import constrain, use_rules
-from jaxpar.runtime.slots import (Ring, Slots, State, advance, base_keys, cache_spec, choose,
-                                  copy_rows, empty_slots, new_caches)
+from jaxpar.runtime.slots import (Ring, Slots, State, advance, base_keys, blank_chosen,
+                                  cache_spec, choose, chosen_tokens, copy_rows, empty_slots,
+                                  new_caches)
 
 
 @dataclasses.dataclass
@@ -90,6 +93,7 @@ class Decoder:
     self.positions = self.length + self.pipelined  # a pipeline's trash slot
     self.scan = g.scan or self.pipelined  # a stage scans its layers
     self.width, self.dtype = m.d_model, jnp.dtype(m.dtype)  # the activations between stages
+    self.vocab_split = math.prod(g.mesh.shape[a] for a in g.rules.mesh_axes(VOCAB))
     if self.pipelined:
       self.Lc = pipeline.per_chunk(m.n_layers, stages=self.S)  # identity padding included
       self.active = pipeline.active(m.n_layers, stages=self.S)  # None, or [S, 1, Lc]
@@ -107,7 +111,7 @@ class Decoder:
       on = jnp.asarray(self.active[:, 0])[ring.stage()]
     return run_blocks(graphdef, layers, x_BTD, step, caches, scan=self.scan, active=on)
 
-  def _step_tick(self, parts, greedy: bool, span: int, rows, t, s, carry, msg):
+  def _step_tick(self, parts, choice: tuple, span: int, rows, t, s, carry, msg):
     (model, graphdef, layers), (caches, out), (x_msg, token_msg) = parts, carry, msg
     prev, keep, cur, fresh = rows  # [G, Bg] each on a pipeline; else cur only, [B]
     g = (t - s) % self.G
@@ -127,11 +131,11 @@ class Decoder:
     x_B1D = ring.first(s, embed, x_msg)
     y_B1D, new = self._layers(graphdef, layers, x_B1D, step, self._group(caches, g))
     caches = self._regroup(caches, g, new)
-    token_B = ring.last(s, self.S, lambda: choose(model.head(y_B1D)[:, 0], e.keys, e.counts,
-                                                  e.sampling, greedy=greedy))
-    return (caches, self._out(out, g, token_B, s == self.S - 1)), (y_B1D, token_B)
+    chosen = ring.last(s, self.S, lambda: self._choose(
+        choice, model.head(y_B1D)[:, 0], e.keys, e.counts, e.sampling))
+    return (caches, self._out(out, g, chosen, s == self.S - 1)), (y_B1D, chosen_tokens(chosen))
 
-  def _prefill_tick(self, parts, greedy: bool, reuse: bool, inputs, t, s, carry, msg):
+  def _prefill_tick(self, parts, choice: tuple, reuse: bool, inputs, t, s, carry, msg):
     (model, graphdef, layers), (caches, first) = parts, carry
     tokens_nRT, start, lengths_nR, src, slot, sampling_nR, keys_nR = inputs
     n, R, T = tokens_nRT.shape
@@ -154,10 +158,16 @@ class Decoder:
     caches = self._put_rows(caches, new, slot + i * R, valid)
     lengths_R = ring.pick(lengths_nR, i)
     last_RD = jnp.take_along_axis(y_RTD, (lengths_R - 1 - start)[:, None, None], axis=1)
-    token_R = ring.last(s, self.S, lambda: choose(
-        model.head(last_RD)[:, 0], ring.pick(keys_nR, i), jnp.zeros((R,), jnp.int32),
-        ring.pick(sampling_nR, i), greedy=greedy))
-    return (caches, self._out(first, i, token_R, valid & (s == self.S - 1))), y_RTD
+    chosen = ring.last(s, self.S, lambda: self._choose(
+        choice, model.head(last_RD)[:, 0], ring.pick(keys_nR, i), jnp.zeros((R,), jnp.int32),
+        ring.pick(sampling_nR, i)))
+    return (caches, self._out(first, i, chosen, valid & (s == self.S - 1))), y_RTD
+
+  def _choose(self, choice: tuple, logits_BV, keys_B, counts_B, sampling):
+    """`choose` as the program was asked: choice = (greedy, with log-probabilities)."""
+    greedy, logprobs = choice
+    return choose(logits_BV, keys_B, counts_B, sampling, greedy=greedy,
+                  logprobs=self.vocab_split if logprobs else 0)
 
   # ---- one group's caches and outputs ----
 
@@ -237,22 +247,24 @@ class Decoder:
   def _jit(self, fn):
     return jax.jit(fn, donate_argnums=(1,), out_shardings=(None, self.state_shardings()))
 
-  def prefill(self, rows: int, bucket: int, *, greedy: bool = False, reuse: bool = False):
+  def prefill(self, rows: int, bucket: int, *, greedy: bool = False, reuse: bool = False,
+              logprobs: bool = False):
     """The jitted prefill of `rows` prompts of up to `bucket` tokens (see the module
     docstring); `reuse`: one prompt that may continue a cached prefix (start > 0; without
-    stages). With rows = slots the state passed may be None: the prompts' rows become the
-    whole state."""
+    stages); `logprobs`: the first tokens come with their `LogProbs` ((first_R, LogProbs)).
+    With rows = slots the state passed may be None: the prompts' rows become the whole
+    state."""
     if reuse and self.pipelined:
       raise ValueError("a pipelined prefill starts every prompt at position 0 (no reuse)")
     n = rows // self.Bg if rows > self.Bg else 1
     R, S = rows // n, self.S
 
     def ticks(parts, caches, *inputs):
-      first = jnp.zeros((n, R), jnp.int32) if self.pipelined else None
+      first = blank_chosen((n, R), logprobs) if self.pipelined else None
       msg = ring.varying(jnp.zeros((R, bucket, self.width), self.dtype)) if S > 1 else None
-      tick = functools.partial(self._prefill_tick, parts, greedy, reuse, inputs)
+      tick = functools.partial(self._prefill_tick, parts, (greedy, logprobs), reuse, inputs)
       (caches, first), _ = ring.run(tick, (caches, first), msg, ticks=n + S - 1, stages=S)
-      return caches, first[None] if self.pipelined else first
+      return caches, ring.pack(first)[None] if self.pipelined else first  # one buffer out
 
     if self.pipelined:
       spec = self._cache_specs()
@@ -268,8 +280,10 @@ class Decoder:
       group = lambda a: a.reshape(n, R, *a.shape[1:])
       caches, first = body(params, state.caches, group(tokens_RT), start, group(lengths_R),
                            src, slot, jax.tree.map(group, sampling), group(keys_R))
-      first_R = first.reshape(rows) if not self.pipelined else first[S - 1].reshape(rows)
-      fresh = Slots(first_R, lengths_R, jnp.ones((rows,), jnp.int32), sampling, keys_R)
+      if self.pipelined:
+        first = ring.unpack(first[S - 1], blank_chosen((n, R), logprobs))
+      first_R = _rows(first, rows, 1 + self.pipelined)
+      fresh = Slots(chosen_tokens(first_R), lengths_R, jnp.ones((rows,), jnp.int32), sampling, keys_R)
       if state.slots is None:  # every row prefilled: the new rows are the state
         return first_R, State(caches, fresh)
       at = slot + jnp.arange(rows)
@@ -280,32 +294,32 @@ class Decoder:
       return first_R, State(caches, slots, r)
     return self._jit(run)
 
-  def step_fn(self, *, greedy: bool, span: int):
+  def step_fn(self, *, greedy: bool, span: int, logprobs: bool = False):
     """One decode step of every row, traced (a loop or a program calls it):
     (params, state) -> (out_B, state); `out_B[b]` is the token of row b's entry of this step,
-    of the step before for `late` rows."""
+    of the step before for `late` rows (with `logprobs`: (tokens, their `LogProbs`))."""
     S, G, Bg = self.S, self.G, self.Bg
 
     def ticks(parts, caches, prev, keep, cur, fresh, x_msg, token_msg):
       rows = (prev, keep, cur, fresh)
       if S > 1:
         rows = jax.tree.map(lambda a: a.reshape(G, Bg, *a.shape[1:]), rows)
-      tick = functools.partial(self._step_tick, parts, greedy, span, rows)
+      tick = functools.partial(self._step_tick, parts, (greedy, logprobs), span, rows)
       out, msg = None, (None, None)
       if S > 1:
-        out, msg = jnp.zeros((G, Bg), jnp.int32), (x_msg[0], token_msg[0])
+        out, msg = blank_chosen((G, Bg), logprobs), (x_msg[0], token_msg[0])
       (caches, out), (x_msg, token_msg) = ring.run(tick, (caches, out), msg, ticks=G,
                                                    stages=S)
       if S == 1:
         return caches, out
-      return caches, x_msg[None], token_msg[None], out[None]
+      return caches, x_msg[None], token_msg[None], ring.pack(out)[None]  # one buffer out
 
     if not self.pipelined:
       body = self._plain(ticks)
 
       def step(params, state):
         caches, out_B = body(params, state.caches, None, None, state.slots, None, None, None)
-        return out_B, State(caches, advance(state.slots, out_B, self.length))
+        return out_B, State(caches, advance(state.slots, chosen_tokens(out_B), self.length))
       return step
 
     spec = self._cache_specs()
@@ -316,14 +330,14 @@ class Decoder:
       r = state.ring
       caches, x_msg, token_msg, out = body(params, state.caches, r.prev, r.keep, state.slots,
                                            r.fresh, r.msg, r.token)
-      out_B = out[S - 1].reshape(-1)
+      out_B = _rows(ring.unpack(out[S - 1], blank_chosen((G, Bg), logprobs)), self.slots, 2)
       r = Ring(state.slots, jnp.ones_like(r.keep), jnp.zeros_like(r.fresh), x_msg, token_msg)
-      return out_B, State(caches, advance(state.slots, out_B, self.length), r)
+      return out_B, State(caches, advance(state.slots, chosen_tokens(out_B), self.length), r)
     return step
 
-  def step(self, *, greedy: bool, span: int):
+  def step(self, *, greedy: bool, span: int, logprobs: bool = False):
     """The jitted step (`step_fn`), the state donated."""
-    return self._jit(self.step_fn(greedy=greedy, span=span))
+    return self._jit(self.step_fn(greedy=greedy, span=span, logprobs=logprobs))
 
   # ---- the state ----
 
@@ -382,3 +396,8 @@ class Decoder:
         return program()
       return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           jax.eval_shape(self._make_empty), program.output_shardings)
+
+
+def _rows(chosen, rows: int, lead: int):
+  """`chosen` ([n, R, ...] when lead = 2, else [R, ...]) as [rows, ...]."""
+  return jax.tree.map(lambda a: a.reshape(rows, *a.shape[lead:]), chosen)

@@ -1,4 +1,5 @@
-"""Choosing the next token from logits: greedy, temperature, top-k, top-p.
+"""Choosing the next token from logits (greedy, temperature, top-k, top-p), and the
+log-probabilities of what was chosen and of its likeliest alternatives.
 
 Random draws are keyed by (seed, prompt row, step) only, never by device or pipeline group,
 so the same seed gives the same tokens on every mesh.
@@ -10,6 +11,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import PartitionSpec as P
+
+from jaxpar.axes import BATCH, VOCAB
+from jaxpar.rules import active_rules, constrain
+
+TOP_LOGPROBS = 20  # the most alternatives a token's log-probabilities give (OpenAI's limit)
 
 
 @jax.tree_util.register_dataclass  # a program argument too (the server's per-row settings)
@@ -113,3 +120,61 @@ def filter_logits(logits_BV: jax.Array, s: Sampling) -> jax.Array:
     cut_B = jnp.where(top_p < 1, cut_B, jnp.uint32(0))
     logits_BV = jnp.where(keys_BV >= cut_B[:, None], logits_BV, low)
   return logits_BV
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class LogProbs:
+  """Log-probabilities under the model's distribution (log-softmax of the logits, before
+  temperature and filtering, as vLLM reports them): of each row's chosen token [B], and the
+  TOP_LOGPROBS likeliest tokens [B, K] (ids and values, likeliest first)."""
+  token: jax.Array
+  top_ids: jax.Array
+  top: jax.Array
+
+
+def log_probs(logits_BV: jax.Array, tokens_B: jax.Array, *, split: int,
+              k: int = TOP_LOGPROBS) -> LogProbs:
+  """`LogProbs` of float32 logits (padding columns at the float minimum) whose vocabulary is
+  split `split` ways over `model` (1: whole on each device). Split, the normaliser and the
+  chosen column are reductions (all-reduces of [B]); each shard takes the top k of its own
+  columns and only those split * k candidates of a row are gathered (one all-gather, the
+  ids bit-cast beside the values), never the row. The collectives run one after another,
+  after the token is chosen (`lax.optimization_barrier`): XLA:CPU runs independent
+  collectives in any order on each device, and devices that pick different orders wait
+  for each other forever."""
+  B, V = logits_BV.shape
+  logits_BV, tokens_B = lax.optimization_barrier((logits_BV, tokens_B))
+  lse_B = jax.nn.logsumexp(logits_BV, axis=-1)
+  logits_BV, lse_B = lax.optimization_barrier((logits_BV, lse_B))
+  chosen_BV = jnp.arange(V, dtype=jnp.int32) == tokens_B[:, None]
+  token_B = jnp.sum(jnp.where(chosen_BV, logits_BV, 0.0), axis=-1) - lse_B
+  logits_BV, token_B = lax.optimization_barrier((logits_BV, token_B))
+  if split == 1:
+    top_Bk, ids_Bk = lax.top_k(logits_BV, k)
+    return LogProbs(token_B, ids_Bk, top_Bk - lse_B[:, None])
+  shards_BMW = constrain(logits_BV.reshape(B, split, V // split), (BATCH, VOCAB, None))
+  top_BMk, local_BMk = _shard_top_k(shards_BMW, k)
+  ids_BMk = local_BMk + (jnp.arange(split, dtype=jnp.int32) * (V // split))[None, :, None]
+  both_BMk2 = jnp.stack([top_BMk, lax.bitcast_convert_type(ids_BMk, jnp.float32)], axis=-1)
+  both_BMk2 = constrain(both_BMk2, (BATCH, None, None, None))
+  top_Bn, ids_Bn = both_BMk2[..., 0].reshape(B, split * k), lax.bitcast_convert_type(
+      both_BMk2[..., 1], jnp.int32).reshape(B, split * k)
+  top_Bk, at_Bk = lax.top_k(top_Bn, k)
+  ids_Bk = jnp.take_along_axis(ids_Bn, at_Bk, axis=-1)
+  return LogProbs(token_B, ids_Bk, top_Bk - lse_B[:, None])
+
+
+def _shard_top_k(x_BMW: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """`lax.top_k` over the last dim, each device on its own rows and its own shard of the
+  middle dim (split like the vocabulary): by hand, since XLA's partitioner gathers a
+  top-k's operand whichever dim is split."""
+  mesh, rules = jax.sharding.get_abstract_mesh(), active_rules()
+  auto = {n for n, t in zip(mesh.axis_names, mesh.axis_types)
+          if t != jax.sharding.AxisType.Manual and mesh.shape[n] > 1}
+  rows, split = ([a for a in rules.mesh_axes(name) if a in auto] for name in (BATCH, VOCAB))
+  if not split:
+    return lax.top_k(x_BMW, k)
+  spec = P(tuple(rows) or None, tuple(split))
+  return jax.shard_map(lambda x: tuple(lax.top_k(x, k)), in_specs=spec, out_specs=(spec, spec),
+                       axis_names=set(rows) | set(split))(x_BMW)

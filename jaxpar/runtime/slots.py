@@ -16,7 +16,7 @@ from jax import lax
 from jaxpar.axes import LAYERS
 from jaxpar.models.base import cache_leaf
 from jaxpar.rules import constrain
-from jaxpar.runtime.sampling import Sampling, likeliest, sample
+from jaxpar.runtime.sampling import TOP_LOGPROBS, LogProbs, Sampling, likeliest, log_probs, sample
 
 
 @jax.tree_util.register_dataclass
@@ -92,11 +92,31 @@ def request_keys(seeds_B: jax.Array, counts_B: jax.Array) -> jax.Array:
 
 
 def choose(logits_BV: jax.Array, keys_B: jax.Array, counts_B: jax.Array,
-           sampling: Sampling, *, greedy: bool) -> jax.Array:
-  """Next tokens [B]: the likeliest (`greedy`, every row greedy), or drawn per row."""
+           sampling: Sampling, *, greedy: bool, logprobs: int = 0):
+  """Next tokens [B]: the likeliest (`greedy`, every row greedy), or drawn per row. With
+  `logprobs` (the ways the vocabulary is split, > 0): (tokens, their `LogProbs`)."""
   if greedy:
-    return likeliest(logits_BV)
-  return sample(logits_BV, token_keys(keys_B, counts_B), sampling)
+    tokens_B = likeliest(logits_BV)
+  else:
+    tokens_B = sample(logits_BV, token_keys(keys_B, counts_B), sampling)
+  if not logprobs:
+    return tokens_B
+  return tokens_B, log_probs(logits_BV, tokens_B, split=logprobs)
+
+
+def chosen_tokens(chosen) -> jax.Array:
+  """The tokens of what `choose` returned."""
+  return chosen[0] if isinstance(chosen, tuple) else chosen
+
+
+def blank_chosen(lead: tuple, logprobs: bool):
+  """Zeros shaped like `choose`'s result for rows `lead` (e.g. (groups, rows))."""
+  tokens = jnp.zeros(lead, jnp.int32)
+  if not logprobs:
+    return tokens
+  top = (*lead, TOP_LOGPROBS)
+  return tokens, LogProbs(jnp.zeros(lead, jnp.float32), jnp.zeros(top, jnp.int32),
+                          jnp.zeros(top, jnp.float32))
 
 
 def cache_spec(gen, batch: int, length: int) -> dict:

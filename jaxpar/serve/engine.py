@@ -21,10 +21,10 @@ owns the device state; one step of it:
       deliver(runner.prefill(p))                     # its first token comes next step
 
     deliver(events):
-      for row, owner, token in events:
+      for row, owner, token, logprobs in events:
         if owner is scheduler.running[row]:          # else it ended with a step in flight
           scheduler.cache(row, owner's previous token)   # the prefix index
-          output.accept(owner, token)                # may end it -> release(owner)
+          output.accept(owner, token, logprobs)      # may end it -> release(owner)
 
     release(request):                                # output.finish's `on_finish`
       row = scheduler.release(request); runner.release(row)
@@ -177,11 +177,11 @@ class Engine:
       self._deliver(events)
 
   def _deliver(self, events: "list[Event]") -> None:
-    for row, owner, token in events:
+    for row, owner, token, logprobs in events:
       if owner is self.scheduler.running[row]:  # else it ended while this step was in flight
         # The step that made `token` wrote the previous token's keys and values.
         self.scheduler.cache(row, owner.token_ids[-1:])
-        self.output.accept(owner, token)
+        self.output.accept(owner, token, logprobs)
 
   def _release(self, stream: Stream) -> None:
     row = self.scheduler.release(stream)

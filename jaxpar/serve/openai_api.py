@@ -1,8 +1,10 @@
 """The OpenAI request and response bodies: checked field by field, with errors in OpenAI's own
 shape ({"error": {"message", "type", "param", "code"}}), and the chat template.
 
-Only what the engine can honour is accepted: `n` > 1, `logprobs`, `echo`, `best_of` and the
-penalties are refused by name rather than ignored.
+Only what the engine can honour is accepted: `n` > 1, `echo`, `best_of` and the penalties
+are refused by name rather than ignored. Log-probabilities come in OpenAI's two shapes:
+`logprobs: N` on completions (tokens, token_logprobs, top_logprobs, text_offset), `logprobs:
+true` with `top_logprobs: N` on chat ({"content": [{token, logprob, bytes, top_logprobs}]}).
 """
 
 import dataclasses
@@ -12,12 +14,11 @@ import os
 import time
 import uuid
 
-from jaxpar.serve.request import Params
+from jaxpar.serve.request import MAX_LOGPROBS, Params, TokenLogprobs
 
 # Options this server cannot honour, with the values (besides null) that ask for nothing
 # and are accepted: what clients send by default.
-_UNSUPPORTED = {"n": (1,), "best_of": (1,), "logprobs": (False,), "top_logprobs": (0,),
-                "echo": (False,), "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0),
+_UNSUPPORTED = {"n": (1,), "best_of": (1,), "echo": (False,), "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0),
                 "logit_bias": ({},), "suffix": ("",), "tools": ([],), "tool_choice": ("none",),
                 "functions": ([],), "response_format": ({"type": "text"},)}
 
@@ -117,11 +118,28 @@ def sampling_params(body: dict, limits: Limits, *, prompt_len: int,
       or not all(isinstance(s, str) and s for s in stop)):
     raise ApiError(400, f"stop={json.dumps(body.get('stop'))} is invalid: expected a string "
                    f"or a list of up to 4 non-empty strings", param="stop")
+  logprobs = _logprobs(body, chat=chat)
   stream = _field(body, "stream", bool, False, expect="true or false")
   options = _field(body, "stream_options", dict, {}, expect="an object")
   params = Params(max_tokens=max_tokens, temperature=float(temperature), top_k=top_k,
-                  top_p=float(top_p), seed=seed, stop=tuple(stop))
+                  top_p=float(top_p), seed=seed, stop=tuple(stop), logprobs=logprobs)
   return params, stream, bool(options.get("include_usage"))
+
+
+def _logprobs(body: dict, *, chat: bool) -> int | None:
+  """How many alternatives per token the request asks for (None: no log-probabilities):
+  completions' `logprobs: N`; chat's `logprobs: true` with `top_logprobs: N` (0 without)."""
+  count = f"an integer from 0 to {MAX_LOGPROBS}"
+  in_range = lambda v: 0 <= v <= MAX_LOGPROBS
+  if not chat:
+    if body.get("logprobs") is False:  # what some clients send for "none"
+      return None
+    return _field(body, "logprobs", int, None, check=in_range, expect=count)
+  wanted = _field(body, "logprobs", bool, False, expect="true or false")
+  top = _field(body, "top_logprobs", int, None, check=in_range, expect=count)
+  if top and not wanted:
+    raise ApiError(400, f"top_logprobs={top} needs logprobs=true", param="top_logprobs")
+  return (top or 0) if wanted else None
 
 
 def completion_prompt(body: dict, tokenizer) -> list[int]:
@@ -139,6 +157,32 @@ def completion_prompt(body: dict, tokenizer) -> list[int]:
     return prompt
   raise ApiError(400, f"prompt is invalid: expected a string or a non-empty list of token ids "
                  f"(one prompt per request), got {json.dumps(prompt)[:80]}", param="prompt")
+
+
+def text_tokens(body: dict, tokenizer) -> list[int]:
+  """/tokenize's `prompt` (text) as token ids; `add_special_tokens` (default true)."""
+  prompt = body.get("prompt")
+  if not isinstance(prompt, str):
+    raise ApiError(400, f"prompt is invalid: expected a string (or give \"messages\"), got "
+                   f"{json.dumps(prompt)[:80]}", param="prompt")
+  if tokenizer is None:
+    raise ApiError(400, "the checkpoint has no tokenizer.json: nothing to tokenize with",
+                   param="prompt")
+  special = _field(body, "add_special_tokens", bool, True, expect="true or false")
+  return tokenizer.encode(prompt, add_special_tokens=special).ids
+
+
+def detokenize(body: dict, tokenizer, vocab_size: int) -> str:
+  """/detokenize's `tokens` as text."""
+  tokens = body.get("tokens")
+  if not (isinstance(tokens, list) and all(isinstance(t, int) and not isinstance(t, bool)
+                                           and 0 <= t < vocab_size for t in tokens)):
+    raise ApiError(400, f"tokens is invalid: expected a list of token ids from 0 to "
+                   f"{vocab_size - 1}, got {json.dumps(tokens)[:80]}", param="tokens")
+  if tokenizer is None:
+    raise ApiError(400, "the checkpoint has no tokenizer.json: nothing to detokenize with",
+                   param="tokens")
+  return tokenizer.decode(tokens, skip_special_tokens=False)
 
 
 def chat_prompt(body: dict, template, tokenizer) -> list[int]:
@@ -233,14 +277,35 @@ def usage(prompt: int, completion: int) -> dict:
 
 
 def choice(chat: bool, text: str, token_ids: list[int], finish: str | None, *,
-           delta: bool) -> dict:
-  """One choice; `token_ids` is jaxpar's addition (the text's tokens, EOS included)."""
-  out = {"index": 0, "finish_reason": finish, "token_ids": token_ids}
+           delta: bool, logprobs: dict | None = None) -> dict:
+  """One choice; `token_ids` is jaxpar's addition (the text's tokens, EOS included);
+  `logprobs` from `completion_logprobs` or `chat_logprobs`."""
+  out = {"index": 0, "finish_reason": finish, "token_ids": token_ids, "logprobs": logprobs}
   if not chat:
-    return {**out, "text": text, "logprobs": None}
+    return {**out, "text": text}
   if delta:
     return {**out, "delta": {"content": text} if text else {}}
   return {**out, "message": {"role": "assistant", "content": text}}
+
+
+def completion_logprobs(entries: list[TokenLogprobs], token_ids: list[int], token_text,
+                        offset: int = 0) -> dict:
+  """Completions' shape: each token's text, log-probability, {text: log-probability} of its
+  alternatives, and where its text starts (from `offset`, in the completion's text)."""
+  tokens = [token_text(t) for t in token_ids]
+  starts = [offset + sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+  return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
+          "top_logprobs": [{token_text(i): v for i, v in e.top} for e in entries],
+          "text_offset": starts}
+
+
+def chat_logprobs(entries: list[TokenLogprobs], token_ids: list[int], token_text) -> dict:
+  """Chat's shape: {"content": [{token, logprob, bytes, top_logprobs: [...]}]}."""
+  def item(token: int, logprob: float) -> dict:
+    text = token_text(token)
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+  return {"content": [{**item(t, e.logprob), "top_logprobs": [item(i, v) for i, v in e.top]}
+                      for t, e in zip(token_ids, entries)], "refusal": None}
 
 
 def envelope(chat: bool, rid: str, model: str, choices: list[dict], *, chunk: bool) -> dict:

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 
 from jaxpar.serve.metrics import Metrics
-from jaxpar.serve.request import Output, Stream
+from jaxpar.serve.request import Output, Stream, TokenLogprobs
 
 
 class OutputProcessor:
@@ -21,13 +21,18 @@ class OutputProcessor:
     self.eos_ids, self.detokenize = set(eos_ids), detokenize
     self.metrics, self.on_finish = metrics, on_finish
 
-  def accept(self, stream: Stream, token: int) -> None:
-    """The next token of `stream`: recorded, streamed, maybe its last."""
+  def accept(self, stream: Stream, token: int, logprobs: TokenLogprobs | None = None) -> None:
+    """The next token of `stream` (and its log-probabilities, when the request asks for
+    them): recorded, streamed, maybe its last."""
     now = time.perf_counter()
     if stream.first_token_at is None:
       stream.first_token_at = now
       self.metrics.first_token(now - stream.submitted)
     stream.token_ids.append(token)
+    lps = None
+    if stream.logprobs is not None:
+      lps = [logprobs]
+      stream.logprobs.append(logprobs)
     self.metrics.tokens(1)
     reason = None
     if token in self.eos_ids:
@@ -38,9 +43,9 @@ class OutputProcessor:
     if hit:
       reason = "stop"
     if reason is None:
-      stream._listener(Output([token], text))
+      stream._listener(Output([token], text, logprobs=lps))
       return
-    self.finish(stream, reason, token_ids=[token], text=text)
+    self.finish(stream, reason, token_ids=[token], text=text, logprobs=lps)
 
   def text(self, stream: Stream, *, final: bool) -> tuple[str, bool]:
     """The new text to send, and whether a stop string ended the request. Text that may be
@@ -63,7 +68,8 @@ class OutputProcessor:
     stream._sent_text = ready
     return new, hit
 
-  def finish(self, stream: Stream, reason: str, *, token_ids=(), text: str = "") -> None:
+  def finish(self, stream: Stream, reason: str, *, token_ids=(), text: str = "",
+             logprobs: list[TokenLogprobs] | None = None) -> None:
     """Ends `stream` with `reason`: its row frees (`on_finish`), then its last Output."""
     stream.finish_reason = reason
     stream.finished_at = time.perf_counter()
@@ -72,4 +78,4 @@ class OutputProcessor:
       per_token = (stream.finished_at - stream.first_token_at) / (len(stream.token_ids) - 1)
       self.metrics.token_time(per_token)
     self.metrics.finished(reason)
-    stream._listener(Output(list(token_ids), text, reason))
+    stream._listener(Output(list(token_ids), text, reason, logprobs))

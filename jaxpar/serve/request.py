@@ -16,16 +16,29 @@ class RequestError(ValueError):
     self.param, self.status = param, status
 
 
+MAX_LOGPROBS = 20  # alternatives per token, at most (jaxpar.runtime.sampling.TOP_LOGPROBS)
+
+
 @dataclasses.dataclass(frozen=True)
 class Params:
   """How one request is decoded: up to `max_tokens` new tokens (EOS and stop strings end it
-  sooner), greedy when `temperature` is 0; `seed` makes sampling repeatable."""
+  sooner), greedy when `temperature` is 0; `seed` makes sampling repeatable; `logprobs`
+  (0 to 20) gives each new token's log-probability and that many likeliest alternatives."""
   max_tokens: int = 16
   temperature: float = 0.0
   top_k: int = 0
   top_p: float = 1.0
   seed: int | None = None
   stop: tuple[str, ...] = ()
+  logprobs: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenLogprobs:
+  """A new token's log-probability under the model (before temperature and filtering) and
+  the likeliest tokens' [(token id, log-probability)], likeliest first."""
+  logprob: float
+  top: list[tuple[int, float]]
 
 
 @dataclasses.dataclass
@@ -35,6 +48,7 @@ class Output:
   token_ids: list[int]
   text: str
   finish_reason: str | None = None
+  logprobs: list[TokenLogprobs] | None = None  # one per token id, when the request asks
 
 
 class Stream:
@@ -44,6 +58,7 @@ class Stream:
                listener: Callable[[Output], None] | None):
     self.id, self.prompt, self.params = rid, prompt, params
     self.token_ids: list[int] = []
+    self.logprobs: list[TokenLogprobs] | None = [] if params.logprobs is not None else None
     self.text = ""
     self.finish_reason: str | None = None
     self.submitted = time.perf_counter()
@@ -94,6 +109,9 @@ def check(prompt: list[int], params: Params, *, vocab_size: int, length: int,
     raise RequestError(f"temperature={params.temperature}, top_k={params.top_k}, top_p="
                        f"{params.top_p}: need temperature >= 0, top_k >= 0 and "
                        f"0 < top_p <= 1", param="temperature")
+  if params.logprobs is not None and not 0 <= params.logprobs <= MAX_LOGPROBS:
+    raise RequestError(f"logprobs={params.logprobs}: expected 0 to {MAX_LOGPROBS} "
+                       f"alternatives per token", param="logprobs")
   if params.stop and not can_detokenize:
     raise RequestError("stop strings need a tokenizer (tokenizer.json in the checkpoint)",
                        param="stop")

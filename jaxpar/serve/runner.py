@@ -3,8 +3,9 @@
 A runner owns the device state (KV caches, the rows' decoding state) and every compiled
 program; it compiles them all when it is made, so that no request compiles anything. The
 engine asks it for one decode step over the running rows and one prefill per `Placement`, and
-gets back `(row, owner, token)` events: `token` was made for the request `owner` in `row`
-(the engine drops it when `owner` no longer holds the row). `Runner` runs the slot decoder
+gets back `(row, owner, token, logprobs)` events: `token` was made for the request `owner` in
+`row` (the engine drops it when `owner` no longer holds the row); `logprobs` is the token's
+`TokenLogprobs` when the request asked for them, else None. `Runner` runs the slot decoder
 (`jaxpar.runtime.decoder`) on any mesh, pipelined included; `RunnerLike` is what the engine
 needs of one (tests give it fakes).
 """
@@ -21,10 +22,10 @@ import numpy as np
 from jaxpar.distributed import say
 from jaxpar.runtime.decoder import Decoder
 from jaxpar.runtime.sampling import Sampling
-from jaxpar.serve.request import Stream
+from jaxpar.serve.request import Stream, TokenLogprobs
 from jaxpar.serve.scheduler import Placement
 
-Event = tuple[int, Stream, int]  # (row, the request that owned it, its token)
+Event = tuple[int, Stream, int, "TokenLogprobs | None"]  # (row, its owner, token, logprobs)
 
 
 class RunnerLike(Protocol):
@@ -104,7 +105,9 @@ def compiling(count: int, prompt_buckets: tuple[int, ...], steps: str, *, progre
 
 class Runner:
   """The slot decoder: one prefill program per prompt bucket (from a cached prefix or not,
-  without stages) and a greedy and a sampled decode step per attention span.
+  without stages) and a greedy and a sampled decode step per attention span. The prefill and
+  the sampled step also give each token's log-probabilities; a step runs greedy only when
+  every running row is greedy and none asks for them.
 
   The decode step's inputs live on the devices, so step t is queued before the host reads
   step t-1's tokens, and the devices decode while the host streams. A request that ends on
@@ -123,6 +126,7 @@ class Runner:
     # The host's copy of the rows' positions and temperatures (which span, greedy or not).
     self._positions = np.zeros(self.slots, np.int32)
     self._temperature = np.zeros(self.slots, np.float32)
+    self._logprobs = np.zeros(self.slots, bool)  # the row's request asks for them
     self.reset()
 
   def reset(self) -> None:
@@ -138,7 +142,8 @@ class Runner:
     rows = [b for b, s in enumerate(running) if s is not None]
     queued = []
     if rows:
-      greedy = all(self._temperature[b] == 0 for b in rows)
+      # The sampled step also gives log-probabilities (and draws nothing for greedy rows).
+      greedy = all(self._temperature[b] == 0 and not self._logprobs[b] for b in rows)
       last = min(max(self._positions[b] for b in rows), self.length - 1)
       span = next(t for t in self.spans if t > last)
       next_B, self._state = self.compiled["decode", greedy, span](self.generator.params,
@@ -151,10 +156,16 @@ class Runner:
       queued = [(next_B, owners)]
     pending, self._firsts, self._queued = [*self._firsts, *self._queued], [], queued
     events = []
-    for tokens, owners in pending:
+    for chosen, owners in pending:
+      tokens, logprobs = (chosen, None) if not isinstance(chosen, tuple) else chosen
       tokens = np.asarray(tokens).reshape(-1)
-      events += [(b, owner, int(tokens[b if tokens.size > 1 else 0]))
-                 for b, owner in owners.items()]
+      if logprobs is not None and any(o.params.logprobs is not None for o in owners.values()):
+        logprobs = jax.tree.map(np.asarray, logprobs)
+      else:
+        logprobs = None
+      for b, owner in owners.items():
+        at = b if tokens.size > 1 else 0
+        events.append((b, owner, int(tokens[at]), _token_logprobs(logprobs, at, owner)))
     return events
 
   def prefill(self, placement: Placement) -> list[Event]:
@@ -172,11 +183,12 @@ class Runner:
         np.int32(placement.source), np.int32(b), jax.tree.map(one, sampling), one(seed),
         one(np.int32(-1)))
     self._positions[b], self._temperature[b] = P, stream.params.temperature
+    self._logprobs[b] = stream.params.logprobs is not None
     self._firsts.append((first, {b: stream}))  # read after the next step is queued
     return []
 
   def release(self, row: int) -> None:
-    self._positions[row] = self._temperature[row] = 0
+    self._positions[row] = self._temperature[row] = self._logprobs[row] = 0
 
   def _compile(self, progress: bool) -> dict:
     d, g = self.decoder, self.generator
@@ -188,13 +200,24 @@ class Runner:
       state = d.empty_state(abstract=True)
       one = lambda a: jax.ShapeDtypeStruct((1,), a.dtype)
       for bucket in self.buckets:
-        compiled["prefill", bucket] = d.prefill(1, bucket, reuse=self.prefix_reuse).lower(
+        compiled["prefill", bucket] = d.prefill(1, bucket, reuse=self.prefix_reuse,
+                                                logprobs=True).lower(
             g.params, state, jax.ShapeDtypeStruct((1, bucket), jnp.int32), scalar(jnp.int32),
             one(scalar(jnp.int32)), scalar(jnp.int32), scalar(jnp.int32),
             jax.tree.map(one, abstract_sampling()), one(scalar(jnp.uint32)),
             one(scalar(jnp.int32))).compile()
       for greedy in (True, False):
         for span in self.spans:
-          compiled["decode", greedy, span] = d.step(greedy=greedy, span=span).lower(
+          compiled["decode", greedy, span] = d.step(greedy=greedy, span=span,
+                                                    logprobs=not greedy).lower(
               g.params, state).compile()
     return compiled
+
+
+def _token_logprobs(logprobs, at: int, owner: Stream) -> TokenLogprobs | None:
+  """Row `at`'s log-probabilities (host arrays), as many alternatives as `owner` asks for."""
+  n = owner.params.logprobs
+  if logprobs is None or n is None:
+    return None
+  top = [(int(i), float(v)) for i, v in zip(logprobs.top_ids[at, :n], logprobs.top[at, :n])]
+  return TokenLogprobs(float(logprobs.token[at]), top)

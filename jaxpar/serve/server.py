@@ -2,6 +2,7 @@
 
     POST /v1/completions        prompt as text or token ids; "stream": true for server-sent events
     POST /v1/chat/completions   messages through the checkpoint's chat template
+    POST /tokenize, /detokenize text (or chat messages) to token ids and back, as vLLM
     GET  /v1/models, /health, /metrics (Prometheus)
 
 Each request is queued on the engine with a listener that hands its Outputs to the request's
@@ -66,6 +67,24 @@ def make_app(engine: Engine, *, limits: api.Limits, tokenizer=None, template=Non
   async def chat_completions(request: Request):
     return await handler(request, chat=True)
 
+  @app.post("/tokenize")
+  async def tokenize(request: Request):
+    body = api.parse_json(await handler._read(request))
+    if "model" in body:
+      api.check_model(body, limits)
+    chat = "messages" in body
+    tokens = await asyncio.to_thread(
+        *(api.chat_prompt, body, template, tokenizer) if chat else
+        (api.text_tokens, body, tokenizer))
+    return {"count": len(tokens), "max_model_len": limits.context, "tokens": tokens}
+
+  @app.post("/detokenize")
+  async def detokenize(request: Request):
+    body = api.parse_json(await handler._read(request))
+    if "model" in body:
+      api.check_model(body, limits)
+    return {"prompt": api.detokenize(body, tokenizer, engine.vocab_size)}
+
   return app
 
 
@@ -75,6 +94,20 @@ class _Completions:
   def __init__(self, engine: Engine, limits: api.Limits, tokenizer, template, log: bool):
     self.engine, self.limits, self.log = engine, limits, log
     self.tokenizer, self.template = tokenizer, template
+
+  def token_text(self, token: int) -> str:
+    """A token's own text (log-probabilities name tokens by it), `token_id:N` without a
+    tokenizer."""
+    if self.tokenizer is None:
+      return f"token_id:{token}"
+    return self.tokenizer.decode([token], skip_special_tokens=False)
+
+  def _logprobs(self, chat: bool, entries, token_ids: list[int], offset: int = 0):
+    if entries is None:
+      return None
+    if chat:
+      return api.chat_logprobs(entries, token_ids, self.token_text)
+    return api.completion_logprobs(entries, token_ids, self.token_text, offset)
 
   async def __call__(self, request: Request, *, chat: bool):
     body = api.parse_json(await self._read(request))
@@ -138,7 +171,8 @@ class _Completions:
       raise _engine_failed()
     if stream.finish_reason == "cancelled":  # by the server: the client is still here
       raise _shut_down(stream)
-    choice = api.choice(chat, stream.text, stream.token_ids, stream.finish_reason, delta=False)
+    choice = api.choice(chat, stream.text, stream.token_ids, stream.finish_reason, delta=False,
+                        logprobs=self._logprobs(chat, stream.logprobs, stream.token_ids))
     result = api.envelope(chat, rid, self.limits.model, [choice], chunk=False)
     result["usage"] = api.usage(len(stream.prompt), len(stream.token_ids))
     return result
@@ -154,6 +188,7 @@ class _Completions:
         first = {"index": 0, "delta": {"role": "assistant", "content": ""},
                  "finish_reason": None}
         yield event(api.envelope(chat, rid, model, [first], chunk=True))
+      offset = 0  # where the next token's text starts (completions' text_offset)
       while True:
         out: Output = await outputs.get()
         if out.finish_reason in ("error", "cancelled"):  # cancelled by the server: shutdown
@@ -162,7 +197,11 @@ class _Completions:
           yield "data: [DONE]\n\n"
           break
         if out.text or out.token_ids or out.finish_reason:
-          choice = api.choice(chat, out.text, out.token_ids, out.finish_reason, delta=True)
+          logprobs = self._logprobs(chat, out.logprobs, out.token_ids, offset)
+          if logprobs is not None and not chat:
+            offset += sum(map(len, logprobs["tokens"]))
+          choice = api.choice(chat, out.text, out.token_ids, out.finish_reason, delta=True,
+                              logprobs=logprobs)
           yield event(api.envelope(chat, rid, model, [choice], chunk=True))
         if out.finish_reason is not None:
           if include_usage:
