@@ -18,6 +18,7 @@ Saves are atomic: everything is written to `OUT.partial` and renamed to `OUT` on
 another path; a directory without jaxpar.json is refused as incomplete.
 """
 
+import asyncio
 import json
 import logging
 import os
@@ -272,8 +273,16 @@ def _silence_pending_reads() -> None:
     # through `call_soon_threadsafe`, and Python prints the error it raises.
     if not (kind is RuntimeError and str(value) == "Event loop is closed"):
       previous(kind, value, tb)
+
+  def call_soon_threadsafe(loop, *args, previous=asyncio.BaseEventLoop.call_soon_threadsafe,
+                           **kwargs):
+    # Python still printed that error now and then (at exit, past the hook above): a read
+    # that finishes on a closed loop is handed back to nobody.
+    if not loop.is_closed():
+      return previous(loop, *args, **kwargs)
   logging.getLogger("asyncio").addFilter(keep)
   sys.unraisablehook, sys.excepthook = hook, excepthook
+  asyncio.BaseEventLoop.call_soon_threadsafe = call_soon_threadsafe
 
 
 def _cause(e: BaseException) -> str:
