@@ -62,7 +62,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from jaxpar.axes import ACT_EMBED, BATCH, LAYERS, SEQ, STAGE, VOCAB
+from jaxpar.axes import ACT_EMBED, BATCH, LAYERS, SEQ, STAGE
 from jaxpar.errors import UserError
 from jaxpar.models.base import Step, run_blocks
 from jaxpar.parallel import pipeline, ring
@@ -93,7 +93,6 @@ class Decoder:
     self.positions = self.length + self.pipelined  # a pipeline's trash slot
     self.scan = g.scan or self.pipelined  # a stage scans its layers
     self.width, self.dtype = m.d_model, jnp.dtype(m.dtype)  # the activations between stages
-    self.vocab_split = math.prod(g.mesh.shape[a] for a in g.rules.mesh_axes(VOCAB))
     if self.pipelined:
       self.Lc = pipeline.per_chunk(m.n_layers, stages=self.S)  # identity padding included
       self.active = pipeline.active(m.n_layers, stages=self.S)  # None, or [S, 1, Lc]
@@ -113,6 +112,7 @@ class Decoder:
 
   def _step_tick(self, parts, choice: tuple, span: int, rows, t, s, carry, msg):
     (model, graphdef, layers), (caches, out), (x_msg, token_msg) = parts, carry, msg
+    greedy, logprobs = choice
     prev, keep, cur, fresh = rows  # [G, Bg] each on a pipeline; else cur only, [B]
     g = (t - s) % self.G
     if self.pipelined:  # the entry stage s works on: this round's or the round before's
@@ -131,12 +131,13 @@ class Decoder:
     x_B1D = ring.first(s, embed, x_msg)
     y_B1D, new = self._layers(graphdef, layers, x_B1D, step, self._group(caches, g))
     caches = self._regroup(caches, g, new)
-    chosen = ring.last(s, self.S, lambda: self._choose(
-        choice, model.head(y_B1D)[:, 0], e.keys, e.counts, e.sampling))
+    chosen = ring.last(s, self.S, lambda: choose(model.head(y_B1D)[:, 0], e.keys, e.counts,
+                                                 e.sampling, greedy=greedy, logprobs=logprobs))
     return (caches, self._out(out, g, chosen, s == self.S - 1)), (y_B1D, chosen_tokens(chosen))
 
   def _prefill_tick(self, parts, choice: tuple, reuse: bool, inputs, t, s, carry, msg):
     (model, graphdef, layers), (caches, first) = parts, carry
+    greedy, logprobs = choice  # with log-probabilities
     tokens_nRT, start, lengths_nR, src, slot, sampling_nR, keys_nR = inputs
     n, R, T = tokens_nRT.shape
     i = t - s
@@ -158,16 +159,10 @@ class Decoder:
     caches = self._put_rows(caches, new, slot + i * R, valid)
     lengths_R = ring.pick(lengths_nR, i)
     last_RD = jnp.take_along_axis(y_RTD, (lengths_R - 1 - start)[:, None, None], axis=1)
-    chosen = ring.last(s, self.S, lambda: self._choose(
-        choice, model.head(last_RD)[:, 0], ring.pick(keys_nR, i), jnp.zeros((R,), jnp.int32),
-        ring.pick(sampling_nR, i)))
+    chosen = ring.last(s, self.S, lambda: choose(
+        model.head(last_RD)[:, 0], ring.pick(keys_nR, i), jnp.zeros((R,), jnp.int32),
+        ring.pick(sampling_nR, i), greedy=greedy, logprobs=logprobs))
     return (caches, self._out(first, i, chosen, valid & (s == self.S - 1))), y_RTD
-
-  def _choose(self, choice: tuple, logits_BV, keys_B, counts_B, sampling):
-    """`choose` as the program was asked: choice = (greedy, with log-probabilities)."""
-    greedy, logprobs = choice
-    return choose(logits_BV, keys_B, counts_B, sampling, greedy=greedy,
-                  logprobs=self.vocab_split if logprobs else 0)
 
   # ---- one group's caches and outputs ----
 
@@ -283,7 +278,8 @@ class Decoder:
       if self.pipelined:
         first = ring.unpack(first[S - 1], blank_chosen((n, R), logprobs))
       first_R = _rows(first, rows, 1 + self.pipelined)
-      fresh = Slots(chosen_tokens(first_R), lengths_R, jnp.ones((rows,), jnp.int32), sampling, keys_R)
+      fresh = Slots(chosen_tokens(first_R), lengths_R, jnp.ones((rows,), jnp.int32), sampling,
+                    keys_R)
       if state.slots is None:  # every row prefilled: the new rows are the state
         return first_R, State(caches, fresh)
       at = slot + jnp.arange(rows)

@@ -6,6 +6,7 @@ so the same seed gives the same tokens on every mesh.
 """
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -133,11 +134,11 @@ class LogProbs:
   top: jax.Array
 
 
-def log_probs(logits_BV: jax.Array, tokens_B: jax.Array, *, split: int,
+def log_probs(logits_BV: jax.Array, tokens_B: jax.Array, *,
               k: int = TOP_LOGPROBS) -> LogProbs:
-  """`LogProbs` of float32 logits (padding columns at the float minimum) whose vocabulary is
-  split `split` ways over `model` (1: whole on each device). Split, the normaliser and the
-  chosen column are reductions (all-reduces of [B]); each shard takes the top k of its own
+  """`LogProbs` of float32 logits (padding columns at the float minimum), the vocabulary split
+  over the mesh as the active rules split it. Split, the normaliser and the chosen column are
+  reductions (all-reduces of [B]); each shard takes the top k of its own
   columns and only those split * k candidates of a row are gathered (one all-gather, the
   ids bit-cast beside the values), never the row. The collectives run one after another,
   after the token is chosen (`lax.optimization_barrier`): XLA:CPU runs independent
@@ -150,11 +151,13 @@ def log_probs(logits_BV: jax.Array, tokens_B: jax.Array, *, split: int,
   chosen_BV = jnp.arange(V, dtype=jnp.int32) == tokens_B[:, None]
   token_B = jnp.sum(jnp.where(chosen_BV, logits_BV, 0.0), axis=-1) - lse_B
   logits_BV, token_B = lax.optimization_barrier((logits_BV, token_B))
+  rows_axes, split_axes = _vocab_axes()
+  split = math.prod(jax.sharding.get_abstract_mesh().shape[a] for a in split_axes)
   if split == 1:
     top_Bk, ids_Bk = lax.top_k(logits_BV, k)
     return LogProbs(token_B, ids_Bk, top_Bk - lse_B[:, None])
   shards_BMW = constrain(logits_BV.reshape(B, split, V // split), (BATCH, VOCAB, None))
-  top_BMk, local_BMk = _shard_top_k(shards_BMW, k)
+  top_BMk, local_BMk = _shard_top_k(shards_BMW, k, rows_axes, split_axes)
   ids_BMk = local_BMk + (jnp.arange(split, dtype=jnp.int32) * (V // split))[None, :, None]
   both_BMk2 = jnp.stack([top_BMk, lax.bitcast_convert_type(ids_BMk, jnp.float32)], axis=-1)
   both_BMk2 = constrain(both_BMk2, (BATCH, None, None, None))
@@ -165,16 +168,19 @@ def log_probs(logits_BV: jax.Array, tokens_B: jax.Array, *, split: int,
   return LogProbs(token_B, ids_Bk, top_Bk - lse_B[:, None])
 
 
-def _shard_top_k(x_BMW: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-  """`lax.top_k` over the last dim, each device on its own rows and its own shard of the
-  middle dim (split like the vocabulary): by hand, since XLA's partitioner gathers a
-  top-k's operand whichever dim is split."""
+def _vocab_axes() -> tuple[tuple[str, ...], tuple[str, ...]]:
+  """(the automatic mesh axes the rows are split over, those the vocabulary is split over),
+  under the active rules and mesh (inside the ring's shard_map `stage` is manual)."""
   mesh, rules = jax.sharding.get_abstract_mesh(), active_rules()
   auto = {n for n, t in zip(mesh.axis_names, mesh.axis_types)
           if t != jax.sharding.AxisType.Manual and mesh.shape[n] > 1}
-  rows, split = ([a for a in rules.mesh_axes(name) if a in auto] for name in (BATCH, VOCAB))
-  if not split:
-    return lax.top_k(x_BMW, k)
-  spec = P(tuple(rows) or None, tuple(split))
+  return tuple(tuple(a for a in rules.mesh_axes(name) if a in auto) for name in (BATCH, VOCAB))
+
+
+def _shard_top_k(x_BMW: jax.Array, k: int, rows: tuple, split: tuple):
+  """`lax.top_k` over the last dim, each device on its own rows and its own shard of the
+  middle dim (split like the vocabulary): by hand, since XLA's partitioner gathers a
+  top-k's operand whichever dim is split."""
+  spec = P(rows or None, split)
   return jax.shard_map(lambda x: tuple(lax.top_k(x, k)), in_specs=spec, out_specs=(spec, spec),
                        axis_names=set(rows) | set(split))(x_BMW)

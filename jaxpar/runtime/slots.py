@@ -92,16 +92,16 @@ def request_keys(seeds_B: jax.Array, counts_B: jax.Array) -> jax.Array:
 
 
 def choose(logits_BV: jax.Array, keys_B: jax.Array, counts_B: jax.Array,
-           sampling: Sampling, *, greedy: bool, logprobs: int = 0):
+           sampling: Sampling, *, greedy: bool, logprobs: bool = False):
   """Next tokens [B]: the likeliest (`greedy`, every row greedy), or drawn per row. With
-  `logprobs` (the ways the vocabulary is split, > 0): (tokens, their `LogProbs`)."""
+  `logprobs`: (tokens, their `LogProbs`)."""
   if greedy:
     tokens_B = likeliest(logits_BV)
   else:
     tokens_B = sample(logits_BV, token_keys(keys_B, counts_B), sampling)
   if not logprobs:
     return tokens_B
-  return tokens_B, log_probs(logits_BV, tokens_B, split=logprobs)
+  return tokens_B, log_probs(logits_BV, tokens_B)
 
 
 def chosen_tokens(chosen) -> jax.Array:

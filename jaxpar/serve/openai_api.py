@@ -18,7 +18,8 @@ from jaxpar.serve.request import MAX_LOGPROBS, Params, TokenLogprobs
 
 # Options this server cannot honour, with the values (besides null) that ask for nothing
 # and are accepted: what clients send by default.
-_UNSUPPORTED = {"n": (1,), "best_of": (1,), "echo": (False,), "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0),
+_UNSUPPORTED = {"n": (1,), "best_of": (1,), "echo": (False,),
+                "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0),
                 "logit_bias": ({},), "suffix": ("",), "tools": ([],), "tool_choice": ("none",),
                 "functions": ([],), "response_format": ({"type": "text"},)}
 
