@@ -232,6 +232,7 @@ def restore(path: str, *, shapes: Any, names: Any, cfg: ModelConfig, layout: Lay
   target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                         natural, storage)
   checkpointer = ocp.StandardCheckpointer()
+  _silence_failed_reads()  # before the reads start: a late one may report while we raise
   try:
     tree = checkpointer.metadata(os.path.join(path, PARAMS)).item_metadata.tree
     for (key, t), m in zip(jax.tree.leaves_with_path(target), jax.tree.leaves(tree)):
@@ -242,7 +243,6 @@ def restore(path: str, *, shapes: Any, names: Any, cfg: ModelConfig, layout: Lay
   except UserError:
     raise
   except Exception as e:  # Orbax and tensorstore raise many types for damaged files
-    _silence_pending_reads()
     raise UserError(f"checkpoint {path}: the parameters cannot be read ({_cause(e)}); the "
                     f"checkpoint is damaged: convert it again") from None
   with jax.set_mesh(mesh):
@@ -250,14 +250,16 @@ def restore(path: str, *, shapes: Any, names: Any, cfg: ModelConfig, layout: Lay
                    out_shardings=shardings)(restored)
 
 
-def _silence_pending_reads() -> None:
-  """After a failed restore, its other reads fail later too: asyncio logs them, or Python
-  reports them as unraisable when their coroutines are collected (or prints them, when one
-  finishes after the loop closed), each with a hundred lines of tensorstore spec after the
-  one-line error. Those reports are dropped; others pass."""
-  if getattr(_silence_pending_reads, "done", False):
+def _silence_failed_reads() -> None:
+  """When one read of a restore fails, its other reads fail later too: asyncio logs them, or
+  Python reports them as unraisable when their coroutines are collected (or prints them, when
+  one finishes after Orbax closed its loop), each with a hundred lines of tensorstore spec
+  after our one-line error. Those reports are dropped; others pass. Installed before the
+  reads start: tensorstore binds `loop.call_soon_threadsafe` when a read starts, and a read
+  can finish on the closed loop before the failure reaches our `except`."""
+  if getattr(_silence_failed_reads, "done", False):
     return
-  _silence_pending_reads.done = True
+  _silence_failed_reads.done = True
 
   def keep(record: logging.LogRecord) -> bool:
     text = record.getMessage()
@@ -276,8 +278,8 @@ def _silence_pending_reads() -> None:
 
   def call_soon_threadsafe(loop, *args, previous=asyncio.BaseEventLoop.call_soon_threadsafe,
                            **kwargs):
-    # Python still printed that error now and then (at exit, past the hook above): a read
-    # that finishes on a closed loop is handed back to nobody.
+    # A read that finishes on a closed loop is handed back to nobody (Python printed the
+    # error from tensorstore's thread, past the hook above).
     if not loop.is_closed():
       return previous(loop, *args, **kwargs)
   logging.getLogger("asyncio").addFilter(keep)
