@@ -138,6 +138,23 @@ def test_sample_filters_keep_only_allowed_tokens():
   assert abs(np.mean(everything == 0) - 0.5) < 0.05
 
 
+def test_min_p_keeps_what_numpy_keeps():
+  """min-p (after temperature), per row: a token stays when its probability is at least
+  min_p times the likeliest's."""
+  rng = np.random.default_rng(1)
+  logits = rng.normal(size=(4, 200)).astype(np.float32)
+  min_p = np.array([0.0, 0.05, 0.3, 1.0], np.float32)
+  temperature = np.array([1.0, 0.7, 2.0, 1.0], np.float32)
+  s = dataclasses.replace(sampling.Sampling().rows(4), min_p=min_p, temperature=temperature)
+  kept = np.asarray(sampling.filter_logits(jax.numpy.asarray(logits), s)) > np.finfo(
+      np.float32).min
+  for row, keep, p, t in zip(logits, kept, min_p, temperature):
+    probs = np.exp((row - row.max()) / t)  # relative to the likeliest
+    np.testing.assert_array_equal(keep, probs >= p)
+  assert kept[0].all() and kept[3].sum() == 1
+  assert all(1 < k.sum() < 200 for k in kept[1:3])  # some kept, some dropped
+
+
 @pytest.mark.parametrize("top_k,top_p", [(1, 1.0), (5, 1.0), (0, 0.5), (0, 0.95), (7, 0.8),
                                          (0, 1e-6)])
 def test_filters_keep_what_a_sorted_reference_keeps(top_k, top_p):
@@ -253,8 +270,7 @@ def test_a_prompt_prefilled_over_a_step_in_flight_keeps_its_row(gen_config, devi
   decoder = Decoder(gen, 4, length)
   assert decoder.late()[row]
   prefill, step = decoder.prefill(1, 8), decoder.step(greedy=True, span=length)
-  greedy = sampling.Sampling(np.zeros(1, np.float32), np.zeros(1, np.int32),
-                             np.ones(1, np.float32))
+  greedy = sampling.Sampling().rows(1)
 
   def put(state, tokens):
     padded = np.zeros((1, 8), np.int32)

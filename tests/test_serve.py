@@ -56,6 +56,52 @@ def _hf_greedy(model, prompt: tuple[int, ...], new: int) -> tuple[int, ...]:
   return tuple(out[0, len(prompt):].tolist())
 
 
+def hf_adjusted_greedy(model, prompt: list[int], p: serve.Params) -> list[int]:
+  """Greedy decoding of transformers' logits adjusted in NumPy as vLLM defines the options:
+  logit_bias added; stop tokens banned while fewer than min_tokens are made; repetition
+  divides positive (multiplies negative) logits of tokens in the prompt or the output;
+  frequency and presence subtract per occurrence and once, over the output."""
+  import torch
+  out: list[int] = []
+  for _ in range(p.max_tokens):
+    with torch.no_grad():
+      x = model(torch.tensor([prompt + out])).logits[0, -1].double().numpy()
+    for t, b in p.logit_bias:
+      x[t] += b
+    if len(out) < p.min_tokens:
+      x[list(p.stop_token_ids)] = -np.inf
+    counts = np.bincount(out, minlength=len(x)).astype(np.float64)
+    seen = counts > 0
+    seen[prompt] = True
+    r = p.repetition_penalty
+    x = np.where(seen, np.where(x > 0, x / r, x * r), x)
+    x = x - p.frequency_penalty * counts - p.presence_penalty * (counts > 0)
+    out.append(int(np.argmax(x)))
+    if out[-1] in p.stop_token_ids:
+      break
+  return out
+
+
+# Requests whose logits are adjusted (greedy, so transformers can check them): negative
+# penalties that make tokens come back (a token's count, the last one made included, decides
+# the 10th token: without the last, another comes); positive ones that turn a random model's
+# greedy path; a bias that forces a token and one that bans the likeliest; a stop token banned
+# for 3 tokens (the plain greedy's second token).
+ADJUSTED = [serve.Params(max_tokens=12, presence_penalty=-2.0, frequency_penalty=-0.5),
+            serve.Params(max_tokens=10, presence_penalty=0.8, frequency_penalty=0.5,
+                         repetition_penalty=1.6),
+            serve.Params(max_tokens=6, logit_bias=((7, 6.0), (PROMPTS[5][0], -100.0))),
+            serve.Params(max_tokens=8, min_tokens=3, stop_token_ids=(0,))]
+
+
+def adjusted_requests(hf_model):
+  """(prompt, Params) of ADJUSTED, the stop token made one the prompt's greedy run makes."""
+  prompt = PROMPTS[5]
+  stop = hf_greedy(hf_model, prompt, 3)[1]
+  return [(prompt, p if not p.stop_token_ids else dataclasses.replace(p, stop_token_ids=(
+      stop,))) for p in ADJUSTED]
+
+
 def hf_logprobs(model, prompt: list[int], tokens: list[int]) -> np.ndarray:
   """transformers' log-softmax [len(tokens), V] (float64) of the logits that chose each of
   `tokens` after `prompt`, teacher-forced."""
@@ -177,6 +223,33 @@ def test_concurrent_greedy_completions_equal_transformers_alone(client, live, hf
     assert complete(client, prompt, max_tokens).choices[0].token_ids == (
         answer.choices[0].token_ids)
   assert live[1].running() == 0
+
+
+def test_penalties_and_logit_bias_equal_numpy_on_transformers(client, hf):
+  """Penalties, logit_bias and min_tokens through the `openai` client (vLLM's options in
+  extra_body) on data=2 x model=4 (the vocabulary split 4 ways), beside plain requests in the
+  same steps: each request's tokens equal greedy decoding of transformers' logits adjusted
+  in NumPy; the plain ones stay transformers' greedy tokens."""
+  model, _ = hf
+
+  def ask(prompt, p):
+    extra = {"repetition_penalty": p.repetition_penalty, "min_tokens": p.min_tokens,
+             "stop_token_ids": list(p.stop_token_ids)}
+    return complete(client, prompt, p.max_tokens, presence_penalty=p.presence_penalty,
+                    frequency_penalty=p.frequency_penalty,
+                    logit_bias={str(t): b for t, b in p.logit_bias}, extra_body=extra)
+  requests = adjusted_requests(model) + [(q, serve.Params(max_tokens=6)) for q in PROMPTS[:3]]
+  with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
+    answers = list(pool.map(lambda r: ask(*r), requests))
+  for (prompt, p), answer in zip(requests, answers):
+    want = hf_adjusted_greedy(model, prompt, p)
+    assert answer.choices[0].token_ids == want, p
+    stopped = want[-1] in p.stop_token_ids
+    assert answer.choices[0].finish_reason == ("stop" if stopped else "length")
+  assert len(answers[3].choices[0].token_ids) > 3  # the stop token came, only after 3
+  plain = hf_greedy(model, PROMPTS[5], 12)
+  assert all(a.choices[0].token_ids != plain[:len(a.choices[0].token_ids)]
+             for a in answers[:3])  # the options changed what greedy gives
 
 
 def test_streamed_text_equals_whole_text(client, hf):
@@ -340,6 +413,16 @@ BAD = [  # (body, status, what the error names)
     ({"model": "test-model", "prompt": [1], "logprobs": 21}, 400, "logprobs"),
     ({"model": "test-model", "prompt": [1], "logprobs": True}, 400, "logprobs"),
     ({"model": "test-model", "prompt": [1], "echo": True}, 400, "echo"),
+    ({"model": "test-model", "prompt": [1], "presence_penalty": 2.5}, 400, "presence_penalty"),
+    ({"model": "test-model", "prompt": [1], "repetition_penalty": 0}, 400,
+     "repetition_penalty"),
+    ({"model": "test-model", "prompt": [1], "logit_bias": {"w1": 1}}, 400, "logit_bias"),
+    ({"model": "test-model", "prompt": [1], "logit_bias": {"251": 1}}, 400, "logit_bias"),
+    ({"model": "test-model", "prompt": [1], "logit_bias": {"5": 101}}, 400, "logit_bias"),
+    ({"model": "test-model", "prompt": [1], "max_tokens": 2, "min_tokens": 3}, 400,
+     "min_tokens"),
+    ({"model": "test-model", "prompt": [1], "stop_token_ids": [1] * 17}, 400,
+     "stop_token_ids"),
     ({"model": "test-model", "messages": [{"role": "user", "content": "w1"}], "logprobs": True,
       "top_logprobs": 21}, 400, "top_logprobs"),
     ({"model": "test-model", "messages": [{"role": "user", "content": "w1"}],
@@ -589,6 +672,13 @@ def test_pipelined_engine(root, checkpoint, devices, hf, live, data, stage, mode
     assert all(len(s.result().token_ids) == 1 for s in short)
     for stream, prompt in zip(streams, takers):
       assert stream.result().token_ids == hf_greedy(hf[0], prompt, 3)
+    # Two plain requests first: the adjusted ones start in late rows (2 and 3).
+    plain = [engine.submit(PROMPTS[i], serve.Params(max_tokens=7)) for i in (6, 7)]
+    adjusted = [(prompt, engine.submit(prompt, p)) for prompt, p in adjusted_requests(hf[0])]
+    for prompt, stream in adjusted:
+      assert stream.result().token_ids == hf_adjusted_greedy(hf[0], prompt, stream.params)
+    for i, stream in zip((6, 7), plain):
+      assert stream.result().token_ids == hf_greedy(hf[0], PROMPTS[i], 7)
     sampled = serve.Params(max_tokens=10, temperature=1.0, top_k=20, seed=3)
     piped = engine.generate([PROMPTS[1]], sampled)[0].token_ids
     for params in (serve.Params(max_tokens=5, logprobs=4), dataclasses.replace(sampled,

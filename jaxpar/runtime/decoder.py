@@ -67,6 +67,7 @@ from jaxpar.errors import UserError
 from jaxpar.models.base import Step, run_blocks
 from jaxpar.parallel import pipeline, ring
 from jaxpar.rules import constrain, use_rules
+from jaxpar.runtime.sampling import Context
 from jaxpar.runtime.slots import (Ring, Slots, State, advance, base_keys, blank_chosen,
                                   cache_spec, choose, chosen_tokens, copy_rows, empty_slots,
                                   new_caches)
@@ -74,10 +75,12 @@ from jaxpar.runtime.slots import (Ring, Slots, State, advance, base_keys, blank_
 
 @dataclasses.dataclass
 class Decoder:
-  """`slots` rows of `length` positions for a `Generator`'s model, on its mesh."""
+  """`slots` rows of `length` positions for a `Generator`'s model, on its mesh; each row's
+  sampling settings per row hold `bias` entries of `sampling.Bias` (0: none)."""
   generator: object  # jaxpar.runtime.generate.Generator
   slots: int
   length: int
+  bias: int = 0
 
   def __post_init__(self):
     g = self.generator
@@ -114,8 +117,9 @@ class Decoder:
     (model, graphdef, layers), (caches, out), (x_msg, token_msg) = parts, carry, msg
     greedy, logprobs = choice
     prev, keep, cur, fresh = rows  # [G, Bg] each on a pipeline; else cur only, [B]
-    g = (t - s) % self.G
+    g, history = (t - s) % self.G, cur.history  # (the round before's has none)
     if self.pipelined:  # the entry stage s works on: this round's or the round before's
+      cur = dataclasses.replace(cur, history=None)
       e, keep = ring.pick(ring.where(t >= s, (cur, jnp.ones_like(keep)), (prev, keep)), g)
     else:
       e = cur
@@ -131,14 +135,20 @@ class Decoder:
     x_B1D = ring.first(s, embed, x_msg)
     y_B1D, new = self._layers(graphdef, layers, x_B1D, step, self._group(caches, g))
     caches = self._regroup(caches, g, new)
-    chosen = ring.last(s, self.S, lambda: choose(model.head(y_B1D)[:, 0], e.keys, e.counts,
+    # The tokens so far: in this round's rows (a late row's entry is the round before's, its
+    # last token already in them; a later one is past its position, not counted).
+    context = None
+    if not greedy:
+      history = (ring.pick(history, g) if self.pipelined else history)[:, :span]
+      context = Context(history, e.starts, positions_B, e.counts)
+    chosen = ring.last(s, self.S, lambda: choose(model.head(y_B1D)[:, 0], e.keys, context,
                                                  e.sampling, greedy=greedy, logprobs=logprobs))
     return (caches, self._out(out, g, chosen, s == self.S - 1)), (y_B1D, chosen_tokens(chosen))
 
   def _prefill_tick(self, parts, choice: tuple, reuse: bool, inputs, t, s, carry, msg):
     (model, graphdef, layers), (caches, first) = parts, carry
     greedy, logprobs = choice  # with log-probabilities
-    tokens_nRT, start, lengths_nR, src, slot, sampling_nR, keys_nR = inputs
+    tokens_nRT, start, lengths_nR, src, slot, sampling_nR, keys_nR, history_nRN = inputs
     n, R, T = tokens_nRT.shape
     i = t - s
     valid = 0 <= i < n if isinstance(i, int) else (i >= 0) & (i < n)
@@ -159,9 +169,11 @@ class Decoder:
     caches = self._put_rows(caches, new, slot + i * R, valid)
     lengths_R = ring.pick(lengths_nR, i)
     last_RD = jnp.take_along_axis(y_RTD, (lengths_R - 1 - start)[:, None, None], axis=1)
+    context = Context(ring.pick(history_nRN, i), lengths_R, lengths_R - 1,
+                      jnp.zeros((R,), jnp.int32))
     chosen = ring.last(s, self.S, lambda: choose(
-        model.head(last_RD)[:, 0], ring.pick(keys_nR, i), jnp.zeros((R,), jnp.int32),
-        ring.pick(sampling_nR, i), greedy=greedy, logprobs=logprobs))
+        model.head(last_RD)[:, 0], ring.pick(keys_nR, i), context, ring.pick(sampling_nR, i),
+        greedy=greedy, logprobs=logprobs))
     return (caches, self._out(first, i, chosen, valid & (s == self.S - 1))), y_RTD
 
   # ---- one group's caches and outputs ----
@@ -263,7 +275,7 @@ class Decoder:
 
     if self.pipelined:
       spec = self._cache_specs()
-      body = self._staged(ticks, in_specs=(spec,) + (P(),) * 7,
+      body = self._staged(ticks, in_specs=(spec,) + (P(),) * 8,
                           out_specs=(spec, P(STAGE)), rows=R)
     else:
       body = self._plain(ticks, rows=R)
@@ -272,14 +284,21 @@ class Decoder:
       if state is None:
         state = self._make_empty() if self.pipelined else State(None, None)
       keys_R = base_keys(seeds_R, rows_R)
+      history_RN = self._prompt_history(state, tokens_RT, start, src)
       group = lambda a: a.reshape(n, R, *a.shape[1:])
       caches, first = body(params, state.caches, group(tokens_RT), start, group(lengths_R),
-                           src, slot, jax.tree.map(group, sampling), group(keys_R))
+                           src, slot, jax.tree.map(group, sampling), group(keys_R),
+                           group(history_RN))
       if self.pipelined:
         first = ring.unpack(first[S - 1], blank_chosen((n, R), logprobs))
       first_R = _rows(first, rows, 1 + self.pipelined)
-      fresh = Slots(chosen_tokens(first_R), lengths_R, jnp.ones((rows,), jnp.int32), sampling,
-                    keys_R)
+      tokens_R = chosen_tokens(first_R)
+      at_RN = jnp.arange(self.length)[None, :] == lengths_R[:, None]
+      history_RN = jnp.where(at_RN, tokens_R[:, None], history_RN)
+      if self.pipelined:  # a pipeline's rows are whole on every device
+        history_RN = self._whole(history_RN)
+      fresh = Slots(tokens_R, lengths_R, jnp.ones((rows,), jnp.int32), sampling, keys_R,
+                    history_RN, lengths_R)
       if state.slots is None:  # every row prefilled: the new rows are the state
         return first_R, State(caches, fresh)
       at = slot + jnp.arange(rows)
@@ -289,6 +308,22 @@ class Decoder:
         r = dataclasses.replace(r, keep=r.keep.at[at].set(False), fresh=r.fresh.at[at].set(True))
       return first_R, State(caches, slots, r)
     return self._jit(run)
+
+  def _whole(self, x):
+    return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(self.generator.mesh,
+                                                                          P()))
+
+  def _prompt_history(self, state, tokens_RT, start, src):
+    """The prompts' rows of token history [R, length]: tokens_RT at positions start..; before
+    `start` (a prompt continuing a cached prefix) row `src`'s."""
+    R, T = tokens_RT.shape
+    at_N = jnp.arange(self.length, dtype=jnp.int32) - start
+    inside_N = (at_N >= 0) & (at_N < T)
+    history_RN = jnp.where(inside_N, jnp.take(tokens_RT, jnp.clip(at_N, 0, T - 1), axis=1), 0)
+    if state is None or state.slots is None:
+      return history_RN
+    before = copy_rows(state.slots.history, src, 1, axis=0, split=self.data_ways > 1)
+    return jnp.where(at_N < 0, before, history_RN)
 
   def step_fn(self, *, greedy: bool, span: int, logprobs: bool = False):
     """One decode step of every row, traced (a loop or a program calls it):
@@ -323,12 +358,21 @@ class Decoder:
                         out_specs=(spec, P(STAGE), P(STAGE), P(STAGE)))
 
     def step(params, state):
-      r = state.ring
-      caches, x_msg, token_msg, out = body(params, state.caches, r.prev, r.keep, state.slots,
-                                           r.fresh, r.msg, r.token)
+      r, cur = state.ring, state.slots
+      # Only this round's history is read (`_step_tick`), whole on every device: split like
+      # the rows, its [G, Bg] regrouping became all-to-alls.
+      history = None if greedy else self._whole(cur.history)
+      caches, x_msg, token_msg, out = body(
+          params, state.caches, dataclasses.replace(r.prev, history=None), r.keep,
+          dataclasses.replace(cur, history=history), r.fresh, r.msg, r.token)
       out_B = _rows(ring.unpack(out[S - 1], blank_chosen((G, Bg), logprobs)), self.slots, 2)
+      # A late row's token is its entry's of the round before (not kept: an old request's).
+      late_B = jnp.asarray(self.late())
+      at_B = jnp.where(late_B, jnp.where(r.keep, r.prev.positions + 1, -1),
+                       state.slots.positions + 1)
+      slots = advance(state.slots, chosen_tokens(out_B), self.length, at_B)
       r = Ring(state.slots, jnp.ones_like(r.keep), jnp.zeros_like(r.fresh), x_msg, token_msg)
-      return out_B, State(caches, advance(state.slots, chosen_tokens(out_B), self.length), r)
+      return out_B, State(caches, slots, r)
     return step
 
   def step(self, *, greedy: bool, span: int, logprobs: bool = False):
@@ -343,7 +387,7 @@ class Decoder:
     if not self.pipelined:
       with use_rules(g.rules, keys=g.family.config_keys):
         return State(new_caches(g, self.slots, self.positions, scan=self.scan),
-                     empty_slots(self.slots))
+                     self._empty_slots(self.slots))
 
     def stage_local():
       caches = {k: ring.varying(constrain(jnp.zeros((self.Lc, self.G, *shape), dtype),
@@ -357,8 +401,11 @@ class Decoder:
       caches, msg, token = ring.shard(stage_local, mesh=g.mesh, in_specs=(),
                                       out_specs=(self._cache_specs(), P(STAGE), P(STAGE)))()
     none = jnp.zeros((self.slots,), bool)
-    return State(caches, empty_slots(self.slots), Ring(empty_slots(self.slots), none, none,
-                                                       msg, token))
+    return State(caches, self._empty_slots(self.slots),
+                 Ring(self._empty_slots(self.slots), none, none, msg, token))
+
+  def _empty_slots(self, rows: int):
+    return empty_slots(rows, self.length, self.bias)
 
   def _empty_program(self):
     """The compiled program that makes the zeroed state (once): the rows split like the batch
@@ -376,7 +423,7 @@ class Decoder:
           caches = tuple({k: sharding(names) for k, names in spec.items()}
                          for _ in range(g.config.model.n_layers))
         rows = g.rules.sharding((BATCH,), g.mesh, what="decoder slots")
-        shardings = State(caches, jax.tree.map(lambda _: rows, empty_slots(1)))
+        shardings = State(caches, jax.tree.map(lambda _: rows, self._empty_slots(1)))
       with jax.set_mesh(g.mesh):
         self._empty = jax.jit(self._make_empty, out_shardings=shardings).lower().compile()
     return self._empty

@@ -183,7 +183,7 @@ class Generator:
     entry, so with late rows the loop runs one step more. After its first EOS a row repeats
     it."""
     decoder = Decoder(self, batch, prompt_len + max_new)
-    greedy, eos_ids = sampling.temperature == 0, self.eos_ids
+    greedy, eos_ids = sampling.temperature == 0 and not sampling.adjusts(), self.eos_ids
     step = decoder.step_fn(greedy=greedy, span=prompt_len + max_new)
     late_B = jnp.asarray(decoder.late(), jnp.int32)
     lag, steps = int(decoder.late().any()), loop_steps(decoder, max_new)
@@ -257,17 +257,17 @@ class Generator:
                             self.rules.sharding((BATCH, SEQ), self.mesh, what="prompts"))
     params = self.params
     args = (tokens, np.int32(0), lengths, np.int32(0), np.int32(0),
-            Sampling(np.full(B, sampling.temperature, np.float32),
-                     np.full(B, sampling.top_k, np.int32), np.full(B, sampling.top_p, np.float32)),
+            sampling.rows(B),
             np.full(B, seed, np.uint32), np.arange(B, dtype=np.int32))
 
     def make():
       decoder, prefill, decode = self._programs(B, T0, max_new, sampling, progress)
-      first, state = jax.eval_shape(prefill, params, None, *args)
-      state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                           state, decoder.state_shardings())
-      return (decoder, prefill.lower(params, None, *args).compile(),
-              decode.lower(params, state, first).compile())
+      shapes = jax.eval_shape(prefill, params, None, *args)
+      prefill = prefill.lower(params, None, *args).compile()
+      first, state = jax.tree.map(
+          lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes,
+          (prefill.output_shardings[0], decoder.state_shardings()))
+      return decoder, prefill, decode.lower(params, state, first).compile()
     (decoder, prefill, decode), compile_s = self._compile((B, T0, max_new, sampling, progress),
                                                           make)
     start = time.perf_counter()

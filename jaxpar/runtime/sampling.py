@@ -1,5 +1,10 @@
-"""Choosing the next token from logits (greedy, temperature, top-k, top-p), and the
-log-probabilities of what was chosen and of its likeliest alternatives.
+"""Choosing the next token from logits (greedy, temperature, top-k, top-p, min-p; logit biases
+and repetition, frequency and presence penalties first), and the log-probabilities of what
+was chosen and of its likeliest alternatives.
+
+The order is vLLM's: biases (`logit_bias`, and the bans that keep a row's stop tokens out
+until it has made `min_tokens`), then penalties, then temperature, then min-p, top-k and
+top-p. Log-probabilities are the model's own (before any of these).
 
 Random draws are keyed by (seed, prompt row, step) only, never by device or pipeline group,
 so the same seed gives the same tokens on every mesh.
@@ -20,12 +25,57 @@ from jaxpar.rules import active_rules, constrain
 TOP_LOGPROBS = 20  # the most alternatives a token's log-probabilities give (OpenAI's limit)
 
 
+NO_TOKEN = -1  # an unused entry of `Bias`
+BAN = -1e30  # the bias that keeps a token out
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Bias:
+  """Per row, K entries [B, K]: add `values` to the logits of tokens `ids` while the row has
+  made fewer than `until` tokens (`logit_bias`: always; a `min_tokens` ban: until then); id
+  NO_TOKEN: an unused entry."""
+  ids: jax.Array
+  values: jax.Array
+  until: jax.Array
+
+
 @jax.tree_util.register_dataclass  # a program argument too (the server's per-row settings)
 @dataclasses.dataclass(frozen=True)
 class Sampling:
+  """How tokens are chosen: numbers (one setting for every row) or arrays [B] (one per row).
+  Each default changes nothing."""
   temperature: float = 0.0  # 0: greedy (argmax)
   top_k: int = 0
   top_p: float = 1.0
+  min_p: float = 0.0  # drop tokens less likely than min_p times the likeliest
+  presence: float = 0.0  # subtracted from the logit of each token made already
+  frequency: float = 0.0  # ... times the number of times it was made
+  repetition: float = 1.0  # divides positive (multiplies negative) logits of tokens seen
+  bias: Bias | None = None
+
+  def rows(self, B: int) -> "Sampling":
+    """These settings as arrays [B] (float32, int32), one per row; the bias as it is."""
+    full = lambda v: np.full(B, v, np.int32 if isinstance(v, (int, np.integer)) else np.float32)
+    return Sampling(**{f.name: full(getattr(self, f.name)) for f in dataclasses.fields(self)
+                       if f.name != "bias"}, bias=self.bias)
+
+  def adjusts(self) -> bool:
+    """Whether anything changes the logits before temperature (biases, penalties)."""
+    return self.bias is not None or _per_row(self) or (
+        self.presence != 0 or self.frequency != 0 or self.repetition != 1)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Context:
+  """What penalties need of each row [B]: its tokens by position [B, N] (the prompt's at
+  0..start-1, then what it made), where its output starts, the position of its last token
+  (later ones are not counted) and how many tokens it has made."""
+  history: jax.Array
+  starts: jax.Array
+  positions: jax.Array
+  made: jax.Array
 
 
 def row_keys(key: jax.Array, rows_B: jax.Array, step) -> jax.Array:
@@ -92,19 +142,69 @@ def sample(logits_BV: jax.Array, keys_B: jax.Array, s: Sampling) -> jax.Array:
 
 
 def _per_row(s: Sampling) -> bool:
-  return any(isinstance(v, (jax.Array, np.ndarray)) for v in dataclasses.astuple(s))
+  return any(isinstance(v, (jax.Array, np.ndarray))
+             for v in jax.tree.leaves(dataclasses.replace(s, bias=None)))
+
+
+def adjust(logits_BV: jax.Array, s: Sampling, c: Context) -> jax.Array:
+  """The logits after `s`'s biases and penalties (vLLM's semantics): repetition over the
+  tokens of the prompt and the output, frequency and presence over the output's. Counted
+  per row by a scatter of its history into its own shard of the vocabulary (no collective)."""
+  low = jnp.finfo(jnp.float32).min
+  if s.bias is not None:
+    values = jnp.where(c.made[:, None] < s.bias.until, s.bias.values, 0.0)
+    logits_BV = jnp.maximum(add_at(logits_BV, s.bias.ids, values), low)
+  if not (_per_row(s) or s.presence or s.frequency or s.repetition != 1):
+    return logits_BV
+  column = lambda v: jnp.reshape(jnp.asarray(v, jnp.float32), (-1, 1))
+  at_N = jnp.arange(c.history.shape[-1], dtype=jnp.int32)
+  made_BN = (at_N >= c.starts[:, None]) & (at_N <= c.positions[:, None])
+  prompt_BN = at_N < c.starts[:, None]
+  zeros = jnp.zeros_like(logits_BV)
+  counts_BV = add_at(zeros, c.history, made_BN.astype(jnp.float32))
+  seen_BV = (add_at(zeros, c.history, prompt_BN.astype(jnp.float32)) > 0) | (counts_BV > 0)
+  r = column(s.repetition)
+  logits_BV = jnp.where(seen_BV, jnp.where(logits_BV > 0, logits_BV / r, logits_BV * r),
+                        logits_BV)
+  logits_BV = logits_BV - column(s.frequency) * counts_BV - column(s.presence) * (counts_BV > 0)
+  return jnp.maximum(logits_BV, low)
+
+
+def add_at(x_BV: jax.Array, ids_BK: jax.Array, values_BK: jax.Array) -> jax.Array:
+  """x with values_BK[b, k] added at x[b, ids_BK[b, k]] (ids outside [0, V) dropped). With
+  the vocabulary split, each device adds what falls in its own columns (a scatter whose
+  operand is split makes XLA's partitioner gather the indices)."""
+  rows, split = _vocab_axes()
+
+  def local(x, ids, values):
+    W = x.shape[-1]
+    if split:
+      ids = ids - lax.axis_index(split) * W
+    ids = jnp.where((ids >= 0) & (ids < W), ids, W)  # W: dropped
+    rows_B1 = jnp.arange(x.shape[0], dtype=jnp.int32)[:, None]
+    return x.at[rows_B1, ids].add(values.astype(x.dtype), mode="drop")
+  if not (rows or split):
+    return local(x_BV, ids_BK, values_BK)
+  row, both = P(rows or None), P(rows or None, split or None)
+  return jax.shard_map(local, in_specs=(both, row, row), out_specs=both,
+                       axis_names=set(rows) | set(split))(x_BV, ids_BK, values_BK)
 
 
 def filter_logits(logits_BV: jax.Array, s: Sampling) -> jax.Array:
-  """Logits / temperature, with the tokens top-k and top-p drop set to the float minimum:
-  top-k keeps the k likeliest (ties included); top-p keeps the smallest set of likeliest
-  tokens whose mass reaches top_p (always the top token). Settings per row ([B] arrays) are
-  all applied; a row's top_k 0 or top_p 1 keeps every token."""
+  """Logits / temperature, with the tokens min-p, top-k and top-p drop set to the float
+  minimum: min-p keeps the tokens at least min_p times as likely as the likeliest; top-k
+  keeps the k likeliest (ties included); top-p keeps the smallest set of likeliest tokens
+  whose mass reaches top_p (always the top token). Settings per row ([B] arrays) are all
+  applied; a row's min_p 0, top_k 0 or top_p 1 keeps every token."""
   per_row = _per_row(s)
   column = lambda v: jnp.reshape(jnp.asarray(v), (-1, 1))  # [1, 1] or [B, 1]
   temperature = column(s.temperature).astype(jnp.float32)
   logits_BV = logits_BV / jnp.where(temperature > 0, temperature, 1.0)
   low = jnp.finfo(jnp.float32).min
+  if per_row or s.min_p:
+    min_p = column(s.min_p).astype(jnp.float32)
+    floor_B1 = jnp.max(logits_BV, axis=-1, keepdims=True) + jnp.log(min_p)  # -inf at 0
+    logits_BV = jnp.where(logits_BV >= floor_B1, logits_BV, low)
   if per_row or s.top_k:
     top_k = column(s.top_k)[:, 0]
     top_k = jnp.where(top_k > 0, top_k, logits_BV.shape[-1])

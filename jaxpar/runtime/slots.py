@@ -16,7 +16,8 @@ from jax import lax
 from jaxpar.axes import LAYERS
 from jaxpar.models.base import cache_leaf
 from jaxpar.rules import constrain
-from jaxpar.runtime.sampling import TOP_LOGPROBS, LogProbs, Sampling, likeliest, log_probs, sample
+from jaxpar.runtime.sampling import (NO_TOKEN, TOP_LOGPROBS, Bias, Context, LogProbs, Sampling,
+                                     adjust, likeliest, log_probs, sample)
 
 
 @jax.tree_util.register_dataclass
@@ -24,12 +25,15 @@ from jaxpar.runtime.sampling import TOP_LOGPROBS, LogProbs, Sampling, likeliest,
 class Slots:
   """Every row's decoding state, [B] each: the last token (the next step's input), its
   position, how many tokens the row has made (its draws' counter), its sampling settings,
-  and its random key's data."""
+  its random key's data, its tokens by position (what penalties count) and where its
+  output starts in them (the prompt's length)."""
   tokens: jax.Array
   positions: jax.Array
   counts: jax.Array
   sampling: Sampling
   keys: jax.Array  # uint32 [B, key size]: `jax.random.key_data`
+  history: jax.Array  # int32 [B, length]
+  starts: jax.Array
 
 
 @jax.tree_util.register_dataclass
@@ -56,19 +60,31 @@ class State:
   ring: Ring | None = None
 
 
-def empty_slots(B: int) -> Slots:
-  zeros = lambda dtype: jnp.zeros((B,), dtype)
+def empty_slots(B: int, length: int, bias: int = 0) -> Slots:
+  """Zeroed rows of `length` positions; settings per row with `bias` entries of `Bias` (0:
+  none)."""
+  full = lambda v, dtype, *shape: jnp.full((B, *shape), v, dtype)
   key_shape = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))).shape
-  return Slots(zeros(jnp.int32), zeros(jnp.int32), zeros(jnp.int32),
-               Sampling(zeros(jnp.float32), zeros(jnp.int32), jnp.ones((B,), jnp.float32)),
-               jnp.zeros((B, *key_shape), jnp.uint32))
+  sampling = jax.tree.map(jnp.asarray, Sampling().rows(B))
+  if bias:
+    sampling = dataclasses.replace(sampling, bias=Bias(
+        full(NO_TOKEN, jnp.int32, bias), full(0, jnp.float32, bias), full(0, jnp.int32, bias)))
+  zeros = lambda dtype, *shape: full(0, dtype, *shape)
+  return Slots(zeros(jnp.int32), zeros(jnp.int32), zeros(jnp.int32), sampling,
+               zeros(jnp.uint32, *key_shape), zeros(jnp.int32, length), zeros(jnp.int32))
 
 
-def advance(slots: Slots, tokens_B: jax.Array, length: int) -> Slots:
-  """The rows after one step made `tokens_B`: a row past its request's end (the host drops
-  its token) stays inside the cache."""
+def advance(slots: Slots, tokens_B: jax.Array, length: int, at_B: jax.Array | None = None
+            ) -> Slots:
+  """The rows after one step made `tokens_B`, written into their histories at `at_B` (by
+  default each row's next position; one outside the row: not written). A row past its
+  request's end (the host drops its token) stays inside the cache."""
+  at_B = slots.positions + 1 if at_B is None else at_B
+  history = jnp.where(jnp.arange(slots.history.shape[-1])[None, :] == at_B[:, None],
+                      tokens_B[:, None], slots.history)
   return dataclasses.replace(slots, tokens=tokens_B, counts=slots.counts + 1,
-                             positions=jnp.minimum(slots.positions + 1, length - 1))
+                             positions=jnp.minimum(slots.positions + 1, length - 1),
+                             history=history)
 
 
 def base_keys(seeds_R: jax.Array, rows_R: jax.Array) -> jax.Array:
@@ -91,14 +107,16 @@ def request_keys(seeds_B: jax.Array, counts_B: jax.Array) -> jax.Array:
   return token_keys(base_keys(seeds_B, jnp.full(seeds_B.shape, -1, jnp.int32)), counts_B)
 
 
-def choose(logits_BV: jax.Array, keys_B: jax.Array, counts_B: jax.Array,
-           sampling: Sampling, *, greedy: bool, logprobs: bool = False):
-  """Next tokens [B]: the likeliest (`greedy`, every row greedy), or drawn per row. With
-  `logprobs`: (tokens, their `LogProbs`)."""
+def choose(logits_BV: jax.Array, keys_B: jax.Array, context: Context, sampling: Sampling, *,
+           greedy: bool, logprobs: bool = False):
+  """Next tokens [B]: the likeliest (`greedy`: every row greedy, nothing adjusts the
+  logits), or per row after `sampling`'s biases and penalties, greedy or drawn. With
+  `logprobs`: (tokens, their `LogProbs`, of the logits as the model gave them)."""
   if greedy:
     tokens_B = likeliest(logits_BV)
   else:
-    tokens_B = sample(logits_BV, token_keys(keys_B, counts_B), sampling)
+    tokens_B = sample(adjust(logits_BV, sampling, context),
+                      token_keys(keys_B, context.made), sampling)
   if not logprobs:
     return tokens_B
   return tokens_B, log_probs(logits_BV, tokens_B)

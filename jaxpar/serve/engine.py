@@ -196,7 +196,7 @@ def build(config: Config, mesh, *, tokenizer=None, progress: bool = True) -> Eng
   from jaxpar.rules import Rules
   from jaxpar.runtime import generate as gen_lib
   from jaxpar.runtime.decoder import Decoder
-  from jaxpar.serve.runner import Runner, buckets, spans
+  from jaxpar.serve.runner import Runner, bias_entries, buckets, spans
 
   s = config.serve
   if s.max_len > config.model.max_seq_len:
@@ -209,7 +209,8 @@ def build(config: Config, mesh, *, tokenizer=None, progress: bool = True) -> Eng
   generator = gen_lib.build(config, mesh)
   length = slot_length(config, generator)
   prompt_buckets = buckets(length, s.min_bucket)
-  runner = Runner(Decoder(generator, s.max_slots, length), buckets=prompt_buckets,
+  decoder = Decoder(generator, s.max_slots, length, bias=bias_entries(generator.eos_ids))
+  runner = Runner(decoder, buckets=prompt_buckets,
                   spans=spans(length, s.min_bucket), progress=progress)
   detokenize = None
   if tokenizer is not None:

@@ -1,8 +1,11 @@
 """The OpenAI request and response bodies: checked field by field, with errors in OpenAI's own
 shape ({"error": {"message", "type", "param", "code"}}), and the chat template.
 
-Only what the engine can honour is accepted: `n` > 1, `echo`, `best_of` and the penalties
-are refused by name rather than ignored. Log-probabilities come in OpenAI's two shapes:
+Only what the engine can honour is accepted: `n` > 1, `echo`, `best_of`, `tools` and
+`response_format` are refused by name rather than ignored. Beside OpenAI's sampling options
+(`presence_penalty`, `frequency_penalty`, `logit_bias`, `seed`, `stop`) vLLM's are taken too:
+`top_k`, `min_p`, `repetition_penalty`, `stop_token_ids`, `min_tokens`, `ignore_eos`.
+Log-probabilities come in OpenAI's two shapes:
 `logprobs: N` on completions (tokens, token_logprobs, top_logprobs, text_offset), `logprobs:
 true` with `top_logprobs: N` on chat ({"content": [{token, logprob, bytes, top_logprobs}]}).
 """
@@ -19,8 +22,7 @@ from jaxpar.serve.request import MAX_LOGPROBS, Params, TokenLogprobs
 # Options this server cannot honour, with the values (besides null) that ask for nothing
 # and are accepted: what clients send by default.
 _UNSUPPORTED = {"n": (1,), "best_of": (1,), "echo": (False,),
-                "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0),
-                "logit_bias": ({},), "suffix": ("",), "tools": ([],), "tool_choice": ("none",),
+                "suffix": ("",), "tools": ([],), "tool_choice": ("none",),
                 "functions": ([],), "response_format": ({"type": "text"},)}
 
 
@@ -123,8 +125,31 @@ def sampling_params(body: dict, limits: Limits, *, prompt_len: int,
   stream = _field(body, "stream", bool, False, expect="true or false")
   options = _field(body, "stream_options", dict, {}, expect="an object")
   params = Params(max_tokens=max_tokens, temperature=float(temperature), top_k=top_k,
-                  top_p=float(top_p), seed=seed, stop=tuple(stop), logprobs=logprobs)
+                  top_p=float(top_p), seed=seed, stop=tuple(stop), logprobs=logprobs,
+                  **_adjustments(body))
   return params, stream, bool(options.get("include_usage"))
+
+
+def _adjustments(body: dict) -> dict:
+  """Params' penalties, biases and stop tokens from a body (their ranges: `request.check`)."""
+  number = lambda key, default: float(_field(body, key, (int, float), default,
+                                             expect="a number"))
+  bias = _field(body, "logit_bias", dict, {}, expect="an object of token ids to numbers")
+  if not all(t.isdigit() and isinstance(b, (int, float)) and not isinstance(b, bool)
+             for t, b in bias.items()):
+    raise ApiError(400, f"logit_bias={json.dumps(bias)[:80]} is invalid: expected an object "
+                   f"of token ids (as strings) to numbers", param="logit_bias")
+  bias = tuple((int(t), float(b)) for t, b in bias.items())
+  ids = _field(body, "stop_token_ids", list, [], expect="a list of token ids")
+  if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+    raise ApiError(400, f"stop_token_ids={json.dumps(ids)[:80]} is invalid: expected a list "
+                   f"of token ids", param="stop_token_ids")
+  return dict(presence_penalty=number("presence_penalty", 0.0),
+              frequency_penalty=number("frequency_penalty", 0.0),
+              repetition_penalty=number("repetition_penalty", 1.0),
+              min_p=number("min_p", 0.0), logit_bias=bias, stop_token_ids=tuple(ids),
+              min_tokens=_field(body, "min_tokens", int, 0, expect="an integer"),
+              ignore_eos=_field(body, "ignore_eos", bool, False, expect="true or false"))
 
 
 def _logprobs(body: dict, *, chat: bool) -> int | None:

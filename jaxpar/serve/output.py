@@ -1,7 +1,7 @@
 """The output processor: turns a request's accepted tokens into its Outputs (no JAX).
 
-Each token is recorded and counted (the first one's latency too), ends the request on EOS or at
-`max_tokens`, and is detokenised incrementally: the text sent holds back what may still turn
+Each token is recorded and counted (the first one's latency too), ends the request on EOS (not
+with `ignore_eos`), on one of its `stop_token_ids` or at `max_tokens`, and is detokenised incrementally: the text sent holds back what may still turn
 into a stop string or a multi-byte character. A request that ends gets its last Output with
 the finish reason, and `on_finish` is told first, so that its row frees.
 """
@@ -34,8 +34,8 @@ class OutputProcessor:
       lps = [logprobs]
       stream.logprobs.append(logprobs)
     self.metrics.tokens(1)
-    reason = None
-    if token in self.eos_ids:
+    reason, p = None, stream.params
+    if token in p.stop_token_ids or (token in self.eos_ids and not p.ignore_eos):
       reason = "stop"
     elif len(stream.token_ids) >= stream.params.max_tokens:
       reason = "length"
@@ -48,14 +48,18 @@ class OutputProcessor:
     self.finish(stream, reason, token_ids=[token], text=text, logprobs=lps)
 
   def text(self, stream: Stream, *, final: bool) -> tuple[str, bool]:
-    """The new text to send, and whether a stop string ended the request. Text that may be
-    the start of a stop string, or of a multi-byte character, is held back until known."""
+    """The new text to send, and whether a stop string ended the request (not before
+    `min_tokens`). Text that may be the start of a stop string, or of a multi-byte character,
+    is held back until known. EOS and a stop token id that ended the request give no text."""
     if self.detokenize is None:
       return "", False
+    p = stream.params
     ids = [t for t in stream.token_ids if t not in self.eos_ids]
+    if ids and ids[-1] in p.stop_token_ids:
+      ids = ids[:-1]
     full = self.detokenize(ids)
     hit = False
-    for stop in stream.params.stop:
+    for stop in p.stop if len(stream.token_ids) >= p.min_tokens else ():
       at = full.find(stop)
       if at >= 0:
         full, hit = full[:at], True

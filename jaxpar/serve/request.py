@@ -17,20 +17,41 @@ class RequestError(ValueError):
 
 
 MAX_LOGPROBS = 20  # alternatives per token, at most (jaxpar.runtime.sampling.TOP_LOGPROBS)
+MAX_LOGIT_BIAS = 300  # logit_bias entries, at most (OpenAI's limit)
+MAX_STOP_TOKEN_IDS = 16
 
 
 @dataclasses.dataclass(frozen=True)
 class Params:
-  """How one request is decoded: up to `max_tokens` new tokens (EOS and stop strings end it
-  sooner), greedy when `temperature` is 0; `seed` makes sampling repeatable; `logprobs`
-  (0 to 20) gives each new token's log-probability and that many likeliest alternatives."""
+  """How one request is decoded: up to `max_tokens` new tokens (EOS, `stop_token_ids` and
+  stop strings end it sooner; not before `min_tokens`; EOS not at all with `ignore_eos`),
+  greedy when `temperature` is 0; `seed` makes sampling repeatable; `logprobs` (0 to 20)
+  gives each new token's log-probability and that many likeliest alternatives. The logits
+  are adjusted first (vLLM's semantics): `logit_bias` ((token id, bias) pairs) added,
+  `repetition_penalty` over the prompt's and the output's tokens, `frequency_penalty` and
+  `presence_penalty` over the output's; `min_p` filters like top_p."""
   max_tokens: int = 16
   temperature: float = 0.0
   top_k: int = 0
   top_p: float = 1.0
+  min_p: float = 0.0
+  presence_penalty: float = 0.0
+  frequency_penalty: float = 0.0
+  repetition_penalty: float = 1.0
+  logit_bias: tuple[tuple[int, float], ...] = ()
   seed: int | None = None
   stop: tuple[str, ...] = ()
+  stop_token_ids: tuple[int, ...] = ()
+  min_tokens: int = 0
+  ignore_eos: bool = False
   logprobs: int | None = None
+
+  def greedy(self) -> bool:
+    """Whether the likeliest token is all a step needs for it: no draw, no adjustment of the
+    logits, no log-probabilities."""
+    return (self.temperature == 0 and self.logprobs is None and not self.logit_bias
+            and not self.min_tokens and self.presence_penalty == 0
+            and self.frequency_penalty == 0 and self.repetition_penalty == 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +130,26 @@ def check(prompt: list[int], params: Params, *, vocab_size: int, length: int,
     raise RequestError(f"temperature={params.temperature}, top_k={params.top_k}, top_p="
                        f"{params.top_p}: need temperature >= 0, top_k >= 0 and "
                        f"0 < top_p <= 1", param="temperature")
+  for name, low, high in [("min_p", 0, 1), ("presence_penalty", -2, 2),
+                          ("frequency_penalty", -2, 2), ("repetition_penalty", 0, 2)]:
+    value = getattr(params, name)
+    if not low <= value <= high or (name == "repetition_penalty" and value == 0):
+      raise RequestError(f"{name}={value}: expected a number from {low} to {high}"
+                         f"{' (not 0)' if name == 'repetition_penalty' else ''}", param=name)
+  tokens = [("logit_bias", t, MAX_LOGIT_BIAS, params.logit_bias) for t, _ in params.logit_bias]
+  tokens += [("stop_token_ids", t, MAX_STOP_TOKEN_IDS, params.stop_token_ids)
+             for t in params.stop_token_ids]
+  for name, t, most, given in tokens:
+    if not 0 <= t < vocab_size or len(given) > most:
+      raise RequestError(f"{name}: token id {t} of {len(given)} (expected at most {most} "
+                         f"ids from 0 to {vocab_size - 1})", param=name)
+  bad = [(t, b) for t, b in params.logit_bias if not -100 <= b <= 100]
+  if bad:
+    raise RequestError(f"logit_bias: token {bad[0][0]} has bias {bad[0][1]}; expected -100 "
+                       f"to 100", param="logit_bias")
+  if not 0 <= params.min_tokens <= params.max_tokens:
+    raise RequestError(f"min_tokens={params.min_tokens}: expected 0 to max_tokens="
+                       f"{params.max_tokens}", param="min_tokens")
   if params.logprobs is not None and not 0 <= params.logprobs <= MAX_LOGPROBS:
     raise RequestError(f"logprobs={params.logprobs}: expected 0 to {MAX_LOGPROBS} "
                        f"alternatives per token", param="logprobs")

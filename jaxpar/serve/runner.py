@@ -21,8 +21,8 @@ import numpy as np
 
 from jaxpar.distributed import say
 from jaxpar.runtime.decoder import Decoder
-from jaxpar.runtime.sampling import Sampling
-from jaxpar.serve.request import Stream, TokenLogprobs
+from jaxpar.runtime.sampling import BAN, NO_TOKEN, Bias, Sampling
+from jaxpar.serve.request import MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS, Params, Stream, TokenLogprobs
 from jaxpar.serve.scheduler import Placement
 
 Event = tuple[int, Stream, int, "TokenLogprobs | None"]  # (row, its owner, token, logprobs)
@@ -74,20 +74,42 @@ def spans(length: int, smallest: int) -> tuple[int, ...]:
   return (*out, length)
 
 
-def settings(stream: Stream) -> tuple[np.uint32, Sampling]:
+ALWAYS = 2**30  # a `Bias` entry's `until` that never comes
+
+
+def bias_entries(eos_ids) -> int:
+  """The `Bias` entries a row holds: its logit_bias, and the bans of its stop tokens (EOS
+  and stop_token_ids) until it has made min_tokens."""
+  return MAX_LOGIT_BIAS + MAX_STOP_TOKEN_IDS + len(eos_ids)
+
+
+def settings(stream: Stream, eos_ids, entries: int) -> tuple[np.uint32, Sampling]:
   """A request's sampling seed (its id unless it gives one) and settings, as the host's
-  scalars."""
+  scalars (its `Bias`: `entries` of it)."""
   p = stream.params
   seed = np.uint32(stream.id if p.seed is None else p.seed)
-  return seed, Sampling(np.float32(p.temperature), np.int32(p.top_k), np.float32(p.top_p))
+  bias = [(t, b, ALWAYS) for t, b in p.logit_bias]
+  if p.min_tokens:
+    stops = set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos_ids))
+    bias += [(t, BAN, p.min_tokens) for t in sorted(stops)]
+  bias += [(NO_TOKEN, 0.0, 0)] * (entries - len(bias))
+  ids, values, until = zip(*bias)
+  table = Bias(np.asarray(ids, np.int32), np.asarray(values, np.float32),
+               np.asarray(until, np.int32))
+  return seed, Sampling(np.float32(p.temperature), np.int32(p.top_k), np.float32(p.top_p),
+                        np.float32(p.min_p), np.float32(p.presence_penalty),
+                        np.float32(p.frequency_penalty), np.float32(p.repetition_penalty),
+                        table)
 
 
 def scalar(dtype) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct((), dtype)
 
 
-def abstract_sampling() -> Sampling:
-  return Sampling(scalar(jnp.float32), scalar(jnp.int32), scalar(jnp.float32))
+def abstract_sampling(entries: int) -> Sampling:
+  """The shapes of `settings`' Sampling."""
+  _, host = settings(Stream(0, [0], Params(), None), (), entries)
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), host)
 
 
 @contextlib.contextmanager
@@ -106,8 +128,9 @@ def compiling(count: int, prompt_buckets: tuple[int, ...], steps: str, *, progre
 class Runner:
   """The slot decoder: one prefill program per prompt bucket (from a cached prefix or not,
   without stages) and a greedy and a sampled decode step per attention span. The prefill and
-  the sampled step also give each token's log-probabilities; a step runs greedy only when
-  every running row is greedy and none asks for them.
+  the sampled step also give each token's log-probabilities and adjust the logits (biases,
+  penalties); a step runs greedy only when every running row needs none of that
+  (`Params.greedy`).
 
   The decode step's inputs live on the devices, so step t is queued before the host reads
   step t-1's tokens, and the devices decode while the host streams. A request that ends on
@@ -123,10 +146,10 @@ class Runner:
     self.prefix_reuse = not decoder.pipelined  # a pipeline prefills whole prompts
     self._late = decoder.late()
     self.compiled = self._compile(progress)
-    # The host's copy of the rows' positions and temperatures (which span, greedy or not).
+    # The host's copy of the rows' positions (which span) and whether their request needs
+    # the sampled step.
     self._positions = np.zeros(self.slots, np.int32)
-    self._temperature = np.zeros(self.slots, np.float32)
-    self._logprobs = np.zeros(self.slots, bool)  # the row's request asks for them
+    self._sampled = np.zeros(self.slots, bool)
     self.reset()
 
   def reset(self) -> None:
@@ -142,8 +165,7 @@ class Runner:
     rows = [b for b, s in enumerate(running) if s is not None]
     queued = []
     if rows:
-      # The sampled step also gives log-probabilities (and draws nothing for greedy rows).
-      greedy = all(self._temperature[b] == 0 and not self._logprobs[b] for b in rows)
+      greedy = not self._sampled[rows].any()
       last = min(max(self._positions[b] for b in rows), self.length - 1)
       span = next(t for t in self.spans if t > last)
       next_B, self._state = self.compiled["decode", greedy, span](self.generator.params,
@@ -174,7 +196,7 @@ class Runner:
       raise ValueError(f"{placement}: this runner prefills whole prompts (prefix_reuse is "
                        f"False), from position 0")
     P = len(stream.prompt)
-    seed, sampling = settings(stream)
+    seed, sampling = settings(stream, self.generator.eos_ids, self.decoder.bias)
     tokens = np.zeros((1, placement.bucket), np.int32)
     tokens[0, :P - start] = stream.prompt[start:]
     one = lambda v: np.asarray([v])
@@ -182,13 +204,12 @@ class Runner:
         self.generator.params, self._state, tokens, np.int32(start), one(np.int32(P)),
         np.int32(placement.source), np.int32(b), jax.tree.map(one, sampling), one(seed),
         one(np.int32(-1)))
-    self._positions[b], self._temperature[b] = P, stream.params.temperature
-    self._logprobs[b] = stream.params.logprobs is not None
+    self._positions[b], self._sampled[b] = P, not stream.params.greedy()
     self._firsts.append((first, {b: stream}))  # read after the next step is queued
     return []
 
   def release(self, row: int) -> None:
-    self._positions[row] = self._temperature[row] = self._logprobs[row] = 0
+    self._positions[row] = self._sampled[row] = 0
 
   def _compile(self, progress: bool) -> dict:
     d, g = self.decoder, self.generator
@@ -198,13 +219,13 @@ class Runner:
     compiled = {}
     with compiling(count, self.buckets, steps, progress=progress), jax.set_mesh(g.mesh):
       state = d.empty_state(abstract=True)
-      one = lambda a: jax.ShapeDtypeStruct((1,), a.dtype)
+      one = lambda a: jax.ShapeDtypeStruct((1, *a.shape), a.dtype)
       for bucket in self.buckets:
         compiled["prefill", bucket] = d.prefill(1, bucket, reuse=self.prefix_reuse,
                                                 logprobs=True).lower(
             g.params, state, jax.ShapeDtypeStruct((1, bucket), jnp.int32), scalar(jnp.int32),
             one(scalar(jnp.int32)), scalar(jnp.int32), scalar(jnp.int32),
-            jax.tree.map(one, abstract_sampling()), one(scalar(jnp.uint32)),
+            jax.tree.map(one, abstract_sampling(d.bias)), one(scalar(jnp.uint32)),
             one(scalar(jnp.int32))).compile()
       for greedy in (True, False):
         for span in self.spans:
