@@ -22,7 +22,6 @@ layer's weights all-gathered just before use). What it predicts, per device:
 """
 
 import dataclasses
-import functools
 import math
 
 import jax
@@ -74,11 +73,9 @@ class MeshShape:
     self.shape = shape
 
 
-@functools.lru_cache(maxsize=32)
 def _abstract(model_config, layout: Layout):
-  from jaxpar.runtime import state
-  family = registry.family(model_config.family)
-  return state.abstract(lambda rngs: family.make(model_config, layout, rngs))
+  from jaxpar.runtime.inference import abstract_model
+  return abstract_model(model_config, layout)
 
 
 def _ways(rules: Rules, name: str | None, mesh: dict) -> int:

@@ -13,6 +13,7 @@ for nothing but the interface of `jaxpar.models.base` (embed, blocks, head): any
 """
 
 import dataclasses
+import functools
 import math
 import time
 
@@ -167,7 +168,7 @@ def place(config: Config, mesh: Mesh, *, layout: Layout | None = None,
   keys = family.config_keys
   layout = layout or layout_for(config, mesh, rules, family)
   schedule = make_schedule(config, mesh, rules, pipelined, repeats)
-  graphdef, shapes, names = state.abstract(lambda rngs: family.make(config.model, layout, rngs))
+  graphdef, shapes, names = abstract_model(config.model, layout)
   placement = Placement(config, mesh, rules, family, layout, schedule, graphdef, shapes, names,
                         (shapes, names))
   if schedule is not None:
@@ -175,6 +176,14 @@ def place(config: Config, mesh: Mesh, *, layout: Layout | None = None,
     placement.shapes = jax.eval_shape(placement.to_layout, shapes)
   check_tree(placement.shapes, placement.names, rules, mesh, keys=keys)
   return placement
+
+
+@functools.lru_cache(maxsize=32)
+def abstract_model(model_config, layout: Layout) -> tuple[nnx.GraphDef, dict, dict]:
+  """`state.abstract` of `model_config`'s model in `layout`, traced once per pair (a build and
+  the planner ask for the same ones again; callers do not change what it returns)."""
+  family = registry.family(model_config.family)
+  return state.abstract(lambda rngs: family.make(model_config, layout, rngs))
 
 
 def _seeded(pl: Placement, _, shardings, timings: dict, quantise) -> dict:
