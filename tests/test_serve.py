@@ -567,7 +567,7 @@ def test_python_api_on_other_meshes(root, checkpoint, devices, hf, data, model):
   for policy in ("continuous", "static"):
     engine = engine_for(root, checkpoint, devices, f"mesh.data={data}", f"mesh.model={model}",
                         f"serve.max_slots={8 if data == 8 else SLOTS}",
-                        f"serve.policy={policy}").start()
+                        f"serve.policy={policy}", "serve.min_bucket=32").start()
     try:
       streams = [engine.submit(p, serve.Params(max_tokens=m))
                  for p, m in zip(PROMPTS[:10], MAX_TOKENS[:10])]
@@ -658,7 +658,7 @@ def test_pipelined_engine(root, checkpoint, devices, hf, live, data, stage, mode
   held the row when the step entered); a seeded sampled request gives the same
   tokens as on the data=2 x model=4 engine (draws keyed by seed and token number only)."""
   engine = engine_for(root, checkpoint, devices, f"mesh.data={data}", f"mesh.stage={stage}",
-                      f"mesh.model={model}").start()
+                      f"mesh.model={model}", "serve.min_bucket=32").start()  # 3 programs
   try:
     streams = [engine.submit(p, serve.Params(max_tokens=m))
                for p, m in zip(PROMPTS[:10], MAX_TOKENS[:10])]
@@ -728,13 +728,15 @@ def gathered_shapes(hlo: str) -> list[tuple[int, ...]]:
 
 
 def start_server(root, checkpoint, *sets) -> tuple[subprocess.Popen, str]:
-  """`scripts/run.py serve` on tiny.yaml's mesh, 8 slots, model name 'm': the process and
-  its /v1 URL from the ready line."""
+  """`scripts/run.py serve` on tiny.yaml's mesh, 8 slots, model name 'm', one prompt bucket
+  and one attention span (3 programs to compile, not 11): the process and its /v1 URL from
+  the ready line."""
   process = subprocess.Popen(
       [sys.executable, str(root / "scripts" / "run.py"), "serve", "--config",
        str(root / "configs" / "tiny.yaml"), "--port", "0", "--set",
        f"model.checkpoint={checkpoint}", "--set", "serve.max_slots=8", "--set",
-       "serve.model_name=m", *[a for s in sets for a in ("--set", s)]],
+       "serve.model_name=m", "--set", "serve.min_bucket=64",
+       *[a for s in sets for a in ("--set", s)]],
       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=cli_env())
   lines = []
   for line in process.stdout:
