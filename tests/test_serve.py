@@ -124,9 +124,15 @@ def check_logprobs(model, prompt, tokens, chosen, tops) -> None:
 
 
 def engine_logprobs(model, stream) -> None:
-  """A finished `Stream`'s log-probabilities against transformers."""
+  """A finished `Stream`'s log-probabilities against transformers (its prompt's too, with
+  echo)."""
   check_logprobs(model, stream.prompt, stream.token_ids, [e.logprob for e in stream.logprobs],
                  [e.top for e in stream.logprobs])
+  if stream.params.echo:
+    scored = stream.prompt_logprobs
+    assert len(scored) == len(stream.prompt) - 1
+    check_logprobs(model, stream.prompt[:1], stream.prompt[1:], [e.logprob for e in scored],
+                   [e.top for e in scored])
 
 
 @pytest.fixture(scope="module")
@@ -252,6 +258,44 @@ def test_penalties_and_logit_bias_equal_numpy_on_transformers(client, hf):
              for a in answers[:3])  # the options changed what greedy gives
 
 
+def metric(live, name: str) -> float:
+  text = urllib.request.urlopen(live[0] + "/metrics").read().decode()
+  return float(next(line.split()[-1] for line in text.splitlines()
+                    if line.startswith(name + " ")))
+
+
+def test_n_choices_share_one_prefill_and_reproduce(client, live):
+  """n=4 sampled choices: the prompt is computed once (the other three start from the first's
+  cached prefix and compute their last token), the choices differ, the same seed gives the
+  same four; streamed, the deltas of each index assemble to the same choices; best_of=3, n=2
+  returns the two candidates of the highest total log-probability (the candidates being the
+  n=3 request's choices: draws keyed by seed and choice)."""
+  prompt = [17, 5, 9, 23, 41, 2, 8]  # in no row's cache yet
+  ask = lambda **kw: client.completions.create(model="test-model", prompt=prompt, max_tokens=6,
+                                               temperature=1.0, seed=11, **kw)
+  total, reused = metric(live, "jaxpar_prompt_tokens_total"), metric(
+      live, "jaxpar_prefix_reused_tokens_total")
+  four = ask(n=4)
+  computed = (metric(live, "jaxpar_prompt_tokens_total") - total) - (
+      metric(live, "jaxpar_prefix_reused_tokens_total") - reused)
+  assert computed == len(prompt) + 3
+  tokens = [c.token_ids for c in sorted(four.choices, key=lambda c: c.index)]
+  assert [c.index for c in four.choices] == [0, 1, 2, 3] and len(set(map(tuple, tokens))) == 4
+  assert four.usage.prompt_tokens == len(prompt) and four.usage.completion_tokens == 24
+  assert [c.token_ids for c in ask(n=4).choices] == tokens
+  streamed = {0: [], 1: []}
+  for chunk in ask(n=2, stream=True):
+    for c in chunk.choices:
+      streamed[c.index] += c.token_ids
+  assert [streamed[0], streamed[1]] == tokens[:2]
+  three = ask(n=3, logprobs=0)
+  totals = [sum(c.logprobs.token_logprobs) for c in three.choices]
+  best = ask(n=2, best_of=3)
+  order = np.argsort(totals)[::-1][:2]
+  assert [c.token_ids for c in best.choices] == [three.choices[i].token_ids for i in order]
+  assert best.choices[0].logprobs is None and best.usage.completion_tokens == 18
+
+
 def test_streamed_text_equals_whole_text(client, hf):
   model, tokenizer = hf
   prompt = "w5 w17 w200 w3 w9"
@@ -318,8 +362,8 @@ def test_chat_accepts_what_openai_clients_send(live):
   assert code == 200, got
   assert got["choices"][0]["token_ids"] == want["choices"][0]["token_ids"]
   assert got["usage"] == want["usage"]
-  code, refused = post(url, json.dumps({**base, "messages": plain, "n": 3}))
-  assert code == 400 and refused["error"]["param"] == "n"
+  code, refused = post(url, json.dumps({**base, "messages": plain, "echo": True}))
+  assert code == 400 and refused["error"]["param"] == "echo"
   dated = openai_api.ChatTemplate("{{ strftime_now('%Y') }}", {})  # as transformers gives it
   assert dated.render(messages=[]) == str(time.localtime().tm_year)
 
@@ -362,6 +406,33 @@ def test_logprobs_equal_transformers(client, hf):
   plain = client.chat.completions.create(model="test-model", messages=messages, max_tokens=5,
                                          temperature=0)
   assert plain.choices[0].logprobs is None
+
+
+def test_echo_scores_the_prompt_like_transformers(client, hf):
+  """Completions' echo with logprobs (as evaluation harnesses score answers): the prompt's
+  text, then the completion's; each prompt token after the first with its log-probability
+  and alternatives equal to transformers' log-softmax (the vocabulary split 4 ways); with
+  max_tokens 0 the prompt alone, scored; streamed, the same."""
+  model, tokenizer = hf
+  prompt = PROMPTS[9]
+  text = " ".join(WORDS[t] for t in prompt)
+  completion = complete(client, text, 3).choices[0]
+  for max_tokens in (3, 0):
+    answer = complete(client, text, max_tokens, echo=True, logprobs=2)
+    choice, lp = answer.choices[0], answer.choices[0].logprobs
+    assert choice.token_ids == completion.token_ids[:max_tokens]
+    assert choice.text == text + (completion.text if max_tokens else "")
+    assert len(lp.tokens) == len(prompt) + max_tokens and lp.token_logprobs[0] is None
+    assert lp.top_logprobs[0] is None and lp.text_offset[0] == 0
+    check_logprobs(model, prompt[:1], prompt[1:], lp.token_logprobs[1:len(prompt)],
+                   [[(tokenizer.convert_tokens_to_ids(t), v) for t, v in top.items()]
+                    for top in lp.top_logprobs[1:len(prompt)]])
+    assert choice.finish_reason == "length" and answer.usage.completion_tokens == max_tokens
+  chunks = [c.choices[0] for c in complete(client, text, 3, echo=True, logprobs=2, stream=True)
+            if c.choices]
+  assert "".join(c.text for c in chunks) == text + completion.text
+  assert [t for c in chunks for t in c.logprobs.token_logprobs][0] is None
+  assert sum(len(c.logprobs.tokens) for c in chunks) == len(prompt) + 3
 
 
 def test_tokenize_and_detokenize(live, hf):
@@ -407,12 +478,16 @@ BAD = [  # (body, status, what the error names)
     ({"model": "test-model", "prompt": [1], "max_tokens": "5"}, 400, "max_tokens"),
     ({"model": "test-model", "prompt": [1], "temperature": -1}, 400, "temperature"),
     ({"model": "test-model", "prompt": [1], "top_p": 0}, 400, "top_p"),
-    ({"model": "test-model", "prompt": [1], "n": 2}, 400, "n"),
+    ({"model": "test-model", "prompt": [1], "n": SLOTS + 1}, 400, "n"),
+    ({"model": "test-model", "prompt": [1], "n": 2, "best_of": 1}, 400, "best_of"),
+    ({"model": "test-model", "prompt": [1], "best_of": 2, "stream": True}, 400, "best_of"),
     ({"model": "test-model", "prompt": [1], "stop": [1]}, 400, "stop"),
     ({"model": "test-model", "messages": "hi"}, 400, "messages"),
     ({"model": "test-model", "prompt": [1], "logprobs": 21}, 400, "logprobs"),
     ({"model": "test-model", "prompt": [1], "logprobs": True}, 400, "logprobs"),
-    ({"model": "test-model", "prompt": [1], "echo": True}, 400, "echo"),
+    ({"model": "test-model", "messages": [{"role": "user", "content": "w1"}], "echo": True},
+     400, "echo"),
+    ({"model": "test-model", "prompt": [1], "echo": 1}, 400, "echo"),
     ({"model": "test-model", "prompt": [1], "presence_penalty": 2.5}, 400, "presence_penalty"),
     ({"model": "test-model", "prompt": [1], "repetition_penalty": 0}, 400,
      "repetition_penalty"),
@@ -575,8 +650,8 @@ def test_python_api_on_other_meshes(root, checkpoint, devices, hf, data, model):
         tokens = [t for out in stream for t in out.token_ids]
         assert tokens == hf_greedy(hf[0], prompt, m)
       if policy == "continuous":
-        engine_logprobs(hf[0], engine.generate([PROMPTS[3]], serve.Params(max_tokens=4,
-                                                                          logprobs=20))[0])
+        engine_logprobs(hf[0], engine.generate([PROMPTS[3]], serve.Params(
+            max_tokens=4, logprobs=20, echo=True))[0])
     finally:
       engine.stop()
 
@@ -681,8 +756,8 @@ def test_pipelined_engine(root, checkpoint, devices, hf, live, data, stage, mode
       assert stream.result().token_ids == hf_greedy(hf[0], PROMPTS[i], 7)
     sampled = serve.Params(max_tokens=10, temperature=1.0, top_k=20, seed=3)
     piped = engine.generate([PROMPTS[1]], sampled)[0].token_ids
-    for params in (serve.Params(max_tokens=5, logprobs=4), dataclasses.replace(sampled,
-                                                                               logprobs=2)):
+    for params in (serve.Params(max_tokens=5, logprobs=4, echo=True),
+                   dataclasses.replace(sampled, logprobs=2)):
       engine_logprobs(hf[0], engine.generate([PROMPTS[2]], params)[0])
     for span in engine.runner.spans:
       program = engine.runner.compiled["decode", True, span]
@@ -698,7 +773,8 @@ def test_decode_step_collectives(live):
   """The decode step on data=2 x model=4: two all-reduces per block, one for the
   vocab-parallel embedding and two for the greedy token over the vocab-parallel logits (the
   largest logit, then the first column that holds it: [B] each); nothing is gathered. The
-  sampled programs gather tokens and log-probability candidates only."""
+  sampled programs gather tokens and log-probability candidates only (penalties and biases
+  gather nothing)."""
   engine = live[1]
   layers = engine.generator.config.model.n_layers
   assert len(engine.runner.spans) > 1
@@ -712,12 +788,16 @@ def test_decode_step_collectives(live):
   from jaxpar.runtime.sampling import TOP_LOGPROBS
   V = engine.generator.layout.vocab_multiple * -(-engine.vocab_size
                                                   // engine.generator.layout.vocab_multiple)
-  sampled = [engine.runner.compiled["prefill", b] for b in engine.runner.buckets] + [
-      engine.runner.compiled["decode", False, span] for span in engine.runner.spans]
-  for program in sampled:
+  # A prefill scores its prompt's positions (echo) a chunk at a time: a chunk's candidates.
+  from jaxpar.runtime.slots import PROMPT_CHUNK
+  sampled = [(engine.runner.compiled["prefill", b], min(b, PROMPT_CHUNK))
+             for b in engine.runner.buckets] + [
+      (engine.runner.compiled["decode", False, span], SLOTS) for span in engine.runner.spans]
+  for program, rows in sampled:
     gathered = gathered_shapes(program.as_text())
     assert gathered and all(V // 4 not in shape and V not in shape for shape in gathered)
-    assert max(math.prod(shape) for shape in gathered) <= SLOTS * 4 * TOP_LOGPROBS
+    # Each candidate's value and id.
+    assert max(math.prod(shape) for shape in gathered) <= rows * 4 * TOP_LOGPROBS * 2
 
 
 def gathered_shapes(hlo: str) -> list[tuple[int, ...]]:

@@ -69,8 +69,8 @@ from jaxpar.parallel import pipeline, ring
 from jaxpar.rules import constrain, use_rules
 from jaxpar.runtime.sampling import Context
 from jaxpar.runtime.slots import (Ring, Slots, State, advance, base_keys, blank_chosen,
-                                  cache_spec, choose, chosen_tokens, copy_rows, empty_slots,
-                                  new_caches)
+                                  blank_prompt, cache_spec, choose, chosen_tokens, copy_rows,
+                                  empty_slots, new_caches, prompt_log_probs)
 
 
 @dataclasses.dataclass
@@ -147,8 +147,8 @@ class Decoder:
 
   def _prefill_tick(self, parts, choice: tuple, reuse: bool, inputs, t, s, carry, msg):
     (model, graphdef, layers), (caches, first) = parts, carry
-    greedy, logprobs = choice  # with log-probabilities
-    tokens_nRT, start, lengths_nR, src, slot, sampling_nR, keys_nR, history_nRN = inputs
+    greedy, logprobs, echo = choice  # with log-probabilities; of the prompts' tokens
+    tokens_nRT, start, lengths_nR, src, slot, sampling_nR, keys_nR, history_nRN = inputs[:8]
     n, R, T = tokens_nRT.shape
     i = t - s
     valid = 0 <= i < n if isinstance(i, int) else (i >= 0) & (i < n)
@@ -174,6 +174,10 @@ class Decoder:
     chosen = ring.last(s, self.S, lambda: choose(
         model.head(last_RD)[:, 0], ring.pick(keys_nR, i), context, ring.pick(sampling_nR, i),
         greedy=greedy, logprobs=logprobs))
+    if echo:
+      like = ring.varying if self.pipelined else (lambda zeros: zeros)
+      chosen = (*chosen, ring.last(s, self.S, lambda: prompt_log_probs(
+          model.head, y_RTD, ring.pick(tokens_nRT, i), ring.pick(inputs[8], i), like=like)))
     return (caches, self._out(first, i, chosen, valid & (s == self.S - 1))), y_RTD
 
   # ---- one group's caches and outputs ----
@@ -255,32 +259,41 @@ class Decoder:
     return jax.jit(fn, donate_argnums=(1,), out_shardings=(None, self.state_shardings()))
 
   def prefill(self, rows: int, bucket: int, *, greedy: bool = False, reuse: bool = False,
-              logprobs: bool = False):
+              logprobs: bool = False, echo: bool = False):
     """The jitted prefill of `rows` prompts of up to `bucket` tokens (see the module
     docstring); `reuse`: one prompt that may continue a cached prefix (start > 0; without
-    stages); `logprobs`: the first tokens come with their `LogProbs` ((first_R, LogProbs)).
-    With rows = slots the state passed may be None: the prompts' rows become the whole
-    state."""
+    stages); `logprobs`: the first tokens come with their `LogProbs` ((first_R, LogProbs));
+    `echo` (with `logprobs`): and with the `LogProbs` [R, bucket] of their prompts' tokens
+    (`prompt_log_probs`) where `echo_R`, the last argument, asks. With rows = slots the
+    state passed may be None: the prompts' rows become the whole state."""
     if reuse and self.pipelined:
       raise ValueError("a pipelined prefill starts every prompt at position 0 (no reuse)")
+    if echo and not logprobs:
+      raise ValueError("echo scores the prompts with log-probabilities: logprobs=True")
     n = rows // self.Bg if rows > self.Bg else 1
     R, S = rows // n, self.S
 
+    def blank():
+      chosen = blank_chosen((n, R), logprobs)
+      return (*chosen, blank_prompt((n, R), bucket)) if echo else chosen
+
     def ticks(parts, caches, *inputs):
-      first = blank_chosen((n, R), logprobs) if self.pipelined else None
+      first = blank() if self.pipelined else None
       msg = ring.varying(jnp.zeros((R, bucket, self.width), self.dtype)) if S > 1 else None
-      tick = functools.partial(self._prefill_tick, parts, (greedy, logprobs), reuse, inputs)
+      tick = functools.partial(self._prefill_tick, parts, (greedy, logprobs, echo), reuse,
+                               inputs)
       (caches, first), _ = ring.run(tick, (caches, first), msg, ticks=n + S - 1, stages=S)
       return caches, ring.pack(first)[None] if self.pipelined else first  # one buffer out
 
     if self.pipelined:
       spec = self._cache_specs()
-      body = self._staged(ticks, in_specs=(spec,) + (P(),) * 8,
+      body = self._staged(ticks, in_specs=(spec,) + (P(),) * (8 + echo),
                           out_specs=(spec, P(STAGE)), rows=R)
     else:
       body = self._plain(ticks, rows=R)
 
-    def run(params, state, tokens_RT, start, lengths_R, src, slot, sampling, seeds_R, rows_R):
+    def run(params, state, tokens_RT, start, lengths_R, src, slot, sampling, seeds_R, rows_R,
+            *echo_R):
       if state is None:
         state = self._make_empty() if self.pipelined else State(None, None)
       keys_R = base_keys(seeds_R, rows_R)
@@ -288,9 +301,9 @@ class Decoder:
       group = lambda a: a.reshape(n, R, *a.shape[1:])
       caches, first = body(params, state.caches, group(tokens_RT), start, group(lengths_R),
                            src, slot, jax.tree.map(group, sampling), group(keys_R),
-                           group(history_RN))
+                           group(history_RN), *map(group, echo_R))
       if self.pipelined:
-        first = ring.unpack(first[S - 1], blank_chosen((n, R), logprobs))
+        first = ring.unpack(first[S - 1], blank())
       first_R = _rows(first, rows, 1 + self.pipelined)
       tokens_R = chosen_tokens(first_R)
       at_RN = jnp.arange(self.length)[None, :] == lengths_R[:, None]

@@ -122,6 +122,36 @@ def choose(logits_BV: jax.Array, keys_B: jax.Array, context: Context, sampling: 
   return tokens_B, log_probs(logits_BV, tokens_B)
 
 
+PROMPT_CHUNK = 256  # prompt positions whose logits a prefill computes at once (echo)
+
+
+def prompt_log_probs(head, y_RTD: jax.Array, tokens_RT: jax.Array, echo_R: jax.Array, *,
+                     like=lambda zeros: zeros):
+  """`LogProbs` [R, T] of each prompt's tokens 1..T (entry t: of token t + 1, given those up
+  to t), from the prefill's last hidden states [R, T, D] through the model's `head`, a chunk
+  of positions at a time (the logits of a whole prompt would not fit); zeros unless a row
+  asks (`echo_R`), made `like` the scores (inside a pipeline's stages: varying)."""
+  R, T, D = y_RTD.shape
+  C = next(c for c in range(min(T, PROMPT_CHUNK), 0, -1) if T % c == 0)
+  next_RT = jnp.concatenate([tokens_RT[:, 1:], jnp.zeros((R, 1), tokens_RT.dtype)], axis=1)
+
+  def chunk(args):
+    y_RCD, next_RC = args
+    lp = log_probs(head(y_RCD).reshape(R * C, -1), next_RC.reshape(R * C))
+    return jax.tree.map(lambda a: a.reshape(R, C, *a.shape[1:]), lp)
+
+  def score():
+    by_chunk = lambda a: a.reshape(R, T // C, C, *a.shape[2:]).swapaxes(0, 1)
+    out = lax.map(chunk, (by_chunk(y_RTD), by_chunk(next_RT)))
+    return jax.tree.map(lambda a: a.swapaxes(0, 1).reshape(R, T, *a.shape[3:]), out)
+  return lax.cond(jnp.any(echo_R), score, lambda: like(blank_prompt((R,), T)))
+
+
+def blank_prompt(lead: tuple, T: int) -> LogProbs:
+  """Zeros shaped like `prompt_log_probs`' result for rows `lead`."""
+  return blank_chosen((*lead, T), True)[1]
+
+
 def chosen_tokens(chosen) -> jax.Array:
   """The tokens of what `choose` returned."""
   return chosen[0] if isinstance(chosen, tuple) else chosen

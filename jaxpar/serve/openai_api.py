@@ -1,8 +1,10 @@
 """The OpenAI request and response bodies: checked field by field, with errors in OpenAI's own
 shape ({"error": {"message", "type", "param", "code"}}), and the chat template.
 
-Only what the engine can honour is accepted: `n` > 1, `echo`, `best_of`, `tools` and
-`response_format` are refused by name rather than ignored. Beside OpenAI's sampling options
+Only what the engine can honour is accepted: `tools`, `response_format` and chat's `echo` are
+refused by name rather than ignored. Completions' `echo` returns the prompt before the
+completion (with `logprobs`: the prompt tokens' too, the first one's null; `max_tokens` 0:
+the prompt alone, scored). Beside OpenAI's sampling options
 (`presence_penalty`, `frequency_penalty`, `logit_bias`, `seed`, `stop`) vLLM's are taken too:
 `top_k`, `min_p`, `repetition_penalty`, `stop_token_ids`, `min_tokens`, `ignore_eos`.
 Log-probabilities come in OpenAI's two shapes:
@@ -21,7 +23,7 @@ from jaxpar.serve.request import MAX_LOGPROBS, Params, TokenLogprobs
 
 # Options this server cannot honour, with the values (besides null) that ask for nothing
 # and are accepted: what clients send by default.
-_UNSUPPORTED = {"n": (1,), "best_of": (1,), "echo": (False,),
+_UNSUPPORTED = {
                 "suffix": ("",), "tools": ([],), "tool_choice": ("none",),
                 "functions": ([],), "response_format": ({"type": "text"},)}
 
@@ -97,7 +99,8 @@ def sampling_params(body: dict, limits: Limits, *, prompt_len: int,
   """(Params, stream, include usage in the stream) from a request body. Without max_tokens
   a request makes up to serve.max_tokens (chat) or 16 (completions) new tokens, as many as
   the context leaves after its prompt."""
-  for key, allowed in _UNSUPPORTED.items():
+  unsupported = {**_UNSUPPORTED, "echo": (False,)} if chat else _UNSUPPORTED
+  for key, allowed in unsupported.items():
     if not _asks_nothing(body.get(key), allowed):
       raise ApiError(400, f"{key}={json.dumps(body[key])} is not supported by this server; "
                      f"leave it out", param=key)
@@ -105,9 +108,11 @@ def sampling_params(body: dict, limits: Limits, *, prompt_len: int,
   default = limits.max_tokens if chat else min(COMPLETION_MAX_TOKENS, limits.max_tokens)
   if limits.context > prompt_len:  # else the prompt alone is too long: the engine says so
     default = min(default, limits.context - prompt_len)
+  echo = False if chat else _field(body, "echo", bool, False, expect="true or false")
+  least = 0 if echo else 1
   max_tokens = _field(body, max_key, int, default,
-                      check=lambda v: 1 <= v <= limits.max_tokens,
-                      expect=f"an integer from 1 to {limits.max_tokens}")
+                      check=lambda v: least <= v <= limits.max_tokens,
+                      expect=f"an integer from {least} to {limits.max_tokens}")
   temperature = _field(body, "temperature", (int, float), 1.0, check=lambda v: 0 <= v <= 2,
                        expect="a number from 0 to 2")
   top_p = _field(body, "top_p", (int, float), 1.0, check=lambda v: 0 < v <= 1,
@@ -126,8 +131,21 @@ def sampling_params(body: dict, limits: Limits, *, prompt_len: int,
   options = _field(body, "stream_options", dict, {}, expect="an object")
   params = Params(max_tokens=max_tokens, temperature=float(temperature), top_k=top_k,
                   top_p=float(top_p), seed=seed, stop=tuple(stop), logprobs=logprobs,
-                  **_adjustments(body))
+                  echo=echo, **_adjustments(body))
   return params, stream, bool(options.get("include_usage"))
+
+
+def choice_counts(body: dict, *, chat: bool, stream: bool, most: int) -> tuple[int, int]:
+  """(n, best_of): how many choices a request returns, and how many candidates it decodes
+  (completions only; at least n; not streamed), at most `most` (the engine's slots)."""
+  expect = f"an integer from 1 to {most} (serve.max_slots)"
+  n = _field(body, "n", int, 1, check=lambda v: 1 <= v <= most, expect=expect)
+  best_of = n if chat else _field(body, "best_of", int, n,
+                                  check=lambda v: n <= v <= most, expect=expect + " and >= n")
+  if best_of > n and stream:
+    raise ApiError(400, f"best_of={best_of} cannot be streamed: the best choices are known "
+                   f"at the end", param="best_of")
+  return n, best_of
 
 
 def _adjustments(body: dict) -> dict:
@@ -183,6 +201,16 @@ def completion_prompt(body: dict, tokenizer) -> list[int]:
     return prompt
   raise ApiError(400, f"prompt is invalid: expected a string or a non-empty list of token ids "
                  f"(one prompt per request), got {json.dumps(prompt)[:80]}", param="prompt")
+
+
+def echo_text(body: dict, prompt: list[int], tokenizer) -> str:
+  """The text an echo sends back: the prompt as given, or its token ids' text."""
+  given = body.get("prompt")
+  if isinstance(given, list) and len(given) == 1 and isinstance(given[0], str):
+    given = given[0]
+  if isinstance(given, str):
+    return given
+  return tokenizer.decode(prompt, skip_special_tokens=False) if tokenizer is not None else ""
 
 
 def text_tokens(body: dict, tokenizer) -> list[int]:
@@ -314,14 +342,15 @@ def choice(chat: bool, text: str, token_ids: list[int], finish: str | None, *,
   return {**out, "message": {"role": "assistant", "content": text}}
 
 
-def completion_logprobs(entries: list[TokenLogprobs], token_ids: list[int], token_text,
-                        offset: int = 0) -> dict:
+def completion_logprobs(entries: list[TokenLogprobs | None], token_ids: list[int],
+                        token_text, offset: int = 0) -> dict:
   """Completions' shape: each token's text, log-probability, {text: log-probability} of its
-  alternatives, and where its text starts (from `offset`, in the completion's text)."""
+  alternatives (null for an echoed prompt's first token), and where its text starts (from
+  `offset`, in the choice's text)."""
   tokens = [token_text(t) for t in token_ids]
   starts = [offset + sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
-  return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
-          "top_logprobs": [{token_text(i): v for i, v in e.top} for e in entries],
+  return {"tokens": tokens, "token_logprobs": [e and e.logprob for e in entries],
+          "top_logprobs": [e and {token_text(i): v for i, v in e.top} for e in entries],
           "text_offset": starts}
 
 

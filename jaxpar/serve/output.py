@@ -25,6 +25,9 @@ class OutputProcessor:
     """The next token of `stream` (and its log-probabilities, when the request asks for
     them): recorded, streamed, maybe its last."""
     now = time.perf_counter()
+    if stream.params.max_tokens == 0:  # echo alone: the prompt scored, no new token
+      self.finish(stream, "length")
+      return
     if stream.first_token_at is None:
       stream.first_token_at = now
       self.metrics.first_token(now - stream.submitted)

@@ -45,6 +45,8 @@ class Params:
   min_tokens: int = 0
   ignore_eos: bool = False
   logprobs: int | None = None
+  echo: bool = False  # the prompt's tokens' log-probabilities too (with `logprobs`)
+  choice: int = -1  # which of a request's choices this is (its draws keyed by it); -1: one
 
   def greedy(self) -> bool:
     """Whether the likeliest token is all a step needs for it: no draw, no adjustment of the
@@ -80,6 +82,8 @@ class Stream:
     self.id, self.prompt, self.params = rid, prompt, params
     self.token_ids: list[int] = []
     self.logprobs: list[TokenLogprobs] | None = [] if params.logprobs is not None else None
+    # With echo and logprobs: the prompt's, from its second token (set with the first Output).
+    self.prompt_logprobs: list[TokenLogprobs] | None = None
     self.text = ""
     self.finish_reason: str | None = None
     self.submitted = time.perf_counter()
@@ -118,8 +122,8 @@ def check(prompt: list[int], params: Params, *, vocab_size: int, length: int,
   if bad:
     raise RequestError(f"token id {bad[0]} is outside the vocabulary (0 to "
                        f"{vocab_size - 1})", param="prompt")
-  if params.max_tokens < 1:
-    raise RequestError(f"max_tokens={params.max_tokens}: must be at least 1",
+  if params.max_tokens < (0 if params.echo else 1):
+    raise RequestError(f"max_tokens={params.max_tokens}: must be at least 1 (0 with echo)",
                        param="max_tokens")
   if len(prompt) + params.max_tokens > length:
     raise RequestError(f"this model's maximum context length is {length} tokens; the "

@@ -179,8 +179,13 @@ class Runner:
     pending, self._firsts, self._queued = [*self._firsts, *self._queued], [], queued
     events = []
     for chosen, owners in pending:
-      tokens, logprobs = (chosen, None) if not isinstance(chosen, tuple) else chosen
+      tokens, logprobs, *prompt = (chosen, None) if not isinstance(chosen, tuple) else chosen
       tokens = np.asarray(tokens).reshape(-1)
+      for owner in owners.values():  # a prefill's: the prompt's log-probabilities
+        if prompt and owner.params.echo and owner.params.logprobs is not None:
+          scored = jax.tree.map(lambda a: np.asarray(a)[0], prompt[0])
+          owner.prompt_logprobs = [_token_logprobs(scored, t, owner)
+                                   for t in range(len(owner.prompt) - 1)]
       if logprobs is not None and any(o.params.logprobs is not None for o in owners.values()):
         logprobs = jax.tree.map(np.asarray, logprobs)
       else:
@@ -203,7 +208,8 @@ class Runner:
     first, self._state = self.compiled["prefill", placement.bucket](
         self.generator.params, self._state, tokens, np.int32(start), one(np.int32(P)),
         np.int32(placement.source), np.int32(b), jax.tree.map(one, sampling), one(seed),
-        one(np.int32(-1)))
+        one(np.int32(stream.params.choice)),
+        one(np.bool_(stream.params.echo and stream.params.logprobs is not None)))
     self._positions[b], self._sampled[b] = P, not stream.params.greedy()
     self._firsts.append((first, {b: stream}))  # read after the next step is queued
     return []
@@ -222,11 +228,11 @@ class Runner:
       one = lambda a: jax.ShapeDtypeStruct((1, *a.shape), a.dtype)
       for bucket in self.buckets:
         compiled["prefill", bucket] = d.prefill(1, bucket, reuse=self.prefix_reuse,
-                                                logprobs=True).lower(
+                                                logprobs=True, echo=True).lower(
             g.params, state, jax.ShapeDtypeStruct((1, bucket), jnp.int32), scalar(jnp.int32),
             one(scalar(jnp.int32)), scalar(jnp.int32), scalar(jnp.int32),
             jax.tree.map(one, abstract_sampling(d.bias)), one(scalar(jnp.uint32)),
-            one(scalar(jnp.int32))).compile()
+            one(scalar(jnp.int32)), one(scalar(jnp.bool_))).compile()
       for greedy in (True, False):
         for span in self.spans:
           compiled["decode", greedy, span] = d.step(greedy=greedy, span=span,

@@ -7,10 +7,15 @@
 
 Each request is queued on the engine with a listener that hands its Outputs to the request's
 asyncio queue; a streamed response sends them as they come. A client that goes away cancels
-its request, which frees the slot at the engine's next step.
+its request, which frees the slot at the engine's next step. A request for `n` choices (or
+`best_of` candidates, of which the `n` likeliest return) queues that many streams of one prompt,
+one after another, so the scheduler prefills the prompt once and the others start from the
+first's cached prefix (each computes its last token only; on a pipeline, which reuses no
+prefix, each is prefilled whole); choice i's draws are keyed by (seed, i, token number).
 """
 
 import asyncio
+import dataclasses
 import json
 import signal
 import time
@@ -118,23 +123,41 @@ class _Completions:
         (api.completion_prompt, body, self.tokenizer))
     params, stream_it, include_usage = api.sampling_params(body, self.limits,
                                                            prompt_len=len(prompt), chat=chat)
-    loop, outputs = asyncio.get_running_loop(), asyncio.Queue()
-
-    def listener(out: Output) -> None:
-      try:
-        loop.call_soon_threadsafe(outputs.put_nowait, out)
-      except RuntimeError:  # the server's loop has closed: nobody is left to tell
-        stream.cancel()
-
-    try:
-      stream = self.engine.submit(prompt, params, listener=listener)
-    except RequestError as e:
-      raise api.ApiError(e.status, str(e), param=e.param) from None
-    rid = api.new_id("chatcmpl" if chat else "cmpl")
+    n, best_of = api.choice_counts(body, chat=chat, stream=stream_it, most=self.engine.slots)
+    streams, outputs = self._submit(prompt, params, best_of)
+    echo = api.echo_text(body, prompt, self.tokenizer) if params.echo else None
+    reply = _Reply(streams, outputs, n, params.logprobs is not None,
+                   api.new_id("chatcmpl" if chat else "cmpl"), echo)
     if stream_it:
-      events = self._events(stream, outputs, rid, chat=chat, include_usage=include_usage)
+      events = self._events(reply, chat=chat, include_usage=include_usage)
       return StreamingResponse(events, media_type="text/event-stream")
-    return await self._whole(request, stream, outputs, rid, chat=chat)
+    return await self._whole(request, reply, chat=chat)
+
+  def _submit(self, prompt: list[int], params, count: int) -> list[Stream]:
+    """`count` streams of `prompt` queued in a row (several: each its own `choice`; all with
+    log-probabilities, which rank best_of's candidates); their Outputs go to one asyncio
+    queue as (choice, Output)."""
+    loop, outputs, streams = asyncio.get_running_loop(), asyncio.Queue(), []
+
+    def listener(i: int):
+      def put(out: Output) -> None:
+        try:
+          loop.call_soon_threadsafe(outputs.put_nowait, (i, out))
+        except RuntimeError:  # the server's loop has closed: nobody is left to tell
+          streams[i].cancel()
+      return put
+    if count > 1:
+      params = dataclasses.replace(params, logprobs=params.logprobs or 0)
+    try:
+      for i in range(count):  # only the first echoes: the others reuse its prefix
+        choice = params if count == 1 else dataclasses.replace(params, choice=i,
+                                                               echo=params.echo and i == 0)
+        streams.append(self.engine.submit(prompt, choice, listener=listener(i)))
+    except RequestError as e:
+      for stream in streams:
+        stream.cancel()
+      raise api.ApiError(e.status, str(e), param=e.param) from None
+    return streams, outputs
 
   async def _read(self, request: Request) -> bytes:
     """The body, refused with a 413 as soon as it passes `limits.body_bytes`."""
@@ -149,72 +172,85 @@ class _Completions:
       chunks.append(chunk)
     return b"".join(chunks)
 
-  async def _whole(self, request: Request, stream: Stream, outputs: asyncio.Queue, rid: str,
-                   *, chat: bool):
+  async def _whole(self, request: Request, reply: "_Reply", *, chat: bool):
     try:
-      while True:
+      done = 0
+      while done < len(reply.streams):
         try:
-          out: Output = await asyncio.wait_for(outputs.get(), timeout=0.25)
+          _, out = await asyncio.wait_for(reply.outputs.get(), timeout=0.25)
         except asyncio.TimeoutError:
           if await request.is_disconnected():
-            stream.cancel()
-            self._log(stream, "the client went away")
+            reply.cancel()
+            for stream in reply.streams:
+              self._log(stream, "the client went away")
             return JSONResponse({}, status_code=499)
           continue
-        if out.finish_reason is not None:
-          break
+        done += out.finish_reason is not None
     finally:
-      if stream.finish_reason is None:
-        stream.cancel()
-    self._log(stream)
-    if stream.finish_reason == "error":
+      reply.cancel()
+    for stream in reply.streams:
+      self._log(stream)
+    reasons = {stream.finish_reason for stream in reply.streams}
+    if "error" in reasons:
       raise _engine_failed()
-    if stream.finish_reason == "cancelled":  # by the server: the client is still here
-      raise _shut_down(stream)
-    choice = api.choice(chat, stream.text, stream.token_ids, stream.finish_reason, delta=False,
-                        logprobs=self._logprobs(chat, stream.logprobs, stream.token_ids))
-    result = api.envelope(chat, rid, self.limits.model, [choice], chunk=False)
-    result["usage"] = api.usage(len(stream.prompt), len(stream.token_ids))
+    if "cancelled" in reasons:  # by the server: the client is still here
+      raise _shut_down(next(s for s in reply.streams if s.finish_reason == "cancelled"))
+    choices = []
+    for i, stream in enumerate(reply.best()):
+      text, scored, entries = reply.echoed(stream.text, stream.token_ids, stream.logprobs)
+      choices.append({**api.choice(chat, text, stream.token_ids, stream.finish_reason,
+                                   delta=False, logprobs=self._logprobs(
+                                       chat, entries if reply.logprobs else None, scored)),
+                      "index": i})
+    result = api.envelope(chat, reply.rid, self.limits.model, choices, chunk=False)
+    result["usage"] = reply.usage()
     return result
 
-  async def _events(self, stream: Stream, outputs: asyncio.Queue, rid: str, *, chat: bool,
-                    include_usage: bool):
-    model = self.limits.model
+  async def _events(self, reply: "_Reply", *, chat: bool, include_usage: bool):
+    model, rid = self.limits.model, reply.rid
 
-    def event(payload) -> str:
-      return f"data: {json.dumps(payload)}\n\n"
+    def event(i: int, payload: dict) -> str:
+      chunk = api.envelope(chat, rid, model, [{**payload, "index": i}], chunk=True)
+      return f"data: {json.dumps(chunk)}\n\n"
     try:
       if chat:  # the role first, as OpenAI sends it
-        first = {"index": 0, "delta": {"role": "assistant", "content": ""},
-                 "finish_reason": None}
-        yield event(api.envelope(chat, rid, model, [first], chunk=True))
-      offset = 0  # where the next token's text starts (completions' text_offset)
-      while True:
-        out: Output = await outputs.get()
+        for i in range(len(reply.streams)):
+          yield event(i, {"delta": {"role": "assistant", "content": ""}, "finish_reason": None})
+      offsets = [0] * len(reply.streams)  # where each choice's next token's text starts
+      started = [False] * len(reply.streams)
+      done = 0
+      while done < len(reply.streams):
+        i, out = await reply.outputs.get()
+        stream = reply.streams[i]
         if out.finish_reason in ("error", "cancelled"):  # cancelled by the server: shutdown
           error = _engine_failed() if out.finish_reason == "error" else _shut_down(stream)
-          yield event(error.body())
-          yield "data: [DONE]\n\n"
+          self._log(stream)
+          yield f"data: {json.dumps(error.body())}\n\n"
           break
-        if out.text or out.token_ids or out.finish_reason:
-          logprobs = self._logprobs(chat, out.logprobs, out.token_ids, offset)
+        text, scored, entries = out.text, out.token_ids, out.logprobs
+        if not started[i]:  # the echoed prompt comes with the first
+          started[i] = True
+          text, scored, entries = reply.echoed(text, scored, entries)
+        if text or out.token_ids or out.finish_reason:
+          logprobs = self._logprobs(chat, entries if reply.logprobs else None, scored,
+                                    offsets[i])
           if logprobs is not None and not chat:
-            offset += sum(map(len, logprobs["tokens"]))
-          choice = api.choice(chat, out.text, out.token_ids, out.finish_reason, delta=True,
-                              logprobs=logprobs)
-          yield event(api.envelope(chat, rid, model, [choice], chunk=True))
+            offsets[i] += sum(map(len, logprobs["tokens"]))
+          yield event(i, api.choice(chat, text, out.token_ids, out.finish_reason,
+                                    delta=True, logprobs=logprobs))
         if out.finish_reason is not None:
-          if include_usage:
-            last = api.envelope(chat, rid, model, [], chunk=True)
-            last["usage"] = api.usage(len(stream.prompt), len(stream.token_ids))
-            yield event(last)
-          yield "data: [DONE]\n\n"
-          break
-      self._log(stream)
+          done += 1
+          self._log(stream)
+      if done == len(reply.streams) and include_usage:
+        last = api.envelope(chat, rid, model, [], chunk=True)
+        last["usage"] = reply.usage()
+        yield f"data: {json.dumps(last)}\n\n"
+      yield "data: [DONE]\n\n"
     finally:  # the client went away (the task is cancelled) or the stream ended
-      if stream.finish_reason is None:
-        stream.cancel()
-        self._log(stream, "the client went away")
+      for stream in reply.streams:
+        if stream.finish_reason is None:
+          stream.cancel()
+          self._log(stream, "the client went away")
 
   def _log(self, stream: Stream, why: str = "") -> None:
     """One line per request: its tokens, how it ended, its first token's latency."""
@@ -230,6 +266,45 @@ class _Completions:
       if n > 1 and total > ttft:
         line += f", {(n - 1) / (total - ttft):.1f} tok/s after it"
     say(line)
+
+
+@dataclasses.dataclass
+class _Reply:
+  """A request's streams (one per choice, or per best_of candidate) and their Outputs'
+  queue; `logprobs`: whether the client asked for them."""
+  streams: list[Stream]
+  outputs: asyncio.Queue
+  n: int
+  logprobs: bool
+  rid: str
+  echo: str | None = None  # the prompt's text, to send first (completions' echo)
+
+  def echoed(self, text: str, token_ids: list[int], logprobs):
+    """(text, the tokens log-probabilities describe, their log-probabilities), the echoed
+    prompt's before a choice's first (its first token's null; the first stream's)."""
+    if self.echo is None:
+      return text, token_ids, logprobs
+    prompt = self.streams[0].prompt
+    if logprobs is not None:
+      logprobs = [None, *(self.streams[0].prompt_logprobs or [])] + logprobs
+    return self.echo + text, prompt + token_ids, logprobs
+
+  def cancel(self) -> None:
+    for stream in self.streams:
+      if stream.finish_reason is None:
+        stream.cancel()
+
+  def best(self) -> list[Stream]:
+    """The n choices: with best_of, the n candidates of the highest total log-probability
+    (in that order), as vLLM ranks them."""
+    if len(self.streams) == self.n:
+      return self.streams
+    total = lambda s: sum(e.logprob for e in s.logprobs)
+    return sorted(self.streams, key=total, reverse=True)[:self.n]
+
+  def usage(self) -> dict:
+    """Prompt tokens once; every candidate's tokens (best_of's unreturned ones too)."""
+    return api.usage(len(self.streams[0].prompt), sum(len(s.token_ids) for s in self.streams))
 
 
 def _engine_failed() -> api.ApiError:
