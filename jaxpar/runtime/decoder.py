@@ -62,15 +62,16 @@ import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from jaxpar.axes import ACT_EMBED, BATCH, LAYERS, SEQ, STAGE
+from jaxpar.axes import BATCH, STAGE
 from jaxpar.errors import UserError
 from jaxpar.models.base import Step, run_blocks
 from jaxpar.parallel import pipeline, ring
-from jaxpar.rules import constrain, use_rules
+from jaxpar.rules import use_rules
 from jaxpar.runtime.sampling import Context
-from jaxpar.runtime.slots import (Ring, Slots, State, advance, base_keys, blank_chosen,
+from jaxpar.runtime.slots import (Ring, State, advance, base_keys, blank_chosen,
                                   blank_prompt, cache_spec, choose, chosen_tokens, copy_rows,
-                                  empty_slots, new_caches, prompt_log_probs)
+                                  new_caches, prefilled, prompt_history, prompt_log_probs,
+                                  state_program, zeroed_state)
 
 
 @dataclasses.dataclass
@@ -295,9 +296,11 @@ class Decoder:
     def run(params, state, tokens_RT, start, lengths_R, src, slot, sampling, seeds_R, rows_R,
             *echo_R):
       if state is None:
-        state = self._make_empty() if self.pipelined else State(None, None)
+        state = zeroed_state(self) if self.pipelined else State(None, None)
       keys_R = base_keys(seeds_R, rows_R)
-      history_RN = self._prompt_history(state, tokens_RT, start, src)
+      before = None if state.slots is None else copy_rows(
+          state.slots.history, src, 1, axis=0, split=self.data_ways > 1)
+      history_RN = prompt_history(self.length, tokens_RT, start, before)
       group = lambda a: a.reshape(n, R, *a.shape[1:])
       caches, first = body(params, state.caches, group(tokens_RT), start, group(lengths_R),
                            src, slot, jax.tree.map(group, sampling), group(keys_R),
@@ -305,13 +308,9 @@ class Decoder:
       if self.pipelined:
         first = ring.unpack(first[S - 1], blank())
       first_R = _rows(first, rows, 1 + self.pipelined)
-      tokens_R = chosen_tokens(first_R)
-      at_RN = jnp.arange(self.length)[None, :] == lengths_R[:, None]
-      history_RN = jnp.where(at_RN, tokens_R[:, None], history_RN)
+      fresh = prefilled(chosen_tokens(first_R), lengths_R, sampling, keys_R, history_RN)
       if self.pipelined:  # a pipeline's rows are whole on every device
-        history_RN = self._whole(history_RN)
-      fresh = Slots(tokens_R, lengths_R, jnp.ones((rows,), jnp.int32), sampling, keys_R,
-                    history_RN, lengths_R)
+        fresh = dataclasses.replace(fresh, history=self._whole(fresh.history))
       if state.slots is None:  # every row prefilled: the new rows are the state
         return first_R, State(caches, fresh)
       at = slot + jnp.arange(rows)
@@ -325,18 +324,6 @@ class Decoder:
   def _whole(self, x):
     return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(self.generator.mesh,
                                                                           P()))
-
-  def _prompt_history(self, state, tokens_RT, start, src):
-    """The prompts' rows of token history [R, length]: tokens_RT at positions start..; before
-    `start` (a prompt continuing a cached prefix) row `src`'s."""
-    R, T = tokens_RT.shape
-    at_N = jnp.arange(self.length, dtype=jnp.int32) - start
-    inside_N = (at_N >= 0) & (at_N < T)
-    history_RN = jnp.where(inside_N, jnp.take(tokens_RT, jnp.clip(at_N, 0, T - 1), axis=1), 0)
-    if state is None or state.slots is None:
-      return history_RN
-    before = copy_rows(state.slots.history, src, 1, axis=0, split=self.data_ways > 1)
-    return jnp.where(at_N < 0, before, history_RN)
 
   def step_fn(self, *, greedy: bool, span: int, logprobs: bool = False):
     """One decode step of every row, traced (a loop or a program calls it):
@@ -392,66 +379,19 @@ class Decoder:
     """The jitted step (`step_fn`), the state donated."""
     return self._jit(self.step_fn(greedy=greedy, span=span, logprobs=logprobs))
 
-  # ---- the state ----
-
-  def _make_empty(self) -> State:
-    """The zeroed state, traced."""
-    g = self.generator
-    if not self.pipelined:
-      with use_rules(g.rules, keys=g.family.config_keys):
-        return State(new_caches(g, self.slots, self.positions, scan=self.scan),
-                     self._empty_slots(self.slots))
-
-    def stage_local():
-      caches = {k: ring.varying(constrain(jnp.zeros((self.Lc, self.G, *shape), dtype),
-                                          (None, None, *names)))
-                for k, (shape, names, dtype) in cache_spec(g, self.Bg, self.positions).items()}
-      msg = constrain(jnp.zeros((1, self.Bg, 1, self.width), self.dtype),
-                      (None, BATCH, SEQ, ACT_EMBED))
-      token = constrain(jnp.zeros((1, self.Bg), jnp.int32), (None, BATCH))
-      return caches, ring.varying(msg), ring.varying(token)
-    with use_rules(g.rules, keys=g.family.config_keys):
-      caches, msg, token = ring.shard(stage_local, mesh=g.mesh, in_specs=(),
-                                      out_specs=(self._cache_specs(), P(STAGE), P(STAGE)))()
-    none = jnp.zeros((self.slots,), bool)
-    return State(caches, self._empty_slots(self.slots),
-                 Ring(self._empty_slots(self.slots), none, none, msg, token))
-
-  def _empty_slots(self, rows: int):
-    return empty_slots(rows, self.length, self.bias)
-
-  def _empty_program(self):
-    """The compiled program that makes the zeroed state (once): the rows split like the batch
-    without stages; on a pipeline the caches over `stage` (the ring's out_specs) and the rows
-    replicated (the groups cut them differently)."""
-    if not hasattr(self, "_empty"):
-      g, shardings = self.generator, None
-      if not self.pipelined:
-        spec = {k: names for k, (_, names, _) in
-                cache_spec(g, self.slots, self.positions).items()}
-        sharding = lambda names: g.rules.sharding(names, g.mesh, what="the KV cache")
-        if self.scan:
-          caches = {k: sharding((LAYERS, *names)) for k, names in spec.items()}
-        else:
-          caches = tuple({k: sharding(names) for k, names in spec.items()}
-                         for _ in range(g.config.model.n_layers))
-        rows = g.rules.sharding((BATCH,), g.mesh, what="decoder slots")
-        shardings = State(caches, jax.tree.map(lambda _: rows, self._empty_slots(1)))
-      with jax.set_mesh(g.mesh):
-        self._empty = jax.jit(self._make_empty, out_shardings=shardings).lower().compile()
-    return self._empty
+  # ---- the state (made by `slots`) ----
 
   def state_shardings(self) -> State:
-    return self._empty_program().output_shardings
+    return state_program(self).output_shardings
 
   def empty_state(self, *, abstract: bool = False) -> State:
     """The zeroed state (shapes and shardings only, when `abstract`)."""
-    program, mesh = self._empty_program(), self.generator.mesh
+    program, mesh = state_program(self), self.generator.mesh
     with jax.set_mesh(mesh):
       if not abstract:
         return program()
       return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          jax.eval_shape(self._make_empty), program.output_shardings)
+                          jax.eval_shape(lambda: zeroed_state(self)), program.output_shardings)
 
 
 def _rows(chosen, rows: int, lead: int):

@@ -12,10 +12,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
-from jaxpar.axes import LAYERS
+from jaxpar.axes import ACT_EMBED, BATCH, LAYERS, SEQ, STAGE
 from jaxpar.models.base import cache_leaf
-from jaxpar.rules import constrain
+from jaxpar.parallel import ring
+from jaxpar.rules import constrain, use_rules
 from jaxpar.runtime.sampling import (NO_TOKEN, TOP_LOGPROBS, Bias, Context, LogProbs, Sampling,
                                      adjust, likeliest, log_probs, sample)
 
@@ -72,6 +74,24 @@ def empty_slots(B: int, length: int, bias: int = 0) -> Slots:
   zeros = lambda dtype, *shape: full(0, dtype, *shape)
   return Slots(zeros(jnp.int32), zeros(jnp.int32), zeros(jnp.int32), sampling,
                zeros(jnp.uint32, *key_shape), zeros(jnp.int32, length), zeros(jnp.int32))
+
+
+def prompt_history(length: int, tokens_RT: jax.Array, start, before_1N=None) -> jax.Array:
+  """Prompt rows' token histories [R, length]: tokens_RT at positions start..; before `start`
+  (a prompt continuing a cached prefix) the row `before_1N`."""
+  R, T = tokens_RT.shape
+  at_N = jnp.arange(length, dtype=jnp.int32) - start
+  inside_N = (at_N >= 0) & (at_N < T)
+  history_RN = jnp.where(inside_N, jnp.take(tokens_RT, jnp.clip(at_N, 0, T - 1), axis=1), 0)
+  return history_RN if before_1N is None else jnp.where(at_N < 0, before_1N, history_RN)
+
+
+def prefilled(first_R, lengths_R, sampling: Sampling, keys_R, history_RN) -> Slots:
+  """The rows of prompts of `lengths_R` tokens whose prefill made `first_R`."""
+  at_RN = jnp.arange(history_RN.shape[-1])[None, :] == lengths_R[:, None]
+  history_RN = jnp.where(at_RN, first_R[:, None], history_RN)
+  return Slots(first_R, lengths_R, jnp.ones_like(lengths_R), sampling, keys_R, history_RN,
+               lengths_R)
 
 
 def advance(slots: Slots, tokens_B: jax.Array, length: int, at_B: jax.Array | None = None
@@ -195,3 +215,55 @@ def copy_rows(caches, src, count: int, *, axis: int, split: bool):
     mine = lax.broadcasted_iota(jnp.int32, c.shape, axis) == src
     return jnp.sum(jnp.where(mine, c, 0), axis=axis, keepdims=True, dtype=c.dtype)
   return jax.tree.map(take, caches)
+
+
+# ---- a decoder's zeroed state (`d`: a `decoder.Decoder`) ----
+
+def zeroed_state(d) -> State:
+  """The zeroed state, traced."""
+  g = d.generator
+  if not d.pipelined:
+    with use_rules(g.rules, keys=g.family.config_keys):
+      return State(new_caches(g, d.slots, d.positions, scan=d.scan),
+                   empty_slots_of(d, d.slots))
+
+  def stage_local():
+    caches = {k: ring.varying(constrain(jnp.zeros((d.Lc, d.G, *shape), dtype),
+                                        (None, None, *names)))
+              for k, (shape, names, dtype) in cache_spec(g, d.Bg, d.positions).items()}
+    msg = constrain(jnp.zeros((1, d.Bg, 1, d.width), d.dtype),
+                    (None, BATCH, SEQ, ACT_EMBED))
+    token = constrain(jnp.zeros((1, d.Bg), jnp.int32), (None, BATCH))
+    return caches, ring.varying(msg), ring.varying(token)
+  with use_rules(g.rules, keys=g.family.config_keys):
+    caches, msg, token = ring.shard(stage_local, mesh=g.mesh, in_specs=(),
+                                    out_specs=(d._cache_specs(), P(STAGE), P(STAGE)))()
+  none = jnp.zeros((d.slots,), bool)
+  return State(caches, empty_slots_of(d, d.slots),
+               Ring(empty_slots_of(d, d.slots), none, none, msg, token))
+
+
+def empty_slots_of(d, rows: int) -> Slots:
+  return empty_slots(rows, d.length, d.bias)
+
+
+def state_program(d):
+  """The compiled program that makes the zeroed state (once): the rows split like the batch
+  without stages; on a pipeline the caches over `stage` (the ring's out_specs) and the rows
+  replicated (the groups cut them differently)."""
+  if not hasattr(d, "_empty"):
+    g, shardings = d.generator, None
+    if not d.pipelined:
+      spec = {k: names for k, (_, names, _) in
+              cache_spec(g, d.slots, d.positions).items()}
+      sharding = lambda names: g.rules.sharding(names, g.mesh, what="the KV cache")
+      if d.scan:
+        caches = {k: sharding((LAYERS, *names)) for k, names in spec.items()}
+      else:
+        caches = tuple({k: sharding(names) for k, names in spec.items()}
+                       for _ in range(g.config.model.n_layers))
+      rows = g.rules.sharding((BATCH,), g.mesh, what="decoder slots")
+      shardings = State(caches, jax.tree.map(lambda _: rows, empty_slots_of(d, 1)))
+    with jax.set_mesh(g.mesh):
+      d._empty = jax.jit(lambda: zeroed_state(d), out_shardings=shardings).lower().compile()
+  return d._empty
