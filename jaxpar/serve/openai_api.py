@@ -1,8 +1,10 @@
 """The OpenAI request and response bodies: checked field by field, with errors in OpenAI's own
 shape ({"error": {"message", "type", "param", "code"}}), and the chat template.
 
-Only what the engine can honour is accepted: `tools`, `response_format` and chat's `echo` are
-refused by name rather than ignored. Completions' `echo` returns the prompt before the
+Only what the engine can honour is accepted: `response_format`, `functions`, chat's `echo`
+and `tool_choice` "required" or named (they need constrained decoding) are refused by name
+rather than ignored; `tools` with `tool_choice` "auto" (or "none") are rendered by the chat
+template, and the calls parsed out of the reply (`jaxpar.serve.tools`). Completions' `echo` returns the prompt before the
 completion (with `logprobs`: the prompt tokens' too, the first one's null; `max_tokens` 0:
 the prompt alone, scored). Beside OpenAI's sampling options
 (`presence_penalty`, `frequency_penalty`, `logit_bias`, `seed`, `stop`) vLLM's are taken too:
@@ -20,11 +22,12 @@ import time
 import uuid
 
 from jaxpar.serve.request import MAX_LOGPROBS, Params, TokenLogprobs
+from jaxpar.serve.tools import template_message
 
 # Options this server cannot honour, with the values (besides null) that ask for nothing
 # and are accepted: what clients send by default.
 _UNSUPPORTED = {
-                "suffix": ("",), "tools": ([],), "tool_choice": ("none",),
+                "suffix": ("",),
                 "functions": ([],), "response_format": ({"type": "text"},)}
 
 
@@ -239,8 +242,8 @@ def detokenize(body: dict, tokenizer, vocab_size: int) -> str:
   return tokenizer.decode(tokens, skip_special_tokens=False)
 
 
-def chat_prompt(body: dict, template, tokenizer) -> list[int]:
-  """The messages rendered by the checkpoint's chat template, then tokenized."""
+def chat_prompt(body: dict, template, tokenizer, tools: list | None = None) -> list[int]:
+  """The messages (and `tools`) rendered by the checkpoint's chat template, then tokenized."""
   if template is None or tokenizer is None:
     raise ApiError(400, "chat completions need a chat template and tokenizer.json in the "
                    "checkpoint; use /v1/completions", param="messages")
@@ -250,7 +253,7 @@ def chat_prompt(body: dict, template, tokenizer) -> list[int]:
                    "{\"role\": ..., \"content\": \"...\"} objects", param="messages")
   messages = [_message(m, i) for i, m in enumerate(messages)]
   try:
-    text = template.render(messages=messages)
+    text = template.render(messages=messages, tools=tools)
   except Exception as e:  # the template's own raise_exception, or a template error
     raise ApiError(400, f"the chat template refused the messages: {e}",
                    param="messages") from None
@@ -291,10 +294,11 @@ class ChatTemplate:
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
     self._template, self._special = env.from_string(source), special
+    self.source = source
 
-  def render(self, *, messages: list[dict]) -> str:
-    return self._template.render(messages=messages, add_generation_prompt=True,
-                                 **self._special)
+  def render(self, *, messages: list[dict], tools: list | None = None) -> str:
+    return self._template.render(messages=[template_message(m) for m in messages],
+                                 tools=tools, add_generation_prompt=True, **self._special)
 
   @staticmethod
   def load(checkpoint: str) -> "ChatTemplate | None":

@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from jaxpar.distributed import say
 from jaxpar.serve import openai_api as api
+from jaxpar.serve import tools
 from jaxpar.serve.engine import Engine
 from jaxpar.serve.request import Output, RequestError, Stream
 
@@ -99,6 +100,13 @@ class _Completions:
   def __init__(self, engine: Engine, limits: api.Limits, tokenizer, template, log: bool):
     self.engine, self.limits, self.log = engine, limits, log
     self.tokenizer, self.template = tokenizer, template
+    self.family = engine.runner.generator.config.model.family
+
+  def raw_text(self, token_ids: list[int]) -> str:
+    """A reply's text with its special tokens (tool-call markers), EOS left out."""
+    eos = self.engine.eos_ids
+    return self.tokenizer.decode([t for t in token_ids if t not in eos],
+                                 skip_special_tokens=False)
 
   def token_text(self, token: int) -> str:
     """A token's own text (log-probabilities name tokens by it), `token_id:N` without a
@@ -117,9 +125,12 @@ class _Completions:
   async def __call__(self, request: Request, *, chat: bool):
     body = api.parse_json(await self._read(request))
     api.check_model(body, self.limits)
+    listed, tool_format = None, None
+    if chat and self.template is not None:
+      listed, tool_format = tools.requested(body, self.template.source, self.family)
     # Off the event loop: a long text prompt must not hold up /health and the streams.
     prompt = await asyncio.to_thread(
-        *(api.chat_prompt, body, self.template, self.tokenizer) if chat else
+        *(api.chat_prompt, body, self.template, self.tokenizer, listed) if chat else
         (api.completion_prompt, body, self.tokenizer))
     params, stream_it, include_usage = api.sampling_params(body, self.limits,
                                                            prompt_len=len(prompt), chat=chat)
@@ -127,7 +138,7 @@ class _Completions:
     streams, outputs = self._submit(prompt, params, best_of)
     echo = api.echo_text(body, prompt, self.tokenizer) if params.echo else None
     reply = _Reply(streams, outputs, n, params.logprobs is not None,
-                   api.new_id("chatcmpl" if chat else "cmpl"), echo)
+                   api.new_id("chatcmpl" if chat else "cmpl"), echo, tool_format)
     if stream_it:
       events = self._events(reply, chat=chat, include_usage=include_usage)
       return StreamingResponse(events, media_type="text/event-stream")
@@ -198,10 +209,16 @@ class _Completions:
     choices = []
     for i, stream in enumerate(reply.best()):
       text, scored, entries = reply.echoed(stream.text, stream.token_ids, stream.logprobs)
-      choices.append({**api.choice(chat, text, stream.token_ids, stream.finish_reason,
-                                   delta=False, logprobs=self._logprobs(
-                                       chat, entries if reply.logprobs else None, scored)),
-                      "index": i})
+      choice = {**api.choice(chat, text, stream.token_ids, stream.finish_reason, delta=False,
+                             logprobs=self._logprobs(chat, entries if reply.logprobs else None,
+                                                     scored)), "index": i}
+      if reply.tool_format:
+        content, calls = tools.parse(self.raw_text(stream.token_ids), reply.tool_format)
+        if calls:
+          choice["message"] = {"role": "assistant", "content": content or None,
+                               "tool_calls": [c.body(j) for j, c in enumerate(calls)]}
+          choice["finish_reason"] = "tool_calls"
+      choices.append(choice)
     result = api.envelope(chat, reply.rid, self.limits.model, choices, chunk=False)
     result["usage"] = reply.usage()
     return result
@@ -218,6 +235,7 @@ class _Completions:
           yield event(i, {"delta": {"role": "assistant", "content": ""}, "finish_reason": None})
       offsets = [0] * len(reply.streams)  # where each choice's next token's text starts
       started = [False] * len(reply.streams)
+      held = [tools.StreamedReply(reply.tool_format) for _ in reply.streams]
       done = 0
       while done < len(reply.streams):
         i, out = await reply.outputs.get()
@@ -231,13 +249,21 @@ class _Completions:
         if not started[i]:  # the echoed prompt comes with the first
           started[i] = True
           text, scored, entries = reply.echoed(text, scored, entries)
+        calls = []
+        if reply.tool_format:  # the text that may be a call is held back, the calls sent whole
+          text, calls = held[i].step(self.raw_text(stream.token_ids),
+                                     out.finish_reason is not None)
         if text or out.token_ids or out.finish_reason:
           logprobs = self._logprobs(chat, entries if reply.logprobs else None, scored,
                                     offsets[i])
           if logprobs is not None and not chat:
             offsets[i] += sum(map(len, logprobs["tokens"]))
-          yield event(i, api.choice(chat, text, out.token_ids, out.finish_reason,
-                                    delta=True, logprobs=logprobs))
+          delta = api.choice(chat, text, out.token_ids, out.finish_reason, delta=True,
+                             logprobs=logprobs)
+          if calls:
+            delta["delta"]["tool_calls"] = [c.body(j) for j, c in enumerate(calls)]
+            delta["finish_reason"] = "tool_calls"
+          yield event(i, delta)
         if out.finish_reason is not None:
           done += 1
           self._log(stream)
@@ -278,6 +304,7 @@ class _Reply:
   logprobs: bool
   rid: str
   echo: str | None = None  # the prompt's text, to send first (completions' echo)
+  tool_format: str | None = None  # the tool-call format to parse replies in (chat, tools)
 
   def echoed(self, text: str, token_ids: list[int], logprobs):
     """(text, the tokens log-probabilities describe, their log-probabilities), the echoed
