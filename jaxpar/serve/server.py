@@ -127,7 +127,10 @@ class _Completions:
     api.check_model(body, self.limits)
     listed, tool_format = None, None
     if chat and self.template is not None:
-      listed, tool_format = tools.requested(body, self.template.source, self.family)
+      try:
+        listed, tool_format = tools.requested(body, self.template.source, self.family)
+      except RequestError as e:
+        raise api.ApiError(e.status, str(e), param=e.param) from None
     # Off the event loop: a long text prompt must not hold up /health and the streams.
     prompt = await asyncio.to_thread(
         *(api.chat_prompt, body, self.template, self.tokenizer, listed) if chat else

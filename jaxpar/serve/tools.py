@@ -15,6 +15,8 @@ import json
 import re
 import uuid
 
+from jaxpar.serve.request import RequestError
+
 FORMATS = ("hermes", "mistral", "llama3")
 _FAMILIES = {"qwen2": "hermes", "qwen3": "hermes", "mistral": "mistral", "llama": "llama3"}
 _MARKERS = {"hermes": "<tool_call>", "mistral": "[TOOL_CALLS]", "llama3": "<|python_tag|>"}
@@ -106,38 +108,37 @@ def _call(source: str) -> ToolCall | None:
 
 def requested(body: dict, template_source: str, family: str) -> tuple[list | None, str | None]:
   """A chat request's `tools` (to render through the template; None: no tools) and the format
-  its reply's calls are parsed in (None: the reply is text). ApiError (400) for a malformed
+  its reply's calls are parsed in (None: the reply is text). RequestError (400) for a malformed
   or unknown tool, a template that renders none, and for `tool_choice` "required" or a named
   function, which need constrained decoding."""
-  from jaxpar.serve.openai_api import ApiError
   tools, choice = body.get("tools"), body.get("tool_choice")
   if not tools:
     if choice not in (None, "none", "auto"):
-      raise ApiError(400, f"tool_choice={json.dumps(choice)} needs tools", param="tool_choice")
+      raise RequestError(f"tool_choice={json.dumps(choice)} needs tools", param="tool_choice")
     return None, None
   names = [t.get("function", {}).get("name") if isinstance(t, dict) else None
            for t in (tools if isinstance(tools, list) else [None])]
   if not all(isinstance(t, dict) and t.get("type") == "function" and isinstance(n, str)
              and isinstance(t["function"].get("parameters", {}), dict)
              for t, n in zip(tools, names)) or not isinstance(tools, list):
-    raise ApiError(400, "tools is invalid: expected a list of {\"type\": \"function\", "
+    raise RequestError("tools is invalid: expected a list of {\"type\": \"function\", "
                    "\"function\": {\"name\": ..., \"parameters\": {...}}}", param="tools")
   fmt = format_of(template_source, family)
   if fmt is None:
-    raise ApiError(400, "this checkpoint's chat template renders no tools: leave tools out",
+    raise RequestError("this checkpoint's chat template renders no tools: leave tools out",
                    param="tools")
   choice = "auto" if choice is None else choice
   if choice in ("auto", "none"):
     return tools, fmt if choice == "auto" else None
   named = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
   if named is not None and named not in names:
-    raise ApiError(400, f"tool_choice names the function {named!r}, which is not among the "
+    raise RequestError(f"tool_choice names the function {named!r}, which is not among the "
                    f"tools ({', '.join(names)})", param="tool_choice")
   if choice != "required" and named is None:
-    raise ApiError(400, f"tool_choice={json.dumps(choice)} is invalid: expected \"none\", "
+    raise RequestError(f"tool_choice={json.dumps(choice)} is invalid: expected \"none\", "
                    f"\"auto\", \"required\" or {{\"type\": \"function\", \"function\": "
                    f"{{\"name\": ...}}}}", param="tool_choice")
-  raise ApiError(400, f"tool_choice={json.dumps(choice)} needs constrained decoding, which "
+  raise RequestError(f"tool_choice={json.dumps(choice)} needs constrained decoding, which "
                  f"this server does not have yet: use \"auto\"", param="tool_choice")
 
 
