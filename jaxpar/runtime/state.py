@@ -7,6 +7,7 @@ of the same structure holding each array's `Logical` names (read from the parame
 """
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -18,10 +19,11 @@ from jax.sharding import Mesh
 from jaxpar.rules import Logical, Rules, check_tree, tree_shardings
 
 MakeModel = Callable[[nnx.Rngs], nnx.Module]
-# The initialiser runs once, over every parameter: XLA:CPU's optimisations stay on for it
-# whatever XLA_FLAGS asks (the tests' quick compiles ran a 1-layer Llama 3.2 initialiser 3.5x
-# slower, 4.1 s against 1.2 s).
+# The initialiser runs once, over every parameter: for a large model XLA:CPU's optimisations
+# stay on whatever XLA_FLAGS asks (the tests' quick compiles ran a 1-layer Llama 3.2
+# initialiser 3.5x slower, 4.1 s against 1.2 s); a small one compiles quicker without.
 OPTIMISED_CPU = {"xla_backend_optimization_level": 3, "xla_cpu_use_fusion_emitters": True}
+OPTIMISE_FROM = 2**23  # parameters
 
 
 def _names(state: nnx.State) -> dict:
@@ -56,8 +58,10 @@ def create(make: MakeModel, *, seed: int, mesh: Mesh, shardings: Any,
 
   with jax.set_mesh(mesh):
     start = time.perf_counter()
-    options = OPTIMISED_CPU if mesh.devices.flat[0].platform == "cpu" else None
-    program = jax.jit(params, out_shardings=shardings).lower().compile(options)
+    lowered = jax.jit(params, out_shardings=shardings).lower()
+    size = sum(math.prod(a.shape) for a in jax.tree.leaves(lowered.out_info))
+    cpu = mesh.devices.flat[0].platform == "cpu"
+    program = lowered.compile(OPTIMISED_CPU if cpu and size >= OPTIMISE_FROM else None)
     compiled = time.perf_counter()
     out = jax.block_until_ready(program())
   if timings is not None:
