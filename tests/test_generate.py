@@ -138,6 +138,30 @@ def test_sample_filters_keep_only_allowed_tokens():
   assert abs(np.mean(everything == 0) - 0.5) < 0.05
 
 
+def test_penalties_equal_the_numpy_reference(gen_config, devices, expected):
+  """The offline API's penalties (`Sampling`'s presence, frequency, repetition), greedy, on
+  data=2 x stage=2 x model=2 (late pipeline rows included) equal the NumPy GPT-2 with the
+  penalties applied to its float64 logits: negative presence and frequency make tokens come
+  back, so each one's count (the last one made included) decides what comes next."""
+  s = generate.Sampling(presence=-2.0, frequency=-0.5, repetition=1.3)
+  gen = build(gen_config, devices, 2, 2, 2)
+  got = gen.generate(PROMPTS, max_new_tokens=NEW, sampling=s).tokens
+  params = gen.natural_params()
+  for prompt, row in zip(PROMPTS, got):
+    out: list[int] = []
+    for _ in range(NEW):
+      x = reference.gpt2_logits(params, np.array([list(prompt) + out]),
+                                n_heads=gen_config.model.n_heads,
+                                vocab_size=gen_config.model.vocab_size)[0, -1]
+      counts = np.bincount(out, minlength=len(x)).astype(np.float64)
+      seen = counts > 0
+      seen[list(prompt)] = True
+      x = np.where(seen, np.where(x > 0, x / 1.3, x * 1.3), x)
+      out.append(int(np.argmax(x + 0.5 * counts + 2.0 * (counts > 0))))
+    assert list(row) == out
+  assert not np.array_equal(got, expected)
+
+
 def test_min_p_keeps_what_numpy_keeps():
   """min-p (after temperature), per row: a token stays when its probability is at least
   min_p times the likeliest's."""

@@ -56,8 +56,9 @@ class Sampling:
 
   def rows(self, B: int) -> "Sampling":
     """These settings as arrays [B] (float32, int32), one per row; the bias as it is."""
-    full = lambda v: np.full(B, v, np.int32 if isinstance(v, (int, np.integer)) else np.float32)
-    return Sampling(**{f.name: full(getattr(self, f.name)) for f in dataclasses.fields(self)
+    full = lambda name: np.full(B, getattr(self, name),
+                                np.int32 if name == "top_k" else np.float32)
+    return Sampling(**{f.name: full(f.name) for f in dataclasses.fields(self)
                        if f.name != "bias"}, bias=self.bias)
 
   def adjusts(self) -> bool:
