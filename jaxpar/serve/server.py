@@ -75,21 +75,11 @@ def make_app(engine: Engine, *, limits: api.Limits, tokenizer=None, template=Non
 
   @app.post("/tokenize")
   async def tokenize(request: Request):
-    body = api.parse_json(await handler._read(request))
-    if "model" in body:
-      api.check_model(body, limits)
-    chat = "messages" in body
-    tokens = await asyncio.to_thread(
-        *(api.chat_prompt, body, template, tokenizer) if chat else
-        (api.text_tokens, body, tokenizer))
-    return {"count": len(tokens), "max_model_len": limits.context, "tokens": tokens}
+    return await handler.tokenize(request)
 
   @app.post("/detokenize")
   async def detokenize(request: Request):
-    body = api.parse_json(await handler._read(request))
-    if "model" in body:
-      api.check_model(body, limits)
-    return {"prompt": api.detokenize(body, tokenizer, engine.vocab_size)}
+    return await handler.detokenize(request)
 
   return app
 
@@ -122,15 +112,36 @@ class _Completions:
       return api.chat_logprobs(entries, token_ids, self.token_text)
     return api.completion_logprobs(entries, token_ids, self.token_text, offset)
 
+  def _tools(self, body: dict) -> tuple[list | None, str | None]:
+    """A chat body's tools to render and the format to parse calls in (`tools.requested`)."""
+    if self.template is None:
+      return None, None
+    try:
+      return tools.requested(body, self.template.source, self.family)
+    except RequestError as e:
+      raise api.ApiError(e.status, str(e), param=e.param) from None
+
+  async def tokenize(self, request: Request) -> dict:
+    """/tokenize: text, or chat messages (and tools) through the template, as token ids."""
+    body = api.parse_json(await self._read(request))
+    if "model" in body:
+      api.check_model(body, self.limits)
+    chat = "messages" in body
+    tokens = await asyncio.to_thread(
+        *(api.chat_prompt, body, self.template, self.tokenizer, self._tools(body)[0]) if chat
+        else (api.text_tokens, body, self.tokenizer))
+    return {"count": len(tokens), "max_model_len": self.limits.context, "tokens": tokens}
+
+  async def detokenize(self, request: Request) -> dict:
+    body = api.parse_json(await self._read(request))
+    if "model" in body:
+      api.check_model(body, self.limits)
+    return {"prompt": api.detokenize(body, self.tokenizer, self.engine.vocab_size)}
+
   async def __call__(self, request: Request, *, chat: bool):
     body = api.parse_json(await self._read(request))
     api.check_model(body, self.limits)
-    listed, tool_format = None, None
-    if chat and self.template is not None:
-      try:
-        listed, tool_format = tools.requested(body, self.template.source, self.family)
-      except RequestError as e:
-        raise api.ApiError(e.status, str(e), param=e.param) from None
+    listed, tool_format = self._tools(body) if chat else (None, None)
     # Off the event loop: a long text prompt must not hold up /health and the streams.
     prompt = await asyncio.to_thread(
         *(api.chat_prompt, body, self.template, self.tokenizer, listed) if chat else
