@@ -147,8 +147,8 @@ def main() -> None:
   eos = tok.token_to_id("<|endoftext|>")
   ids = tok.encode(ANSWER).ids
   print(f"vocabulary {tok.get_vocab_size()} tokens; an answer of {len(ids)} tokens")
-  print(f"| library | needs | compile first (ms) | compile another (ms) | mask median (ms) | "
-        f"mask max (ms) |")
+  print("| library | needs | compile first (ms) | compile another (ms) | mask median (ms) | "
+        "mask max (ms) |")
   print("|---|---|---|---|---|---|")
   results = {}
   for name, (run, module) in LIBRARIES.items():
