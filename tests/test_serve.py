@@ -428,6 +428,8 @@ def test_echo_scores_the_prompt_like_transformers(client, hf):
                    [[(tokenizer.convert_tokens_to_ids(t), v) for t, v in top.items()]
                     for top in lp.top_logprobs[1:len(prompt)]])
     assert choice.finish_reason == "length" and answer.usage.completion_tokens == max_tokens
+  two = complete(client, text, 0, echo=True, logprobs=2, n=2).choices  # scored twice, alike
+  assert two[0].logprobs.token_logprobs == two[1].logprobs.token_logprobs == lp.token_logprobs
   chunks = [c.choices[0] for c in complete(client, text, 3, echo=True, logprobs=2, stream=True)
             if c.choices]
   assert "".join(c.text for c in chunks) == text + completion.text

@@ -174,9 +174,9 @@ class _Completions:
     if count > 1:
       params = dataclasses.replace(params, logprobs=params.logprobs or 0)
     try:
-      for i in range(count):  # only the first echoes: the others reuse its prefix
-        choice = params if count == 1 else dataclasses.replace(params, choice=i,
-                                                               echo=params.echo and i == 0)
+      for i in range(count):  # only the first echoes (but for max_tokens 0): the others reuse
+        echo = params.echo and (i == 0 or params.max_tokens == 0)  # its prefix
+        choice = params if count == 1 else dataclasses.replace(params, choice=i, echo=echo)
         streams.append(self.engine.submit(prompt, choice, listener=listener(i)))
     except RequestError as e:
       for stream in streams:
