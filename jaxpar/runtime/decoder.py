@@ -68,8 +68,8 @@ from jaxpar.models.base import Step, run_blocks
 from jaxpar.parallel import pipeline, ring
 from jaxpar.rules import use_rules
 from jaxpar.runtime.sampling import Context
-from jaxpar.runtime.slots import (Ring, State, advance, base_keys, blank_chosen,
-                                  blank_prompt, cache_spec, choose, chosen_tokens, copy_rows,
+from jaxpar.runtime.slots import (Ring, State, advance, base_keys, blank_chosen, blank_first,
+                                  cache_spec, choose, chosen_tokens, copy_rows,
                                   new_caches, prefilled, prompt_history, prompt_log_probs,
                                   state_program, zeroed_state)
 
@@ -274,10 +274,7 @@ class Decoder:
     n = rows // self.Bg if rows > self.Bg else 1
     R, S = rows // n, self.S
 
-    def blank():
-      chosen = blank_chosen((n, R), logprobs)
-      return (*chosen, blank_prompt((n, R), bucket)) if echo else chosen
-
+    blank = lambda: blank_first((n, R), bucket, logprobs=logprobs, echo=echo)
     def ticks(parts, caches, *inputs):
       first = blank() if self.pipelined else None
       msg = ring.varying(jnp.zeros((R, bucket, self.width), self.dtype)) if S > 1 else None

@@ -172,6 +172,13 @@ def blank_prompt(lead: tuple, T: int) -> LogProbs:
   return blank_chosen((*lead, T), True)[1]
 
 
+def blank_first(lead: tuple, bucket: int, *, logprobs: bool, echo: bool):
+  """Zeros shaped like a prefill's first tokens (and their log-probabilities, and with echo
+  the prompts')."""
+  chosen = blank_chosen(lead, logprobs)
+  return (*chosen, blank_prompt(lead, bucket)) if echo else chosen
+
+
 def chosen_tokens(chosen) -> jax.Array:
   """The tokens of what `choose` returned."""
   return chosen[0] if isinstance(chosen, tuple) else chosen
