@@ -121,6 +121,10 @@ class GenerateConfig:
   temperature: float = 0.0  # 0: greedy
   top_k: int = 0            # 0: no top-k filter
   top_p: float = 1.0        # 1: no nucleus filter
+  min_p: float = 0.0        # 0: no min-p filter
+  presence_penalty: float = 0.0   # penalties as vLLM applies them (see README: serving)
+  frequency_penalty: float = 0.0
+  repetition_penalty: float = 1.0
   eos_id: int | None = None  # stop token; null: the checkpoint's EOS ids, if any; -1: none
   prompt_len: int = 32      # length of the seeded prompts when none are given
 

@@ -36,6 +36,13 @@ def validate(config: Any) -> None:
     raise UserError(f"generate.temperature={g.temperature}, generate.top_k={g.top_k}, "
                     f"generate.top_p={g.top_p}: need temperature >= 0, top_k >= 0 and "
                     f"0 < top_p <= 1")
+  for key, value, low, high in [("min_p", g.min_p, 0, 1), ("presence_penalty",
+                                 g.presence_penalty, -2, 2), ("frequency_penalty",
+                                 g.frequency_penalty, -2, 2), ("repetition_penalty",
+                                 g.repetition_penalty, 0, 2)]:
+    if not low <= value <= high or (key == "repetition_penalty" and value == 0):
+      raise UserError(f"generate.{key}={value}: expected a number from {low} to {high}"
+                      f"{' (not 0)' if key == 'repetition_penalty' else ''}")
   if config.serve.policy not in ("continuous", "static"):
     raise UserError(f"serve.policy={config.serve.policy!r}: expected 'continuous' (refill slots "
                     f"every step) or 'static' (whole batches)")

@@ -77,6 +77,23 @@ def test_seeded_sampling_does_not_depend_on_the_mesh(tiny, devices):
   assert not np.array_equal(results[0], greedy)  # it did sample
 
 
+def test_generate_takes_the_penalties_from_the_config(root, monkeypatch, capsys):
+  """generate.presence_penalty and friends reach the decoder (the tokens change: each one's
+  values against NumPy are tests/test_generate.py's), are said, and are range-checked."""
+  monkeypatch.chdir(root)
+  base = ["generate", "--config", "configs/tiny.yaml", "--prompt-ids", "1,2,3",
+          "--max-new-tokens", "8", "--json"]
+  code, _, err, plain = run(capsys, *base)
+  assert code == 0, err
+  code, out, err, penalised = run(capsys, *base, "--set", "generate.presence_penalty=-2",
+                                  "--set", "generate.frequency_penalty=1.5")
+  assert code == 0, err
+  assert penalised["new_tokens"] != plain["new_tokens"]
+  assert "penalties: presence -2.0, frequency 1.5" in out + err
+  code, _, err, _ = run(capsys, *base, "--set", "generate.repetition_penalty=0")
+  one_line_error(code, err, "generate.repetition_penalty=0.0: expected a number from 0 to 2")
+
+
 # 3. Small floats in any notation.
 def test_floats_in_any_notation(root, tmp_path, monkeypatch, capsys):
   config = config_lib.load(root / "configs" / "tiny.yaml", ["model.init_std=1e-3",

@@ -51,7 +51,9 @@ def run(args, config: config_lib.Config) -> dict:
   cache_bytes = generator.cache_bytes_per_device(batch, max(map(len, prompts)) + g.max_new_tokens)
   _say_plan(config, generator, prompts, batch, cache_bytes)
   result = generator.generate(prompts, max_new_tokens=g.max_new_tokens,
-                              sampling=gen_lib.Sampling(g.temperature, g.top_k, g.top_p),
+                              sampling=gen_lib.Sampling(
+                                  g.temperature, g.top_k, g.top_p, g.min_p, g.presence_penalty,
+                                  g.frequency_penalty, g.repetition_penalty),
                               seed=config.run.seed, progress=True)
   texts = _say_result(result, tokenizer)
   if args.save_tokens:
@@ -108,7 +110,13 @@ def _say_plan(config: config_lib.Config, generator, prompts: list, batch: int,
     say(f"{report.count(len(prompts), 'prompt')} padded to {batch} rows to fill the mesh (extra "
         f"rows dropped)")
   mode = "greedy" if g.temperature == 0 else (
-      f"sampling (temperature {g.temperature}, top_k {g.top_k}, top_p {g.top_p})")
+      f"sampling (temperature {g.temperature}, top_k {g.top_k}, top_p {g.top_p}, min_p "
+      f"{g.min_p})")
+  penalties = [f"{k} {v}" for k, v, off in [("presence", g.presence_penalty, 0),
+                                             ("frequency", g.frequency_penalty, 0),
+                                             ("repetition", g.repetition_penalty, 1)] if v != off]
+  if penalties:
+    mode += f", penalties: {', '.join(penalties)}"
   if g.temperature == 0 and (g.top_k or g.top_p != 1):
     say(f"note: top_k {g.top_k} and top_p {g.top_p} apply when sampling; temperature 0 decodes "
         f"greedily (pass --temperature 1 to sample)")
