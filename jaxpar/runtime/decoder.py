@@ -253,7 +253,7 @@ class Decoder:
         return fn(g.model_parts(params), *args)
     return run
 
-  def _cache_specs(self):
+  def cache_specs(self):
     return {k: P(STAGE) for k in cache_spec(self.generator, 1, 1)}
 
   def _jit(self, fn):
@@ -284,7 +284,7 @@ class Decoder:
       return caches, ring.pack(first)[None] if self.pipelined else first  # one buffer out
 
     if self.pipelined:
-      spec = self._cache_specs()
+      spec = self.cache_specs()
       body = self._staged(ticks, in_specs=(spec,) + (P(),) * (8 + echo),
                           out_specs=(spec, P(STAGE)), rows=R)
     else:
@@ -295,8 +295,8 @@ class Decoder:
       if state is None:
         state = zeroed_state(self) if self.pipelined else State(None, None)
       keys_R = base_keys(seeds_R, rows_R)
-      before = None if state.slots is None else copy_rows(
-          state.slots.history, src, 1, axis=0, split=self.data_ways > 1)
+      before = copy_rows(state.slots.history, src, 1, axis=0, split=self.data_ways > 1) if (
+          reuse and state.slots is not None) else None  # a cached prefix's tokens
       history_RN = prompt_history(self.length, tokens_RT, start, before)
       group = lambda a: a.reshape(n, R, *a.shape[1:])
       caches, first = body(params, state.caches, group(tokens_RT), start, group(lengths_R),
@@ -350,7 +350,7 @@ class Decoder:
         return out_B, State(caches, advance(state.slots, chosen_tokens(out_B), self.length))
       return step
 
-    spec = self._cache_specs()
+    spec = self.cache_specs()
     body = self._staged(ticks, in_specs=(spec,) + (P(),) * 4 + (P(STAGE),) * 2,
                         out_specs=(spec, P(STAGE), P(STAGE), P(STAGE)))
 
@@ -378,12 +378,16 @@ class Decoder:
 
   # ---- the state (made by `slots`) ----
 
+  @functools.cached_property
+  def _state_program(self):  # `slots.state_program`, compiled once
+    return state_program(self)
+
   def state_shardings(self) -> State:
-    return state_program(self).output_shardings
+    return self._state_program.output_shardings
 
   def empty_state(self, *, abstract: bool = False) -> State:
     """The zeroed state (shapes and shardings only, when `abstract`)."""
-    program, mesh = state_program(self), self.generator.mesh
+    program, mesh = self._state_program, self.generator.mesh
     with jax.set_mesh(mesh):
       if not abstract:
         return program()

@@ -244,7 +244,7 @@ def zeroed_state(d) -> State:
     return caches, ring.varying(msg), ring.varying(token)
   with use_rules(g.rules, keys=g.family.config_keys):
     caches, msg, token = ring.shard(stage_local, mesh=g.mesh, in_specs=(),
-                                    out_specs=(d._cache_specs(), P(STAGE), P(STAGE)))()
+                                    out_specs=(d.cache_specs(), P(STAGE), P(STAGE)))()
   none = jnp.zeros((d.slots,), bool)
   return State(caches, empty_slots_of(d, d.slots),
                Ring(empty_slots_of(d, d.slots), none, none, msg, token))
@@ -255,22 +255,19 @@ def empty_slots_of(d, rows: int) -> Slots:
 
 
 def state_program(d):
-  """The compiled program that makes the zeroed state (once): the rows split like the batch
-  without stages; on a pipeline the caches over `stage` (the ring's out_specs) and the rows
+  """The compiled program that makes the zeroed state: the rows split like the batch without
+  stages; on a pipeline the caches over `stage` (the ring's out_specs) and the rows
   replicated (the groups cut them differently)."""
-  if not hasattr(d, "_empty"):
-    g, shardings = d.generator, None
-    if not d.pipelined:
-      spec = {k: names for k, (_, names, _) in
-              cache_spec(g, d.slots, d.positions).items()}
-      sharding = lambda names: g.rules.sharding(names, g.mesh, what="the KV cache")
-      if d.scan:
-        caches = {k: sharding((LAYERS, *names)) for k, names in spec.items()}
-      else:
-        caches = tuple({k: sharding(names) for k, names in spec.items()}
-                       for _ in range(g.config.model.n_layers))
-      rows = g.rules.sharding((BATCH,), g.mesh, what="decoder slots")
-      shardings = State(caches, jax.tree.map(lambda _: rows, empty_slots_of(d, 1)))
-    with jax.set_mesh(g.mesh):
-      d._empty = jax.jit(lambda: zeroed_state(d), out_shardings=shardings).lower().compile()
-  return d._empty
+  g, shardings = d.generator, None
+  if not d.pipelined:
+    spec = {k: names for k, (_, names, _) in cache_spec(g, d.slots, d.positions).items()}
+    sharding = lambda names: g.rules.sharding(names, g.mesh, what="the KV cache")
+    if d.scan:
+      caches = {k: sharding((LAYERS, *names)) for k, names in spec.items()}
+    else:
+      caches = tuple({k: sharding(names) for k, names in spec.items()}
+                     for _ in range(g.config.model.n_layers))
+    rows = g.rules.sharding((BATCH,), g.mesh, what="decoder slots")
+    shardings = State(caches, jax.tree.map(lambda _: rows, empty_slots_of(d, 1)))
+  with jax.set_mesh(g.mesh):
+    return jax.jit(lambda: zeroed_state(d), out_shardings=shardings).lower().compile()

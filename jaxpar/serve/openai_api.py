@@ -4,13 +4,12 @@ shape ({"error": {"message", "type", "param", "code"}}), and the chat template.
 Only what the engine can honour is accepted: `response_format`, `functions`, chat's `echo`
 and `tool_choice` "required" or named (they need constrained decoding) are refused by name
 rather than ignored; `tools` with `tool_choice` "auto" (or "none") are rendered by the chat
-template, and the calls parsed out of the reply (`jaxpar.serve.tools`). Completions' `echo` returns the prompt before the
-completion (with `logprobs`: the prompt tokens' too, the first one's null; `max_tokens` 0:
-the prompt alone, scored). Beside OpenAI's sampling options
+template, and the calls parsed out of the reply (`jaxpar.serve.tools`). Completions' `echo`
+returns the prompt before the completion (with `logprobs`: the prompt tokens' too, the first
+one's null; `max_tokens` 0: the prompt alone, scored). Beside OpenAI's sampling options
 (`presence_penalty`, `frequency_penalty`, `logit_bias`, `seed`, `stop`) vLLM's are taken too:
 `top_k`, `min_p`, `repetition_penalty`, `stop_token_ids`, `min_tokens`, `ignore_eos`.
-Log-probabilities come in OpenAI's two shapes:
-`logprobs: N` on completions (tokens, token_logprobs, top_logprobs, text_offset), `logprobs:
+Log-probabilities come in OpenAI's two shapes: `logprobs: N` on completions (tokens, token_logprobs, top_logprobs, text_offset), `logprobs:
 true` with `top_logprobs: N` on chat ({"content": [{token, logprob, bytes, top_logprobs}]}).
 """
 
@@ -26,9 +25,7 @@ from jaxpar.serve.tools import template_message
 
 # Options this server cannot honour, with the values (besides null) that ask for nothing
 # and are accepted: what clients send by default.
-_UNSUPPORTED = {
-                "suffix": ("",),
-                "functions": ([],), "response_format": ({"type": "text"},)}
+_UNSUPPORTED = {"suffix": ("",), "functions": ([],), "response_format": ({"type": "text"},)}
 
 
 def _asks_nothing(value, allowed: tuple) -> bool:
@@ -335,10 +332,10 @@ def usage(prompt: int, completion: int) -> dict:
 
 
 def choice(chat: bool, text: str, token_ids: list[int], finish: str | None, *,
-           delta: bool, logprobs: dict | None = None) -> dict:
-  """One choice; `token_ids` is jaxpar's addition (the text's tokens, EOS included);
+           delta: bool, logprobs: dict | None = None, index: int = 0) -> dict:
+  """Choice `index`; `token_ids` is jaxpar's addition (the text's tokens, EOS included);
   `logprobs` from `completion_logprobs` or `chat_logprobs`."""
-  out = {"index": 0, "finish_reason": finish, "token_ids": token_ids, "logprobs": logprobs}
+  out = {"index": index, "finish_reason": finish, "token_ids": token_ids, "logprobs": logprobs}
   if not chat:
     return {**out, "text": text}
   if delta:

@@ -1,8 +1,9 @@
 """The output processor: turns a request's accepted tokens into its Outputs (no JAX).
 
 Each token is recorded and counted (the first one's latency too), ends the request on EOS (not
-with `ignore_eos`), on one of its `stop_token_ids` or at `max_tokens`, and is detokenised incrementally: the text sent holds back what may still turn
-into a stop string or a multi-byte character. A request that ends gets its last Output with
+with `ignore_eos`), on one of its `stop_token_ids` or at `max_tokens`, and is detokenised
+incrementally: the text sent holds back what may still turn into a stop string or a
+multi-byte character. A request that ends gets its last Output with
 the finish reason, and `on_finish` is told first, so that its row frees.
 """
 

@@ -48,6 +48,11 @@ class Params:
   echo: bool = False  # the prompt's tokens' log-probabilities too (with `logprobs`)
   choice: int = -1  # which of a request's choices this is (its draws keyed by it); -1: one
 
+  @property
+  def scores_prompt(self) -> bool:
+    """Whether the prefill gives the prompt's log-probabilities (echo with logprobs)."""
+    return self.echo and self.logprobs is not None
+
   def greedy(self) -> bool:
     """Whether the likeliest token is all a step needs for it: no draw, no adjustment of the
     logits, no log-probabilities."""

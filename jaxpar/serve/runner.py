@@ -182,7 +182,7 @@ class Runner:
       tokens, logprobs, *prompt = (chosen, None) if not isinstance(chosen, tuple) else chosen
       tokens = np.asarray(tokens).reshape(-1)
       for owner in owners.values():  # a prefill's: the prompt's log-probabilities
-        if prompt and owner.params.echo and owner.params.logprobs is not None:
+        if prompt and owner.params.scores_prompt:
           scored = jax.tree.map(lambda a: np.asarray(a)[0], prompt[0])
           owner.prompt_logprobs = [_token_logprobs(scored, t, owner)
                                    for t in range(len(owner.prompt) - 1)]
@@ -209,7 +209,7 @@ class Runner:
         self.generator.params, self._state, tokens, np.int32(start), one(np.int32(P)),
         np.int32(placement.source), np.int32(b), jax.tree.map(one, sampling), one(seed),
         one(np.int32(stream.params.choice)),
-        one(np.bool_(stream.params.echo and stream.params.logprobs is not None)))
+        one(np.bool_(stream.params.scores_prompt)))
     self._positions[b], self._sampled[b] = P, not stream.params.greedy()
     self._firsts.append((first, {b: stream}))  # read after the next step is queued
     return []

@@ -129,7 +129,7 @@ class Scheduler:
     free, else into the free row holding the shortest prefix (the least lost)."""
     prompt, start = stream.prompt, 0
     source = row = min(free, key=lambda b: len(self.cached[b]))
-    if self.prefix_reuse and not stream.params.echo:  # echo scores every prompt token
+    if self.prefix_reuse and not stream.params.scores_prompt:  # it needs every token's logits
       for b, cached in enumerate(self.cached):
         n = common_prefix(cached, prompt[:-1])
         if n > start:

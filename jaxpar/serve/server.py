@@ -158,7 +158,8 @@ class _Completions:
       return StreamingResponse(events, media_type="text/event-stream")
     return await self._whole(request, reply, chat=chat)
 
-  def _submit(self, prompt: list[int], params, count: int) -> list[Stream]:
+  def _submit(self, prompt: list[int], params,
+              count: int) -> tuple[list[Stream], asyncio.Queue]:
     """`count` streams of `prompt` queued in a row (several: each its own `choice`; all with
     log-probabilities, which rank best_of's candidates); their Outputs go to one asyncio
     queue as (choice, Output)."""
@@ -223,9 +224,9 @@ class _Completions:
     choices = []
     for i, stream in enumerate(reply.best()):
       text, scored, entries = reply.echoed(stream.text, stream.token_ids, stream.logprobs)
-      choice = {**api.choice(chat, text, stream.token_ids, stream.finish_reason, delta=False,
-                             logprobs=self._logprobs(chat, entries if reply.logprobs else None,
-                                                     scored)), "index": i}
+      choice = api.choice(chat, text, stream.token_ids, stream.finish_reason, delta=False,
+                          logprobs=self._logprobs(chat, entries if reply.logprobs else None,
+                                                  scored), index=i)
       if reply.tool_format:
         content, calls = tools.parse(self.raw_text(stream.token_ids), reply.tool_format)
         if calls:
