@@ -493,7 +493,7 @@ BAD = [  # (body, status, what the error names)
     ({"model": "test-model", "messages": [{"role": "user", "content": "w1"}],  # no tools in
       "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),  # TEMPLATE
     ({"model": "test-model", "messages": [{"role": "user", "content": "w1"}],
-      "tool_choice": "required"}, 400, "tool_choice"),
+      "tool_choice": "required"}, 400, "tool_choice"),  # no tools
     ({"model": "test-model", "prompt": [1], "presence_penalty": 2.5}, 400, "presence_penalty"),
     ({"model": "test-model", "prompt": [1], "repetition_penalty": 0}, 400,
      "repetition_penalty"),

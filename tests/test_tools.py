@@ -85,8 +85,6 @@ def test_tools_render_through_the_template_with_arguments_as_objects():
 
 @pytest.mark.parametrize("choice,param,message", [
     ({"type": "function", "function": {"name": "stocks"}}, "tool_choice", "not among the tools"),
-    ("required", "tool_choice", "constrained decoding"),
-    ({"type": "function", "function": {"name": "time"}}, "tool_choice", "constrained decoding"),
     ("sometimes", "tool_choice", "is invalid"),
 ])
 def test_what_cannot_be_honoured_is_refused_by_name(choice, param, message):
@@ -101,3 +99,21 @@ def test_what_cannot_be_honoured_is_refused_by_name(choice, param, message):
   assert tools.requested({"tools": TOOLS}, "<tool_call>", "qwen2") == (TOOLS, "hermes")
   assert tools.requested({"tools": TOOLS, "tool_choice": "none"}, "<tool_call>",
                          "qwen2") == (TOOLS, None)
+  assert tools.requested({"tools": TOOLS, "tool_choice": "required"}, "<tool_call>",
+                         "qwen2") == (TOOLS, tools.REQUIRED)
+  named = {"type": "function", "function": {"name": "time"}}
+  assert tools.requested({"tools": TOOLS, "tool_choice": named}, "<tool_call>",
+                         "qwen2") == (TOOLS, tools.NAMED + "time")
+
+
+def test_constrained_replies_parse_into_calls():
+  """tool_choice "required": a JSON list of calls; named: the arguments alone (vLLM's)."""
+  reply = json.dumps([{"name": "weather", "parameters": WEATHER}, {"name": "time",
+                                                                   "parameters": {}}])
+  assert as_pairs(tools.parse(reply, tools.REQUIRED)[1]) == CALLS
+  assert as_pairs(tools.parse(json.dumps(WEATHER), tools.NAMED + "weather")[1]) == CALLS[:1]
+  assert tools.parse('[{"name": "wea', tools.REQUIRED) == ('[{"name": "wea', [])  # cut short
+  schema = tools.constraint(TOOLS, tools.REQUIRED)
+  assert schema["type"] == "array" and len(schema["items"]["anyOf"]) == 2
+  assert tools.constraint(TOOLS, tools.NAMED + "weather") == TOOLS[0]["function"]["parameters"]
+  assert tools.constraint(TOOLS, "hermes") is None

@@ -325,8 +325,12 @@ class Decoder:
   def step_fn(self, *, greedy: bool, span: int, logprobs: bool = False):
     """One decode step of every row, traced (a loop or a program calls it):
     (params, state) -> (out_B, state); `out_B[b]` is the token of row b's entry of this step,
-    of the step before for `late` rows (with `logprobs`: (tokens, their `LogProbs`))."""
+    of the step before for `late` rows (with `logprobs`: (tokens, their `LogProbs`)).
+    Called (params, state, allowed_BW) (not `greedy`): the tokens each row's choice in this
+    step may take (packed, `sampling.allow`)."""
     S, G, Bg = self.S, self.G, self.Bg
+    mask = lambda rows, allowed: dataclasses.replace(rows, sampling=dataclasses.replace(
+        rows.sampling, allowed=allowed[0])) if allowed else rows
 
     def ticks(parts, caches, prev, keep, cur, fresh, x_msg, token_msg):
       rows = (prev, keep, cur, fresh)
@@ -345,8 +349,9 @@ class Decoder:
     if not self.pipelined:
       body = self._plain(ticks)
 
-      def step(params, state):
-        caches, out_B = body(params, state.caches, None, None, state.slots, None, None, None)
+      def step(params, state, *allowed):
+        caches, out_B = body(params, state.caches, None, None, mask(state.slots, allowed),
+                             None, None, None)
         return out_B, State(caches, advance(state.slots, chosen_tokens(out_B), self.length))
       return step
 
@@ -354,14 +359,17 @@ class Decoder:
     body = self._staged(ticks, in_specs=(spec,) + (P(),) * 4 + (P(STAGE),) * 2,
                         out_specs=(spec, P(STAGE), P(STAGE), P(STAGE)))
 
-    def step(params, state):
+    def step(params, state, *allowed):
       r, cur = state.ring, state.slots
       # Only this round's history is read (`_step_tick`), whole on every device: split like
-      # the rows, its [G, Bg] regrouping became all-to-alls.
+      # the rows, its [G, Bg] regrouping became all-to-alls. A row's mask is for the choice
+      # this step makes for it, whichever entry that is.
       history = None if greedy else self._whole(cur.history)
+      allowed = tuple(map(self._whole, allowed))
       caches, x_msg, token_msg, out = body(
-          params, state.caches, dataclasses.replace(r.prev, history=None), r.keep,
-          dataclasses.replace(cur, history=history), r.fresh, r.msg, r.token)
+          params, state.caches, mask(dataclasses.replace(r.prev, history=None), allowed),
+          r.keep, mask(dataclasses.replace(cur, history=history), allowed), r.fresh, r.msg,
+          r.token)
       out_B = _rows(ring.unpack(out[S - 1], blank_chosen((G, Bg), logprobs)), self.slots, 2)
       # A late row's token is its entry's of the round before (not kept: an old request's).
       late_B = jnp.asarray(self.late())

@@ -53,13 +53,17 @@ class Sampling:
   frequency: float = 0.0  # ... times the number of times it was made
   repetition: float = 1.0  # divides positive (multiplies negative) logits of tokens seen
   bias: Bias | None = None
+  # [B, W] int32: the tokens a row's grammar allows next, packed (`allow`); None: all.
+  allowed: jax.Array | None = None
 
   def rows(self, B: int) -> "Sampling":
-    """These settings as arrays [B] (float32, int32), one per row; the bias as it is."""
+    """These settings as arrays [B] (float32, int32), one per row; bias and mask as they
+    are."""
     full = lambda name: np.full(B, getattr(self, name),
                                 np.int32 if name == "top_k" else np.float32)
     return Sampling(**{f.name: full(f.name) for f in dataclasses.fields(self)
-                       if f.name != "bias"}, bias=self.bias)
+                       if f.name not in ("bias", "allowed")}, bias=self.bias,
+                    allowed=self.allowed)
 
   def adjusts(self) -> bool:
     """Whether anything changes the logits before temperature (biases, penalties)."""
@@ -144,7 +148,7 @@ def sample(logits_BV: jax.Array, keys_B: jax.Array, s: Sampling) -> jax.Array:
 
 def _per_row(s: Sampling) -> bool:
   return any(isinstance(v, (jax.Array, np.ndarray))
-             for v in jax.tree.leaves(dataclasses.replace(s, bias=None)))
+             for v in jax.tree.leaves(dataclasses.replace(s, bias=None, allowed=None)))
 
 
 def adjust(logits_BV: jax.Array, s: Sampling, c: Context) -> jax.Array:
@@ -189,6 +193,26 @@ def add_at(x_BV: jax.Array, ids_BK: jax.Array, values_BK: jax.Array) -> jax.Arra
   row, both = P(rows or None), P(rows or None, split or None)
   return jax.shard_map(local, in_specs=(both, row, row), out_specs=both,
                        axis_names=set(rows) | set(split))(x_BV, ids_BK, values_BK)
+
+
+def allow(logits_BV: jax.Array, allowed_BW: jax.Array) -> jax.Array:
+  """The logits with each token a row's mask leaves out at the float minimum: token t is
+  allowed when bit t % 32 of the row's word t // 32 is set (columns past 32 W, the padding,
+  are already at the minimum). With the vocabulary split, each device unpacks the words of
+  its own columns from the whole mask (a row's mask is V / 8 bytes)."""
+  rows, split = _vocab_axes()
+  low = jnp.finfo(jnp.float32).min
+
+  def local(x, words):
+    W = x.shape[-1]
+    column = jnp.arange(W, dtype=jnp.int32) + (lax.axis_index(split) * W if split else 0)
+    word = jnp.take(words, column // 32, axis=1, mode="fill", fill_value=-1)
+    return jnp.where((word >> (column % 32)) & 1 == 1, x, low)
+  if not (rows or split):
+    return local(logits_BV, allowed_BW)
+  row, both = P(rows or None), P(rows or None, split or None)
+  return jax.shard_map(local, in_specs=(both, row), out_specs=both,
+                       axis_names=set(rows) | set(split))(logits_BV, allowed_BW)
 
 
 def filter_logits(logits_BV: jax.Array, s: Sampling) -> jax.Array:

@@ -19,7 +19,7 @@ from jaxpar.models.base import cache_leaf
 from jaxpar.parallel import ring
 from jaxpar.rules import constrain, use_rules
 from jaxpar.runtime.sampling import (NO_TOKEN, TOP_LOGPROBS, Bias, Context, LogProbs, Sampling,
-                                     adjust, likeliest, log_probs, sample)
+                                     adjust, allow, likeliest, log_probs, sample)
 
 
 @jax.tree_util.register_dataclass
@@ -90,6 +90,7 @@ def prefilled(first_R, lengths_R, sampling: Sampling, keys_R, history_RN) -> Slo
   """The rows of prompts of `lengths_R` tokens whose prefill made `first_R`."""
   at_RN = jnp.arange(history_RN.shape[-1])[None, :] == lengths_R[:, None]
   history_RN = jnp.where(at_RN, first_R[:, None], history_RN)
+  sampling = dataclasses.replace(sampling, allowed=None)  # each step is given its own
   return Slots(first_R, lengths_R, jnp.ones_like(lengths_R), sampling, keys_R, history_RN,
                lengths_R)
 
@@ -135,8 +136,10 @@ def choose(logits_BV: jax.Array, keys_B: jax.Array, context: Context, sampling: 
   if greedy:
     tokens_B = likeliest(logits_BV)
   else:
-    tokens_B = sample(adjust(logits_BV, sampling, context),
-                      token_keys(keys_B, context.made), sampling)
+    adjusted_BV = adjust(logits_BV, sampling, context)
+    if sampling.allowed is not None:  # a grammar's mask
+      adjusted_BV = allow(adjusted_BV, sampling.allowed)
+    tokens_B = sample(adjusted_BV, token_keys(keys_B, context.made), sampling)
   if not logprobs:
     return tokens_B
   return tokens_B, log_probs(logits_BV, tokens_B)

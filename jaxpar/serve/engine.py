@@ -35,6 +35,7 @@ order: the baseline continuous batching is measured against). A step that raises
 request with 'error', zeroes the caches and forgets the prefix index; serving goes on.
 """
 
+import functools
 import math
 import threading
 import time
@@ -47,7 +48,7 @@ from jaxpar.distributed import say
 from jaxpar.errors import UserError
 from jaxpar.serve.metrics import Metrics
 from jaxpar.serve.output import OutputProcessor
-from jaxpar.serve.request import Output, Params, Stream, check
+from jaxpar.serve.request import Output, Params, RequestError, Stream, check
 from jaxpar.serve.scheduler import Scheduler
 
 if TYPE_CHECKING:  # the runner needs JAX; `build` imports it
@@ -59,8 +60,9 @@ class Engine:
 
   def __init__(self, runner: "RunnerLike", *, eos_ids: tuple[int, ...],
                detokenize: Callable[[list[int]], str] | None, max_queue: int,
-               policy: str, metrics: Metrics, prefix_reuse: bool = True):
+               policy: str, metrics: Metrics, prefix_reuse: bool = True, tokenizer=None):
     self.runner, self.generator = runner, runner.generator
+    self.tokenizer = tokenizer  # structured output's grammars are built over it
     self.slots, self.length = runner.slots, runner.length
     self.vocab_size = self.generator.config.model.vocab_size
     self.detokenize, self.metrics = detokenize, metrics
@@ -102,6 +104,19 @@ class Engine:
     check(prompt, params, vocab_size=self.vocab_size, length=self.length,
           can_detokenize=self.detokenize is not None)
 
+  def grammar(self, kind: str, value, param: str) -> str:
+    """The grammar of an output format (`grammar.requested`'s), for `Params.grammar`;
+    RequestError naming `param` when it does not compile."""
+    if self.tokenizer is None:
+      raise RequestError("structured output needs the checkpoint's tokenizer.json",
+                         param=param)
+    return self._grammars.compile(kind, value, param)
+
+  @functools.cached_property
+  def _grammars(self):  # built on first use (a large vocabulary takes about a second)
+    from jaxpar.serve.grammar import Grammars
+    return Grammars(self.tokenizer, self.vocab_size, sorted(self.eos_ids))
+
   def submit(self, prompt: list[int], params: Params = Params(), *,
              listener: Callable[[Output], None] | None = None) -> Stream:
     """Queues a request (token ids); RequestError when it is invalid or the queue is full.
@@ -109,7 +124,8 @@ class Engine:
     own queue."""
     prompt = [int(t) for t in prompt]
     self.check(prompt, params)
-    return self.scheduler.submit(prompt, params, listener=listener)
+    matcher = self._grammars.matcher(params.grammar) if params.grammar is not None else None
+    return self.scheduler.submit(prompt, params, listener=listener, matcher=matcher)
 
   def generate(self, prompts: list[list[int]], params: Params = Params()) -> list[Stream]:
     """Runs `prompts` to completion (the engine must be started)."""
@@ -217,7 +233,7 @@ def build(config: Config, mesh, *, tokenizer=None, progress: bool = True) -> Eng
     detokenize = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
   return Engine(runner, eos_ids=generator.eos_ids, detokenize=detokenize,
                 max_queue=s.max_queue, policy=s.policy, metrics=Metrics(),
-                prefix_reuse=s.prefix_reuse)
+                prefix_reuse=s.prefix_reuse, tokenizer=tokenizer)
 
 
 DEFAULT_MAX_LEN = 8192  # positions per slot unless serve.max_len asks for more

@@ -1,10 +1,11 @@
 """The OpenAI request and response bodies: checked field by field, with errors in OpenAI's own
 shape ({"error": {"message", "type", "param", "code"}}), and the chat template.
 
-Only what the engine can honour is accepted: `response_format`, `functions`, chat's `echo`
-and `tool_choice` "required" or named (they need constrained decoding) are refused by name
-rather than ignored; `tools` with `tool_choice` "auto" (or "none") are rendered by the chat
-template, and the calls parsed out of the reply (`jaxpar.serve.tools`). Completions' `echo`
+Only what the engine can honour is accepted: `suffix`, `functions` and chat's `echo` are
+refused by name rather than ignored. `tools` are rendered by the chat template, and the calls
+parsed out of the reply (`jaxpar.serve.tools`; with `tool_choice` "required" or a named
+function the reply is constrained to calls). `response_format` (JSON) and vLLM's regex,
+choice and grammar options constrain the output (`jaxpar.serve.grammar`). Completions' `echo`
 returns the prompt before the completion (with `logprobs`: the prompt tokens' too, the first
 one's null; `max_tokens` 0: the prompt alone, scored). Beside OpenAI's sampling options
 (`presence_penalty`, `frequency_penalty`, `logit_bias`, `seed`, `stop`) vLLM's are taken too:
@@ -25,7 +26,7 @@ from jaxpar.serve.tools import template_message
 
 # Options this server cannot honour, with the values (besides null) that ask for nothing
 # and are accepted: what clients send by default.
-_UNSUPPORTED = {"suffix": ("",), "functions": ([],), "response_format": ({"type": "text"},)}
+_UNSUPPORTED = {"suffix": ("",), "functions": ([],)}
 
 
 def _asks_nothing(value, allowed: tuple) -> bool:

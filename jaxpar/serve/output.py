@@ -41,6 +41,8 @@ class OutputProcessor:
     reason, p = None, stream.params
     if token in p.stop_token_ids or (token in self.eos_ids and not p.ignore_eos):
       reason = "stop"
+    elif stream.matcher is not None and stream.matcher.is_stopped():
+      reason = "stop"  # the grammar is complete: nothing may follow
     elif len(stream.token_ids) >= stream.params.max_tokens:
       reason = "length"
     text, hit = self.text(stream, final=reason is not None)

@@ -47,6 +47,7 @@ class Params:
   logprobs: int | None = None
   echo: bool = False  # the prompt's tokens' log-probabilities too (with `logprobs`)
   choice: int = -1  # which of a request's choices this is (its draws keyed by it); -1: one
+  grammar: str | None = None  # what the output must match (llguidance's, `serve.grammar`)
 
   @property
   def scores_prompt(self) -> bool:
@@ -57,6 +58,7 @@ class Params:
     """Whether the likeliest token is all a step needs for it: no draw, no adjustment of the
     logits, no log-probabilities."""
     return (self.temperature == 0 and self.logprobs is None and not self.logit_bias
+            and self.grammar is None
             and not self.min_tokens and self.presence_penalty == 0
             and self.frequency_penalty == 0 and self.repetition_penalty == 1)
 
@@ -83,8 +85,9 @@ class Stream:
   """A submitted request: iterate it for Outputs as they come, or call `result()`."""
 
   def __init__(self, rid: int, prompt: list[int], params: Params,
-               listener: Callable[[Output], None] | None):
+               listener: Callable[[Output], None] | None, matcher=None):
     self.id, self.prompt, self.params = rid, prompt, params
+    self.matcher = matcher  # params.grammar's (llguidance), fed each token as it is read
     self.token_ids: list[int] = []
     self.logprobs: list[TokenLogprobs] | None = [] if params.logprobs is not None else None
     # With echo and logprobs: the prompt's, from its second token (set with the first Output).

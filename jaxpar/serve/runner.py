@@ -22,6 +22,7 @@ import numpy as np
 from jaxpar.distributed import say
 from jaxpar.runtime.decoder import Decoder
 from jaxpar.runtime.sampling import BAN, NO_TOKEN, Bias, Sampling
+from jaxpar.serve import grammar
 from jaxpar.serve.request import MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS, Params, Stream, TokenLogprobs
 from jaxpar.serve.scheduler import Placement
 
@@ -83,9 +84,10 @@ def bias_entries(eos_ids) -> int:
   return MAX_LOGIT_BIAS + MAX_STOP_TOKEN_IDS + len(eos_ids)
 
 
-def settings(stream: Stream, eos_ids, entries: int) -> tuple[np.uint32, Sampling]:
-  """A request's sampling seed (its id unless it gives one) and settings, as the host's
-  scalars (its `Bias`: `entries` of it)."""
+def settings(stream: Stream, eos_ids, entries: int, width: int) -> tuple[np.uint32, Sampling]:
+  """A request's sampling seed (its id unless it gives one) and settings for its first
+  token, as the host's scalars (its `Bias`: `entries` of it; its grammar's mask: `width`
+  words)."""
   p = stream.params
   seed = np.uint32(stream.id if p.seed is None else p.seed)
   bias = [(t, b, ALWAYS) for t, b in p.logit_bias]
@@ -96,19 +98,22 @@ def settings(stream: Stream, eos_ids, entries: int) -> tuple[np.uint32, Sampling
   ids, values, until = zip(*bias)
   table = Bias(np.asarray(ids, np.int32), np.asarray(values, np.float32),
                np.asarray(until, np.int32))
+  allowed = grammar.open_mask(1, width)[0]
+  if stream.matcher is not None:
+    grammar.fill(stream.matcher, allowed)
   return seed, Sampling(np.float32(p.temperature), np.int32(p.top_k), np.float32(p.top_p),
                         np.float32(p.min_p), np.float32(p.presence_penalty),
                         np.float32(p.frequency_penalty), np.float32(p.repetition_penalty),
-                        table)
+                        table, allowed)
 
 
 def scalar(dtype) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct((), dtype)
 
 
-def abstract_sampling(entries: int) -> Sampling:
+def abstract_sampling(entries: int, width: int) -> Sampling:
   """The shapes of `settings`' Sampling."""
-  _, host = settings(Stream(0, [0], Params(), None), (), entries)
+  _, host = settings(Stream(0, [0], Params(), None), (), entries, width)
   return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), host)
 
 
@@ -145,7 +150,11 @@ class Runner:
     self.buckets, self.spans = tuple(buckets), tuple(spans)
     self.prefix_reuse = not decoder.pipelined  # a pipeline prefills whole prompts
     self._late = decoder.late()
+    self.width = -(-self.generator.config.model.vocab_size // 32)  # a grammar's mask, packed
     self.compiled = self._compile(progress)
+    sampled = self.compiled["decode", False, self.spans[0]]
+    self._open = jax.device_put(grammar.open_mask(self.slots, self.width),
+                                sampled.input_shardings[0][2])
     # The host's copy of the rows' positions (which span) and whether their request needs
     # the sampled step.
     self._positions = np.zeros(self.slots, np.int32)
@@ -163,20 +172,38 @@ class Runner:
 
   def step(self, running: Sequence[Stream | None]) -> list[Event]:
     rows = [b for b, s in enumerate(running) if s is not None]
+    masked = any(running[b].matcher is not None for b in rows)
+    events = self._read(running) if masked else []  # a grammar's mask needs every token
     queued = []
     if rows:
       greedy = not self._sampled[rows].any()
       last = min(max(self._positions[b] for b in rows), self.length - 1)
       span = next(t for t in self.spans if t > last)
+      allowed = () if greedy else (self._masks(running) if masked else self._open,)
       next_B, self._state = self.compiled["decode", greedy, span](self.generator.params,
-                                                                  self._state)
+                                                                  self._state, *allowed)
       self._positions[rows] += 1
       now = {b: running[b] for b in rows}
       owners = {b: owner for b in range(self.slots)
                 if (owner := (self._owners if self._late[b] else now).get(b)) is not None}
       self._owners = now
       queued = [(next_B, owners)]
-    pending, self._firsts, self._queued = [*self._firsts, *self._queued], [], queued
+    events += self._read(running)
+    self._queued = queued
+    return events
+
+  def _masks(self, running: Sequence[Stream | None]) -> np.ndarray:
+    """[slots, W]: the tokens each running row's grammar allows next (others: all)."""
+    out = grammar.open_mask(self.slots, self.width)
+    for b, stream in enumerate(running):
+      if stream is not None and stream.matcher is not None:
+        grammar.fill(stream.matcher, out[b])
+    return out
+
+  def _read(self, running: Sequence[Stream | None]) -> list[Event]:
+    """The tokens of the prefills and the step queued (waiting for them), as events; each
+    is given to its request's grammar (while the request still holds the row)."""
+    pending, self._firsts, self._queued = [*self._firsts, *self._queued], [], []
     events = []
     for chosen, owners in pending:
       tokens, logprobs, *prompt = (chosen, None) if not isinstance(chosen, tuple) else chosen
@@ -193,6 +220,8 @@ class Runner:
       for b, owner in owners.items():
         at = b if tokens.size > 1 else 0
         events.append((b, owner, int(tokens[at]), _token_logprobs(logprobs, at, owner)))
+        if owner.matcher is not None and owner is running[b]:
+          owner.matcher.consume_token(int(tokens[at]))
     return events
 
   def prefill(self, placement: Placement) -> list[Event]:
@@ -201,7 +230,7 @@ class Runner:
       raise ValueError(f"{placement}: this runner prefills whole prompts (prefix_reuse is "
                        f"False), from position 0")
     P = len(stream.prompt)
-    seed, sampling = settings(stream, self.generator.eos_ids, self.decoder.bias)
+    seed, sampling = settings(stream, self.generator.eos_ids, self.decoder.bias, self.width)
     tokens = np.zeros((1, placement.bucket), np.int32)
     tokens[0, :P - start] = stream.prompt[start:]
     one = lambda v: np.asarray([v])
@@ -231,13 +260,14 @@ class Runner:
                                                 logprobs=True, echo=True).lower(
             g.params, state, jax.ShapeDtypeStruct((1, bucket), jnp.int32), scalar(jnp.int32),
             one(scalar(jnp.int32)), scalar(jnp.int32), scalar(jnp.int32),
-            jax.tree.map(one, abstract_sampling(d.bias)), one(scalar(jnp.uint32)),
+            jax.tree.map(one, abstract_sampling(d.bias, self.width)), one(scalar(jnp.uint32)),
             one(scalar(jnp.int32)), one(scalar(jnp.bool_))).compile()
       for greedy in (True, False):
         for span in self.spans:
+          mask = () if greedy else (jax.ShapeDtypeStruct((self.slots, self.width), jnp.int32),)
           compiled["decode", greedy, span] = d.step(greedy=greedy, span=span,
                                                     logprobs=not greedy).lower(
-              g.params, state).compile()
+              g.params, state, *mask).compile()
     return compiled
 
 

@@ -66,7 +66,7 @@ class Scheduler:
   # ---- the callers' side (any thread) ----
 
   def submit(self, prompt: list[int], params: Params, *,
-             listener: Callable[[Output], None] | None = None) -> Stream:
+             listener: Callable[[Output], None] | None = None, matcher=None) -> Stream:
     """Queues a checked request; RequestError (429) when the queue is full, (503) once
     closing."""
     with self.lock:
@@ -75,7 +75,7 @@ class Scheduler:
       if len(self.waiting) >= self.max_queue:
         raise RequestError(f"the queue is full ({self.max_queue} requests waiting); retry "
                            f"later", status=429)
-      stream = Stream(next(self._ids), prompt, params, listener)
+      stream = Stream(next(self._ids), prompt, params, listener, matcher)
       self.waiting.append(stream)
       self.lock.notify()
     return stream

@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from jaxpar.distributed import say
 from jaxpar.serve import openai_api as api
-from jaxpar.serve import tools
+from jaxpar.serve import grammar, tools
 from jaxpar.serve.engine import Engine
 from jaxpar.serve.request import Output, RequestError, Stream
 
@@ -121,6 +121,21 @@ class _Completions:
     except RequestError as e:
       raise api.ApiError(e.status, str(e), param=e.param) from None
 
+  def _grammar(self, body: dict, listed: list | None, tool_format: str | None) -> str | None:
+    """The grammar the reply must match: `response_format` or vLLM's options, or the calls
+    `tool_choice` asks for (`grammar.requested`, `tools.constraint`)."""
+    try:
+      asked = grammar.requested(body)
+      calls = tools.constraint(listed, tool_format)
+      if calls is not None:
+        if asked is not None:
+          raise RequestError(f"{asked[1]} and tool_choice both constrain the reply: give "
+                             f"one", param=asked[1])
+        asked = ("json", calls), "tool_choice"
+      return None if asked is None else self.engine.grammar(*asked[0], asked[1])
+    except RequestError as e:
+      raise api.ApiError(e.status, str(e), param=e.param) from None
+
   async def tokenize(self, request: Request) -> dict:
     """/tokenize: text, or chat messages (and tools) through the template, as token ids."""
     body = api.parse_json(await self._read(request))
@@ -148,6 +163,7 @@ class _Completions:
         (api.completion_prompt, body, self.tokenizer))
     params, stream_it, include_usage = api.sampling_params(body, self.limits,
                                                            prompt_len=len(prompt), chat=chat)
+    params = dataclasses.replace(params, grammar=self._grammar(body, listed, tool_format))
     n, best_of = api.choice_counts(body, chat=chat, stream=stream_it, most=self.engine.slots)
     streams, outputs = self._submit(prompt, params, best_of)
     echo = api.echo_text(body, prompt, self.tokenizer) if params.echo else None

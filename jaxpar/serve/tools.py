@@ -18,6 +18,9 @@ import uuid
 from jaxpar.serve.request import RequestError
 
 FORMATS = ("hermes", "mistral", "llama3")
+# Replies constrained by `tool_choice`, as vLLM writes them: "required", a JSON list of one or
+# more calls [{"name": ..., "parameters": {...}}]; a named function, its arguments alone.
+REQUIRED, NAMED = "required", "named:"
 _FAMILIES = {"qwen2": "hermes", "qwen3": "hermes", "mistral": "mistral", "llama": "llama3"}
 _MARKERS = {"hermes": "<tool_call>", "mistral": "[TOOL_CALLS]", "llama3": "<|python_tag|>"}
 _HERMES = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
@@ -48,6 +51,8 @@ def format_of(template_source: str, family: str) -> str | None:
 def held_from(text: str, fmt: str) -> int:
   """Where the part of a reply so far that is, or may become, a tool call starts (len(text):
   nothing): a stream sends the text before it only."""
+  if fmt not in _MARKERS:  # constrained: the reply is its calls
+    return 0
   marker = _MARKERS[fmt]
   at = text.find(marker)
   if at >= 0:
@@ -60,9 +65,32 @@ def held_from(text: str, fmt: str) -> int:
   return len(text)
 
 
+def constraint(tools: list[dict], fmt: str | None) -> dict | None:
+  """The JSON schema a reply of format `fmt` must match (None: the model's own words)."""
+  if fmt is None or not (fmt == REQUIRED or fmt.startswith(NAMED)):
+    return None
+  schemas = {t["function"]["name"]: t["function"].get("parameters") or {"type": "object"}
+             for t in tools}
+  if fmt.startswith(NAMED):
+    return schemas[fmt[len(NAMED):]]
+  call = [{"type": "object", "properties": {"name": {"const": name}, "parameters": schema},
+           "required": ["name", "parameters"], "additionalProperties": False}
+          for name, schema in schemas.items()]
+  return {"type": "array", "minItems": 1, "items": {"anyOf": call}}
+
+
 def parse(text: str, fmt: str) -> tuple[str, list[ToolCall]]:
   """(content, calls) of a whole reply: calls that do not parse as JSON with a name stay
   text."""
+  if fmt == REQUIRED or fmt.startswith(NAMED):
+    try:
+      item = json.loads(text)
+    except json.JSONDecodeError:  # cut short (max_tokens)
+      return text, []
+    if fmt == REQUIRED:
+      calls = [_call(json.dumps(i)) for i in item]
+      return ("", calls) if calls and all(calls) else (text, [])
+    return "", [ToolCall(fmt[len(NAMED):], json.dumps(item))]
   if fmt == "hermes":
     calls = [_call(m.group(1)) for m in _HERMES.finditer(text)]
     if calls and all(calls):
@@ -108,9 +136,10 @@ def _call(source: str) -> ToolCall | None:
 
 def requested(body: dict, template_source: str, family: str) -> tuple[list | None, str | None]:
   """A chat request's `tools` (to render through the template; None: no tools) and the format
-  its reply's calls are parsed in (None: the reply is text). RequestError (400) for a malformed
-  or unknown tool, a template that renders none, and for `tool_choice` "required" or a named
-  function, which need constrained decoding."""
+  its reply's calls are parsed in (None: the reply is text): the model's own with
+  `tool_choice` "auto", `REQUIRED` or `NAMED` + the function's name for a reply constrained
+  to calls (`constraint`). RequestError (400) for a malformed or unknown tool, or a template
+  that renders none."""
   tools, choice = body.get("tools"), body.get("tool_choice")
   if not tools:
     if choice not in (None, "none", "auto"):
@@ -138,8 +167,7 @@ def requested(body: dict, template_source: str, family: str) -> tuple[list | Non
     raise RequestError(f"tool_choice={json.dumps(choice)} is invalid: expected \"none\", "
                    f"\"auto\", \"required\" or {{\"type\": \"function\", \"function\": "
                    f"{{\"name\": ...}}}}", param="tool_choice")
-  raise RequestError(f"tool_choice={json.dumps(choice)} needs constrained decoding, which "
-                 f"this server does not have yet: use \"auto\"", param="tool_choice")
+  return tools, REQUIRED if named is None else NAMED + named
 
 
 def template_message(m: dict) -> dict:

@@ -1,0 +1,293 @@
+"""Structured output: answers constrained to JSON schemas, regexes, choices and tool calls, from
+a random-weight model (which never writes JSON by chance), checked by an independent validator
+(`jsonschema`), streamed and not, beside unconstrained requests in the same batch.
+
+The checkpoint is a random Qwen2 with a byte-level BPE tokenizer (trained here on a little
+JSON, so tokens span several characters) and a chat template that renders tools in the
+Hermes format; the server runs on data=2 x model=4 (the vocabulary, and so each mask, split
+four ways), and the Python API on a pipeline.
+"""
+
+import concurrent.futures
+import json
+import re
+import threading
+import time
+
+import jsonschema
+import numpy as np
+import pytest
+
+from jaxpar import config as config_lib
+from jaxpar import serve
+from jaxpar.mesh import make_mesh
+from jaxpar.serve import grammar, openai_api, server
+from tests.conftest import write_hf_decoder
+from tests.test_serve import hf_greedy, post
+
+VOCAB = 401  # the model's; the tokenizer's is smaller (ids past it never allowed)
+SLOTS = 8
+TEMPLATE = ("{% if tools %}<|im_start|>system\n<tools>{% for t in tools %}{{ t.function.name }} "
+            "{% endfor %}</tools> answer in <tool_call></tool_call><|im_end|>\n{% endif %}"
+            "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+            "{% endfor %}<|im_start|>assistant\n")
+CORPUS = ['{"name": "Ada", "age": 36, "tags": ["x", "y"], "ok": true, "score": -1.5e3}',
+          '[{"id": 7, "city": "Paris", "note": null}, {"id": 8, "items": [1, 2, 3]}]',
+          "The quick brown fox jumps over the lazy dog 5 false"] * 20
+
+
+def schemas(count: int, seed: int = 0) -> list[dict]:
+  """`count` schemas: objects of 1-4 required (and some optional) properties, each a bounded
+  string, a regex string, an enum, an integer or number in a range, a boolean, an array of
+  up to 3 such, or a nested object."""
+  rng = np.random.default_rng(seed)
+
+  def value(depth: int) -> dict:
+    kind = rng.integers(0, 8 if depth < 2 else 6)
+    if kind == 0:
+      return {"type": "string", "maxLength": int(rng.integers(1, 8))}
+    if kind == 1:
+      return {"type": "string", "pattern": "^[a-z]{2,4}-[0-9]{1,3}$"}
+    if kind == 2:
+      return {"enum": ["red", "green", 3, None][:int(rng.integers(2, 5))]}
+    if kind == 3:
+      low = int(rng.integers(-50, 50))
+      return {"type": "integer", "minimum": low, "maximum": low + int(rng.integers(0, 200))}
+    if kind == 4:
+      return {"type": "number", "minimum": -10, "maximum": 10}
+    if kind == 5:
+      return {"type": "boolean"}
+    if kind == 6:
+      return {"type": "array", "items": value(depth + 1), "minItems": 1, "maxItems": 3}
+    return obj(depth + 1)
+
+  def obj(depth: int) -> dict:
+    names = [f"k{i}" for i in range(int(rng.integers(1, 5)))]
+    required = [n for n in names if rng.random() < 0.7] or names[:1]
+    return {"type": "object", "properties": {n: value(depth) for n in names},
+            "required": required, "additionalProperties": False}
+  return [obj(0) for _ in range(count)]
+
+
+SCHEMAS = schemas(50)
+TOOLS = [{"type": "function", "function": {"name": "weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 6},
+                                     "days": {"type": "integer", "minimum": 1, "maximum": 9}},
+    "required": ["city", "days"], "additionalProperties": False}}},
+         {"type": "function", "function": {"name": "time", "parameters": {
+             "type": "object", "properties": {"zone": {"enum": ["utc", "cet"]}},
+             "required": ["zone"], "additionalProperties": False}}}]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+  import transformers
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  path = write_hf_decoder(tmp_path_factory.mktemp("structured"), "qwen2", vocab_size=VOCAB,
+                          max_position_embeddings=256, eos_token_id=0)
+  tokenizer = Tokenizer(models.BPE())
+  tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tokenizer.decoder = decoders.ByteLevel()
+  tokenizer.train_from_iterator(CORPUS, trainers.BpeTrainer(
+      vocab_size=380, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer,
+                                              eos_token="<|endoftext|>")
+  fast.chat_template = TEMPLATE
+  fast.save_pretrained(path)
+  return path
+
+
+def engine_for(root, checkpoint, devices, *sets):
+  from tokenizers import Tokenizer
+  config = config_lib.load(root / "configs" / "tiny.yaml", [
+      f"model.checkpoint={checkpoint}", f"serve.max_slots={SLOTS}", "serve.max_len=256",
+      "serve.min_bucket=32", *sets])
+  tokenizer = Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
+  engine = serve.build(config, make_mesh(config.mesh, devices=devices), tokenizer=tokenizer,
+                       progress=False)
+  return engine, tokenizer
+
+
+@pytest.fixture(scope="module")
+def live(root, checkpoint, devices):
+  import uvicorn
+  engine, tokenizer = engine_for(root, checkpoint, devices, "mesh.data=2", "mesh.model=4")
+  engine.start()
+  limits = openai_api.Limits(model="m", max_tokens=200, context=engine.length)
+  app = server.make_app(engine, limits=limits, tokenizer=tokenizer,
+                        template=openai_api.ChatTemplate.load(str(checkpoint)), log=False)
+  uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+  thread = threading.Thread(target=uv.run, daemon=True)
+  thread.start()
+  while not uv.started:
+    time.sleep(0.05)
+  yield f"http://127.0.0.1:{uv.servers[0].sockets[0].getsockname()[1]}", engine
+  uv.should_exit = True
+  thread.join(timeout=10)
+  engine.stop()
+
+
+@pytest.fixture(scope="module")
+def client(live):
+  import openai
+  return openai.OpenAI(base_url=live[0] + "/v1", api_key="none", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def hf(checkpoint):
+  import torch
+  import transformers
+  return transformers.AutoModelForCausalLM.from_pretrained(checkpoint,
+                                                           dtype=torch.float32).eval()
+
+
+def ask(client, i: int, schema: dict, *, stream: bool) -> str:
+  """Request i's answer under `schema` (a chat reply, sampled with seed i)."""
+  kw = dict(model="m", messages=[{"role": "user", "content": f"give me JSON number {i}"}],
+            response_format={"type": "json_schema",
+                             "json_schema": {"name": f"s{i}", "schema": schema}},
+            temperature=1.0, seed=i, max_tokens=200)
+  if not stream:
+    reply = client.chat.completions.create(**kw)
+    assert reply.choices[0].finish_reason == "stop", reply
+    return reply.choices[0].message.content
+  chunks = list(client.chat.completions.create(**kw, stream=True))
+  assert chunks[-1].choices[0].finish_reason == "stop"
+  return "".join(c.choices[0].delta.content or "" for c in chunks)
+
+
+def test_fifty_schemas_beside_unconstrained_requests(client, hf):
+  """Every answer is valid JSON under its schema (half streamed); greedy requests without a
+  format, in the same batches, give transformers' tokens."""
+  plain = [[5 + i, 17, 40 + 3 * i] for i in range(6)]
+  with concurrent.futures.ThreadPoolExecutor(SLOTS) as pool:
+    answers = [pool.submit(ask, client, i, s, stream=i % 2 == 1) for i, s in enumerate(SCHEMAS)]
+    others = [pool.submit(lambda p: client.completions.create(
+        model="m", prompt=p, max_tokens=12, temperature=0).choices[0].token_ids, p)
+              for p in plain]
+    for i, (schema, answer) in enumerate(zip(SCHEMAS, answers)):
+      jsonschema.validate(json.loads(answer.result()), schema)
+    for p, tokens in zip(plain, others):
+      assert tokens.result() == hf_greedy(hf, p, 12)
+
+
+def test_json_object_regex_choice_and_grammar(client, checkpoint):
+  def chat(**kw):
+    reply = client.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "go"}], temperature=1.0, seed=3,
+        max_tokens=200, **kw)
+    return reply.choices[0].message.content, reply.choices[0].finish_reason
+  text, reason = chat(response_format={"type": "json_object"},
+                      logit_bias={**closing(checkpoint, '"'), **closing(checkpoint, "}")})
+  assert isinstance(json.loads(text), dict) and reason == "stop"
+  for seed in range(3):
+    reply = client.completions.create(model="m", prompt="id:", max_tokens=20, seed=seed,
+                                      temperature=1.0,
+                                      extra_body={"guided_regex": "[a-z]{3}-[0-9]{2}"})
+    assert re.fullmatch("[a-z]{3}-[0-9]{2}", reply.choices[0].text), reply.choices[0].text
+  text, _ = chat(extra_body={"guided_choice": ["yes", "no", "maybe not"]})
+  assert text in ("yes", "no", "maybe not")
+  lark = 'start: "(" num ("," num)* ")"\nnum: /[0-9]{1,2}/'
+  text, _ = chat(extra_body={"structured_outputs": {"grammar": lark}})
+  assert re.fullmatch(r"\(\d{1,2}(,\d{1,2})*\)", text), text
+
+
+def closing(checkpoint, text: str) -> dict:
+  """A logit_bias that favours the tokens ending in `text`: a random model ends a free
+  string, or a list of calls, rarely without it."""
+  from tokenizers import Tokenizer
+  tokenizer = Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
+  return {str(t): 8 for t in range(tokenizer.get_vocab_size())
+          if tokenizer.decode([t]).endswith(text)}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_tool_choice_required_and_named_constrain_the_call(client, checkpoint, stream):
+  def calls(choice):
+    kw = dict(model="m", messages=[{"role": "user", "content": "weather?"}], tools=TOOLS,
+              tool_choice=choice, temperature=1.0, seed=1, max_tokens=160,
+              logit_bias=closing(checkpoint, "]"))
+    if not stream:
+      reply = client.chat.completions.create(**kw).choices[0]
+      assert reply.finish_reason == "tool_calls"
+      return [(c.function.name, json.loads(c.function.arguments))
+              for c in reply.message.tool_calls]
+    chunks = list(client.chat.completions.create(**kw, stream=True))
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    return [(c.function.name, json.loads(c.function.arguments))
+            for chunk in chunks for c in chunk.choices[0].delta.tool_calls or []]
+  schemas = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+  made = calls("required")
+  assert made
+  for name, arguments in made:
+    jsonschema.validate(arguments, schemas[name])
+  [(name, arguments)] = calls({"type": "function", "function": {"name": "time"}})
+  assert name == "time"
+  jsonschema.validate(arguments, schemas["time"])
+
+
+BAD = [
+    ({"response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "object", "properties": {"a": {"type": "strin"}}}}}},
+     "response_format", "does not compile"),
+    ({"response_format": {"type": "yaml"}}, "response_format", "is invalid"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+     "response_format", "is invalid"),
+    ({"guided_regex": "[a-"}, "guided_regex", "does not compile"),
+    ({"guided_choice": []}, "guided_choice", "is invalid"),
+    ({"structured_outputs": {"grammar": "start: undefined_rule"}}, "structured_outputs",
+     "does not compile"),
+    ({"response_format": {"type": "json_object"}, "guided_regex": "a"}, "guided_regex",
+     "both constrain"),
+    ({"response_format": {"type": "json_object"}, "tools": TOOLS, "tool_choice": "required"},
+     "response_format", "both constrain"),
+]
+
+
+@pytest.mark.parametrize("extra,param,message", BAD)
+def test_a_format_that_does_not_compile_is_a_400_naming_it(live, client, extra, param,
+                                                           message):
+  body = {"model": "m", "messages": [{"role": "user", "content": "go"}], **extra}
+  code, answer = post(live[0] + "/v1/chat/completions", json.dumps(body))
+  assert code == 400, answer
+  assert answer["error"]["param"] == param and message in answer["error"]["message"]
+  reply = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}],
+                                         response_format={"type": "json_object"}, seed=0,
+                                         max_tokens=80)
+  assert isinstance(json.loads(reply.choices[0].message.content), dict)
+
+
+def test_masks_on_a_pipeline(root, checkpoint, devices):
+  """2 x 2 x 2: the mask of a row follows the entry its step chooses for (late groups
+  included); the answers are valid."""
+  engine, tokenizer = engine_for(root, checkpoint, devices, "mesh.data=2", "mesh.stage=2",
+                                 "mesh.model=2")
+  engine.start()
+  try:
+    prompt = tokenizer.encode("give me JSON").ids
+    streams = []
+    for i, schema in enumerate(SCHEMAS[:12]):
+      rules = engine.grammar("json", schema, "response_format")
+      params = serve.Params(max_tokens=200, temperature=1.0, seed=i, grammar=rules)
+      streams.append(engine.submit(prompt, params))
+    for stream, schema in zip(streams, SCHEMAS):
+      stream.result()
+      assert stream.finish_reason == "stop"
+      jsonschema.validate(json.loads(stream.text), schema)
+  finally:
+    engine.stop()
+
+
+def test_mask_packing_matches_llguidance(checkpoint):
+  """A mask row allows exactly the tokens the matcher accepts (its bits, unpacked)."""
+  from tokenizers import Tokenizer
+  tokenizer = Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
+  grammars = grammar.Grammars(tokenizer, VOCAB, [0])
+  matcher = grammars.matcher(grammars.compile("regex", "ab+", "guided_regex"))
+  row = grammar.open_mask(1, grammars.width)[0]
+  grammar.fill(matcher, row)
+  bits = np.unpackbits(row.view(np.uint8), bitorder="little")[:VOCAB]
+  starts = {t for t in range(tokenizer.get_vocab_size())
+            if re.fullmatch("ab*", tokenizer.decode([t])) and tokenizer.decode([t])}
+  assert set(np.flatnonzero(bits)) == starts
