@@ -184,6 +184,9 @@ class FakeRunner:
       raise RuntimeError("injected")
     return [(b, s, 7, None) for b, s in enumerate(running) if s is not None]
 
+  def choose(self, running):
+    pass
+
   def prefill(self, placement):
     self.calls.append(("prefill", placement.stream.id, placement.row))
     return [(placement.row, placement.stream, 5, None)]

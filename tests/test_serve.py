@@ -779,8 +779,8 @@ def test_decode_step_collectives(live):
   """The decode step on data=2 x model=4: two all-reduces per block, one for the
   vocab-parallel embedding and two for the greedy token over the vocab-parallel logits (the
   largest logit, then the first column that holds it: [B] each); nothing is gathered. The
-  sampled programs gather tokens and log-probability candidates only (penalties and biases
-  gather nothing)."""
+  sampled step's forward gives the logits split as they are; its choice gathers tokens and
+  log-probability candidates only (penalties, biases and grammar masks gather nothing)."""
   engine = live[1]
   layers = engine.generator.config.model.n_layers
   assert len(engine.runner.spans) > 1
@@ -799,8 +799,11 @@ def test_decode_step_collectives(live):
   # The decode step's bound as before; a prefill's: a chunk's positions, each candidate's
   # value and id.
   sampled = [(engine.runner.compiled["prefill", b], min(b, PROMPT_CHUNK) * 2)
-             for b in engine.runner.buckets] + [
-      (engine.runner.compiled["decode", False, span], SLOTS) for span in engine.runner.spans]
+             for b in engine.runner.buckets] + [(engine.runner.compiled["choose"], SLOTS)]
+  for span in engine.runner.spans:  # the sampled step's forward: as the greedy one's, less
+    census = inspect.hlo_census(  # the choice's two all-reduces; its logits stay split
+        engine.runner.compiled["forward", span].as_text()).counts()
+    assert census == {"all-reduce": {**census["all-reduce"], "count": 2 * layers + 1}}
   for program, rows in sampled:
     gathered = gathered_shapes(program.as_text())
     assert gathered and all(V // 4 not in shape and V not in shape for shape in gathered)

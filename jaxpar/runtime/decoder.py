@@ -68,10 +68,10 @@ from jaxpar.models.base import Step, run_blocks
 from jaxpar.parallel import pipeline, ring
 from jaxpar.rules import use_rules
 from jaxpar.runtime.sampling import Context
-from jaxpar.runtime.slots import (Ring, State, advance, base_keys, blank_chosen, blank_first,
-                                  cache_spec, choose, chosen_tokens, copy_rows,
+from jaxpar.runtime.slots import (Ring, State, advance, as_rows, base_keys, blank_chosen,
+                                  blank_first, cache_spec, choose, chosen_tokens, copy_rows,
                                   new_caches, prefilled, prompt_history, prompt_log_probs,
-                                  state_program, zeroed_state)
+                                  state_program, with_mask, zeroed_state)
 
 
 @dataclasses.dataclass
@@ -114,9 +114,8 @@ class Decoder:
       on = jnp.asarray(self.active[:, 0])[ring.stage()]
     return run_blocks(graphdef, layers, x_BTD, step, caches, scan=self.scan, active=on)
 
-  def _step_tick(self, parts, choice: tuple, span: int, rows, t, s, carry, msg):
+  def _step_tick(self, parts, choice: tuple | None, span: int, rows, t, s, carry, msg):
     (model, graphdef, layers), (caches, out), (x_msg, token_msg) = parts, carry, msg
-    greedy, logprobs = choice
     prev, keep, cur, fresh = rows  # [G, Bg] each on a pipeline; else cur only, [B]
     g, history = (t - s) % self.G, cur.history  # (the round before's has none)
     if self.pipelined:  # the entry stage s works on: this round's or the round before's
@@ -136,12 +135,14 @@ class Decoder:
     x_B1D = ring.first(s, embed, x_msg)
     y_B1D, new = self._layers(graphdef, layers, x_B1D, step, self._group(caches, g))
     caches = self._regroup(caches, g, new)
+    if not self.pipelined:  # the logits: the choice is `choice_fn`'s
+      return (caches, model.head(y_B1D)[:, 0]), (y_B1D, None)
+    greedy, logprobs = choice
     # The tokens so far: in this round's rows (a late row's entry is the round before's, its
     # last token already in them; a later one is past its position, not counted).
     context = None
     if not greedy:
-      history = (ring.pick(history, g) if self.pipelined else history)[:, :span]
-      context = Context(history, e.starts, positions_B, e.counts)
+      context = Context(ring.pick(history, g)[:, :span], e.starts, positions_B, e.counts)
     chosen = ring.last(s, self.S, lambda: choose(model.head(y_B1D)[:, 0], e.keys, context,
                                                  e.sampling, greedy=greedy, logprobs=logprobs))
     return (caches, self._out(out, g, chosen, s == self.S - 1)), (y_B1D, chosen_tokens(chosen))
@@ -304,7 +305,7 @@ class Decoder:
                            group(history_RN), *map(group, echo_R))
       if self.pipelined:
         first = ring.unpack(first[S - 1], blank())
-      first_R = _rows(first, rows, 1 + self.pipelined)
+      first_R = as_rows(first, rows, 1 + self.pipelined)
       fresh = prefilled(chosen_tokens(first_R), lengths_R, sampling, keys_R, history_RN)
       if self.pipelined:  # a pipeline's rows are whole on every device
         fresh = dataclasses.replace(fresh, history=self._whole(fresh.history))
@@ -329,31 +330,22 @@ class Decoder:
     Called (params, state, allowed_BW) (not `greedy`): the tokens each row's choice in this
     step may take (packed, `sampling.allow`)."""
     S, G, Bg = self.S, self.G, self.Bg
-    mask = lambda rows, allowed: dataclasses.replace(rows, sampling=dataclasses.replace(
-        rows.sampling, allowed=allowed[0])) if allowed else rows
-
-    def ticks(parts, caches, prev, keep, cur, fresh, x_msg, token_msg):
-      rows = (prev, keep, cur, fresh)
-      if S > 1:
-        rows = jax.tree.map(lambda a: a.reshape(G, Bg, *a.shape[1:]), rows)
-      tick = functools.partial(self._step_tick, parts, (greedy, logprobs), span, rows)
-      out, msg = None, (None, None)
-      if S > 1:
-        out, msg = blank_chosen((G, Bg), logprobs), (x_msg[0], token_msg[0])
-      (caches, out), (x_msg, token_msg) = ring.run(tick, (caches, out), msg, ticks=G,
-                                                   stages=S)
-      if S == 1:
-        return caches, out
-      return caches, x_msg[None], token_msg[None], ring.pack(out)[None]  # one buffer out
-
-    if not self.pipelined:
-      body = self._plain(ticks)
+    if not self.pipelined:  # the forward, then the choice
+      forward = self.forward_fn(span=span)
+      pick = self.choice_fn(greedy=greedy, logprobs=logprobs)
 
       def step(params, state, *allowed):
-        caches, out_B = body(params, state.caches, None, None, mask(state.slots, allowed),
-                             None, None, None)
-        return out_B, State(caches, advance(state.slots, chosen_tokens(out_B), self.length))
+        logits_BV, state = forward(params, state)
+        return pick(params, state, logits_BV, *allowed)
       return step
+
+    def ticks(parts, caches, prev, keep, cur, fresh, x_msg, token_msg):
+      rows = jax.tree.map(lambda a: a.reshape(G, Bg, *a.shape[1:]), (prev, keep, cur, fresh))
+      tick = functools.partial(self._step_tick, parts, (greedy, logprobs), span, rows)
+      out, msg = blank_chosen((G, Bg), logprobs), (x_msg[0], token_msg[0])
+      (caches, out), (x_msg, token_msg) = ring.run(tick, (caches, out), msg, ticks=G,
+                                                   stages=S)
+      return caches, x_msg[None], token_msg[None], ring.pack(out)[None]  # one buffer out
 
     spec = self.cache_specs()
     body = self._staged(ticks, in_specs=(spec,) + (P(),) * 4 + (P(STAGE),) * 2,
@@ -361,16 +353,15 @@ class Decoder:
 
     def step(params, state, *allowed):
       r, cur = state.ring, state.slots
-      # Only this round's history is read (`_step_tick`), whole on every device: split like
-      # the rows, its [G, Bg] regrouping became all-to-alls. A row's mask is for the choice
-      # this step makes for it, whichever entry that is.
+      # Only this round's history is read (`_step_tick`), whole on every device (split like
+      # the rows, its [G, Bg] regrouping became all-to-alls); a row's mask, for any entry.
       history = None if greedy else self._whole(cur.history)
       allowed = tuple(map(self._whole, allowed))
       caches, x_msg, token_msg, out = body(
-          params, state.caches, mask(dataclasses.replace(r.prev, history=None), allowed),
-          r.keep, mask(dataclasses.replace(cur, history=history), allowed), r.fresh, r.msg,
+          params, state.caches, with_mask(dataclasses.replace(r.prev, history=None), allowed),
+          r.keep, with_mask(dataclasses.replace(cur, history=history), allowed), r.fresh, r.msg,
           r.token)
-      out_B = _rows(ring.unpack(out[S - 1], blank_chosen((G, Bg), logprobs)), self.slots, 2)
+      out_B = as_rows(ring.unpack(out[S - 1], blank_chosen((G, Bg), logprobs)), self.slots, 2)
       # A late row's token is its entry's of the round before (not kept: an old request's).
       late_B = jnp.asarray(self.late())
       at_B = jnp.where(late_B, jnp.where(r.keep, r.prev.positions + 1, -1),
@@ -383,6 +374,42 @@ class Decoder:
   def step(self, *, greedy: bool, span: int, logprobs: bool = False):
     """The jitted step (`step_fn`), the state donated."""
     return self._jit(self.step_fn(greedy=greedy, span=span, logprobs=logprobs))
+
+  def forward(self, *, span: int):
+    """The jitted `forward_fn`, the state donated."""
+    return self._jit(self.forward_fn(span=span))
+
+  def choice(self, *, logprobs: bool):
+    """The jitted sampled `choice_fn`, the state donated."""
+    return self._jit(self.choice_fn(greedy=False, logprobs=logprobs))
+
+  def forward_fn(self, *, span: int):
+    """A decode step's forward without stages: (params, state) -> (logits_BV float32, state),
+    each row's keys and values written, the rows as they were (`choice_fn` advances them; a
+    pipeline chooses inside its ring)."""
+    def tick(parts, caches, rows):
+      return self._step_tick(parts, None, span, (None, None, rows, None), 0, 0,
+                             (caches, None), (None, None))[0]
+    body = self._plain(tick)
+
+    def run(params, state):
+      caches, logits_BV = body(params, state.caches, state.slots)
+      return logits_BV, State(caches, state.slots)
+    return run
+
+  def choice_fn(self, *, greedy: bool, logprobs: bool):
+    """Every row's next token from `forward_fn`'s logits, the rows advanced: (params, state,
+    logits_BV, *allowed) -> (out_B, state); `allowed`: (mask [B, W],) or () (`step_fn`)."""
+    def pick(parts, rows, logits_BV):
+      context = Context(rows.history, rows.starts, rows.positions, rows.counts)
+      return choose(logits_BV, rows.keys, context, rows.sampling, greedy=greedy,
+                    logprobs=logprobs)
+    body = self._plain(pick)
+
+    def run(params, state, logits_BV, *allowed):
+      out_B = body(params, with_mask(state.slots, allowed), logits_BV)
+      return out_B, State(state.caches, advance(state.slots, chosen_tokens(out_B), self.length))
+    return run
 
   # ---- the state (made by `slots`) ----
 
@@ -402,7 +429,3 @@ class Decoder:
       return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           jax.eval_shape(lambda: zeroed_state(self)), program.output_shardings)
 
-
-def _rows(chosen, rows: int, lead: int):
-  """`chosen` ([n, R, ...] when lead = 2, else [R, ...]) as [rows, ...]."""
-  return jax.tree.map(lambda a: a.reshape(rows, *a.shape[lead:]), chosen)

@@ -97,8 +97,9 @@ def _order_key(x: jax.Array) -> jax.Array:
 
 def _search(count_ok, like_B: jax.Array, *, largest: bool) -> jax.Array:
   """Per row, the largest (or smallest) uint32 key u with count_ok(u) true, by bisection
-  over its 32 bits (`like_B`: any uint32 [B] of the data); `count_ok` is monotone. Every step is a masked sum over the vocabulary,
-  which a vocabulary split over `model` turns into an all-reduce: no sort, no gather (a sort
+  over its 32 bits (`like_B`: any uint32 [B] of the data); `count_ok` is monotone. Every
+  step is a masked sum over the vocabulary, which a vocabulary split over `model` turns into
+  an all-reduce: no sort, no gather (a sort
   of a split vocabulary needs collective-permutes, which deadlock inside the pipeline's
   last-stage `lax.cond`)."""
   lo = like_B & jnp.uint32(0)  # made from the data, so a shard_map's loop carry matches it

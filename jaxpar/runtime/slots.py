@@ -95,6 +95,20 @@ def prefilled(first_R, lengths_R, sampling: Sampling, keys_R, history_RN) -> Slo
                lengths_R)
 
 
+def with_mask(rows: Slots, allowed: tuple) -> Slots:
+  """`rows` whose next choice may take only the tokens of `allowed` ((mask [B, W],), packed
+  as `sampling.allow` reads it; (): any token)."""
+  if not allowed:
+    return rows
+  return dataclasses.replace(rows, sampling=dataclasses.replace(rows.sampling,
+                                                                allowed=allowed[0]))
+
+
+def as_rows(chosen, rows: int, lead: int):
+  """`chosen` ([n, R, ...] when lead = 2, else [R, ...]) as [rows, ...]."""
+  return jax.tree.map(lambda a: a.reshape(rows, *a.shape[lead:]), chosen)
+
+
 def advance(slots: Slots, tokens_B: jax.Array, length: int, at_B: jax.Array | None = None
             ) -> Slots:
   """The rows after one step made `tokens_B`, written into their histories at `at_B` (by

@@ -16,6 +16,7 @@ owns the device state; one step of it:
     for request in scheduler.cancelled():            # waiting or running
       output.finish(request, "cancelled")            # -> its row frees (release)
     deliver(runner.step(scheduler.running))          # queue step t, read step t-1's tokens
+    runner.choose(scheduler.running)                 # step t's choice, if it waited (masks)
     placements, cancelled = scheduler.admit()        # waiting requests into free rows
     for p in placements:
       deliver(runner.prefill(p))                     # its first token comes next step
@@ -183,7 +184,8 @@ class Engine:
     sched = self.scheduler
     for stream in sched.cancelled():
       self.output.finish(stream, "cancelled")
-    self._deliver(self.runner.step(sched.running))
+    self._deliver(self.runner.step(sched.running))  # while step t's forward runs
+    self.runner.choose(sched.running)  # masks need the tokens just delivered
     placements, cancelled = sched.admit()
     for stream in cancelled:
       self.output.finish(stream, "cancelled")

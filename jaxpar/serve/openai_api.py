@@ -10,8 +10,9 @@ returns the prompt before the completion (with `logprobs`: the prompt tokens' to
 one's null; `max_tokens` 0: the prompt alone, scored). Beside OpenAI's sampling options
 (`presence_penalty`, `frequency_penalty`, `logit_bias`, `seed`, `stop`) vLLM's are taken too:
 `top_k`, `min_p`, `repetition_penalty`, `stop_token_ids`, `min_tokens`, `ignore_eos`.
-Log-probabilities come in OpenAI's two shapes: `logprobs: N` on completions (tokens, token_logprobs, top_logprobs, text_offset), `logprobs:
-true` with `top_logprobs: N` on chat ({"content": [{token, logprob, bytes, top_logprobs}]}).
+Log-probabilities come in OpenAI's two shapes: `logprobs: N` on completions (tokens,
+token_logprobs, top_logprobs, text_offset), `logprobs: true` with `top_logprobs: N` on chat
+({"content": [{token, logprob, bytes, top_logprobs}]}).
 """
 
 import dataclasses

@@ -39,8 +39,13 @@ class RunnerLike(Protocol):
   compiled: dict  # every program, compiled
 
   def step(self, running: Sequence[Stream | None]) -> list[Event]:
-    """One decode step of the rows whose `running` entry is a request; the tokens that are
-    ready (possibly an earlier step's and earlier prefills')."""
+    """Queues a decode step of the rows whose `running` entry is a request (all of it, or
+    as far as the tokens' choice, which waits for `choose`); the tokens that are ready
+    (possibly an earlier step's and earlier prefills')."""
+
+  def choose(self, running: Sequence[Stream | None]) -> None:
+    """Queues the choice of the step `step` queued, if it waits (the masks of the running
+    rows' grammars, computed now, after the tokens `step` returned were delivered)."""
 
   def prefill(self, placement: Placement) -> list[Event]:
     """Prefills `placement`'s prompt into its row; its first token, if ready already."""
@@ -138,7 +143,11 @@ class Runner:
   (`Params.greedy`).
 
   The decode step's inputs live on the devices, so step t is queued before the host reads
-  step t-1's tokens, and the devices decode while the host streams. A request that ends on
+  step t-1's tokens, and the devices decode while the host streams. Without stages the
+  sampled step is two programs, a forward to the logits and the choice (`choose`): the host
+  reads step t-1's tokens, streams them and computes the grammars' masks while step t's
+  forward runs, then queues its choice with the masks. A pipeline chooses inside its ring:
+  while a row has a grammar, its step waits for step t-1's tokens. A request that ends on
   step t-1's token has step t in flight: its token is dropped (the row's owner has changed),
   and a new request prefilled into the row runs after it. On a pipeline the `late` rows' step
   gives the token of their previous entry: it belongs to whoever held the row then."""
@@ -152,9 +161,9 @@ class Runner:
     self._late = decoder.late()
     self.width = -(-self.generator.config.model.vocab_size // 32)  # a grammar's mask, packed
     self.compiled = self._compile(progress)
-    sampled = self.compiled["decode", False, self.spans[0]]
+    sampled = self.compiled.get("choose") or self.compiled["decode", False, self.spans[0]]
     self._open = jax.device_put(grammar.open_mask(self.slots, self.width),
-                                sampled.input_shardings[0][2])
+                                sampled.input_shardings[0][-1])
     # The host's copy of the rows' positions (which span) and whether their request needs
     # the sampled step.
     self._positions = np.zeros(self.slots, np.int32)
@@ -163,34 +172,53 @@ class Runner:
 
   def reset(self) -> None:
     self._state = self.decoder.empty_state()
+    self._logits = None  # a split step's logits, waiting for its choice
+    self._choice = None  # (program, {row: owner}) of the step whose choice `choose` queues
     self._firsts: list = []  # (first token, {row: owner}) of prefills queued, not yet read
     self._queued: list = []  # ([B] tokens, {row: owner}) of the decode step queued
     self._owners: dict = {}  # {row: owner} of the last step's entries
 
   def busy(self) -> bool:
-    return bool(self._firsts or self._queued)
+    return bool(self._firsts or self._queued or self._choice)
 
   def step(self, running: Sequence[Stream | None]) -> list[Event]:
     rows = [b for b, s in enumerate(running) if s is not None]
-    masked = any(running[b].matcher is not None for b in rows)
-    events = self._read(running) if masked else []  # a grammar's mask needs every token
     queued = []
     if rows:
       greedy = not self._sampled[rows].any()
       last = min(max(self._positions[b] for b in rows), self.length - 1)
       span = next(t for t in self.spans if t > last)
-      allowed = () if greedy else (self._masks(running) if masked else self._open,)
-      next_B, self._state = self.compiled["decode", greedy, span](self.generator.params,
-                                                                  self._state, *allowed)
-      self._positions[rows] += 1
       now = {b: running[b] for b in rows}
       owners = {b: owner for b in range(self.slots)
                 if (owner := (self._owners if self._late[b] else now).get(b)) is not None}
       self._owners = now
-      queued = [(next_B, owners)]
-    events += self._read(running)
+      self._positions[rows] += 1
+      program, params = self.compiled.get(("decode", greedy, span)), self.generator.params
+      if greedy:
+        next_B, self._state = program(params, self._state)
+        queued = [(next_B, owners)]
+      elif not self.decoder.pipelined:  # the forward now, the choice in `choose`
+        self._logits, self._state = self.compiled["forward", span](params, self._state)
+        self._choice = (self.compiled["choose"], owners)
+      elif any(running[b].matcher is not None for b in rows):  # its masks need every token
+        self._choice = (program, owners)
+      else:
+        next_B, self._state = program(params, self._state, self._open)
+        queued = [(next_B, owners)]
+    events = self._read(running)
     self._queued = queued
     return events
+
+  def choose(self, running: Sequence[Stream | None]) -> None:
+    if self._choice is None:
+      return
+    (program, owners), self._choice = self._choice, None
+    allowed = self._masks(running) if any(s is not None and s.matcher is not None
+                                          for s in running) else self._open
+    args = (self._state, allowed) if self._logits is None else (self._state, self._logits,
+                                                                allowed)
+    next_B, self._state = program(self.generator.params, *args)
+    self._logits, self._queued = None, [(next_B, owners)]
 
   def _masks(self, running: Sequence[Stream | None]) -> np.ndarray:
     """[slots, W]: the tokens each running row's grammar allows next (others: all)."""
@@ -248,7 +276,7 @@ class Runner:
 
   def _compile(self, progress: bool) -> dict:
     d, g = self.decoder, self.generator
-    count = len(self.buckets) + 2 * len(self.spans)
+    count = len(self.buckets) + 2 * len(self.spans) + (not d.pipelined)
     steps = (f"decode steps of {self.slots} slots over {', '.join(map(str, self.spans))} "
              f"positions" + (f" ({d.G} groups through {d.S} stages)" if d.pipelined else ""))
     compiled = {}
@@ -262,12 +290,20 @@ class Runner:
             one(scalar(jnp.int32)), scalar(jnp.int32), scalar(jnp.int32),
             jax.tree.map(one, abstract_sampling(d.bias, self.width)), one(scalar(jnp.uint32)),
             one(scalar(jnp.int32)), one(scalar(jnp.bool_))).compile()
-      for greedy in (True, False):
-        for span in self.spans:
-          mask = () if greedy else (jax.ShapeDtypeStruct((self.slots, self.width), jnp.int32),)
-          compiled["decode", greedy, span] = d.step(greedy=greedy, span=span,
-                                                    logprobs=not greedy).lower(
-              g.params, state, *mask).compile()
+      mask = jax.ShapeDtypeStruct((self.slots, self.width), jnp.int32)
+      for span in self.spans:
+        compiled["decode", True, span] = d.step(greedy=True, span=span).lower(
+            g.params, state).compile()
+        if d.pipelined:  # the choice inside the ring
+          compiled["decode", False, span] = d.step(greedy=False, span=span,
+                                                   logprobs=True).lower(
+              g.params, state, mask).compile()
+        else:
+          compiled["forward", span] = d.forward(span=span).lower(g.params, state).compile()
+      if not d.pipelined:
+        logits = compiled["forward", self.spans[0]].out_info[0]
+        compiled["choose"] = d.choice(logprobs=True).lower(g.params, state, logits,
+                                                           mask).compile()
     return compiled
 
 
