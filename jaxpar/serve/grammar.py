@@ -28,10 +28,11 @@ ALL = -1  # a mask word that allows its 32 tokens
 _KINDS = ("json", "regex", "choice", "grammar")
 
 
-def requested(body: dict) -> tuple[tuple[str, object], str] | None:
-  """The format a request body asks for, as ((kind, value), the parameter that gave it), or
-  None; RequestError for a malformed one."""
-  asked = []
+def requested(body: dict, calls: dict | None = None) -> tuple[str, object, str] | None:
+  """The format a request body asks for, as (kind, value, the parameter that gave it), or
+  None; `calls`: the JSON schema `tool_choice` constrains the reply to (`tools.constraint`).
+  RequestError for a malformed one, or for two."""
+  asked = [] if calls is None else [("json", calls, "tool_choice")]
   fmt = body.get("response_format")
   if fmt is not None:
     kind = fmt.get("type") if isinstance(fmt, dict) else None
@@ -41,9 +42,9 @@ def requested(body: dict) -> tuple[tuple[str, object], str] | None:
       if not isinstance(schema, dict):
         raise RequestError("response_format.json_schema is invalid: expected {\"name\": ..., "
                            "\"schema\": {...}}", param="response_format")
-      asked.append((("json", schema), "response_format"))
+      asked.append(("json", schema, "response_format"))
     elif kind == "json_object":
-      asked.append((("json", {"type": "object"}), "response_format"))
+      asked.append(("json", {"type": "object"}, "response_format"))
     elif kind != "text":
       raise RequestError(f"response_format={json.dumps(fmt)[:80]} is invalid: expected type "
                          f"\"text\", \"json_object\" or \"json_schema\"",
@@ -54,12 +55,12 @@ def requested(body: dict) -> tuple[tuple[str, object], str] | None:
     if len(given) != 1:
       raise RequestError(f"structured_outputs={json.dumps(outputs)[:80]} is invalid: expected "
                          f"one of {', '.join(_KINDS)}", param="structured_outputs")
-    asked.append(((given[0], outputs[given[0]]), "structured_outputs"))
-  asked += [((kind, body[f"guided_{kind}"]), f"guided_{kind}") for kind in _KINDS
+    asked.append((given[0], outputs[given[0]], "structured_outputs"))
+  asked += [(kind, body[f"guided_{kind}"], f"guided_{kind}") for kind in _KINDS
             if body.get(f"guided_{kind}") is not None]
   if len(asked) > 1:
-    raise RequestError(f"{asked[0][1]} and {asked[1][1]} both constrain the output: give one",
-                       param=asked[1][1])
+    raise RequestError(f"{asked[0][2]} and {asked[1][2]} both constrain the output: give "
+                       f"one", param=asked[1][2])
   return asked[0] if asked else None
 
 

@@ -47,6 +47,22 @@ class ApiError(Exception):
                       "code": self.code}}
 
 
+def engine_failed() -> ApiError:
+  return ApiError(500, "the engine failed while decoding this request", kind="server_error")
+
+
+def shut_down(stream) -> ApiError:
+  return ApiError(503, f"the server shut down before this request finished (after "
+                  f"{len(stream.token_ids)} new tokens); retry it", kind="server_error",
+                  code="shutting_down")
+
+
+def too_large(size: int, limit: int) -> ApiError:
+  return ApiError(413, f"the request body is larger than {limit} bytes ({size} declared or "
+                  f"read), the most this server reads (64 per position of its context, at "
+                  f"least 1 MiB): shorten the prompt", code="request_too_large")
+
+
 @dataclasses.dataclass
 class Limits:
   model: str          # the name the server answers to

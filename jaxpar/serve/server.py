@@ -40,6 +40,10 @@ def make_app(engine: Engine, *, limits: api.Limits, tokenizer=None, template=Non
   async def api_error(_, e: api.ApiError):
     return JSONResponse(e.body(), status_code=e.status)
 
+  @app.exception_handler(RequestError)
+  async def request_error(_, e: RequestError):
+    return await api_error(_, api.ApiError(e.status, str(e), param=e.param))
+
   @app.exception_handler(404)
   async def not_found(request: Request, _):
     e = api.ApiError(404, f"no route {request.method} {request.url.path}", code="not_found")
@@ -116,25 +120,13 @@ class _Completions:
     """A chat body's tools to render and the format to parse calls in (`tools.requested`)."""
     if self.template is None:
       return None, None
-    try:
-      return tools.requested(body, self.template.source, self.family)
-    except RequestError as e:
-      raise api.ApiError(e.status, str(e), param=e.param) from None
+    return tools.requested(body, self.template.source, self.family)
 
   def _grammar(self, body: dict, listed: list | None, tool_format: str | None) -> str | None:
     """The grammar the reply must match: `response_format` or vLLM's options, or the calls
     `tool_choice` asks for (`grammar.requested`, `tools.constraint`)."""
-    try:
-      asked = grammar.requested(body)
-      calls = tools.constraint(listed, tool_format)
-      if calls is not None:
-        if asked is not None:
-          raise RequestError(f"{asked[1]} and tool_choice both constrain the reply: give "
-                             f"one", param=asked[1])
-        asked = ("json", calls), "tool_choice"
-      return None if asked is None else self.engine.grammar(*asked[0], asked[1])
-    except RequestError as e:
-      raise api.ApiError(e.status, str(e), param=e.param) from None
+    asked = grammar.requested(body, tools.constraint(listed, tool_format))
+    return None if asked is None else self.engine.grammar(*asked)
 
   async def tokenize(self, request: Request) -> dict:
     """/tokenize: text, or chat messages (and tools) through the template, as token ids."""
@@ -163,7 +155,8 @@ class _Completions:
         (api.completion_prompt, body, self.tokenizer))
     params, stream_it, include_usage = api.sampling_params(body, self.limits,
                                                            prompt_len=len(prompt), chat=chat)
-    params = dataclasses.replace(params, grammar=self._grammar(body, listed, tool_format))
+    rules = await asyncio.to_thread(self._grammar, body, listed, tool_format)  # compiled
+    params = dataclasses.replace(params, grammar=rules)
     n, best_of = api.choice_counts(body, chat=chat, stream=stream_it, most=self.engine.slots)
     streams, outputs = self._submit(prompt, params, best_of)
     echo = api.echo_text(body, prompt, self.tokenizer) if params.echo else None
@@ -195,10 +188,10 @@ class _Completions:
         echo = params.echo and (i == 0 or params.max_tokens == 0)  # its prefix
         choice = params if count == 1 else dataclasses.replace(params, choice=i, echo=echo)
         streams.append(self.engine.submit(prompt, choice, listener=listener(i)))
-    except RequestError as e:
+    except RequestError:  # answered by the app's handler
       for stream in streams:
         stream.cancel()
-      raise api.ApiError(e.status, str(e), param=e.param) from None
+      raise
     return streams, outputs
 
   async def _read(self, request: Request) -> bytes:
@@ -206,11 +199,11 @@ class _Completions:
     limit, chunks, size = self.limits.body_bytes, [], 0
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
-      raise _too_large(int(declared), limit)
+      raise api.too_large(int(declared), limit)
     async for chunk in request.stream():
       size += len(chunk)
       if size > limit:
-        raise _too_large(size, limit)
+        raise api.too_large(size, limit)
       chunks.append(chunk)
     return b"".join(chunks)
 
@@ -234,9 +227,9 @@ class _Completions:
       self._log(stream)
     reasons = {stream.finish_reason for stream in reply.streams}
     if "error" in reasons:
-      raise _engine_failed()
+      raise api.engine_failed()
     if "cancelled" in reasons:  # by the server: the client is still here
-      raise _shut_down(next(s for s in reply.streams if s.finish_reason == "cancelled"))
+      raise api.shut_down(next(s for s in reply.streams if s.finish_reason == "cancelled"))
     choices = []
     for i, stream in enumerate(reply.best()):
       text, scored, entries = reply.echoed(stream.text, stream.token_ids, stream.logprobs)
@@ -272,7 +265,7 @@ class _Completions:
         i, out = await reply.outputs.get()
         stream = reply.streams[i]
         if out.finish_reason in ("error", "cancelled"):  # cancelled by the server: shutdown
-          error = _engine_failed() if out.finish_reason == "error" else _shut_down(stream)
+          error = api.engine_failed() if out.finish_reason == "error" else api.shut_down(stream)
           self._log(stream)
           yield f"data: {json.dumps(error.body())}\n\n"
           break
@@ -365,16 +358,6 @@ class _Reply:
     return api.usage(len(self.streams[0].prompt), sum(len(s.token_ids) for s in self.streams))
 
 
-def _engine_failed() -> api.ApiError:
-  return api.ApiError(500, "the engine failed while decoding this request", kind="server_error")
-
-
-def _shut_down(stream: Stream) -> api.ApiError:
-  return api.ApiError(503, f"the server shut down before this request finished (after "
-                      f"{len(stream.token_ids)} new tokens); retry it", kind="server_error",
-                      code="shutting_down")
-
-
 def run(engine: Engine, app: FastAPI, *, host: str, port: int, ready: str,
         shutdown_timeout: float) -> None:
   """Serves until SIGTERM or Ctrl-C: then requests in flight get `shutdown_timeout` seconds
@@ -407,9 +390,3 @@ def run(engine: Engine, app: FastAPI, *, host: str, port: int, ready: str,
   finally:
     engine.stop(timeout=0)
     say("server stopped")
-
-
-def _too_large(size: int, limit: int) -> api.ApiError:
-  return api.ApiError(413, f"the request body is larger than {limit} bytes ({size} declared "
-                      f"or read), the most this server reads (64 per position of its context, "
-                      f"at least 1 MiB): shorten the prompt", code="request_too_large")
