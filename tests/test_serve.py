@@ -495,6 +495,8 @@ BAD = [  # (body, status, what the error names)
     ({"model": "test-model", "messages": [{"role": "user", "content": "w1"}],
       "tool_choice": "required"}, 400, "tool_choice"),  # no tools
     ({"model": "test-model", "prompt": [1], "presence_penalty": 2.5}, 400, "presence_penalty"),
+    ({"model": "test-model", "prompt": [1], "guided_regex": "w1"}, 400,  # a word-level
+     "guided_regex"),                                       # tokenizer: no grammar reads it
     ({"model": "test-model", "prompt": [1], "repetition_penalty": 0}, 400,
      "repetition_penalty"),
     ({"model": "test-model", "prompt": [1], "logit_bias": {"w1": 1}}, 400, "logit_bias"),

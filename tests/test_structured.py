@@ -102,7 +102,7 @@ def engine_for(root, checkpoint, devices, *sets):
   from tokenizers import Tokenizer
   config = config_lib.load(root / "configs" / "tiny.yaml", [
       f"model.checkpoint={checkpoint}", f"serve.max_slots={SLOTS}", "serve.max_len=256",
-      "serve.min_bucket=32", *sets])
+      "serve.min_bucket=64", *sets])
   tokenizer = Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
   engine = serve.build(config, make_mesh(config.mesh, devices=devices), tokenizer=tokenizer,
                        progress=False)
@@ -202,9 +202,10 @@ def closing(checkpoint, text: str) -> dict:
           if tokenizer.decode([t]).endswith(text)}
 
 
-@pytest.mark.parametrize("stream", [False, True])
-def test_tool_choice_required_and_named_constrain_the_call(client, checkpoint, stream):
-  def calls(choice):
+def test_tool_choice_required_and_named_constrain_the_call(client, checkpoint):
+  """The calls are valid under their tools' schemas, and streamed deltas assemble to the
+  calls of the whole reply (the same seed: the same tokens)."""
+  def calls(choice, stream: bool):
     kw = dict(model="m", messages=[{"role": "user", "content": "weather?"}], tools=TOOLS,
               tool_choice=choice, temperature=1.0, seed=1, max_tokens=160,
               logit_bias=closing(checkpoint, "]"))
@@ -218,12 +219,13 @@ def test_tool_choice_required_and_named_constrain_the_call(client, checkpoint, s
     return [(c.function.name, json.loads(c.function.arguments))
             for chunk in chunks for c in chunk.choices[0].delta.tool_calls or []]
   schemas = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
-  made = calls("required")
-  assert made
+  made = calls("required", stream=False)
+  assert made and calls("required", stream=True) == made
   for name, arguments in made:
     jsonschema.validate(arguments, schemas[name])
-  [(name, arguments)] = calls({"type": "function", "function": {"name": "time"}})
-  assert name == "time"
+  named = {"type": "function", "function": {"name": "time"}}
+  [(name, arguments)] = calls(named, stream=False)
+  assert name == "time" and calls(named, stream=True) == [(name, arguments)]
   jsonschema.validate(arguments, schemas["time"])
 
 
@@ -258,23 +260,68 @@ def test_a_format_that_does_not_compile_is_a_400_naming_it(live, client, extra, 
   assert isinstance(json.loads(reply.choices[0].message.content), dict)
 
 
-def test_masks_on_a_pipeline(root, checkpoint, devices):
-  """2 x 2 x 2: the mask of a row follows the entry its step chooses for (late groups
-  included); the answers are valid."""
+def reference_greedy(hf, checkpoint, prompt: list[int], schema: dict, new: int) -> list[int]:
+  """Greedy decoding under `schema` by transformers' logits and llguidance's own masks
+  (its NumPy helpers), one token at a time: until the grammar is complete, EOS or `new`."""
+  import llguidance
+  import torch
+  from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask
+  tokenizer = llguidance.LLTokenizer((checkpoint / "tokenizer.json").read_text(),
+                                     n_vocab=VOCAB, eos_token=0)
+  matcher = llguidance.LLMatcher(tokenizer, llguidance.LLMatcher.grammar_from_json_schema(
+      schema, defaults={"whitespace_flexible": False}))
+  mask, out = allocate_token_bitmask(1, VOCAB), []
+  while len(out) < new and not matcher.is_stopped():
+    with torch.no_grad():
+      logits = hf(torch.tensor([prompt + out])).logits[0, -1].numpy()
+    fill_next_token_bitmask(matcher, mask)
+    allowed = np.unpackbits(mask.view(np.uint8), bitorder="little")[:VOCAB].astype(bool)
+    out.append(int(np.argmax(np.where(allowed, logits, -np.inf))))
+    assert matcher.consume_token(out[-1])
+    if out[-1] == 0:
+      break
+  return out
+
+
+def check_greedy(engine, tokenizer, hf, checkpoint) -> None:
+  """Greedy tokens under a schema equal transformers' argmax over the tokens llguidance
+  allows, with unconstrained greedy rows (transformers' tokens, to EOS) between them."""
+  prompts = [tokenizer.encode(f"JSON {i}:").ids for i in range(SLOTS)]
+  streams = []
+  for i, prompt in enumerate(prompts):
+    rules = engine.grammar("json", SCHEMAS[i], "response_format") if i % 2 else None
+    streams.append(engine.submit(prompt, serve.Params(max_tokens=24, grammar=rules)))
+  for i, (prompt, stream) in enumerate(zip(prompts, streams)):
+    if i % 2:
+      expected = reference_greedy(hf, checkpoint, prompt, SCHEMAS[i], 24)
+    else:
+      expected = hf_greedy(hf, prompt, 24)
+      expected = expected[:expected.index(0) + 1] if 0 in expected else expected
+    assert stream.result().token_ids == expected, i
+
+
+def test_greedy_under_a_grammar_equals_transformers(live, checkpoint, hf):
+  """On 2x1x4: the sampled step split into its forward and its choice."""
+  from tokenizers import Tokenizer
+  check_greedy(live[1], Tokenizer.from_file(str(checkpoint / "tokenizer.json")), hf,
+               checkpoint)
+
+
+def test_greedy_under_a_grammar_on_a_pipeline(root, checkpoint, devices, hf):
+  """On a 2x2x2 pipeline: a row's mask follows the entry its step chooses for (late groups
+  included); and sampled answers are valid."""
   engine, tokenizer = engine_for(root, checkpoint, devices, "mesh.data=2", "mesh.stage=2",
-                                 "mesh.model=2")
+                                 "mesh.model=2", "serve.max_len=128")
   engine.start()
   try:
+    check_greedy(engine, tokenizer, hf, checkpoint)
     prompt = tokenizer.encode("give me JSON").ids
-    streams = []
-    for i, schema in enumerate(SCHEMAS[:12]):
-      rules = engine.grammar("json", schema, "response_format")
-      params = serve.Params(max_tokens=200, temperature=1.0, seed=i, grammar=rules)
-      streams.append(engine.submit(prompt, params))
+    streams = [engine.submit(prompt, serve.Params(
+        max_tokens=100, temperature=1.0, seed=i,
+        grammar=engine.grammar("json", schema, "response_format")))
+        for i, schema in enumerate(SCHEMAS[:4])]
     for stream, schema in zip(streams, SCHEMAS):
-      stream.result()
-      assert stream.finish_reason == "stop"
-      jsonschema.validate(json.loads(stream.text), schema)
+      jsonschema.validate(json.loads(stream.result().text), schema)
   finally:
     engine.stop()
 

@@ -111,7 +111,12 @@ class Engine:
     if self.tokenizer is None:
       raise RequestError("structured output needs the checkpoint's tokenizer.json",
                          param=param)
-    return self._grammars.compile(kind, value, param)
+    try:
+      grammars = self._grammars
+    except ValueError as e:  # llguidance reads byte-level and byte-fallback tokenizers
+      raise RequestError(f"structured output cannot use this checkpoint's tokenizer.json "
+                         f"({e})", param=param) from None
+    return grammars.compile(kind, value, param)
 
   @functools.cached_property
   def _grammars(self):  # built on first use (a large vocabulary takes about a second)
