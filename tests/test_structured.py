@@ -308,20 +308,13 @@ def test_greedy_under_a_grammar_equals_transformers(live, checkpoint, hf):
 
 
 def test_greedy_under_a_grammar_on_a_pipeline(root, checkpoint, devices, hf):
-  """On a 2x2x2 pipeline: a row's mask follows the entry its step chooses for (late groups
-  included); and sampled answers are valid."""
+  """On a 2x2x2 pipeline, which chooses inside its ring: a row's mask follows the entry its
+  step chooses for (the late groups' too). 3 programs (one bucket, one span)."""
   engine, tokenizer = engine_for(root, checkpoint, devices, "mesh.data=2", "mesh.stage=2",
-                                 "mesh.model=2", "serve.max_len=128")
+                                 "mesh.model=2", "serve.max_len=64")
   engine.start()
   try:
     check_greedy(engine, tokenizer, hf, checkpoint)
-    prompt = tokenizer.encode("give me JSON").ids
-    streams = [engine.submit(prompt, serve.Params(
-        max_tokens=100, temperature=1.0, seed=i,
-        grammar=engine.grammar("json", schema, "response_format")))
-        for i, schema in enumerate(SCHEMAS[:4])]
-    for stream, schema in zip(streams, SCHEMAS):
-      jsonschema.validate(json.loads(stream.result().text), schema)
   finally:
     engine.stop()
 
