@@ -1,6 +1,6 @@
 """What log-probabilities cost the serving engine's sampled decode step.
 
-The slot decoder's sampled step (`Decoder.step(greedy=False)`) with and without
+The slot decoder's sampled step (`Decoder.step_fn(greedy=False)`) with and without
 log-probabilities (`logprobs=True`: the chosen token's and the 20 likeliest, computed on the
 devices), at the config's shape on one device by default: `--slots` rows over a `--span`-slot
 cache, each row holding the server's table of logit biases (`--bias` entries; the step
@@ -45,7 +45,8 @@ def main() -> None:
   args.bias = bias_entries(gen.eos_ids) if args.bias is None else args.bias
   decoder = Decoder(gen, args.slots, args.span, bias=args.bias)
   with jax.set_mesh(mesh):
-    steps = {lp: decoder.step(greedy=False, span=args.span, logprobs=lp) for lp in (False, True)}
+    steps = {lp: decoder.jit(decoder.step_fn(greedy=False, span=args.span, logprobs=lp))
+             for lp in (False, True)}
     state = decoder.empty_state()
     for step in steps.values():  # compile and warm
       out, state = step(gen.params, state)

@@ -293,7 +293,7 @@ def test_a_prompt_prefilled_over_a_step_in_flight_keeps_its_row(gen_config, devi
   length, row, prompt = 12, 2, [9, 10, 11, 12, 13, 14]
   decoder = Decoder(gen, 4, length)
   assert decoder.late()[row]
-  prefill, step = decoder.prefill(1, 8), decoder.step(greedy=True, span=length)
+  prefill, step = decoder.prefill(1, 8), decoder.jit(decoder.step_fn(greedy=True, span=length))
   greedy = sampling.Sampling().rows(1)
 
   def put(state, tokens):

@@ -1,4 +1,4 @@
-"""The slot decoder: one KV cache of `slots` rows, every row's decoding state, and the two
+"""The slot decoder: one KV cache of `slots` rows, every row's decoding state, and the
 programs that advance them, on any mesh. `generate` drives it (prefill every prompt, then a
 compiled loop of its step) and the server runs it (prefill a request into a free row, one step
 of every row per engine iteration); a capability of decoding is written here once.
@@ -10,10 +10,11 @@ program is one tick function run on the stage ring (`jaxpar.parallel.ring`). On 
 (mesh.stage = S > 1) the slots form G = S groups of Bg = slots / G rows that rotate through
 the stages (slot b is row b % Bg of group b // Bg); each stage keeps the cache of its own
 layers for every slot, [Lc, G, Bg, length + 1, ...], where position `length` is a trash slot
-no query sees, for writes that must not land. Without stages (S = 1) the ring is one call of
-the tick: one group of every row, nothing in flight, no trash slot, the cache laid out by the
-rules alone (rows over `data`, key/value heads over `model`; stacked for a scan, else a
-buffer per layer).
+no query sees, for writes that must not land. Without stages the tick runs once: one group
+of every row, nothing in flight, no trash slot, the cache laid out by the rules alone (rows
+over `data`, key/value heads over `model`; stacked for a scan, else a buffer per layer), and
+the step is its forward to the logits (`forward_fn`) then the choice (`choice_fn`), which a
+server runs as two programs (computing grammars' masks between them).
 
     prefill[R, T](params, state, tokens_RT, start, lengths_R, src, slot, sampling_R,
                   seeds_R, rows_R) -> first_R, state
@@ -39,11 +40,10 @@ buffer per layer).
         msg, ring = y, out[g]
 
 (`msg = ...` is what the ring sends to stage s + 1 after the tick: the tick functions never
-permute anything themselves. A program built `logprobs=True` also gives, beside each token,
-its `sampling.LogProbs`: `choose` computes them on the last stage, and they travel with the
-token.) Group g enters stage 0 at tick g and leaves the last stage at
-tick g + S - 1: in its own round for g = 0, in the next round for the others (`late`), whose
-`out` is the token of their previous entry. That token reaches stage 0 through `ring` exactly
+permute anything themselves. With `logprobs=True` each token comes with its
+`sampling.LogProbs`, computed by `choose` on the last stage.) Group g enters stage 0 at tick g
+and leaves the last stage at tick g + S - 1: in its own round for g = 0, in the next round
+for the others (`late`), whose `out` is the token of their previous entry. That token reaches stage 0 through `ring` exactly
 when the group's next step starts, so no stage waits (G = S). A prefill gives its rows a new
 request: their entry still in flight (`prev`) writes to the trash slot from then on (`keep`),
 and their first token enters from `cur.tokens` (`fresh`), not from the ring. Rows that hold
@@ -70,8 +70,8 @@ from jaxpar.rules import use_rules
 from jaxpar.runtime.sampling import Context
 from jaxpar.runtime.slots import (Ring, State, advance, as_rows, base_keys, blank_chosen,
                                   blank_first, cache_spec, choose, chosen_tokens, copy_rows,
-                                  new_caches, prefilled, prompt_history, prompt_log_probs,
-                                  state_program, with_mask, zeroed_state)
+                                  prefilled, prompt_history, prompt_log_probs, put_rows,
+                                  state_program, with_mask, zero_rows, zeroed_state)
 
 
 @dataclasses.dataclass
@@ -161,14 +161,14 @@ class Decoder:
     def through(rows, width: int):  # the chunk over the first `width` slots of `rows`
       mask_1TS = (jnp.arange(width)[None, :] <= positions_RT[0, :, None])[None]
       return self._layers(graphdef, layers, x_RTD, Step(positions_RT, mask_1TS, start), rows)
-    fresh = lambda: through(self._zero_rows(R), T)
+    fresh = lambda: through(zero_rows(self, R), T)
     if reuse:  # a prompt that continues a cached prefix attends over all its row's slots
       y_RTD, new = lax.cond(start == 0, fresh, lambda: through(
           copy_rows(caches, src, R, axis=int(self.scan), split=self.data_ways > 1),
           self.positions))
     else:
       y_RTD, new = fresh()
-    caches = self._put_rows(caches, new, slot + i * R, valid)
+    caches = put_rows(self, caches, new, slot + i * R, valid)
     lengths_R = ring.pick(lengths_nR, i)
     last_RD = jnp.take_along_axis(y_RTD, (lengths_R - 1 - start)[:, None, None], axis=1)
     context = Context(ring.pick(history_nRN, i), lengths_R, lengths_R - 1,
@@ -192,30 +192,6 @@ class Decoder:
 
   def _out(self, out, i, value, keep):
     return ring.put(out, i, value, keep) if self.pipelined else value
-
-  def _zero_rows(self, R: int):
-    """Zeroed caches of R rows, as one stage's layers hold them."""
-    g = self.generator
-    if not self.pipelined:
-      return new_caches(g, R, self.positions, scan=self.scan)
-    return ring.varying({k: jnp.zeros((self.Lc, *shape), dtype) for k, (shape, _, dtype) in
-                         cache_spec(g, R, self.positions).items()})
-
-  def _put_rows(self, caches, rows, slot, valid):
-    """`rows` (whole rows) into slots slot.. of `caches` (None: the rows are the caches)."""
-    if caches is None:
-      return rows
-    if not self.pipelined:
-      axis = int(self.scan)  # a scan's caches are stacked [L, B, ...]
-      return jax.tree.map(lambda c, r: lax.dynamic_update_slice_in_dim(c, r, slot, axis=axis),
-                          caches, rows)
-
-    def put(c, r):  # [Lc, G, Bg, ...] <- [Lc, R, ...] at group slot // Bg, row slot % Bg
-      update = r[:, None].astype(c.dtype)
-      at = (0, slot // self.Bg, slot % self.Bg) + (0,) * (c.ndim - 3)
-      old = lax.dynamic_slice(c, at, update.shape)
-      return lax.dynamic_update_slice(c, jnp.where(valid, update, old), at)
-    return jax.tree.map(put, caches, rows)
 
   # ---- the programs ----
 
@@ -257,7 +233,9 @@ class Decoder:
   def cache_specs(self):
     return {k: P(STAGE) for k in cache_spec(self.generator, 1, 1)}
 
-  def _jit(self, fn):
+  def jit(self, fn):
+    """The program of a traced (params, state, ...) -> (out, state): `step_fn`, `forward_fn`,
+    `choice_fn`, the prefill; the state donated, laid out as `state_shardings`."""
     return jax.jit(fn, donate_argnums=(1,), out_shardings=(None, self.state_shardings()))
 
   def prefill(self, rows: int, bucket: int, *, greedy: bool = False, reuse: bool = False,
@@ -317,7 +295,7 @@ class Decoder:
       if r is not None:  # the rows' entries in flight are the old requests': never kept
         r = dataclasses.replace(r, keep=r.keep.at[at].set(False), fresh=r.fresh.at[at].set(True))
       return first_R, State(caches, slots, r)
-    return self._jit(run)
+    return self.jit(run)
 
   def _whole(self, x):
     return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(self.generator.mesh,
@@ -371,18 +349,6 @@ class Decoder:
       return out_B, State(caches, slots, r)
     return step
 
-  def step(self, *, greedy: bool, span: int, logprobs: bool = False):
-    """The jitted step (`step_fn`), the state donated."""
-    return self._jit(self.step_fn(greedy=greedy, span=span, logprobs=logprobs))
-
-  def forward(self, *, span: int):
-    """The jitted `forward_fn`, the state donated."""
-    return self._jit(self.forward_fn(span=span))
-
-  def choice(self, *, logprobs: bool):
-    """The jitted sampled `choice_fn`, the state donated."""
-    return self._jit(self.choice_fn(greedy=False, logprobs=logprobs))
-
   def forward_fn(self, *, span: int):
     """A decode step's forward without stages: (params, state) -> (logits_BV float32, state),
     each row's keys and values written, the rows as they were (`choice_fn` advances them; a
@@ -422,10 +388,8 @@ class Decoder:
 
   def empty_state(self, *, abstract: bool = False) -> State:
     """The zeroed state (shapes and shardings only, when `abstract`)."""
-    program, mesh = self._state_program, self.generator.mesh
-    with jax.set_mesh(mesh):
-      if not abstract:
-        return program()
-      return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          jax.eval_shape(lambda: zeroed_state(self)), program.output_shardings)
+    with jax.set_mesh(self.generator.mesh):
+      return self._state_program() if not abstract else jax.tree.map(
+          lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+          jax.eval_shape(lambda: zeroed_state(self)), self.state_shardings())
 

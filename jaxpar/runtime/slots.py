@@ -271,6 +271,33 @@ def empty_slots_of(d, rows: int) -> Slots:
   return empty_slots(rows, d.length, d.bias)
 
 
+def zero_rows(d, R: int):
+  """Zeroed caches of R rows, as one stage's layers of decoder `d` hold them."""
+  g = d.generator
+  if not d.pipelined:
+    return new_caches(g, R, d.positions, scan=d.scan)
+  return ring.varying({k: jnp.zeros((d.Lc, *shape), dtype) for k, (shape, _, dtype) in
+                       cache_spec(g, R, d.positions).items()})
+
+
+def put_rows(d, caches, rows, slot, valid):
+  """`rows` (whole rows) into slots slot.. of decoder `d`'s `caches` (None: the rows are the
+  caches); on a pipeline only where `valid`."""
+  if caches is None:
+    return rows
+  if not d.pipelined:
+    axis = int(d.scan)  # a scan's caches are stacked [L, B, ...]
+    return jax.tree.map(lambda c, r: lax.dynamic_update_slice_in_dim(c, r, slot, axis=axis),
+                        caches, rows)
+
+  def put(c, r):  # [Lc, G, Bg, ...] <- [Lc, R, ...] at group slot // Bg, row slot % Bg
+    update = r[:, None].astype(c.dtype)
+    at = (0, slot // d.Bg, slot % d.Bg) + (0,) * (c.ndim - 3)
+    old = lax.dynamic_slice(c, at, update.shape)
+    return lax.dynamic_update_slice(c, jnp.where(valid, update, old), at)
+  return jax.tree.map(put, caches, rows)
+
+
 def state_program(d):
   """The compiled program that makes the zeroed state: the rows split like the batch without
   stages; on a pipeline the caches over `stage` (the ring's out_specs) and the rows

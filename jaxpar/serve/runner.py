@@ -193,17 +193,19 @@ class Runner:
                 if (owner := (self._owners if self._late[b] else now).get(b)) is not None}
       self._owners = now
       self._positions[rows] += 1
-      program, params = self.compiled.get(("decode", greedy, span)), self.generator.params
+      params = self.generator.params
+      masked = any(running[b].matcher is not None for b in rows)
       if greedy:
-        next_B, self._state = program(params, self._state)
+        next_B, self._state = self.compiled["decode", True, span](params, self._state)
         queued = [(next_B, owners)]
       elif not self.decoder.pipelined:  # the forward now, the choice in `choose`
         self._logits, self._state = self.compiled["forward", span](params, self._state)
         self._choice = (self.compiled["choose"], owners)
-      elif any(running[b].matcher is not None for b in rows):  # its masks need every token
-        self._choice = (program, owners)
+      elif masked:  # a pipeline chooses in its ring: the masks need every token first
+        self._choice = (self.compiled["decode", False, span], owners)
       else:
-        next_B, self._state = program(params, self._state, self._open)
+        next_B, self._state = self.compiled["decode", False, span](params, self._state,
+                                                                   self._open)
         queued = [(next_B, owners)]
     events = self._read(running)
     self._queued = queued
@@ -213,8 +215,8 @@ class Runner:
     if self._choice is None:
       return
     (program, owners), self._choice = self._choice, None
-    allowed = self._masks(running) if any(s is not None and s.matcher is not None
-                                          for s in running) else self._open
+    masked = any(s is not None and s.matcher is not None for s in running)
+    allowed = self._masks(running) if masked else self._open
     args = (self._state, allowed) if self._logits is None else (self._state, self._logits,
                                                                 allowed)
     next_B, self._state = program(self.generator.params, *args)
@@ -292,18 +294,19 @@ class Runner:
             one(scalar(jnp.int32)), one(scalar(jnp.bool_))).compile()
       mask = jax.ShapeDtypeStruct((self.slots, self.width), jnp.int32)
       for span in self.spans:
-        compiled["decode", True, span] = d.step(greedy=True, span=span).lower(
+        compiled["decode", True, span] = d.jit(d.step_fn(greedy=True, span=span)).lower(
             g.params, state).compile()
         if d.pipelined:  # the choice inside the ring
-          compiled["decode", False, span] = d.step(greedy=False, span=span,
-                                                   logprobs=True).lower(
-              g.params, state, mask).compile()
+          sampled = d.step_fn(greedy=False, span=span, logprobs=True)
+          compiled["decode", False, span] = d.jit(sampled).lower(g.params, state,
+                                                                 mask).compile()
         else:
-          compiled["forward", span] = d.forward(span=span).lower(g.params, state).compile()
+          compiled["forward", span] = d.jit(d.forward_fn(span=span)).lower(
+              g.params, state).compile()
       if not d.pipelined:
         logits = compiled["forward", self.spans[0]].out_info[0]
-        compiled["choose"] = d.choice(logprobs=True).lower(g.params, state, logits,
-                                                           mask).compile()
+        compiled["choose"] = d.jit(d.choice_fn(greedy=False, logprobs=True)).lower(
+            g.params, state, logits, mask).compile()
     return compiled
 
 
