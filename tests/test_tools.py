@@ -96,24 +96,71 @@ def test_what_cannot_be_honoured_is_refused_by_name(choice, param, message):
     tools.requested({"tools": TOOLS}, "{{ messages }}", "gpt2")
   with pytest.raises(RequestError, match="tools is invalid"):
     tools.requested({"tools": [{"type": "function"}]}, "<tool_call>", "qwen2")
-  assert tools.requested({"tools": TOOLS}, "<tool_call>", "qwen2") == (TOOLS, "hermes")
+  assert tools.requested({"tools": TOOLS}, "<tool_call>", "qwen2") == (TOOLS, "hermes", None)
   assert tools.requested({"tools": TOOLS, "tool_choice": "none"}, "<tool_call>",
-                         "qwen2") == (TOOLS, None)
-  assert tools.requested({"tools": TOOLS, "tool_choice": "required"}, "<tool_call>",
-                         "qwen2") == (TOOLS, tools.REQUIRED)
+                         "qwen2") == (TOOLS, None, None)
+  assert tools.requested({"tools": TOOLS, "tool_choice": "required"}, "[TOOL_CALLS]",
+                         "mistral") == (TOOLS, "mistral", "required")
   named = {"type": "function", "function": {"name": "time"}}
   assert tools.requested({"tools": TOOLS, "tool_choice": named}, "<tool_call>",
-                         "qwen2") == (TOOLS, tools.NAMED + "time")
+                         "qwen2") == (TOOLS, "hermes", "time")
 
 
-def test_constrained_replies_parse_into_calls():
-  """tool_choice "required": a JSON list of calls; named: the arguments alone (vLLM's)."""
-  reply = json.dumps([{"name": "weather", "parameters": WEATHER}, {"name": "time",
-                                                                   "parameters": {}}])
-  assert as_pairs(tools.parse(reply, tools.REQUIRED)[1]) == CALLS
-  assert as_pairs(tools.parse(json.dumps(WEATHER), tools.NAMED + "weather")[1]) == CALLS[:1]
-  assert tools.parse('[{"name": "wea', tools.REQUIRED) == ('[{"name": "wea', [])  # cut short
-  schema = tools.constraint(TOOLS, tools.REQUIRED)
-  assert schema["type"] == "array" and len(schema["items"]["anyOf"]) == 2
-  assert tools.constraint(TOOLS, tools.NAMED + "weather") == TOOLS[0]["function"]["parameters"]
-  assert tools.constraint(TOOLS, "hermes") is None
+def byte_tokenizer():
+  """A byte-level BPE trained on a little JSON, with the markers of Mistral and Llama 3 as
+  special tokens (Hermes' <tool_call> is text, as in Qwen's tokenizers)."""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  tokenizer = Tokenizer(models.BPE())
+  tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tokenizer.decoder = decoders.ByteLevel()
+  tokenizer.train_from_iterator([json.dumps(WEATHER), "<tool_call> </tool_call>"] * 20,
+                                trainers.BpeTrainer(
+      vocab_size=300, special_tokens=["<|endoftext|>", "[TOOL_CALLS]", "<|python_tag|>"],
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  return tokenizer
+
+
+SCHEMAS = [{"type": "function", "function": {"name": "weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 5},
+                                     "days": {"type": "integer", "minimum": 1, "maximum": 9}},
+    "required": ["city", "days"], "additionalProperties": False}}},
+           {"type": "function", "function": {"name": "time", "parameters": {
+               "type": "object", "properties": {"zone": {"enum": ["utc", "cet"]}},
+               "required": ["zone"], "additionalProperties": False}}}]
+
+
+@pytest.mark.parametrize("fmt", tools.FORMATS)
+def test_constrained_calls_parse_in_each_format(fmt):
+  """A reply drawn at random among the tokens llguidance allows under `constraint` ends as
+  the grammar completes and parses, in the family's own format, into calls of the listed
+  tools with arguments valid under their schemas: one or more ("required"), exactly one of
+  the named function."""
+  import jsonschema
+  import llguidance
+  import numpy as np
+  from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask
+  tokenizer = byte_tokenizer()
+  vocab = tokenizer.get_vocab_size()
+  ll = llguidance.LLTokenizer(tokenizer.to_str(), n_vocab=vocab, eos_token=0)
+  special = {t.content: i for i, t in tokenizer.get_added_tokens_decoder().items()}
+  schemas = {t["function"]["name"]: t["function"]["parameters"] for t in SCHEMAS}
+  rng = np.random.default_rng(0)
+  for forced in ("required", "time"):
+    for _ in range(5):
+      matcher = llguidance.LLMatcher(ll, llguidance.LLMatcher.grammar_from_lark(
+          tools.constraint(SCHEMAS, fmt, forced, special)))
+      assert not matcher.is_error(), matcher.get_error()
+      mask, ids = allocate_token_bitmask(1, vocab), []
+      while not matcher.is_stopped():
+        fill_next_token_bitmask(matcher, mask)
+        allowed = np.flatnonzero(np.unpackbits(mask.view(np.uint8), bitorder="little")[:vocab])
+        ids.append(int(rng.choice(allowed)))
+        assert matcher.consume_token(ids[-1]) and len(ids) < 400
+      reply = [t for t in ids if t != 0]  # without EOS, as the server decodes a reply
+      content, calls = tools.parse(tokenizer.decode(reply, skip_special_tokens=False), fmt)
+      assert content == "" and calls and (forced == "required" or len(calls) == 1)
+      for call in calls:
+        assert forced in ("required", call.name)
+        jsonschema.validate(json.loads(call.arguments), schemas[call.name])
+      if fmt == "mistral":  # the marker is the special token, not its text spelled out
+        assert ids[0] == special["[TOOL_CALLS]"]

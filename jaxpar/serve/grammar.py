@@ -28,11 +28,11 @@ ALL = -1  # a mask word that allows its 32 tokens
 _KINDS = ("json", "regex", "choice", "grammar")
 
 
-def requested(body: dict, calls: dict | None = None) -> tuple[str, object, str] | None:
+def requested(body: dict, calls: str | None = None) -> tuple[str, object, str] | None:
   """The format a request body asks for, as (kind, value, the parameter that gave it), or
-  None; `calls`: the JSON schema `tool_choice` constrains the reply to (`tools.constraint`).
+  None; `calls`: the grammar `tool_choice` constrains the reply to (`tools.constraint`).
   RequestError for a malformed one, or for two."""
-  asked = [] if calls is None else [("json", calls, "tool_choice")]
+  asked = [] if calls is None else [("grammar", calls, "tool_choice")]
   fmt = body.get("response_format")
   if fmt is not None:
     kind = fmt.get("type") if isinstance(fmt, dict) else None

@@ -116,16 +116,21 @@ class _Completions:
       return api.chat_logprobs(entries, token_ids, self.token_text)
     return api.completion_logprobs(entries, token_ids, self.token_text, offset)
 
-  def _tools(self, body: dict) -> tuple[list | None, str | None]:
-    """A chat body's tools to render and the format to parse calls in (`tools.requested`)."""
+  def _tools(self, body: dict) -> tuple[list | None, str | None, str | None]:
+    """A chat body's tools to render, the format to parse calls in and what `tool_choice`
+    forces (`tools.requested`)."""
     if self.template is None:
-      return None, None
+      return None, None, None
     return tools.requested(body, self.template.source, self.family)
 
-  def _grammar(self, body: dict, listed: list | None, tool_format: str | None) -> str | None:
+  def _grammar(self, body: dict, listed: list | None, tool_format: str | None,
+               forced: str | None) -> str | None:
     """The grammar the reply must match: `response_format` or vLLM's options, or the calls
-    `tool_choice` asks for (`grammar.requested`, `tools.constraint`)."""
-    asked = grammar.requested(body, tools.constraint(listed, tool_format))
+    `tool_choice` forces, in the model's format (`grammar.requested`, `tools.constraint`)."""
+    special = {t.content: i for i, t in self.tokenizer.get_added_tokens_decoder().items()
+               if t.special} if forced is not None and self.tokenizer is not None else {}
+    calls = tools.constraint(listed, tool_format, forced, special)
+    asked = grammar.requested(body, calls)
     return None if asked is None else self.engine.grammar(*asked)
 
   async def tokenize(self, request: Request) -> dict:
@@ -148,14 +153,14 @@ class _Completions:
   async def __call__(self, request: Request, *, chat: bool):
     body = api.parse_json(await self._read(request))
     api.check_model(body, self.limits)
-    listed, tool_format = self._tools(body) if chat else (None, None)
+    listed, tool_format, forced = self._tools(body) if chat else (None, None, None)
     # Off the event loop: a long text prompt must not hold up /health and the streams.
     prompt = await asyncio.to_thread(
         *(api.chat_prompt, body, self.template, self.tokenizer, listed) if chat else
         (api.completion_prompt, body, self.tokenizer))
     params, stream_it, include_usage = api.sampling_params(body, self.limits,
                                                            prompt_len=len(prompt), chat=chat)
-    rules = await asyncio.to_thread(self._grammar, body, listed, tool_format)  # compiled
+    rules = await asyncio.to_thread(self._grammar, body, listed, tool_format, forced)
     params = dataclasses.replace(params, grammar=rules)
     n, best_of = api.choice_counts(body, chat=chat, stream=stream_it, most=self.engine.slots)
     streams, outputs = self._submit(prompt, params, best_of)

@@ -18,9 +18,6 @@ import uuid
 from jaxpar.serve.request import RequestError
 
 FORMATS = ("hermes", "mistral", "llama3")
-# Replies constrained by `tool_choice`, as vLLM writes them: "required", a JSON list of one or
-# more calls [{"name": ..., "parameters": {...}}]; a named function, its arguments alone.
-REQUIRED, NAMED = "required", "named:"
 _FAMILIES = {"qwen2": "hermes", "qwen3": "hermes", "mistral": "mistral", "llama": "llama3"}
 _MARKERS = {"hermes": "<tool_call>", "mistral": "[TOOL_CALLS]", "llama3": "<|python_tag|>"}
 _HERMES = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
@@ -51,8 +48,6 @@ def format_of(template_source: str, family: str) -> str | None:
 def held_from(text: str, fmt: str) -> int:
   """Where the part of a reply so far that is, or may become, a tool call starts (len(text):
   nothing): a stream sends the text before it only."""
-  if fmt not in _MARKERS:  # constrained: the reply is its calls
-    return 0
   marker = _MARKERS[fmt]
   at = text.find(marker)
   if at >= 0:
@@ -65,32 +60,40 @@ def held_from(text: str, fmt: str) -> int:
   return len(text)
 
 
-def constraint(tools: list[dict], fmt: str | None) -> dict | None:
-  """The JSON schema a reply of format `fmt` must match (None: the model's own words)."""
-  if fmt is None or not (fmt == REQUIRED or fmt.startswith(NAMED)):
+def constraint(tools: list[dict], fmt: str, forced: str | None,
+               special: dict[str, int]) -> str | None:
+  """The grammar (Lark, with llguidance's %json) of a reply that `tool_choice` forces to
+  calls (`forced`: "required", or a function's name; None: nothing forced), in the model's
+  own format `fmt`: one or more calls of the listed tools (of the named one: exactly one),
+  each with arguments under its tool's schema. Markers that are special tokens of the
+  tokenizer (`special`: text -> id) are written as those tokens."""
+  if forced is None:
     return None
-  schemas = {t["function"]["name"]: t["function"].get("parameters") or {"type": "object"}
-             for t in tools}
-  if fmt.startswith(NAMED):
-    return schemas[fmt[len(NAMED):]]
-  call = [{"type": "object", "properties": {"name": {"const": name}, "parameters": schema},
-           "required": ["name", "parameters"], "additionalProperties": False}
-          for name, schema in schemas.items()]
-  return {"type": "array", "minItems": 1, "items": {"anyOf": call}}
+  key = "parameters" if fmt == "llama3" else "arguments"
+  compact = {"x-guidance": {"whitespace_flexible": False}}
+  calls = [{"type": "object", "properties": {"name": {"const": t["function"]["name"]},
+                                             key: t["function"].get("parameters") or {
+                                                 "type": "object"}},
+            "required": ["name", key], "additionalProperties": False} for t in tools
+           if forced == "required" or t["function"]["name"] == forced]
+  call = "%json " + json.dumps({**compact, "anyOf": calls})
+  mark = lambda text: f"<[{special[text]}]>" if text in special else json.dumps(text)
+  more = forced == "required"  # one or more calls; a named function: one
+  if fmt == "mistral":
+    array = {**compact, "type": "array", "items": {"anyOf": calls}, "minItems": 1,
+             **({} if more else {"maxItems": 1})}
+    return f"start: {mark('[TOOL_CALLS]')} %json {json.dumps(array)}"
+  if fmt == "hermes":
+    rules = [f"start: one{' (NL one)*' if more else ''}",
+             f"one: {mark('<tool_call>')} NL call NL {mark('</tool_call>')}", 'NL: "\\n"']
+  else:  # llama3: the calls' JSON, ";"-separated
+    rules = [f"start: call{' (SEP call)*' if more else ''}", 'SEP: "; "']
+  return "\n".join([*rules, f"call: {call}"])
 
 
 def parse(text: str, fmt: str) -> tuple[str, list[ToolCall]]:
   """(content, calls) of a whole reply: calls that do not parse as JSON with a name stay
   text."""
-  if fmt == REQUIRED or fmt.startswith(NAMED):
-    try:
-      item = json.loads(text)
-    except json.JSONDecodeError:  # cut short (max_tokens)
-      return text, []
-    if fmt == REQUIRED:
-      calls = [_call(json.dumps(i)) for i in item]
-      return ("", calls) if calls and all(calls) else (text, [])
-    return "", [ToolCall(fmt[len(NAMED):], json.dumps(item))]
   if fmt == "hermes":
     calls = [_call(m.group(1)) for m in _HERMES.finditer(text)]
     if calls and all(calls):
@@ -134,17 +137,18 @@ def _call(source: str) -> ToolCall | None:
   return ToolCall(item["name"], json.dumps(arguments))
 
 
-def requested(body: dict, template_source: str, family: str) -> tuple[list | None, str | None]:
-  """A chat request's `tools` (to render through the template; None: no tools) and the format
-  its reply's calls are parsed in (None: the reply is text): the model's own with
-  `tool_choice` "auto", `REQUIRED` or `NAMED` + the function's name for a reply constrained
-  to calls (`constraint`). RequestError (400) for a malformed or unknown tool, or a template
-  that renders none."""
+def requested(body: dict, template_source: str,
+              family: str) -> tuple[list | None, str | None, str | None]:
+  """A chat request's `tools` (to render through the template; None: no tools), the format
+  its reply's calls are parsed in (the model's own; None: the reply is text, as with
+  `tool_choice` "none"), and what `tool_choice` forces (`constraint`): "required", a
+  function's name, or None ("auto"). RequestError (400) for a malformed or unknown tool, or
+  a template that renders none."""
   tools, choice = body.get("tools"), body.get("tool_choice")
   if not tools:
     if choice not in (None, "none", "auto"):
       raise RequestError(f"tool_choice={json.dumps(choice)} needs tools", param="tool_choice")
-    return None, None
+    return None, None, None
   names = [t.get("function", {}).get("name") if isinstance(t, dict) else None
            for t in (tools if isinstance(tools, list) else [None])]
   if not all(isinstance(t, dict) and t.get("type") == "function" and isinstance(n, str)
@@ -158,7 +162,7 @@ def requested(body: dict, template_source: str, family: str) -> tuple[list | Non
                    param="tools")
   choice = "auto" if choice is None else choice
   if choice in ("auto", "none"):
-    return tools, fmt if choice == "auto" else None
+    return tools, fmt if choice == "auto" else None, None
   named = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
   if named is not None and named not in names:
     raise RequestError(f"tool_choice names the function {named!r}, which is not among the "
@@ -167,7 +171,7 @@ def requested(body: dict, template_source: str, family: str) -> tuple[list | Non
     raise RequestError(f"tool_choice={json.dumps(choice)} is invalid: expected \"none\", "
                    f"\"auto\", \"required\" or {{\"type\": \"function\", \"function\": "
                    f"{{\"name\": ...}}}}", param="tool_choice")
-  return tools, REQUIRED if named is None else NAMED + named
+  return tools, fmt, named or "required"
 
 
 def template_message(m: dict) -> dict:
