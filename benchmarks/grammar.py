@@ -1,8 +1,8 @@
 """What structured output costs the serving engine: the decode step's time with 8 requests
 constrained to a JSON schema against 8 unconstrained ones, in the same run.
 
-The engine in this process at the config's shape (GPT-2 124M by default) on one CPU device,
-8 slots, with a byte-level BPE vocabulary of GPT-2's size trained here (no model hub;
+The engine in this process at the config's shape (GPT-2 124M by default) on one CPU device
+(or the mesh `--set mesh.*` asks for, on as many emulated devices), 8 slots, with a byte-level BPE vocabulary of GPT-2's size trained here (no model hub;
 `grammar_libraries.train_tokenizer`). Both modes sample (temperature 1) every token of every
 row with the sampled step; the constrained mode also reads each step's tokens before it
 queues the next, feeds them to the requests' matchers and sends their masks. A request's
@@ -11,6 +11,7 @@ median over its 8 requests, the modes alternate, and each mode's figure is its b
 Goal: constrained at most 5% slower.
 
   python benchmarks/grammar.py [--config configs/gpt2.yaml] [--max-tokens 64]
+                               [--set mesh.stage=2 --out benchmarks/results/grammar_pipeline.json]
 
 Prints a table and writes JSON to benchmarks/results/grammar.json.
 """
@@ -39,14 +40,15 @@ def main() -> None:
   cfg = config_lib.load(args.config, ["mesh.data=1", "mesh.stage=1", "mesh.model=1",
                                       f"serve.max_slots={args.rows}", "serve.max_len=128",
                                       "generate.eos_id=-1", *args.set])
-  emulate_cpu_devices(1)
+  devices = cfg.mesh.data * cfg.mesh.stage * cfg.mesh.model  # --set mesh.stage=2: a pipeline
+  emulate_cpu_devices(devices)
   import jax
 
   from jaxpar import serve
   from jaxpar.mesh import make_mesh
   print("training a tokenizer of GPT-2's vocabulary size...", flush=True)
   tokenizer = train_tokenizer(cfg.model.vocab_size)
-  engine = serve.build(cfg, make_mesh(cfg.mesh, devices=jax.devices()[:1]),
+  engine = serve.build(cfg, make_mesh(cfg.mesh, devices=jax.devices()[:devices]),
                        tokenizer=tokenizer).start()
   schema = engine.grammar("json", SCHEMA, "response_format")
   prompt = tokenizer.encode("Describe a person as JSON: " * 8).ids[:args.prompt]
@@ -77,13 +79,15 @@ def main() -> None:
   best = {m: min(t) for m, t in times.items()}
   base = best["unconstrained"]
   print(f"{args.rows} rows, {args.prompt}-token prompt, up to {args.max_tokens} sampled "
-        f"tokens, vocabulary {cfg.model.vocab_size}, {jax.devices()[0].platform}")
+        f"tokens, vocabulary {cfg.model.vocab_size}, mesh {cfg.mesh.data}x{cfg.mesh.stage}x"
+        f"{cfg.mesh.model} of {jax.devices()[0].platform} devices")
   print("| mode | step time (ms, best round) | rounds (ms) | tokens per round | vs unconstrained |")
   print("|---|---|---|---|---|")
   for m in MODES:
     print(f"| {m} | {best[m] * 1e3:.2f} | {', '.join(f'{t * 1e3:.2f}' for t in times[m])} | "
           f"{', '.join(map(str, tokens[m]))} | {best[m] / base:.3f}x |")
   write_json(args.out, {"benchmark": "grammar", "config": args.config, "rows": args.rows,
+                        "mesh": [cfg.mesh.data, cfg.mesh.stage, cfg.mesh.model],
                         "prompt": args.prompt, "max_tokens": args.max_tokens,
                         "step_s": times, "tokens": tokens,
                         "ratio": best["JSON schema"] / base})

@@ -642,14 +642,16 @@ def test_models_and_health(live):
   assert json.loads(urllib.request.urlopen(live[0] + "/health").read())["status"] == "ok"
 
 
-@pytest.mark.parametrize("data,model", [(8, 1), (1, 8)])
-def test_python_api_on_other_meshes(root, checkpoint, devices, hf, data, model):
-  """The engine without HTTP; greedy equals transformers on data-only and model-only meshes,
-  with a static-batching engine giving the same tokens; so do log-probabilities (a
-  vocabulary whole, and split 8 ways)."""
-  for policy in ("continuous", "static"):
-    engine = engine_for(root, checkpoint, devices, f"mesh.data={data}", f"mesh.model={model}",
-                        f"serve.max_slots={8 if data == 8 else SLOTS}",
+@pytest.mark.parametrize("data,model,policies", [(8, 1, ("continuous", "static")),
+                                                 (1, 8, ("continuous", "static")),
+                                                 (1, 1, ("continuous",))])
+def test_python_api_on_other_meshes(root, checkpoint, devices, hf, data, model, policies):
+  """The engine without HTTP; greedy equals transformers on data-only and model-only meshes
+  and on one device, with a static-batching engine giving the same tokens; so do
+  log-probabilities (a vocabulary whole, and split 8 ways)."""
+  for policy in policies:
+    engine = engine_for(root, checkpoint, devices[:data * model], f"mesh.data={data}",
+                        f"mesh.model={model}", f"serve.max_slots={8 if data == 8 else SLOTS}",
                         f"serve.policy={policy}", "serve.min_bucket=32").start()
     try:
       streams = [engine.submit(p, serve.Params(max_tokens=m))
