@@ -212,6 +212,15 @@ def test_kv_cache_bytes_per_device(gen_config, devices):
   assert gen.cache_bytes_per_device(8, 24) == 2 * m.n_layers * 4 * 24 * 2 * 8 * 4
 
 
+def test_progress_says_about_eight_lines(tiny, devices, capfd):
+  """Progress from inside the compiled loop: a line every max_new / 8 tokens (a host
+  callback on those steps only)."""
+  gen = generate.build(tiny, make_mesh(MeshConfig(1, 1, 1), devices=devices[:1]))
+  gen.generate([[1, 2, 3]], max_new_tokens=24, progress=True)
+  lines = [line.strip() for line in capfd.readouterr().out.splitlines() if "decoded" in line]
+  assert lines == [f"decoded {n}/24 tokens" for n in range(3, 24, 3)]
+
+
 def test_generate_cli(root, tmp_path, monkeypatch, capsys):
   monkeypatch.chdir(root)
   out = tmp_path / "tokens.npy"

@@ -48,11 +48,12 @@ def is_eos(tokens: jax.Array, eos_ids: tuple[int, ...]) -> jax.Array:
   return jnp.isin(tokens, jnp.asarray(eos_ids or (-1,), jnp.int32))
 
 
-def report(done, total) -> None:
-  """Progress from inside a compiled decode loop (a host callback): about 8 lines."""
-  done, every = int(done), max(1, total // 8)
-  if done % every == 0 or done == total:
-    say(f"  decoded {done}/{total} tokens")
+def report(done: jax.Array, total: int) -> None:
+  """Progress from inside a compiled decode loop, about 8 lines: a host callback on those
+  steps only (one on every step cost 6% of a batch-1 GPT-2 decode on CPU)."""
+  every = max(1, total // 8)
+  say_it = lambda: jax.debug.callback(lambda d: say(f"  decoded {int(d)}/{total} tokens"), done)
+  lax.cond((done % every == 0) | (done == total), say_it, lambda: None)
 
 
 @dataclasses.dataclass
@@ -205,7 +206,7 @@ class Generator:
           out_BN = out_BN.at[jnp.arange(batch), jnp.where(kept_B, k_B, max_new)].set(
               new_B, mode="drop")
           if progress:
-            jax.debug.callback(report, n + 1 - lag, max_new)
+            report(n + 1 - lag, max_new)
           return n + 1, state, out_BN, done_B | (is_eos(new_B, eos_ids) & kept_B)
 
         out_BN = jnp.zeros((batch, max_new), jnp.int32).at[:, 0].set(first_B)
