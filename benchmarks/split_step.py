@@ -1,6 +1,8 @@
 """What splitting the sampled decode step costs: the server's two programs (`forward_fn`, then
 `choice_fn`, so that grammars' masks are computed while the forward runs) against the same
-step compiled as one program (`step_fn`, as `generate` runs it), in the same run.
+step compiled as one program (`step_fn`, as `generate` runs it), in the same run; and what
+the top-k and top-p searches cost when a row asks for them (they are skipped when none does,
+as with OpenAI's defaults).
 
 The engine at the config's shape (GPT-2 124M by default) on one CPU device, 8 slots, the
 widest attention span; rounds of `--calls` steps alternate, and each figure is the best
@@ -11,6 +13,7 @@ round's time per step.
 Prints a table and writes JSON to benchmarks/results/split_step.json.
 """
 
+import dataclasses
 import pathlib
 import sys
 import time
@@ -48,10 +51,17 @@ def main() -> None:
   def split(state):
     logits, state = forward(params, state)
     return choice(params, state, logits, allowed)
-  modes = {"one program (step_fn)": fused, "forward, then choice": split}
+
+  def top_p(state, value: float):  # row 0's top_p
+    rows = state.slots
+    sampling = dataclasses.replace(rows.sampling, top_p=rows.sampling.top_p.at[0].set(value))
+    return dataclasses.replace(state, slots=dataclasses.replace(rows, sampling=sampling))
+  modes = {"one program (step_fn)": fused, "forward, then choice": split,
+           "forward, then choice; a row with top_p 0.9": split}
   state, times = d.empty_state(), {m: [] for m in modes}
   for rnd in range(args.rounds + 1):  # the first round warms up
     for mode, step in modes.items():
+      state = top_p(state, 0.9 if "top_p" in mode else 1.0)
       start = time.perf_counter()
       for _ in range(args.calls):
         out, state = step(state)
@@ -67,7 +77,9 @@ def main() -> None:
     print(f"| {m} | {best[m] * 1e3:.2f} | {', '.join(f'{x * 1e3:.2f}' for x in t)} | "
           f"{best[m] / base:.3f}x |")
   write_json(args.out, {"benchmark": "split_step", "config": args.config, "span": span,
-                        "step_s": times, "ratio": best["forward, then choice"] / base})
+                        "step_s": times, "ratio": best["forward, then choice"] / base,
+                        "searches": best["forward, then choice; a row with top_p 0.9"]
+                        / best["forward, then choice"]})
 
 
 if __name__ == "__main__":

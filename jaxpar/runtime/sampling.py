@@ -231,21 +231,30 @@ def filter_logits(logits_BV: jax.Array, s: Sampling) -> jax.Array:
     min_p = column(s.min_p).astype(jnp.float32)
     floor_B1 = jnp.max(logits_BV, axis=-1, keepdims=True) + jnp.log(min_p)  # -inf at 0
     logits_BV = jnp.where(logits_BV >= floor_B1, logits_BV, low)
+  # Each search runs only when a row asks for it (per row: under a `lax.cond`, skipped
+  # when none does, as OpenAI's default top_p 1 asks nothing).
+  when = lambda asks, fn, x: lax.cond(jnp.any(asks), fn, lambda x: x, x) if per_row else fn(x)
   if per_row or s.top_k:
     top_k = column(s.top_k)[:, 0]
     top_k = jnp.where(top_k > 0, top_k, logits_BV.shape[-1])
-    keys_BV = _order_key(logits_BV)
-    kth_B = _search(lambda u: jnp.sum(keys_BV >= u[:, None], axis=-1) >= top_k,
-                    keys_BV[:, 0], largest=True)
-    logits_BV = jnp.where(keys_BV >= kth_B[:, None], logits_BV, low)
+
+    def by_top_k(logits_BV):
+      keys_BV = _order_key(logits_BV)
+      kth_B = _search(lambda u: jnp.sum(keys_BV >= u[:, None], axis=-1) >= top_k,
+                      keys_BV[:, 0], largest=True)
+      return jnp.where(keys_BV >= kth_B[:, None], logits_BV, low)
+    logits_BV = when(top_k < logits_BV.shape[-1], by_top_k, logits_BV)
   if per_row or s.top_p < 1:
     top_p = column(s.top_p)[:, 0]
-    keys_BV, probs_BV = _order_key(logits_BV), jax.nn.softmax(logits_BV, axis=-1)
-    # The smallest key whose strictly likelier tokens hold less than top_p of the mass.
-    above = lambda u: jnp.sum(jnp.where(keys_BV > u[:, None], probs_BV, 0.0), axis=-1)
-    cut_B = _search(lambda u: above(u) < top_p, keys_BV[:, 0], largest=False)
-    cut_B = jnp.where(top_p < 1, cut_B, jnp.uint32(0))
-    logits_BV = jnp.where(keys_BV >= cut_B[:, None], logits_BV, low)
+
+    def by_top_p(logits_BV):
+      keys_BV, probs_BV = _order_key(logits_BV), jax.nn.softmax(logits_BV, axis=-1)
+      # The smallest key whose strictly likelier tokens hold less than top_p of the mass.
+      above = lambda u: jnp.sum(jnp.where(keys_BV > u[:, None], probs_BV, 0.0), axis=-1)
+      cut_B = _search(lambda u: above(u) < top_p, keys_BV[:, 0], largest=False)
+      cut_B = jnp.where(top_p < 1, cut_B, jnp.uint32(0))
+      return jnp.where(keys_BV >= cut_B[:, None], logits_BV, low)
+    logits_BV = when(top_p < 1, by_top_p, logits_BV)
   return logits_BV
 
 
