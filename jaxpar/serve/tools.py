@@ -7,7 +7,9 @@ speaks, and the calls parsed out of what the model wrote.
                                 the whole reply; several joined by ";")
 
 The format is read from the template itself (a fine-tune keeps its base's markers), else from
-the model family. Text beside the calls stays the message's content.
+the model family. Text beside the calls stays the message's content. With `tool_choice`
+"required" or a named function the reply is constrained to calls in that same format
+(`constraint`: a Lark grammar for `jaxpar.serve.grammar`).
 """
 
 import dataclasses
