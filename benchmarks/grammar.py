@@ -2,10 +2,12 @@
 constrained to a JSON schema against 8 unconstrained ones, in the same run.
 
 The engine in this process at the config's shape (GPT-2 124M by default) on one CPU device
-(or the mesh `--set mesh.*` asks for, on as many emulated devices), 8 slots, with a byte-level BPE vocabulary of GPT-2's size trained here (no model hub;
+(or the mesh `--set mesh.*` asks for, on as many emulated devices), 8 slots, with a byte-level
+BPE vocabulary of GPT-2's size trained here (no model hub;
 `grammar_libraries.train_tokenizer`). Both modes sample (temperature 1) every token of every
-row with the sampled step; the constrained mode also reads each step's tokens before it
-queues the next, feeds them to the requests' matchers and sends their masks. A request's
+row; the constrained mode also feeds each step's tokens to the requests' matchers and sends
+their masks with the step's choice (computed while the step's forward runs; on a pipeline,
+which chooses inside its ring, before the step is queued). A request's
 step time is (its last token's time - its first's) / (tokens - 1); a round's figure is the
 median over its 8 requests, the modes alternate, and each mode's figure is its best round.
 Goal: constrained at most 5% slower.

@@ -4,8 +4,9 @@ The slot decoder's sampled step (`Decoder.step_fn(greedy=False)`) with and witho
 log-probabilities (`logprobs=True`: the chosen token's and the 20 likeliest, computed on the
 devices), at the config's shape on one device by default: `--slots` rows over a `--span`-slot
 cache, each row holding the server's table of logit biases (`--bias` entries; the step
-applies them and the penalties whatever the rows ask). Each round times a block of each, alternating; the figure is the best round of each
-(noise only slows a run) and their ratio. Goal: within 3%.
+applies them and the penalties whatever the rows ask). Each round times a block of each,
+alternating; the figure is the best round of each (noise only slows a run) and their ratio.
+Goal: within 3%.
 
   python benchmarks/logprobs.py [--config configs/gpt2.yaml] [--slots 8] [--span 256]
 

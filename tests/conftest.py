@@ -12,6 +12,7 @@ Results are checked against the same references at the same tolerances; the HLO
 inherit the flags.
 """
 
+import contextlib
 import os
 import pathlib
 
@@ -131,3 +132,42 @@ def write_hf_decoder(path: pathlib.Path, family: str, *, seed: int = 0, dtype=No
   kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
   model.save_pretrained(path, **kwargs)
   return path
+
+
+def byte_bpe(corpus: list[str], vocab_size: int, special: list[str]):
+  """A byte-level BPE (as GPT-2's, Llama 3's and Qwen's tokenizers) trained on `corpus`, with
+  `special` tokens first (ids 0, 1, ...): tokens span several characters, and any text
+  can be written."""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  tokenizer = Tokenizer(models.BPE())
+  tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tokenizer.decoder = decoders.ByteLevel()
+  tokenizer.train_from_iterator(corpus, trainers.BpeTrainer(
+      vocab_size=vocab_size, special_tokens=special,
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  return tokenizer
+
+
+@contextlib.contextmanager
+def serving(engine, limits, tokenizer, checkpoint):
+  """The OpenAI server over a started `engine` (with `checkpoint`'s chat template), on a free
+  port in a thread of this process: its base URL. Stops the server and the engine after."""
+  import threading
+  import time
+
+  import uvicorn
+
+  from jaxpar.serve import openai_api, server
+  app = server.make_app(engine, limits=limits, tokenizer=tokenizer,
+                        template=openai_api.ChatTemplate.load(str(checkpoint)), log=False)
+  uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+  thread = threading.Thread(target=uv.run, daemon=True)
+  thread.start()
+  while not uv.started:
+    time.sleep(0.05)
+  try:
+    yield f"http://127.0.0.1:{uv.servers[0].sockets[0].getsockname()[1]}"
+  finally:
+    uv.should_exit = True
+    thread.join(timeout=10)
+    engine.stop()

@@ -15,7 +15,6 @@ import math
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -28,8 +27,8 @@ from jaxpar import inspect, serve
 from jaxpar.config import MeshConfig
 from jaxpar.errors import UserError
 from jaxpar.mesh import make_mesh
-from jaxpar.serve import openai_api, server
-from tests.conftest import cli_env, write_hf_decoder
+from jaxpar.serve import openai_api
+from tests.conftest import cli_env, serving, write_hf_decoder
 
 WORDS = [f"w{i}" for i in range(247)] + ["<s>", "<|user|>", "<|assistant|>", "</s>"]
 TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} "
@@ -172,24 +171,13 @@ def engine_for(root, checkpoint, devices, *overrides, tokenizer=None):
 @pytest.fixture(scope="module")
 def live(root, checkpoint, devices):
   """(base URL, engine): the server on data=2 x model=4 in a thread of this process."""
-  import uvicorn
   from tokenizers import Tokenizer
   tokenizer = Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
   engine = engine_for(root, checkpoint, devices, "mesh.data=2", "mesh.model=4",
                       tokenizer=tokenizer).start()
   limits = openai_api.Limits(model="test-model", max_tokens=24, context=engine.length)
-  app = server.make_app(engine, limits=limits, tokenizer=tokenizer,
-                        template=openai_api.ChatTemplate.load(str(checkpoint)), log=False)
-  uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-  thread = threading.Thread(target=uv.run, daemon=True)
-  thread.start()
-  while not uv.started:
-    time.sleep(0.05)
-  port = uv.servers[0].sockets[0].getsockname()[1]
-  yield f"http://127.0.0.1:{port}", engine
-  uv.should_exit = True
-  thread.join(timeout=10)
-  engine.stop()
+  with serving(engine, limits, tokenizer, checkpoint) as url:
+    yield url, engine
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,6 @@ four ways), and the Python API on a pipeline.
 import concurrent.futures
 import json
 import re
-import threading
-import time
 
 import jsonschema
 import numpy as np
@@ -21,9 +19,10 @@ import pytest
 from jaxpar import config as config_lib
 from jaxpar import serve
 from jaxpar.mesh import make_mesh
-from jaxpar.serve import grammar, openai_api, server
-from tests.conftest import write_hf_decoder
+from jaxpar.serve import grammar, openai_api
+from tests.conftest import byte_bpe, serving, write_hf_decoder
 from tests.test_serve import hf_greedy, post
+from tests.test_tools import BOUNDED_TOOLS as TOOLS
 
 VOCAB = 401  # the model's; the tokenizer's is smaller (ids past it never allowed)
 SLOTS = 8
@@ -70,27 +69,12 @@ def schemas(count: int, seed: int = 0) -> list[dict]:
 
 
 SCHEMAS = schemas(50)
-TOOLS = [{"type": "function", "function": {"name": "weather", "parameters": {
-    "type": "object", "properties": {"city": {"type": "string", "maxLength": 6},
-                                     "days": {"type": "integer", "minimum": 1, "maximum": 9}},
-    "required": ["city", "days"], "additionalProperties": False}}},
-         {"type": "function", "function": {"name": "time", "parameters": {
-             "type": "object", "properties": {"zone": {"enum": ["utc", "cet"]}},
-             "required": ["zone"], "additionalProperties": False}}}]
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
   import transformers
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
   path = write_hf_decoder(tmp_path_factory.mktemp("structured"), "qwen2", vocab_size=VOCAB,
                           max_position_embeddings=256, eos_token_id=0)
-  tokenizer = Tokenizer(models.BPE())
-  tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tokenizer.decoder = decoders.ByteLevel()
-  tokenizer.train_from_iterator(CORPUS, trainers.BpeTrainer(
-      vocab_size=380, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  tokenizer = byte_bpe(CORPUS, 380, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
   fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer,
                                               eos_token="<|endoftext|>")
   fast.chat_template = TEMPLATE
@@ -111,21 +95,10 @@ def engine_for(root, checkpoint, devices, *sets):
 
 @pytest.fixture(scope="module")
 def live(root, checkpoint, devices):
-  import uvicorn
   engine, tokenizer = engine_for(root, checkpoint, devices, "mesh.data=2", "mesh.model=4")
-  engine.start()
   limits = openai_api.Limits(model="m", max_tokens=200, context=engine.length)
-  app = server.make_app(engine, limits=limits, tokenizer=tokenizer,
-                        template=openai_api.ChatTemplate.load(str(checkpoint)), log=False)
-  uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-  thread = threading.Thread(target=uv.run, daemon=True)
-  thread.start()
-  while not uv.started:
-    time.sleep(0.05)
-  yield f"http://127.0.0.1:{uv.servers[0].sockets[0].getsockname()[1]}", engine
-  uv.should_exit = True
-  thread.join(timeout=10)
-  engine.stop()
+  with serving(engine.start(), limits, tokenizer, checkpoint) as url:
+    yield url, engine
 
 
 @pytest.fixture(scope="module")
@@ -326,8 +299,7 @@ def test_mask_packing_matches_llguidance(checkpoint):
   tokenizer = Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
   grammars = grammar.Grammars(tokenizer, VOCAB, [0])
   matcher = grammars.matcher(grammars.compile("regex", "ab+", "guided_regex"))
-  row = grammar.open_mask(1, grammars.width)[0]
-  grammar.fill(matcher, row)
+  row = grammar.masks([matcher], grammar.words(VOCAB))[0]
   bits = np.unpackbits(row.view(np.uint8), bitorder="little")[:VOCAB]
   starts = {t for t in range(tokenizer.get_vocab_size())
             if re.fullmatch("ab*", tokenizer.decode([t])) and tokenizer.decode([t])}

@@ -7,6 +7,7 @@ import pytest
 
 from jaxpar.serve import openai_api, tools
 from jaxpar.serve.request import RequestError
+from tests.conftest import byte_bpe
 
 WEATHER = {"city": "Paris", "days": [1, 2], "units": {"metric": True}}
 REPLIES = {  # (format, a reply as the family's models write it, content beside the calls)
@@ -109,24 +110,19 @@ def test_what_cannot_be_honoured_is_refused_by_name(choice, param, message):
 def byte_tokenizer():
   """A byte-level BPE trained on a little JSON, with the markers of Mistral and Llama 3 as
   special tokens (Hermes' <tool_call> is text, as in Qwen's tokenizers)."""
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-  tokenizer = Tokenizer(models.BPE())
-  tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tokenizer.decoder = decoders.ByteLevel()
-  tokenizer.train_from_iterator([json.dumps(WEATHER), "<tool_call> </tool_call>"] * 20,
-                                trainers.BpeTrainer(
-      vocab_size=300, special_tokens=["<|endoftext|>", "[TOOL_CALLS]", "<|python_tag|>"],
-      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-  return tokenizer
+  return byte_bpe([json.dumps(WEATHER), "<tool_call> </tool_call>"] * 20, 300,
+                  ["<|endoftext|>", "[TOOL_CALLS]", "<|python_tag|>"])
 
 
-SCHEMAS = [{"type": "function", "function": {"name": "weather", "parameters": {
+# Tools whose calls a random model completes (bounded strings and numbers; test_structured's
+# live server too).
+BOUNDED_TOOLS = [{"type": "function", "function": {"name": "weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string", "maxLength": 5},
                                      "days": {"type": "integer", "minimum": 1, "maximum": 9}},
     "required": ["city", "days"], "additionalProperties": False}}},
-           {"type": "function", "function": {"name": "time", "parameters": {
-               "type": "object", "properties": {"zone": {"enum": ["utc", "cet"]}},
-               "required": ["zone"], "additionalProperties": False}}}]
+                 {"type": "function", "function": {"name": "time", "parameters": {
+                     "type": "object", "properties": {"zone": {"enum": ["utc", "cet"]}},
+                     "required": ["zone"], "additionalProperties": False}}}]
 
 
 @pytest.mark.parametrize("fmt", tools.FORMATS)
@@ -143,12 +139,12 @@ def test_constrained_calls_parse_in_each_format(fmt):
   vocab = tokenizer.get_vocab_size()
   ll = llguidance.LLTokenizer(tokenizer.to_str(), n_vocab=vocab, eos_token=0)
   special = {t.content: i for i, t in tokenizer.get_added_tokens_decoder().items()}
-  schemas = {t["function"]["name"]: t["function"]["parameters"] for t in SCHEMAS}
+  schemas = {t["function"]["name"]: t["function"]["parameters"] for t in BOUNDED_TOOLS}
   rng = np.random.default_rng(0)
   for forced in ("required", "time"):
     for _ in range(5):
       matcher = llguidance.LLMatcher(ll, llguidance.LLMatcher.grammar_from_lark(
-          tools.constraint(SCHEMAS, fmt, forced, special)))
+          tools.constraint(BOUNDED_TOOLS, fmt, forced, special)))
       assert not matcher.is_error(), matcher.get_error()
       mask, ids = allocate_token_bitmask(1, vocab), []
       while not matcher.is_stopped():

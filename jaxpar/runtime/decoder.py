@@ -43,13 +43,13 @@ server runs as two programs (computing grammars' masks between them).
 permute anything themselves. With `logprobs=True` each token comes with its
 `sampling.LogProbs`, computed by `choose` on the last stage.) Group g enters stage 0 at tick g
 and leaves the last stage at tick g + S - 1: in its own round for g = 0, in the next round
-for the others (`late`), whose `out` is the token of their previous entry. That token reaches stage 0 through `ring` exactly
-when the group's next step starts, so no stage waits (G = S). A prefill gives its rows a new
-request: their entry still in flight (`prev`) writes to the trash slot from then on (`keep`),
-and their first token enters from `cur.tokens` (`fresh`), not from the ring. Rows that hold
-no request compute too (the host ignores their tokens). The step attends over the first
-`span` slots of each row only (the least span that holds every running row, so short
-requests do not stream a long cache).
+for the others (`late`), whose `out` is the token of their previous entry. That token
+reaches stage 0 through `ring` exactly when the group's next step starts, so no stage waits
+(G = S). A prefill gives its rows a new request: their entry still in flight (`prev`) writes
+to the trash slot from then on (`keep`), and their first token enters from `cur.tokens`
+(`fresh`), not from the ring. Rows that hold no request compute too (the host ignores their
+tokens). The step attends over the first `span` slots of each row only (the least span that
+holds every running row, so short requests do not stream a long cache).
 """
 
 import dataclasses
@@ -77,7 +77,7 @@ from jaxpar.runtime.slots import (Ring, State, advance, as_rows, base_keys, blan
 @dataclasses.dataclass
 class Decoder:
   """`slots` rows of `length` positions for a `Generator`'s model, on its mesh; each row's
-  sampling settings per row hold `bias` entries of `sampling.Bias` (0: none)."""
+  sampling settings hold `bias` entries of `sampling.Bias` (0: none)."""
   generator: object  # jaxpar.runtime.generate.Generator
   slots: int
   length: int

@@ -180,20 +180,13 @@ def add_at(x_BV: jax.Array, ids_BK: jax.Array, values_BK: jax.Array) -> jax.Arra
   """x with values_BK[b, k] added at x[b, ids_BK[b, k]] (ids outside [0, V) dropped). With
   the vocabulary split, each device adds what falls in its own columns (a scatter whose
   operand is split makes XLA's partitioner gather the indices)."""
-  rows, split = _vocab_axes()
-
-  def local(x, ids, values):
+  def local(x, first, ids, values):
     W = x.shape[-1]
-    if split:
-      ids = ids - lax.axis_index(split) * W
+    ids = ids - first
     ids = jnp.where((ids >= 0) & (ids < W), ids, W)  # W: dropped
     rows_B1 = jnp.arange(x.shape[0], dtype=jnp.int32)[:, None]
     return x.at[rows_B1, ids].add(values.astype(x.dtype), mode="drop")
-  if not (rows or split):
-    return local(x_BV, ids_BK, values_BK)
-  row, both = P(rows or None), P(rows or None, split or None)
-  return jax.shard_map(local, in_specs=(both, row, row), out_specs=both,
-                       axis_names=set(rows) | set(split))(x_BV, ids_BK, values_BK)
+  return _own_columns(local, x_BV, ids_BK, values_BK)
 
 
 def allow(logits_BV: jax.Array, allowed_BW: jax.Array) -> jax.Array:
@@ -201,19 +194,26 @@ def allow(logits_BV: jax.Array, allowed_BW: jax.Array) -> jax.Array:
   allowed when bit t % 32 of the row's word t // 32 is set (columns past 32 W, the padding,
   are already at the minimum). With the vocabulary split, each device unpacks the words of
   its own columns from the whole mask (a row's mask is V / 8 bytes)."""
-  rows, split = _vocab_axes()
-  low = jnp.finfo(jnp.float32).min
-
-  def local(x, words):
-    W = x.shape[-1]
-    column = jnp.arange(W, dtype=jnp.int32) + (lax.axis_index(split) * W if split else 0)
+  def local(x, first, words):
+    column = jnp.arange(x.shape[-1], dtype=jnp.int32) + first
     word = jnp.take(words, column // 32, axis=1, mode="fill", fill_value=-1)
-    return jnp.where((word >> (column % 32)) & 1 == 1, x, low)
+    return jnp.where((word >> (column % 32)) & 1 == 1, x, jnp.finfo(jnp.float32).min)
+  return _own_columns(local, logits_BV, allowed_BW)
+
+
+def _own_columns(local, x_BV: jax.Array, *per_row: jax.Array) -> jax.Array:
+  """`local(x, first, *per_row)` on each device's rows of x [B, V] and its own columns of
+  the vocabulary (`first`: the first one's index), with `per_row` [B, ...] whole per row:
+  by hand (a nested `shard_map`), under the active rules and mesh."""
+  rows, split = _vocab_axes()
+
+  def run(x, *args):
+    return local(x, lax.axis_index(split) * x.shape[-1] if split else 0, *args)
   if not (rows or split):
-    return local(logits_BV, allowed_BW)
+    return run(x_BV, *per_row)
   row, both = P(rows or None), P(rows or None, split or None)
-  return jax.shard_map(local, in_specs=(both, row), out_specs=both,
-                       axis_names=set(rows) | set(split))(logits_BV, allowed_BW)
+  return jax.shard_map(run, in_specs=(both, *[row] * len(per_row)), out_specs=both,
+                       axis_names=set(rows) | set(split))(x_BV, *per_row)
 
 
 def filter_logits(logits_BV: jax.Array, s: Sampling) -> jax.Array:

@@ -94,7 +94,6 @@ class Grammars:
     eos = list(eos_ids) or [vocab_size - 1]  # no EOS: a finished grammar ends the request
     self._tokenizer = llguidance.LLTokenizer(tokenizer.to_str(), n_vocab=vocab_size,
                                              eos_token=eos if len(eos) > 1 else eos[0])
-    self.width = -(-vocab_size // 32)
 
   def compile(self, kind: str, value, param: str) -> str:
     """The grammar of a format, checked against the tokenizer: RequestError naming `param`
@@ -113,12 +112,15 @@ class Grammars:
     return llguidance.LLMatcher(self._tokenizer, grammar)
 
 
+def words(vocab_size: int) -> int:
+  """The int32 words of a row's mask: 32 tokens each."""
+  return -(-vocab_size // 32)
 
-def fill(matcher, out_W: np.ndarray) -> None:
-  """The tokens `matcher` allows next, into a mask row [W] int32 (contiguous)."""
-  matcher.unsafe_compute_mask_ptr(out_W.ctypes.data, out_W.nbytes)
 
-
-def open_mask(rows: int, width: int) -> np.ndarray:
-  """A mask [rows, width] that allows every token."""
-  return np.full((rows, width), ALL, np.int32)
+def masks(matchers, width: int) -> np.ndarray:
+  """[len(matchers), width]: the tokens each matcher allows next (None: every token)."""
+  out = np.full((len(matchers), width), ALL, np.int32)
+  for row, matcher in zip(out, matchers):
+    if matcher is not None:
+      matcher.unsafe_compute_mask_ptr(row.ctypes.data, row.nbytes)
+  return out

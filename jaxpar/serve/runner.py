@@ -103,9 +103,7 @@ def settings(stream: Stream, eos_ids, entries: int, width: int) -> tuple[np.uint
   ids, values, until = zip(*bias)
   table = Bias(np.asarray(ids, np.int32), np.asarray(values, np.float32),
                np.asarray(until, np.int32))
-  allowed = grammar.open_mask(1, width)[0]
-  if stream.matcher is not None:
-    grammar.fill(stream.matcher, allowed)
+  allowed = grammar.masks([stream.matcher], width)[0]
   return seed, Sampling(np.float32(p.temperature), np.int32(p.top_k), np.float32(p.top_p),
                         np.float32(p.min_p), np.float32(p.presence_penalty),
                         np.float32(p.frequency_penalty), np.float32(p.repetition_penalty),
@@ -159,10 +157,10 @@ class Runner:
     self.buckets, self.spans = tuple(buckets), tuple(spans)
     self.prefix_reuse = not decoder.pipelined  # a pipeline prefills whole prompts
     self._late = decoder.late()
-    self.width = -(-self.generator.config.model.vocab_size // 32)  # a grammar's mask, packed
+    self.width = grammar.words(self.generator.config.model.vocab_size)  # a row's mask
     self.compiled = self._compile(progress)
     sampled = self.compiled.get("choose") or self.compiled["decode", False, self.spans[0]]
-    self._open = jax.device_put(grammar.open_mask(self.slots, self.width),
+    self._open = jax.device_put(grammar.masks([None] * self.slots, self.width),
                                 sampled.input_shardings[0][-1])
     # The host's copy of the rows' positions (which span) and whether their request needs
     # the sampled step.
@@ -215,20 +213,13 @@ class Runner:
     if self._choice is None:
       return
     (program, owners), self._choice = self._choice, None
-    masked = any(s is not None and s.matcher is not None for s in running)
-    allowed = self._masks(running) if masked else self._open
+    matchers = [None if s is None else s.matcher for s in running]
+    masked = any(m is not None for m in matchers)
+    allowed = grammar.masks(matchers, self.width) if masked else self._open
     args = (self._state, allowed) if self._logits is None else (self._state, self._logits,
                                                                 allowed)
     next_B, self._state = program(self.generator.params, *args)
     self._logits, self._queued = None, [(next_B, owners)]
-
-  def _masks(self, running: Sequence[Stream | None]) -> np.ndarray:
-    """[slots, W]: the tokens each running row's grammar allows next (others: all)."""
-    out = grammar.open_mask(self.slots, self.width)
-    for b, stream in enumerate(running):
-      if stream is not None and stream.matcher is not None:
-        grammar.fill(stream.matcher, out[b])
-    return out
 
   def _read(self, running: Sequence[Stream | None]) -> list[Event]:
     """The tokens of the prefills and the step queued (waiting for them), as events; each

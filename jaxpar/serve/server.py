@@ -95,6 +95,9 @@ class _Completions:
     self.engine, self.limits, self.log = engine, limits, log
     self.tokenizer, self.template = tokenizer, template
     self.family = engine.runner.generator.config.model.family
+    # The tokenizer's special tokens (text -> id): a constrained call writes its markers so.
+    self.special = {t.content: i for i, t in tokenizer.get_added_tokens_decoder().items()
+                    if t.special} if tokenizer is not None else {}
 
   def raw_text(self, token_ids: list[int]) -> str:
     """A reply's text with its special tokens (tool-call markers), EOS left out."""
@@ -127,9 +130,7 @@ class _Completions:
                forced: str | None) -> str | None:
     """The grammar the reply must match: `response_format` or vLLM's options, or the calls
     `tool_choice` forces, in the model's format (`grammar.requested`, `tools.constraint`)."""
-    special = {t.content: i for i, t in self.tokenizer.get_added_tokens_decoder().items()
-               if t.special} if forced is not None and self.tokenizer is not None else {}
-    calls = tools.constraint(listed, tool_format, forced, special)
+    calls = tools.constraint(listed, tool_format, forced, self.special)
     asked = grammar.requested(body, calls)
     return None if asked is None else self.engine.grammar(*asked)
 
