@@ -26,6 +26,16 @@ saturated and the ratios compare capacities; `--rate 16 --requests 48` is the li
 continuous batching with prefix reuse on and off (`serve.prefix_reuse`) instead of the static
 and transformers rows.
 
+`--alone N` sends N requests one at a time (each when the one before has ended, prompts of
+the default load, `--alone-tokens` (128) output tokens each) to a server of `--slots` slots,
+and runs `scripts/run.py generate` at batch 1 on the first prompt with the same checkpoint:
+what one user sees against the library's decode speed (`decode_tokens_per_s`). With
+`--baseline DIR` (another checkout, e.g. `git worktree add /tmp/before HEAD~1`) every
+jaxpar row runs there too, the two trees alternating for `--rounds` rounds; the table shows
+each round.
+
+  python benchmarks/serve.py --alone 4 --baseline /tmp/before --rounds 2
+
 Prints a table (output tokens/s, time to first token and time per output token, p50 and p99)
 and writes JSON and a PNG to benchmarks/results/serve.{json,png}. Goals: continuous batching
 >= 2x the throughput of static batching and >= 5x transformers sequential; p99 time to first
@@ -125,10 +135,10 @@ async def _client_run(url: str, arrivals, prompts, outputs) -> list[dict]:
   return await asyncio.gather(*(one(*r) for r in zip(arrivals, prompts, outputs)))
 
 
-def run_jaxpar(checkpoint, policy: str, args, work, *overrides) -> list[dict]:
-  """The server as its own process (`scripts/run.py serve`, as a user starts it: the load
-  generator does not share its interpreter), on one CPU device."""
-  command = [sys.executable, str(ROOT / "scripts" / "run.py"), "serve", "--config",
+def run_jaxpar(checkpoint, policy: str, args, work, *overrides, tree=ROOT) -> list[dict]:
+  """The server of the checkout `tree` as its own process (`scripts/run.py serve`, as a user
+  starts it: the load generator does not share its interpreter), on one CPU device."""
+  command = [sys.executable, str(tree / "scripts" / "run.py"), "serve", "--config",
              str(ROOT / "configs" / "tiny.yaml"), "--port", "0", "--devices", "1"]
   for override in (f"model.checkpoint={checkpoint}", "mesh.data=1", "mesh.cpu_devices=1",
                    f"serve.max_slots={args.slots}", f"serve.max_len={args.max_len}",
@@ -149,6 +159,13 @@ def run_jaxpar(checkpoint, policy: str, args, work, *overrides) -> list[dict]:
   drain.start()  # the server's per-request lines must not fill the pipe
   try:
     asyncio.run(_client_run(url, work[0][:2], work[1][:2], [2, 2]))  # warm the HTTP path
+    if args.alone:  # one at a time, their times laid end to end
+      rows, offset = [], 0.0
+      for prompt, new in zip(*work[1:]):
+        (r,) = asyncio.run(_client_run(url, [0.0], [prompt], [new]))
+        rows.append(dict(r, arrival=offset + r["arrival"], done=offset + r["done"]))
+        offset = rows[-1]["done"]
+      return rows
     return asyncio.run(_client_run(url, *work))
   finally:
     server.send_signal(signal.SIGTERM)
@@ -192,6 +209,19 @@ def run_transformers(checkpoint, work) -> list[dict]:
   return out
 
 
+def run_generate(checkpoint, args, prompt: list[int], tree=ROOT) -> dict:
+  """`scripts/run.py generate --json` at batch 1 on one CPU device: its JSON."""
+  command = [sys.executable, str(tree / "scripts" / "run.py"), "generate", "--config",
+             str(ROOT / "configs" / "tiny.yaml"), "--devices", "1", "--json",
+             "--prompt-ids", ",".join(map(str, prompt)),
+             "--max-new-tokens", str(args.alone_tokens)]
+  for override in (f"model.checkpoint={checkpoint}", "mesh.data=1", "mesh.model=1",
+                   "mesh.cpu_devices=1", "generate.eos_id=-1"):
+    command += ["--set", override]
+  out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+  return json.loads(out.strip().splitlines()[-1])
+
+
 def summary(rows: list[dict]) -> dict:
   ttft, tpot = [r["ttft"] for r in rows], [r["tpot"] for r in rows]
   span = max(r["done"] for r in rows) - min(r["arrival"] for r in rows)
@@ -231,41 +261,70 @@ def main() -> None:
                  help="tokens of a system prompt every prompt starts with; compares "
                       "continuous batching with prefix reuse on and off (serve.prefix_reuse)")
   p.add_argument("--max-len", type=int, default=256, help="serve.max_len")
+  p.add_argument("--alone", type=int, default=0,
+                 help="N requests one at a time, against generate at batch 1")
+  p.add_argument("--alone-tokens", type=int, default=128, help="output tokens with --alone")
+  p.add_argument("--baseline", type=pathlib.Path,
+                 help="another checkout: its server (and generate) in the same run")
+  p.add_argument("--rounds", type=int, default=1, help="alternating rounds with --baseline")
   p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve.json"))
   p.add_argument("--plot", default=str(ROOT / "benchmarks" / "results" / "serve.png"))
   args = p.parse_args()
   emulate_cpu_devices(1)
   from benchmarks.common import write_json
-  work = workload(args.requests, args.rate, args.seed, 8192, args.shared_prefix)
-  print(f"{args.requests} requests, Poisson arrivals at {args.rate:g}/s, prompts "
-        f"{min(map(len, work[1]))}-{max(map(len, work[1]))} tokens, outputs {min(work[2])}-"
-        f"{max(work[2])} (median {int(np.median(work[2]))}), {sum(work[2])} output tokens")
+  work = workload(args.alone or args.requests, args.rate, args.seed, 8192, args.shared_prefix)
+  if args.alone:
+    work = (work[0], work[1], [args.alone_tokens] * args.alone)
+    print(f"{args.alone} requests one at a time, prompts {min(map(len, work[1]))}-"
+          f"{max(map(len, work[1]))} tokens, {args.alone_tokens} output tokens each")
+  else:
+    print(f"{args.requests} requests, Poisson arrivals at {args.rate:g}/s, prompts "
+          f"{min(map(len, work[1]))}-{max(map(len, work[1]))} tokens, outputs {min(work[2])}-"
+          f"{max(work[2])} (median {int(np.median(work[2]))}), {sum(work[2])} output tokens")
   results = {}
   with tempfile.TemporaryDirectory() as tmp:
     write_checkpoint(tmp, args)
-    runs = [("continuous", lambda: run_jaxpar(tmp, "continuous", args, work))]
-    if args.shared_prefix:  # what reusing the cached system prompt buys
-      runs.append(("no prefix reuse", lambda: run_jaxpar(tmp, "continuous", args, work,
-                                                         "serve.prefix_reuse=false")))
-    else:
+    trees = [("", ROOT)] + ([("before: ", args.baseline)] if args.baseline else [])
+    runs = []
+    for r in range(args.rounds):
+      suffix = f" #{r + 1}" if args.rounds > 1 else ""
+      for label, tree in trees:
+        runs.append((f"{label}continuous{suffix}", lambda tree=tree: run_jaxpar(
+            tmp, "continuous", args, work, tree=tree)))
+        if args.alone:
+          runs.append((f"{label}generate, batch 1{suffix}", lambda tree=tree: run_generate(
+              tmp, args, work[1][0], tree=tree)))
+        elif args.shared_prefix:  # what reusing the cached system prompt buys
+          runs.append((f"{label}no prefix reuse{suffix}", lambda tree=tree: run_jaxpar(
+              tmp, "continuous", args, work, "serve.prefix_reuse=false", tree=tree)))
+    if not (args.alone or args.shared_prefix or args.baseline):
       runs += [("static", lambda: run_jaxpar(tmp, "static", args, work)),
                ("transformers", lambda: run_transformers(tmp, work))]
     for name, run in runs:
       print(f"running {name}...", flush=True)
       rows = run()
-      results[name] = {"summary": summary(rows), "requests": rows}
-  base = results["continuous"]["summary"]
-  print(f"\n| {'':15} | tokens/s | vs | TTFT p50 | TTFT p99 | TPOT p50 | TPOT p99 |")
+      if isinstance(rows, dict):  # generate's JSON
+        speed = rows["decode_tokens_per_s"]
+        results[name] = {"summary": {"tokens_per_s": speed, "tpot_p50_s": 1 / speed},
+                         "generate": rows}
+      else:
+        results[name] = {"summary": summary(rows), "requests": rows}
+  base = results[runs[0][0]]["summary"]
+  ms = lambda v: "-" if v is None else f"{v * 1e3:6.1f}ms"
+  sec = lambda v: "-" if v is None else f"{v:7.3f}s"
+  print(f"\n| {'':22} | tokens/s | vs | TTFT p50 | TTFT p99 | TPOT p50 | TPOT p99 |")
   print("|---|---|---|---|---|---|---|")
   for name, r in results.items():
     s = r["summary"]
     ratio = base["tokens_per_s"] / s["tokens_per_s"]
-    print(f"| {name:15} | {s['tokens_per_s']:8.1f} | {ratio:4.2f}x | {s['ttft_p50_s']:7.3f}s | "
-          f"{s['ttft_p99_s']:7.3f}s | {s['tpot_p50_s'] * 1e3:6.1f}ms | "
-          f"{s['tpot_p99_s'] * 1e3:6.1f}ms |")
-  print("(vs: continuous batching's throughput over this row's)")
-  write_json(args.out, {"args": vars(args), "results": results})
-  plot(results, args.plot)
+    print(f"| {name:22} | {s['tokens_per_s']:8.1f} | {ratio:4.2f}x | "
+          f"{sec(s.get('ttft_p50_s'))} | {sec(s.get('ttft_p99_s'))} | "
+          f"{ms(s['tpot_p50_s'])} | {ms(s.get('tpot_p99_s'))} |")
+  print(f"(vs: {runs[0][0]}'s throughput over this row's"
+        f"{'; generate: its decode tokens/s' if args.alone else ''})")
+  write_json(args.out, {"args": {**vars(args), "baseline": str(args.baseline)},
+                        "results": results})
+  plot({n: r for n, r in results.items() if "requests" in r}, args.plot)
   print(f"wrote {args.plot}")
 
 

@@ -176,3 +176,15 @@ def constrain(x: jax.Array, names: tuple) -> jax.Array:
   spec = active_rules().check(x.shape, names, auto, what="an activation",
                               keys=getattr(_ACTIVE, "keys", {}))
   return jax.lax.with_sharding_constraint(x, spec)
+
+
+def by_hand(fn, name: str, *args) -> Any:
+  """`fn(*args)` on each device's share of `args`, every leaf split on its first dim over
+  the mesh axes of logical `name` (a shard_map over those axes only: the others stay
+  automatic, so GSPMD still splits what `fn` computes over them). For indices that address
+  a device's own part of an array (the cache rows of its batch), which GSPMD cannot know."""
+  mesh_axes = active_rules().mesh_axes(name)
+  split = P(mesh_axes)
+  mapped = jax.shard_map(fn, in_specs=(split,) * len(args), out_specs=split,
+                         axis_names=set(mesh_axes))
+  return mapped(*args)

@@ -336,3 +336,42 @@ def test_a_prompt_prefilled_over_a_step_in_flight_keeps_its_row(gen_config, devi
 def decoder_spec(gen, length: int) -> dict:
   from jaxpar.runtime.slots import cache_spec
   return cache_spec(gen, 1, length)
+
+
+@pytest.mark.parametrize("data,model,rows", [(1, 1, (1, 4)), (2, 4, (1, 2))])
+def test_a_step_of_the_first_rows_equals_the_step_of_every_row(gen_config, devices, data,
+                                                               model, rows):
+  """The serving step over the first A rows of each data group (`forward_fn(rows=A)`): those
+  rows' tokens and caches equal a step of every row's, the other rows' caches stay as they
+  were (zero), on one device and on data=2 x model=4."""
+  from jaxpar.runtime.decoder import Decoder
+  gen = build(gen_config, devices, data, 1, model)
+  decoder, length = Decoder(gen, 8, 16), 16
+  prefill, greedy = decoder.prefill(1, 8), sampling.Sampling().rows(1)
+  full = decoder.jit(decoder.step_fn(greedy=True, span=length))
+  per = 8 // data
+  for A in rows:
+    part = decoder.jit(decoder.step_fn(greedy=True, span=length, rows=A))
+    active = [g * per + a for g in range(data) for a in range(A)]
+    runs = []
+    for step in (full, part):
+      with jax.set_mesh(gen.mesh):
+        state, out = decoder.empty_state(), []
+        for i, row in enumerate(active):
+          padded = np.zeros((1, 8), np.int32)
+          padded[0, :3] = [3 + i, 5, 7]
+          _, state = prefill(gen.params, state, padded, np.int32(0), np.array([3]),
+                             np.int32(0), np.int32(row), greedy, np.zeros(1, np.uint32),
+                             np.full(1, -1, np.int32))
+        for _ in range(4):
+          tokens, state = step(gen.params, state)
+          out.append(np.asarray(tokens))
+      runs.append((np.array(out), jax.tree.map(np.asarray, state.caches)))
+    (every, every_caches), (mine, my_caches) = runs
+    np.testing.assert_array_equal(mine, every[:, active])
+    rows_of = lambda a, which: np.take(a, which, axis=int(decoder.scan))
+    idle = [b for b in range(8) if b not in active]
+    for a, b in zip(jax.tree.leaves(every_caches), jax.tree.leaves(my_caches)):
+      # (float32 products of 1 row and of 8 sum in different orders)
+      np.testing.assert_allclose(rows_of(b, active), rows_of(a, active), rtol=1e-5, atol=1e-5)
+      assert not rows_of(b, idle).any()

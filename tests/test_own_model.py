@@ -41,7 +41,7 @@ class Block(nnx.Module):
     heads = lambda w, name: constrain(base.project(x_BTD, w[...]).reshape(B, T, self.n_heads, -1),
                                       (BATCH, SEQ, name, HEAD_DIM))
     k, v, cache = base.write_cache(cache, heads(self.w_k, KV_HEADS), heads(self.w_v, KV_HEADS),
-                                   step.index)
+                                   step)
     attn_BTK = base.attend(heads(self.w_q, HEADS), k, v, step)
     x_BTD = x_BTD + 0.5 * base.residual(base.project(attn_BTK, self.w_o[...]))
     h_BTF = constrain(jax.nn.relu(base.project(x_BTD, self.w_in[...])), (BATCH, SEQ, MLP))

@@ -114,9 +114,9 @@ def _int8_attention_near_float():
   cache = {"k": jnp.zeros((2, 4, 16, 40), jnp.int8), "v": jnp.zeros((2, 4, 40, 16), jnp.int8),
            "k_scale": jnp.zeros((2, 4, 40), jnp.float16),
            "v_scale": jnp.zeros((2, 4, 40), jnp.float16)}
-  keys, values, new = base.write_cache(cache, k_BTKH, v_BTKH, 0)
+  keys, values, new = base.write_cache(cache, k_BTKH, v_BTKH, step)
   got = base.attend(q_BTNH, keys, values, step)
-  want = base.attend(q_BTNH, *base.write_cache(None, k_BTKH, v_BTKH, 0)[:2], step)
+  want = base.attend(q_BTNH, *base.write_cache(None, k_BTKH, v_BTKH, step)[:2], step)
   assert new["k"].dtype == jnp.int8 and new["k_scale"].dtype == jnp.float16
   assert 0 < np.abs(got - want).max() <= 0.02 * np.abs(want).max()
 

@@ -16,9 +16,9 @@ BUCKETS = (4, 8, 16, 32)
 
 
 def scheduler(slots=3, *, length=32, buckets=BUCKETS, max_queue=8, policy="continuous",
-              prefix_reuse=True) -> Scheduler:
+              prefix_reuse=True, group_rows=None) -> Scheduler:
   return Scheduler(slots, length, buckets=buckets, max_queue=max_queue, policy=policy,
-                   prefix_reuse=prefix_reuse)
+                   prefix_reuse=prefix_reuse, group_rows=group_rows)
 
 
 def submit(sched: Scheduler, *prompts: list[int]):
@@ -88,12 +88,13 @@ def test_placement_starts_from_the_longest_cached_prefix():
   # prompt[:-1] = [1, 2, 3, 4, 7]: row 0 holds 4 of it, row 1 holds 2. Two tokens left to
   # compute fit the bucket of 4; row 0 is free, so the prompt goes there.
   assert place(sched, [1, 2, 3, 4, 7, 8], [0, 1, 2]) == (4, 4, 0, 0)
-  # Row 0 busy: copy from it into the free row holding the shortest prefix (row 2, empty).
-  assert place(sched, [1, 2, 3, 4, 7, 8], [1, 2]) == (4, 4, 0, 2)
+  # Row 0 busy: copy from it into the free row of the lowest level (row 1, level 1; row 2,
+  # though empty, is level 2 and would widen the steps to 4 rows).
+  assert place(sched, [1, 2, 3, 4, 7, 8], [1, 2]) == (4, 4, 0, 1)
   # A prompt that row 0 holds whole: its last token is still computed.
   assert place(sched, [1, 2, 3], [0, 1, 2]) == (2, 4, 0, 0)
-  # Nothing in common: from 0 into the shortest-prefix free row; 9 tokens take bucket 16.
-  assert place(sched, [7] * 9, [0, 1]) == (0, 16, 1, 1)
+  # Nothing in common: into row 0 (level 0), its prefix lost; 9 tokens take bucket 16.
+  assert place(sched, [7] * 9, [0, 1]) == (0, 16, 0, 0)
 
 
 def test_placement_keeps_the_padded_chunk_inside_the_row():
@@ -106,10 +107,28 @@ def test_placement_keeps_the_padded_chunk_inside_the_row():
 
 
 def test_without_prefix_reuse_every_prompt_is_computed_whole():
-  sched = scheduler(3, prefix_reuse=False)
-  sched.cached = [[1, 2, 3, 4, 5], [1, 2, 9], []]
+  """Row 3 runs a request, so the steps are 4 rows wide (level 2) and rows 0-2 cost the
+  same: the free row holding the shortest prefix is taken (the least lost)."""
+  sched = scheduler(4, prefix_reuse=False)
+  sched.cached = [[1, 2, 3, 4, 5], [1, 2, 9], [], [4]]
+  sched.running[3] = sched.submit([4], Params())
   assert place(sched, [1, 2, 3, 4, 7, 8], [0, 1, 2]) == (0, 8, 2, 2)
   assert place(sched, [1, 2, 3, 4, 7, 8], [0, 1]) == (0, 8, 1, 1)
+
+
+def test_requests_fill_each_groups_first_rows():
+  """8 rows in 2 groups of 4 (a runner's data groups): the first request of each group takes
+  its row 0, the next ones rows 1, then 2-3, so a few requests are stepped alone."""
+  sched = scheduler(8, prefix_reuse=False, group_rows=4)
+  streams = submit(sched, *[[i] for i in range(6)])
+  placements, _ = sched.admit()
+  # (rows 2, 3, 6 and 7 share level 2: the lowest of them first)
+  assert rows(placements) == [(0, 0), (1, 4), (2, 1), (3, 5), (4, 2), (5, 3)]
+  for s in streams[1:]:
+    sched.release(s)
+  sched.cached[1] = []  # shorter than row 4's prefix, but row 4's level (0) wins
+  later = submit(sched, [9])
+  assert rows(sched.admit()[0]) == [(later[0].id, 4)]
 
 
 def test_admission_places_one_after_the_other():
@@ -176,6 +195,7 @@ class FakeRunner:
     model = type("Model", (), {"vocab_size": 250})
     self.generator = type("Generator", (), {"config": type("Config", (), {"model": model})})
     self.slots, self.length, self.buckets, self.compiled = slots, 32, (8, 16, 32), {}
+    self.group_rows = slots
     self.calls, self.fail_step = [], fail_step  # the step call that raises (1: the first)
 
   def step(self, running):

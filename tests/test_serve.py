@@ -757,8 +757,10 @@ def test_pipelined_engine(root, checkpoint, devices, hf, live, data, stage, mode
     for params in (serve.Params(max_tokens=5, logprobs=4, echo=True),
                    dataclasses.replace(sampled, logprobs=2)):
       engine_logprobs(hf[0], engine.generate([PROMPTS[2]], params)[0])
+    every = SLOTS // engine.runner.decoder.data_ways
+    assert engine.runner.rows == (every,)  # a pipeline steps every row
     for span in engine.runner.spans:
-      program = engine.runner.compiled["decode", True, span]
+      program = engine.runner.compiled["decode", True, span, every]
       census = inspect.hlo_census(program.as_text()).counts()
       assert census["collective-permute"]["count"] >= 1  # activations and tokens move on
       assert census.get("all-gather", {"bytes": 0})["bytes"] <= 64  # no cache is gathered
@@ -774,13 +776,19 @@ def test_decode_step_collectives(live):
   sampled step's forward gives the logits split as they are; its choice gathers tokens and
   log-probability candidates only (penalties, biases and grammar masks gather nothing)."""
   engine = live[1]
-  layers = engine.generator.config.model.n_layers
-  assert len(engine.runner.spans) > 1
-  for span in engine.runner.spans:
-    program = engine.runner.compiled["decode", True, span]
+  layers, runner = engine.generator.config.model.n_layers, engine.runner
+  assert len(runner.spans) > 1 and runner.rows == (1, 2)  # active rows of 2 per group
+  steps = [(span, A) for span in runner.spans for A in runner.rows]
+  # A device's smallest cache leaf: the steps write into the caches in place, never copy one
+  # (reshaped caches of a step of fewer rows were copied whole, 27x slower at 2048 positions).
+  import jax
+  leaf = min(a.addressable_shards[0].data.size for a in jax.tree.leaves(runner._state.caches))
+  for span, A in steps:
+    program = runner.compiled["decode", True, span, A]
     census = inspect.hlo_census(program.as_text()).counts()
     assert census["all-reduce"]["count"] == 2 * layers + 1 + 2
     assert set(census) == {"all-reduce"}
+    assert max(map(math.prod, copied_shapes(program.as_text())), default=0) < leaf
   # The sampled programs (log-probabilities too) gather the tokens and each shard's
   # TOP_LOGPROBS candidates, never a row of logits (V / 4 = 63 columns) or a cache.
   from jaxpar.runtime.sampling import TOP_LOGPROBS
@@ -790,16 +798,24 @@ def test_decode_step_collectives(live):
   from jaxpar.runtime.slots import PROMPT_CHUNK
   # The decode step's bound as before; a prefill's: a chunk's positions, each candidate's
   # value and id.
-  sampled = [(engine.runner.compiled["prefill", b], min(b, PROMPT_CHUNK) * 2)
-             for b in engine.runner.buckets] + [(engine.runner.compiled["choose"], SLOTS)]
-  for span in engine.runner.spans:  # the sampled step's forward: as the greedy one's, less
-    census = inspect.hlo_census(  # the choice's two all-reduces; its logits stay split
-        engine.runner.compiled["forward", span].as_text()).counts()
+  sampled = [(runner.compiled["prefill", b], min(b, PROMPT_CHUNK) * 2)
+             for b in runner.buckets] + [(runner.compiled["choose", A], 2 * A)
+                                         for A in runner.rows]
+  for span, A in steps:  # the sampled step's forward: as the greedy one's, less the
+    census = inspect.hlo_census(  # choice's two all-reduces; its logits stay split
+        runner.compiled["forward", span, A].as_text()).counts()
     assert census == {"all-reduce": {**census["all-reduce"], "count": 2 * layers + 1}}
   for program, rows in sampled:
     gathered = gathered_shapes(program.as_text())
     assert gathered and all(V // 4 not in shape and V not in shape for shape in gathered)
     assert max(math.prod(shape) for shape in gathered) <= rows * 4 * TOP_LOGPROBS
+
+
+def copied_shapes(hlo: str) -> list[tuple[int, ...]]:
+  """The result shapes of a program's copies."""
+  import re
+  found = re.findall(r"= [a-z0-9]+\[([0-9,]*)\][^ ]* copy\(", hlo)
+  return [tuple(int(n) for n in dims.split(",") if n) for dims in found]
 
 
 def gathered_shapes(hlo: str) -> list[tuple[int, ...]]:

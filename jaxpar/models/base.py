@@ -20,7 +20,7 @@ sliding window), and `index`, the cache slot of the first query token: one for a
 one per row [B] (the serving engine's slots each sit at their own length). `cache` is None
 (the keys are the T tokens themselves, S = T) or this layer's KV cache, a dict of arrays
 whose shapes and logical names `Family.kv_cache` gives; the block writes its T new entries
-at `index` and attends over all S slots.
+at `step.index` (`write_cache`) and attends over all S slots.
 
 Shape letters: B batch, T query tokens, S key slots, D width, N query heads, K key/value
 heads, G = N/K queries per key/value head, H head width, F MLP width, V vocabulary, L layers.
@@ -40,15 +40,19 @@ from jax import lax
 from jaxpar import families, quant
 from jaxpar.axes import ACT_EMBED, BATCH, HEAD_DIM, KV_HEADS, LAYERS, SEQ
 from jaxpar.config import ModelConfig
-from jaxpar.rules import constrain
+from jaxpar.rules import by_hand, constrain
 
 
 class Step(NamedTuple):
   """Where the tokens of one call sit: positions [B, T], visible slots [B, T, S], the cache
-  slot of the first token: a scalar, or int32 [B] per row (0 without a cache)."""
+  slot of the first token: a scalar, or int32 [B] per row (0 without a cache). `rows` > 0:
+  the B rows are the first `rows` cache rows of each of the cache's `groups` equal groups
+  (B = groups * rows; the serving step over its active rows), else every cache row."""
   positions_BT: jax.Array
   mask_BTS: jax.Array
   index: Any = 0
+  rows: int = 0
+  groups: int = 1
 
 
 def causal_step(batch: int, tokens: int, length: int | None = None) -> Step:
@@ -262,22 +266,26 @@ def rope(x_BTNH: jax.Array, positions_BT: jax.Array, inv_freq: np.ndarray) -> ja
 
 # ---- attention ----
 
-def write_cache(cache: dict | None, k_BTKH: jax.Array, v_BTKH: jax.Array, index):
+def write_cache(cache: dict | None, k_BTKH: jax.Array, v_BTKH: jax.Array, step: Step):
   """(keys [B, K, H, S] and values [B, K, S, H] to attend over, the new cache): the T new
-  entries written at slot `index`, one for all rows or one per row [B] (a scatter along the
-  rows, in place). The cache is stored in the layouts the two attention products read, so no
-  step transposes it, and both are plain matrix products per (row, key/value head): scores
-  = queries [G*T, H] @ keys [H, S], out = probabilities [G*T, S] @ values [S, H]. (Keys
-  stored [S, H] made the first product a transposed one that XLA:CPU ran 1.3x to 4.8x slower
-  at decode shapes; stored [B, S, K, H], every layer copied its whole cache twice per step.)
-  An int8 cache (`k_scale` and `v_scale` leaves [B, K, S], one per token and head) gives keys
-  and values as (int8 values, scales) pairs, which `attend` takes."""
+  entries written at slot `step.index`, one for all rows or one per row [B] (a scatter along
+  the rows, in place); with `step.rows`, into those cache rows only. The cache is stored in
+  the layouts the two attention products read, so no step transposes it, and both are plain
+  matrix products per (row, key/value head): scores = queries [G*T, H] @ keys [H, S], out =
+  probabilities [G*T, S] @ values [S, H]. (Keys stored [S, H] made the first product a
+  transposed one that XLA:CPU ran 1.3x to 4.8x slower at decode shapes; stored [B, S, K, H],
+  every layer copied its whole cache twice per step.) An int8 cache (`k_scale` and `v_scale`
+  leaves [B, K, S], one per token and head) gives keys and values as (int8 values, scales)
+  pairs, which `attend` takes."""
   k_BKHT, v_BKTH = k_BTKH.transpose(0, 2, 3, 1), v_BTKH.transpose(0, 2, 1, 3)
   if cache is None:
     return k_BKHT, v_BKTH, None
+  index = step.index
 
   def write(old, new, axis):
     new = new.astype(old.dtype)
+    if step.rows:
+      return write_rows(old, new, index, axis, step.rows, step.groups)
     at = index
     if jnp.ndim(at) == 1 and old.shape[0] == 1:  # one row: its slot as a scalar (in place)
       at = at[0]
@@ -288,13 +296,45 @@ def write_cache(cache: dict | None, k_BTKH: jax.Array, v_BTKH: jax.Array, index)
     row = lambda o, n, i: lax.dynamic_update_slice_in_dim(o, n, i, axis=axis - 1)
     return jax.vmap(row)(old, new, index)
 
+  read = (lambda a: a) if not step.rows else (lambda a: lead_rows(a, step.rows, step.groups))
   if "k_scale" not in cache:
     new = {"k": write(cache["k"], k_BKHT, 3), "v": write(cache["v"], v_BKTH, 2)}
-    return new["k"], new["v"], new
+    return read(new["k"]), read(new["v"]), new
   (k_q, k_s), (v_q, v_s) = quant.quantize_heads(k_BKHT, axis=2), quant.quantize_heads(v_BKTH)
   new = {"k": write(cache["k"], k_q, 3), "v": write(cache["v"], v_q, 2),
          "k_scale": write(cache["k_scale"], k_s, 2), "v_scale": write(cache["v_scale"], v_s, 2)}
-  return (new["k"], new["k_scale"]), (new["v"], new["v_scale"]), new
+  return ((read(new["k"]), read(new["k_scale"])), (read(new["v"]), read(new["v_scale"])), new)
+
+
+def lead_rows(x: jax.Array, rows: int, groups: int) -> jax.Array:
+  """The first `rows` rows of each of the `groups` equal groups of x's leading dim (the
+  groups are the batch axes' shards: each device takes its own, `rules.by_hand`)."""
+  return _by_group(lambda a: a[:rows], groups, x)
+
+
+def put_lead_rows(x: jax.Array, part: jax.Array, rows: int, groups: int) -> jax.Array:
+  """x with `lead_rows(x, rows, groups)` replaced by `part`."""
+  return _by_group(lambda a, p: a.at[:rows].set(p), groups, x, part)
+
+
+def write_rows(old: jax.Array, new: jax.Array, index_B: jax.Array, axis: int, rows: int,
+               groups: int) -> jax.Array:
+  """`old` with one new entry per row of `lead_rows(old, rows, groups)` (new [B, ...] with
+  1 along `axis`) at `index_B` along `axis`: a scatter on each device into its own rows, in
+  place."""
+  if new.shape[axis] != 1:
+    raise ValueError(f"writing {new.shape[axis]} entries per row into leading rows: one only")
+
+  def one(old, new, index):  # [per, ...], [rows, ...], [rows]: one group's
+    at = (jnp.arange(rows),) + (slice(None),) * (axis - 1) + (index,)
+    return old.at[at].set(jnp.squeeze(new, axis), unique_indices=True)
+  return _by_group(one, groups, old, new, index_B)
+
+
+def _by_group(fn, groups: int, *arrays):
+  """`fn` on each data group's share of `arrays` (split on their first dim like the batch):
+  on each device its own group's (`rules.by_hand`), as one when there is one group."""
+  return fn(*arrays) if groups == 1 else by_hand(fn, BATCH, *arrays)
 
 
 def attend(q_BTNH: jax.Array, k_BKHS, v_BKSH, step: Step, *,

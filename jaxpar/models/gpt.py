@@ -71,7 +71,7 @@ class Attention(nnx.Module):
     q_BTNH = heads(base.project(x_BTD, self.w_q[...], self.b_q[...]), HEADS)
     k_BTNH = heads(base.project(x_BTD, self.w_k[...], self.b_k[...]), KV_HEADS)
     v_BTNH = heads(base.project(x_BTD, self.w_v[...], self.b_v[...]), KV_HEADS)
-    k_BNHS, v_BNSH, cache = base.write_cache(cache, k_BTNH, v_BTNH, step.index)
+    k_BNHS, v_BNSH, cache = base.write_cache(cache, k_BTNH, v_BTNH, step)
     out_BTK = base.attend(q_BTNH, k_BNHS, v_BNSH, step)
     return base.residual(base.project(out_BTK, self.w_o[...], self.b_o[...])), cache
 

@@ -91,7 +91,7 @@ class Attention(nnx.Module):
     v_BTKH = self._heads(x_BTD, self.w_v, self.b_v, None, KV_HEADS)
     q_BTNH = base.rope(q_BTNH, step.positions_BT, self.inv_freq)
     k_BTKH = base.rope(k_BTKH, step.positions_BT, self.inv_freq)
-    k_BKHS, v_BKSH, cache = base.write_cache(cache, k_BTKH, v_BTKH, step.index)
+    k_BKHS, v_BKSH, cache = base.write_cache(cache, k_BTKH, v_BTKH, step)
     out_BTK = base.attend(q_BTNH, k_BKHS, v_BKSH, step, window=self.window)
     return base.residual(base.project(out_BTK, self.w_o[...])), cache
 

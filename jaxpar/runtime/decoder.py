@@ -64,7 +64,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxpar.axes import BATCH, STAGE
 from jaxpar.errors import UserError
-from jaxpar.models.base import Step, run_blocks
+from jaxpar.models.base import Step, lead_rows, put_lead_rows, run_blocks
 from jaxpar.parallel import pipeline, ring
 from jaxpar.rules import use_rules
 from jaxpar.runtime.sampling import Context
@@ -114,7 +114,8 @@ class Decoder:
       on = jnp.asarray(self.active[:, 0])[ring.stage()]
     return run_blocks(graphdef, layers, x_BTD, step, caches, scan=self.scan, active=on)
 
-  def _step_tick(self, parts, choice: tuple | None, span: int, rows, t, s, carry, msg):
+  def _step_tick(self, parts, choice: tuple | None, span: int, rows, t, s, carry, msg,
+                 lead: int = 0):
     (model, graphdef, layers), (caches, out), (x_msg, token_msg) = parts, carry, msg
     prev, keep, cur, fresh = rows  # [G, Bg] each on a pipeline; else cur only, [B]
     g, history = (t - s) % self.G, cur.history  # (the round before's has none)
@@ -126,7 +127,7 @@ class Decoder:
     positions_B = e.positions
     mask_B1S = (jnp.arange(span)[None, :] <= positions_B[:, None])[:, None, :]
     index_B = positions_B if keep is None else jnp.where(keep, positions_B, self.length)
-    step = Step(positions_B[:, None], mask_B1S, index_B)
+    step = Step(positions_B[:, None], mask_B1S, index_B, lead, self.data_ways)
 
     def embed():
       tokens_B = e.tokens if fresh is None else jnp.where(ring.pick(fresh, g), e.tokens,
@@ -301,16 +302,17 @@ class Decoder:
     return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(self.generator.mesh,
                                                                           P()))
 
-  def step_fn(self, *, greedy: bool, span: int, logprobs: bool = False):
+  def step_fn(self, *, greedy: bool, span: int, logprobs: bool = False,
+              rows: int | None = None):
     """One decode step of every row, traced (a loop or a program calls it):
     (params, state) -> (out_B, state); `out_B[b]` is the token of row b's entry of this step,
     of the step before for `late` rows (with `logprobs`: (tokens, their `LogProbs`)).
     Called (params, state, allowed_BW) (not `greedy`): the tokens each row's choice in this
-    step may take (packed, `sampling.allow`)."""
+    step may take (packed, `sampling.allow`). `rows` (without stages): `forward_fn`'s."""
     S, G, Bg = self.S, self.G, self.Bg
     if not self.pipelined:  # the forward, then the choice
-      forward = self.forward_fn(span=span)
-      pick = self.choice_fn(greedy=greedy, logprobs=logprobs)
+      forward = self.forward_fn(span=span, rows=rows)
+      pick = self.choice_fn(greedy=greedy, logprobs=logprobs, rows=rows)
 
       def step(params, state, *allowed):
         logits_BV, state = forward(params, state)
@@ -349,13 +351,38 @@ class Decoder:
       return out_B, State(caches, slots, r)
     return step
 
-  def forward_fn(self, *, span: int):
+  def row_buckets(self) -> tuple[int, ...]:
+    """The active-row counts a serving step is compiled for (`forward_fn`'s `rows`): 1, 2,
+    4, ... rows of each data group, up to all of them; a pipeline steps every row."""
+    per = self.slots // self.data_ways
+    if self.pipelined:
+      return (per,)
+    out = [1]
+    while out[-1] < per:
+      out.append(min(2 * out[-1], per))
+    return tuple(out)
+
+  def lead(self, rows: int | None):
+    """(rows state -> that of the first `rows` rows of each data group; (whole, part) ->
+    whole with part in them), traced under the model's rules; `rows` None: every row."""
+    if rows is None or rows == self.slots // self.data_ways:
+      return (lambda a: a), (lambda whole, part: part)
+    D = self.data_ways
+    return (lambda s: jax.tree.map(lambda a: lead_rows(a, rows, D), s),
+            lambda whole, part: jax.tree.map(lambda a, p: put_lead_rows(a, p, rows, D),
+                                             whole, part))
+
+  def forward_fn(self, *, span: int, rows: int | None = None):
     """A decode step's forward without stages: (params, state) -> (logits_BV float32, state),
     each row's keys and values written, the rows as they were (`choice_fn` advances them; a
-    pipeline chooses inside its ring)."""
-    def tick(parts, caches, rows):
-      return self._step_tick(parts, None, span, (None, None, rows, None), 0, 0,
-                             (caches, None), (None, None))[0]
+    pipeline chooses inside its ring). `rows`: of the first `rows` rows of each data group
+    only (`row_buckets`; B = rows * data groups), the others untouched."""
+    take, _ = self.lead(rows)
+    lead = 0 if rows in (None, self.slots // self.data_ways) else rows
+
+    def tick(parts, caches, slots):
+      return self._step_tick(parts, None, span, (None, None, take(slots), None), 0, 0,
+                             (caches, None), (None, None), lead)[0]
     body = self._plain(tick)
 
     def run(params, state):
@@ -363,18 +390,23 @@ class Decoder:
       return logits_BV, State(caches, state.slots)
     return run
 
-  def choice_fn(self, *, greedy: bool, logprobs: bool):
-    """Every row's next token from `forward_fn`'s logits, the rows advanced: (params, state,
-    logits_BV, *allowed) -> (out_B, state); `allowed`: (mask [B, W],) or () (`step_fn`)."""
-    def pick(parts, rows, logits_BV):
-      context = Context(rows.history, rows.starts, rows.positions, rows.counts)
-      return choose(logits_BV, rows.keys, context, rows.sampling, greedy=greedy,
-                    logprobs=logprobs)
+  def choice_fn(self, *, greedy: bool, logprobs: bool, rows: int | None = None):
+    """The next token of every row (of `forward_fn`'s `rows`) from its logits, those rows
+    advanced: (params, state, logits_BV, *allowed) -> (out_B, state); `allowed`: (mask
+    [B, W],) or () (`step_fn`)."""
+    take, put = self.lead(rows)
+
+    def pick(parts, slots, logits_BV, allowed):
+      cur = take(slots)
+      context = Context(cur.history, cur.starts, cur.positions, cur.counts)
+      out_B = choose(logits_BV, cur.keys, context, with_mask(cur, allowed).sampling,
+                     greedy=greedy, logprobs=logprobs)
+      return out_B, put(slots, advance(cur, chosen_tokens(out_B), self.length))
     body = self._plain(pick)
 
     def run(params, state, logits_BV, *allowed):
-      out_B = body(params, with_mask(state.slots, allowed), logits_BV)
-      return out_B, State(state.caches, advance(state.slots, chosen_tokens(out_B), self.length))
+      out_B, slots = body(params, state.slots, logits_BV, allowed)
+      return out_B, State(state.caches, slots)
     return run
 
   # ---- the state (made by `slots`) ----

@@ -35,6 +35,7 @@ class RunnerLike(Protocol):
   slots: int
   length: int
   buckets: tuple[int, ...]
+  group_rows: int  # rows per data group (the scheduler fills each group's first rows first)
   prefix_reuse: bool  # a prefill can start from another row's cached prefix
   compiled: dict  # every program, compiled
 
@@ -135,10 +136,12 @@ def compiling(count: int, prompt_buckets: tuple[int, ...], steps: str, *, progre
 
 class Runner:
   """The slot decoder: one prefill program per prompt bucket (from a cached prefix or not,
-  without stages) and a greedy and a sampled decode step per attention span. The prefill and
-  the sampled step also give each token's log-probabilities and adjust the logits (biases,
-  penalties); a step runs greedy only when every running row needs none of that
-  (`Params.greedy`).
+  without stages) and a greedy and a sampled decode step per attention span and active-row
+  bucket. The prefill and the sampled step also give each token's log-probabilities and
+  adjust the logits (biases, penalties); a step runs greedy only when every running row needs
+  none of that (`Params.greedy`). Without stages a step computes only the first A rows of
+  each data group, A the least of `Decoder.row_buckets` that holds every running row (the
+  scheduler fills low rows first): one request on an 8-slot server decodes at batch 1.
 
   The decode step's inputs live on the devices, so step t is queued before the host reads
   step t-1's tokens, and the devices decode while the host streams. Without stages the
@@ -155,13 +158,18 @@ class Runner:
     self.decoder, self.generator = decoder, decoder.generator
     self.slots, self.length = decoder.slots, decoder.length
     self.buckets, self.spans = tuple(buckets), tuple(spans)
+    self.rows = decoder.row_buckets()
+    self.group_rows = self.slots // decoder.data_ways
     self.prefix_reuse = not decoder.pipelined  # a pipeline prefills whole prompts
     self._late = decoder.late()
     self.width = grammar.words(self.generator.config.model.vocab_size)  # a row's mask
     self.compiled = self._compile(progress)
-    sampled = self.compiled.get("choose") or self.compiled["decode", False, self.spans[0]]
-    self._open = jax.device_put(grammar.masks([None] * self.slots, self.width),
-                                sampled.input_shardings[0][-1])
+    self._open = {}  # rows -> the open masks of the rows a step of that many computes
+    for A in self.rows:
+      sampled = self.compiled.get(("choose", A)) or self.compiled["decode", False,
+                                                                   self.spans[0]]
+      self._open[A] = jax.device_put(grammar.masks([None] * len(self.active(A)), self.width),
+                                     sampled.input_shardings[0][-1])
     # The host's copy of the rows' positions (which span) and whether their request needs
     # the sampled step.
     self._positions = np.zeros(self.slots, np.int32)
@@ -172,12 +180,19 @@ class Runner:
     self._state = self.decoder.empty_state()
     self._logits = None  # a split step's logits, waiting for its choice
     self._choice = None  # (program, {row: owner}) of the step whose choice `choose` queues
-    self._firsts: list = []  # (first token, {row: owner}) of prefills queued, not yet read
-    self._queued: list = []  # ([B] tokens, {row: owner}) of the decode step queued
+    # (tokens, {row: owner}, {row: its place in tokens}) of the prefills queued, not yet
+    # read, and of the decode step queued
+    self._firsts: list = []
+    self._queued: list = []
     self._owners: dict = {}  # {row: owner} of the last step's entries
 
   def busy(self) -> bool:
     return bool(self._firsts or self._queued or self._choice)
+
+  def active(self, rows: int) -> list[int]:
+    """The rows a step of `rows` rows per data group computes, in its batch's order."""
+    per = self.group_rows
+    return [g * per + a for g in range(self.slots // per) for a in range(rows)]
 
   def step(self, running: Sequence[Stream | None]) -> list[Event]:
     rows = [b for b, s in enumerate(running) if s is not None]
@@ -186,6 +201,8 @@ class Runner:
       greedy = not self._sampled[rows].any()
       last = min(max(self._positions[b] for b in rows), self.length - 1)
       span = next(t for t in self.spans if t > last)
+      A = next(a for a in self.rows if a > max(b % self.group_rows for b in rows))
+      at = {b: i for i, b in enumerate(self.active(A))}  # row -> its place in the step
       now = {b: running[b] for b in rows}
       owners = {b: owner for b in range(self.slots)
                 if (owner := (self._owners if self._late[b] else now).get(b)) is not None}
@@ -194,17 +211,17 @@ class Runner:
       params = self.generator.params
       masked = any(running[b].matcher is not None for b in rows)
       if greedy:
-        next_B, self._state = self.compiled["decode", True, span](params, self._state)
-        queued = [(next_B, owners)]
+        next_B, self._state = self.compiled["decode", True, span, A](params, self._state)
+        queued = [(next_B, owners, at)]
       elif not self.decoder.pipelined:  # the forward now, the choice in `choose`
-        self._logits, self._state = self.compiled["forward", span](params, self._state)
-        self._choice = (self.compiled["choose"], owners)
+        self._logits, self._state = self.compiled["forward", span, A](params, self._state)
+        self._choice = (self.compiled["choose", A], owners, A)
       elif masked:  # a pipeline chooses in its ring: the masks need every token first
-        self._choice = (self.compiled["decode", False, span], owners)
+        self._choice = (self.compiled["decode", False, span], owners, A)
       else:
         next_B, self._state = self.compiled["decode", False, span](params, self._state,
-                                                                   self._open)
-        queued = [(next_B, owners)]
+                                                                   self._open[A])
+        queued = [(next_B, owners, at)]
     events = self._read(running)
     self._queued = queued
     return events
@@ -212,21 +229,23 @@ class Runner:
   def choose(self, running: Sequence[Stream | None]) -> None:
     if self._choice is None:
       return
-    (program, owners), self._choice = self._choice, None
-    matchers = [None if s is None else s.matcher for s in running]
+    (program, owners, A), self._choice = self._choice, None
+    rows = self.active(A)
+    matchers = [None if running[b] is None else running[b].matcher for b in rows]
     masked = any(m is not None for m in matchers)
-    allowed = grammar.masks(matchers, self.width) if masked else self._open
+    allowed = grammar.masks(matchers, self.width) if masked else self._open[A]
     args = (self._state, allowed) if self._logits is None else (self._state, self._logits,
                                                                 allowed)
     next_B, self._state = program(self.generator.params, *args)
-    self._logits, self._queued = None, [(next_B, owners)]
+    self._logits = None
+    self._queued = [(next_B, owners, {b: i for i, b in enumerate(rows)})]
 
   def _read(self, running: Sequence[Stream | None]) -> list[Event]:
     """The tokens of the prefills and the step queued (waiting for them), as events; each
     is given to its request's grammar (while the request still holds the row)."""
     pending, self._firsts, self._queued = [*self._firsts, *self._queued], [], []
     events = []
-    for chosen, owners in pending:
+    for chosen, owners, at_row in pending:
       tokens, logprobs, *prompt = (chosen, None) if not isinstance(chosen, tuple) else chosen
       tokens = np.asarray(tokens).reshape(-1)
       for owner in owners.values():  # a prefill's: the prompt's log-probabilities
@@ -239,7 +258,7 @@ class Runner:
       else:
         logprobs = None
       for b, owner in owners.items():
-        at = b if tokens.size > 1 else 0
+        at = at_row[b]
         events.append((b, owner, int(tokens[at]), _token_logprobs(logprobs, at, owner)))
         if owner.matcher is not None and owner is running[b]:
           owner.matcher.consume_token(int(tokens[at]))
@@ -261,7 +280,7 @@ class Runner:
         one(np.int32(stream.params.choice)),
         one(np.bool_(stream.params.scores_prompt)))
     self._positions[b], self._sampled[b] = P, not stream.params.greedy()
-    self._firsts.append((first, {b: stream}))  # read after the next step is queued
+    self._firsts.append((first, {b: stream}, {b: 0}))  # read after the next step is queued
     return []
 
   def release(self, row: int) -> None:
@@ -269,8 +288,9 @@ class Runner:
 
   def _compile(self, progress: bool) -> dict:
     d, g = self.decoder, self.generator
-    count = len(self.buckets) + 2 * len(self.spans) + (not d.pipelined)
-    steps = (f"decode steps of {self.slots} slots over {', '.join(map(str, self.spans))} "
+    count = len(self.buckets) + (2 * len(self.spans) + (not d.pipelined)) * len(self.rows)
+    rows = "" if len(self.rows) == 1 else f" ({', '.join(map(str, self.rows))} active rows)"
+    steps = (f"decode steps of {self.slots} slots{rows} over {', '.join(map(str, self.spans))} "
              f"positions" + (f" ({d.G} groups through {d.S} stages)" if d.pipelined else ""))
     compiled = {}
     with compiling(count, self.buckets, steps, progress=progress), jax.set_mesh(g.mesh):
@@ -283,20 +303,25 @@ class Runner:
             one(scalar(jnp.int32)), scalar(jnp.int32), scalar(jnp.int32),
             jax.tree.map(one, abstract_sampling(d.bias, self.width)), one(scalar(jnp.uint32)),
             one(scalar(jnp.int32)), one(scalar(jnp.bool_))).compile()
-      mask = jax.ShapeDtypeStruct((self.slots, self.width), jnp.int32)
-      for span in self.spans:
-        compiled["decode", True, span] = d.jit(d.step_fn(greedy=True, span=span)).lower(
-            g.params, state).compile()
-        if d.pipelined:  # the choice inside the ring
+      if d.pipelined:  # every row; the choice inside the ring
+        mask = jax.ShapeDtypeStruct((self.slots, self.width), jnp.int32)
+        for span in self.spans:
+          compiled["decode", True, span, self.rows[0]] = d.jit(d.step_fn(
+              greedy=True, span=span)).lower(g.params, state).compile()
           sampled = d.step_fn(greedy=False, span=span, logprobs=True)
           compiled["decode", False, span] = d.jit(sampled).lower(g.params, state,
                                                                  mask).compile()
-        else:
-          compiled["forward", span] = d.jit(d.forward_fn(span=span)).lower(
+        return compiled
+      for A in self.rows:
+        mask = jax.ShapeDtypeStruct((len(self.active(A)), self.width), jnp.int32)
+        for span in self.spans:
+          compiled["decode", True, span, A] = d.jit(d.step_fn(
+              greedy=True, span=span, rows=A)).lower(g.params, state).compile()
+          compiled["forward", span, A] = d.jit(d.forward_fn(span=span, rows=A)).lower(
               g.params, state).compile()
-      if not d.pipelined:
-        logits = compiled["forward", self.spans[0]].out_info[0]
-        compiled["choose"] = d.jit(d.choice_fn(greedy=False, logprobs=True)).lower(
+        logits = compiled["forward", self.spans[0], A].out_info[0]
+        compiled["choose", A] = d.jit(d.choice_fn(greedy=False, logprobs=True,
+                                                  rows=A)).lower(
             g.params, state, logits, mask).compile()
     return compiled
 

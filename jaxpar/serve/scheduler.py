@@ -47,15 +47,17 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 class Scheduler:
   """Queue, rows, policy and prefix index of an engine with `slots` rows of `length`
-  positions; prompts pad to the least of `buckets` that holds them. `prefix_reuse` false:
-  every prompt is computed whole (the index is kept all the same)."""
+  positions, in groups of `group_rows` (a runner's data groups, whose first rows it steps
+  alone when the others are free); prompts pad to the least of `buckets` that holds them.
+  `prefix_reuse` false: every prompt is computed whole (the index is kept all the same)."""
 
   def __init__(self, slots: int, length: int, *, buckets: tuple[int, ...], max_queue: int,
-               policy: str, prefix_reuse: bool):
+               policy: str, prefix_reuse: bool, group_rows: int | None = None):
     if policy not in POLICIES:
       raise ValueError(f"policy={policy!r}: expected one of {', '.join(POLICIES)}")
     self.slots, self.length, self.buckets = slots, length, tuple(buckets)
     self.max_queue, self.policy, self.prefix_reuse = max_queue, policy, prefix_reuse
+    self.group_rows = group_rows or slots
     self.running: list[Stream | None] = [None] * slots
     self.waiting: collections.deque[Stream] = collections.deque()
     self.cached: list[list[int]] = [[] for _ in range(slots)]
@@ -126,9 +128,15 @@ class Scheduler:
   def place(self, stream: Stream, free: list[int]) -> Placement:
     """Where `stream` goes: it starts from the longest prefix a row's cache holds
     (`prefix_reuse`; at least its last token is computed) and goes into that row when it is
-    free, else into the free row holding the shortest prefix (the least lost)."""
+    free, else into the free row that widens the runner's steps least, of those the one
+    holding the shortest prefix (the least lost). A runner steps the first 1, 2, 4, ... rows
+    of each group: a row's level is that of its place in its group (0 for row 0, 1 for row
+    1, 2 for rows 2-3, 3 for rows 4-7, ...), and the steps' width is the highest level of a
+    running row."""
     prompt, start = stream.prompt, 0
-    source = row = min(free, key=lambda b: len(self.cached[b]))
+    level = lambda b: (b % self.group_rows).bit_length()
+    busy = max((level(b) for b, s in enumerate(self.running) if s is not None), default=0)
+    source = row = min(free, key=lambda b: (max(level(b), busy), len(self.cached[b])))
     if self.prefix_reuse and not stream.params.scores_prompt:  # it needs every token's logits
       for b, cached in enumerate(self.cached):
         n = common_prefix(cached, prompt[:-1])
