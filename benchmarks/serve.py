@@ -158,7 +158,8 @@ def run_jaxpar(checkpoint, policy: str, args, work, *overrides, tree=ROOT) -> li
   drain = threading.Thread(target=lambda: [None for _ in server.stdout], daemon=True)
   drain.start()  # the server's per-request lines must not fill the pipe
   try:
-    asyncio.run(_client_run(url, work[0][:2], work[1][:2], [2, 2]))  # warm the HTTP path
+    # Warm the HTTP path with prompts of no request's (their prefixes stay in rows 0 and 1)
+    asyncio.run(_client_run(url, [0.0, 0.0], [[1] * 8, [2] * 8], [2, 2]))
     if args.alone:  # one at a time, their times laid end to end
       rows, offset = [], 0.0
       for prompt, new in zip(*work[1:]):
@@ -322,6 +323,17 @@ def main() -> None:
           f"{ms(s['tpot_p50_s'])} | {ms(s.get('tpot_p99_s'))} |")
   print(f"(vs: {runs[0][0]}'s throughput over this row's"
         f"{'; generate: its decode tokens/s' if args.alone else ''})")
+  if args.rounds > 1:  # noise only slows a run: the best round of each
+    best = {}
+    for name, r in results.items():
+      row = best.setdefault(name.rsplit(" #", 1)[0], {"tokens_per_s": 0, "tpot_p50_s": 1e9})
+      row["tokens_per_s"] = max(row["tokens_per_s"], r["summary"]["tokens_per_s"])
+      row["tpot_p50_s"] = min(row["tpot_p50_s"], r["summary"]["tpot_p50_s"])
+    print(f"\nbest of {args.rounds} rounds:")
+    for name, row in best.items():
+      print(f"  {name:28} {row['tokens_per_s']:8.1f} tokens/s, TPOT p50 "
+            f"{row['tpot_p50_s'] * 1e3:6.1f} ms")
+    results["best of rounds"] = {"summary": best}
   write_json(args.out, {"args": {**vars(args), "baseline": str(args.baseline)},
                         "results": results})
   plot({n: r for n, r in results.items() if "requests" in r}, args.plot)

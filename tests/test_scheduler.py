@@ -95,6 +95,9 @@ def test_placement_starts_from_the_longest_cached_prefix():
   assert place(sched, [1, 2, 3], [0, 1, 2]) == (2, 4, 0, 0)
   # Nothing in common: into row 0 (level 0), its prefix lost; 9 tokens take bucket 16.
   assert place(sched, [7] * 9, [0, 1]) == (0, 16, 0, 0)
+  # The prefix in row 1 (level 1), row 0 free: copied into row 0, so the steps stay 1 row.
+  sched.cached = [[], [1, 2, 3, 4, 5], []]
+  assert place(sched, [1, 2, 3, 4, 7, 8], [0, 1, 2]) == (4, 4, 1, 0)
 
 
 def test_placement_keeps_the_padded_chunk_inside_the_row():

@@ -127,26 +127,25 @@ class Scheduler:
 
   def place(self, stream: Stream, free: list[int]) -> Placement:
     """Where `stream` goes: it starts from the longest prefix a row's cache holds
-    (`prefix_reuse`; at least its last token is computed) and goes into that row when it is
-    free, else into the free row that widens the runner's steps least, of those the one
-    holding the shortest prefix (the least lost). A runner steps the first 1, 2, 4, ... rows
-    of each group: a row's level is that of its place in its group (0 for row 0, 1 for row
-    1, 2 for rows 2-3, 3 for rows 4-7, ...), and the steps' width is the highest level of a
-    running row."""
-    prompt, start = stream.prompt, 0
-    level = lambda b: (b % self.group_rows).bit_length()
-    busy = max((level(b) for b, s in enumerate(self.running) if s is not None), default=0)
-    source = row = min(free, key=lambda b: (max(level(b), busy), len(self.cached[b])))
+    (`prefix_reuse`; at least its last token is computed), into the free row that widens the
+    runner's steps least; of those the prefix's own row, else the one holding the shortest
+    prefix (the least lost). A runner steps the first 1, 2, 4, ... rows of each group: a
+    row's level is that of its place in its group (0 for row 0, 1 for row 1, 2 for rows 2-3,
+    3 for rows 4-7, ...), and the steps' width is the highest level of a running row."""
+    prompt, start, source = stream.prompt, 0, None
     if self.prefix_reuse and not stream.params.scores_prompt:  # it needs every token's logits
       for b, cached in enumerate(self.cached):
         n = common_prefix(cached, prompt[:-1])
         if n > start:
           start, source = n, b
+    level = lambda b: (b % self.group_rows).bit_length()
+    busy = max((level(b) for b, s in enumerate(self.running) if s is not None), default=0)
+    row = min(free, key=lambda b: (max(level(b), busy), b != source, len(self.cached[b])))
     bucket = self.bucket(len(prompt) - start)
     if start + bucket > self.length:  # the padded chunk must fit in the row
       start = self.length - bucket
       bucket = self.bucket(len(prompt) - start)
-    return Placement(stream, source if source in free else row, start, bucket, source)
+    return Placement(stream, row, start, bucket, row if source is None else source)
 
   def bucket(self, tokens: int) -> int:
     """The least prompt bucket that holds `tokens`."""
