@@ -8,9 +8,11 @@ width 2816, vocabulary 32000. Random weights (initializer_range 0.2, so greedy t
 the context) saved by `transformers` and loaded by both; batches 1, 8 and 32, 32-token
 prompts, 64 new tokens, float32, EOS disabled so every row decodes all 64 tokens. Each round
 times the speed of light (`limits.speed_of_light`: a compiled chain of the float32 weights'
-matrix-vector products and nothing else, at the decode's batch), the prefill limit (the same
-products at the prefill's size), one `transformers` generate and one generate of each jaxpar
-variant, rotating their order. Medians over rounds. jaxpar's decode loop alone is reported
+matrix-vector products and nothing else, at the decode's batch, in each of its layouts, the
+fastest taken), the prefill limit (the same products at the prefill's size), one
+`transformers` generate and one generate of each jaxpar variant, rotating their order. The
+best round of each (noise only slows a run: a limit must not be beaten by a noisy median),
+and every round's figures for the float32 decode and the limit. jaxpar's decode loop alone is reported
 against the speed of light, its prefill against the prefill limit; int8 variants are held to
 the float32 limits (above 100%: faster than float32 weights can stream). Quality of each
 variant against float32: next-token top-1 agreement and the largest logit difference over
@@ -25,7 +27,6 @@ Prints a table and writes JSON to benchmarks/results/decode[_FAMILY].json.
 import argparse
 import os
 import pathlib
-import statistics
 import sys
 import tempfile
 import time
@@ -219,11 +220,13 @@ def run_batch(args, batch: int, hf, gens: dict, vocab: int, weight_bytes: int,
     pre_sol.append(limits.prefill_limit(gens["float32"], batch, args.prompt_len))
     for fn in runs[r % len(runs):] + runs[:r % len(runs)]:
       fn()
-  med = statistics.median
+  light = [max(r.values()) for r in sol]
+  layout = max(sol[light.index(max(light))], key=sol[light.index(max(light))].get)
   out = {"batch": batch, "prompt_len": args.prompt_len, "new_tokens": n,
-         "speed_of_light_tokens_per_s": med(sol), "prefill_limit_tokens_per_s": med(pre_sol),
+         "speed_of_light_tokens_per_s": max(light), "speed_of_light_layout": layout,
+         "speed_of_light_rounds": sol, "prefill_limit_tokens_per_s": max(pre_sol),
          "jnp_sum_roofline_tokens_per_s": batch * bandwidth / weight_bytes,
-         "transformers_tokens_per_s": batch * n / med(times["transformers"]),
+         "transformers_tokens_per_s": batch * n / min(times["transformers"]),
          "float32_tokens_identical_to_transformers":
              bool(np.array_equal(tokens["transformers"], tokens["float32"])),
          "distinct_tokens_per_row": float(np.mean([len(set(r)) for r in
@@ -231,11 +234,11 @@ def run_batch(args, batch: int, hf, gens: dict, vocab: int, weight_bytes: int,
          "seconds": times, "jaxpar": {}}
   for name in gens:
     out["jaxpar"][name] = {
-        "tokens_per_s": batch * n / med(times[name]),
-        "decode_tokens_per_s": med(decode[name]),
-        "decode_of_speed_of_light": med(decode[name]) / med(sol),
-        "prefill_tokens_per_s": med(prefill[name]),
-        "prefill_of_limit": med(prefill[name]) / med(pre_sol),
+        "tokens_per_s": batch * n / min(times[name]),
+        "decode_tokens_per_s": max(decode[name]), "decode_rounds": decode[name],
+        "decode_of_speed_of_light": max(decode[name]) / max(light),
+        "prefill_tokens_per_s": max(prefill[name]),
+        "prefill_of_limit": max(prefill[name]) / max(pre_sol),
         "greedy_tokens_equal_float32": float((tokens[name] == tokens["float32"]).mean())}
   print(f"  batch {batch}: done", flush=True)
   return out
@@ -269,7 +272,14 @@ def print_table(args, results: list, gens: dict, scores: dict) -> None:
   print(inspect.format_table(("variant", "top-1 = float32", "max |logit diff|", "max |logit|",
                               "param MB/device", "KV cache MB (batch 8)"), rows))
   print("decode columns: the decode loop alone; tok/s of transformers include its prefill. "
-        "Speed of light: the float32 weights' matrix-vector products alone, same run.")
+        "Speed of light: the float32 weights' matrix-vector products alone, same run, in the "
+        "fastest layout; each the best of its rounds:")
+  for r in results:
+    rounds = "; ".join(
+        f"light {max(sol.values()):.1f} ({', '.join(f'{k} {v:.1f}' for k, v in sol.items())})"
+        f", float32 decode {d:.1f}"
+        for sol, d in zip(r["speed_of_light_rounds"], r["jaxpar"]["float32"]["decode_rounds"]))
+    print(f"  batch {r['batch']} (limit: {r['speed_of_light_layout']}): {rounds}")
 
 
 if __name__ == "__main__":

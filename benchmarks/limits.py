@@ -2,7 +2,9 @@
 
 - `speed_of_light`: tokens/s of a compiled program that only multiplies the model's own
   weights (every 2-D weight of every layer, then the vocabulary head) in a chain, as one
-  decode step per token does, at the decode's batch.
+  decode step per token does, at the decode's batch: the fastest of `LAYOUTS`, the ways of
+  laying out the same products (XLA:CPU runs them at different speeds, and which is fastest
+  depends on the batch), so that no decode can beat it by choosing another.
 - `prefill_limit`: the same products once at the prefill's size (batch x prompt rows through
   the layers, the head on the last row of each prompt).
 - `read_bandwidth`: a compiled `jnp.sum`'s read rate, kept for reference only (a sum streams
@@ -24,35 +26,57 @@ def weight_matrices(generator) -> tuple[list, object]:
   return mats, head
 
 
-def _fit(h, width: int):
-  """`h` [B, w] cut or tiled to [B, width]: feeds any weight from the last activation."""
+def _fit(h, width: int, axis: int = 1):
+  """`h` [B, w] cut or tiled to [B, width] (along `axis` 0: [w, B] to [width, B]): feeds
+  any weight from the last activation."""
   import jax.numpy as jnp
-  if h.shape[1] < width:
-    h = jnp.tile(h, (1, -(-width // h.shape[1])))
-  return h[:, :width]
+  if h.shape[axis] < width:
+    h = jnp.tile(h, [1, 1][:axis] + [-(-width // h.shape[axis])] + [1][axis:])
+  return h[:, :width] if axis == 1 else h[:width]
 
 
-def chain_program(mats, head, steps: int):
+# The chain's layouts: activations [B, D] times weights stored [out, in] (x @ W.T, as
+# jaxpar stores them), the weights times activations [D, B] (W @ h), and activations times
+# weights transposed to [in, out] beforehand (x @ W).
+LAYOUTS = ("x @ W.T", "W @ h", "x @ W")
+
+
+def chain_program(mats, head, steps: int, layout: str = "x @ W.T"):
   """The speed-of-light program: per step, every weight of every layer multiplied in one
   chain (each product feeds the next, so none is dead code), then the head; a `tanh`
-  between them and nothing else."""
+  between them and nothing else. `layout` (`LAYOUTS`): how each product is laid out; the
+  program takes (weights, x) with weights as `chain_weights` gives them and x [B, D], or
+  [D, B] for "W @ h"."""
   import jax
   import jax.numpy as jnp
+  product = {"x @ W.T": lambda h, w: jnp.einsum("bi,oi->bo", _fit(h, w.shape[1]), w),
+             "x @ W": lambda h, w: jnp.einsum("bi,io->bo", _fit(h, w.shape[0]), w),
+             "W @ h": lambda h, w: jnp.einsum("oi,ib->ob", w, _fit(h, w.shape[1], 0))}[layout]
 
-  def program(weights, x_BD):
+  def program(weights, x):
     mats, head = weights
-    D = x_BD.shape[1]
+    axis = 0 if layout == "W @ h" else 1  # the activations' width
+    D = x.shape[axis]
 
-    def step(_, x_BD):
+    def step(_, x):
       for layer in mats:
-        h = x_BD
-        for w_OI in layer:
-          h = jnp.tanh(jnp.einsum("bi,oi->bo", _fit(h, w_OI.shape[1]), w_OI))
-        x_BD = x_BD + _fit(h, D)
-      logits_BV = jnp.einsum("bd,vd->bv", x_BD, head)
-      return x_BD + jnp.tanh(logits_BV[:, :D] + logits_BV[:, -D:])
-    return jax.lax.fori_loop(0, steps, step, x_BD)
+        h = x
+        for w in layer:
+          h = jnp.tanh(product(h, w))
+        x = x + _fit(h, D, axis)
+      logits = product(x, head)
+      if layout == "W @ h":
+        return x + jnp.tanh(logits[:D] + logits[-D:])
+      return x + jnp.tanh(logits[:, :D] + logits[:, -D:])
+    return jax.lax.fori_loop(0, steps, step, x)
   return jax.jit(program)
+
+
+def chain_weights(mats, head, layout: str):
+  """The weights as `chain_program(layout)` takes them (transposed beforehand for x @ W)."""
+  if layout != "x @ W":
+    return mats, head
+  return [[w.T.copy() for w in layer] for layer in mats], head.T.copy()
 
 
 def dot_shapes(compiled_text: str) -> list[str]:
@@ -62,24 +86,29 @@ def dot_shapes(compiled_text: str) -> list[str]:
   return re.findall(r"= f32\[([\d,]+)\]\S* dot\(", compiled_text)
 
 
-def speed_of_light(generator, batch: int, steps: int, repeats: int = 3) -> float:
-  """Tokens/s of a compiled program that does nothing but stream the model's own weights
-  through the matrix-vector products a decode step makes (`chain_program`): the limit of a
-  decode step on these weights on this machine (the best of `repeats`). Raises if XLA
-  dropped any product (the program would then stream fewer bytes than the model)."""
+def speed_of_light(generator, batch: int, steps: int, repeats: int = 3) -> dict:
+  """{layout: tokens/s} of compiled programs that do nothing but stream the model's own
+  weights through the matrix-vector products a decode step makes (`chain_program`, each of
+  `LAYOUTS`; the best of `repeats` each); the limit of a decode step on these weights on
+  this machine is the fastest. Raises if XLA dropped any product (the program would then
+  stream fewer bytes than the model)."""
   import jax
   import jax.numpy as jnp
   mats, head = weight_matrices(generator)
-  weights = jax.device_put((mats, head), jax.devices("cpu")[0])
-  D = head.shape[1]
-  x = jnp.ones((batch, D), jnp.float32)
-  chain = chain_program(mats, head, steps).lower(weights, x).compile()
-  shapes = dot_shapes(chain.as_text())
+  D, V = head.shape[1], head.shape[0]
   want = sum(len(layer) for layer in mats) + 1
-  if len(shapes) != want or f"{batch},{head.shape[0]}" not in shapes:
-    raise RuntimeError(f"speed of light: compiled matrix products {shapes}, expected {want} "
-                       f"with the whole head [{batch},{head.shape[0]}]")
-  return batch * steps / best_time(lambda: chain(weights, x), repeats)
+  out = {}
+  for layout in LAYOUTS:
+    weights = jax.device_put(chain_weights(mats, head, layout), jax.devices("cpu")[0])
+    x = jnp.ones((batch, D) if layout != "W @ h" else (D, batch), jnp.float32)
+    chain = chain_program(mats, head, steps, layout).lower(weights, x).compile()
+    shapes = dot_shapes(chain.as_text())
+    whole = f"{batch},{V}" if layout != "W @ h" else f"{V},{batch}"
+    if len(shapes) != want or whole not in shapes:
+      raise RuntimeError(f"speed of light ({layout}): compiled matrix products {shapes}, "
+                         f"expected {want} with the whole head [{whole}]")
+    out[layout] = batch * steps / best_time(lambda: chain(weights, x), repeats)
+  return out
 
 
 def best_time(fn, repeats: int) -> float:
