@@ -9,7 +9,7 @@ the context) saved by `transformers` and loaded by both; batches 1, 8 and 32, 32
 prompts, 64 new tokens, float32, EOS disabled so every row decodes all 64 tokens. Each round
 times the speed of light (`limits.speed_of_light`: a compiled chain of the float32 weights'
 matrix-vector products and nothing else, at the decode's batch, in each of its layouts, the
-fastest taken), the prefill limit (the same products at the prefill's size), one
+fastest taken), the prefill limit (the same products at the prefill's size, the same way), one
 `transformers` generate and one generate of each jaxpar variant, rotating their order. The
 best round of each (noise only slows a run: a limit must not be beaten by a noisy median),
 and every round's figures for the float32 decode and the limit. jaxpar's decode loop alone is reported
@@ -224,7 +224,9 @@ def run_batch(args, batch: int, hf, gens: dict, vocab: int, weight_bytes: int,
   layout = max(sol[light.index(max(light))], key=sol[light.index(max(light))].get)
   out = {"batch": batch, "prompt_len": args.prompt_len, "new_tokens": n,
          "speed_of_light_tokens_per_s": max(light), "speed_of_light_layout": layout,
-         "speed_of_light_rounds": sol, "prefill_limit_tokens_per_s": max(pre_sol),
+         "speed_of_light_rounds": sol,
+         "prefill_limit_tokens_per_s": max(max(r.values()) for r in pre_sol),
+         "prefill_limit_rounds": pre_sol,
          "jnp_sum_roofline_tokens_per_s": batch * bandwidth / weight_bytes,
          "transformers_tokens_per_s": batch * n / min(times["transformers"]),
          "float32_tokens_identical_to_transformers":
@@ -238,7 +240,7 @@ def run_batch(args, batch: int, hf, gens: dict, vocab: int, weight_bytes: int,
         "decode_tokens_per_s": max(decode[name]), "decode_rounds": decode[name],
         "decode_of_speed_of_light": max(decode[name]) / max(light),
         "prefill_tokens_per_s": max(prefill[name]),
-        "prefill_of_limit": max(prefill[name]) / max(pre_sol),
+        "prefill_of_limit": max(prefill[name]) / max(max(r.values()) for r in pre_sol),
         "greedy_tokens_equal_float32": float((tokens[name] == tokens["float32"]).mean())}
   print(f"  batch {batch}: done", flush=True)
   return out

@@ -49,9 +49,7 @@ def chain_program(mats, head, steps: int, layout: str = "x @ W.T"):
   [D, B] for "W @ h"."""
   import jax
   import jax.numpy as jnp
-  product = {"x @ W.T": lambda h, w: jnp.einsum("bi,oi->bo", _fit(h, w.shape[1]), w),
-             "x @ W": lambda h, w: jnp.einsum("bi,io->bo", _fit(h, w.shape[0]), w),
-             "W @ h": lambda h, w: jnp.einsum("oi,ib->ob", w, _fit(h, w.shape[1], 0))}[layout]
+  product = _product(layout)
 
   def program(weights, x):
     mats, head = weights
@@ -70,6 +68,15 @@ def chain_program(mats, head, steps: int, layout: str = "x @ W.T"):
       return x + jnp.tanh(logits[:, :D] + logits[:, -D:])
     return jax.lax.fori_loop(0, steps, step, x)
   return jax.jit(program)
+
+
+def _product(layout: str):
+  """(activations, weight) -> their product in `layout`, the activations cut or tiled to
+  the weight's input width."""
+  import jax.numpy as jnp
+  return {"x @ W.T": lambda h, w: jnp.einsum("bi,oi->bo", _fit(h, w.shape[1]), w),
+          "x @ W": lambda h, w: jnp.einsum("bi,io->bo", _fit(h, w.shape[0]), w),
+          "W @ h": lambda h, w: jnp.einsum("oi,ib->ob", w, _fit(h, w.shape[1], 0))}[layout]
 
 
 def chain_weights(mats, head, layout: str):
@@ -132,23 +139,31 @@ def read_bandwidth(nbytes: int = 512 << 20, repeats: int = 5) -> float:
   return nbytes / best_time(lambda: total(x), repeats)
 
 
-def prefill_limit(generator, batch: int, prompt_len: int, repeats: int = 3) -> float:
-  """Tokens/s of the prefill's products alone: every weight at batch x prompt rows, the head
-  at `batch` rows (the best of `repeats`)."""
+def prefill_limit(generator, batch: int, prompt_len: int, repeats: int = 3) -> dict:
+  """{layout: tokens/s} of the prefill's products alone, in each of `LAYOUTS`: every weight
+  at batch x prompt rows, the head at `batch` rows (the best of `repeats` each); the limit
+  is the fastest."""
   import jax
   import jax.numpy as jnp
   mats, head = weight_matrices(generator)
-  weights = jax.device_put((mats, head), jax.devices("cpu")[0])
+  out = {}
+  for layout in LAYOUTS:
+    product, axis = _product(layout), 0 if layout == "W @ h" else 1
 
-  @jax.jit
-  def program(weights, x_MD):
-    mats, head = weights
-    for layer in mats:
-      h = x_MD
-      for w_OI in layer:
-        h = jnp.tanh(jnp.einsum("bi,oi->bo", _fit(h, w_OI.shape[1]), w_OI))
-      x_MD = x_MD + _fit(h, x_MD.shape[1])
-    return jnp.einsum("bd,vd->bv", x_MD[prompt_len - 1::prompt_len], head)
+    @jax.jit
+    def program(weights, x):
+      mats, head = weights
+      D = x.shape[axis]
+      for layer in mats:
+        h = x
+        for w in layer:
+          h = jnp.tanh(product(h, w))
+        x = x + _fit(h, D, axis)
+      last = x[prompt_len - 1::prompt_len] if axis else x[:, prompt_len - 1::prompt_len]
+      return product(last, head)
 
-  x = jnp.ones((batch * prompt_len, head.shape[1]), jnp.float32)
-  return batch * prompt_len / best_time(lambda: program(weights, x), repeats)
+    weights = jax.device_put(chain_weights(mats, head, layout), jax.devices("cpu")[0])
+    M, D = batch * prompt_len, head.shape[1]
+    x = jnp.ones((M, D) if axis else (D, M), jnp.float32)
+    out[layout] = M / best_time(lambda: program(weights, x), repeats)
+  return out
