@@ -39,11 +39,12 @@ def main() -> None:
   from jaxpar.mesh import make_mesh
   engine = serve.build(cfg, make_mesh(cfg.mesh, devices=jax.devices()[:1]))
   runner, d, params = engine.runner, engine.runner.decoder, engine.generator.params
-  span, allowed = runner.spans[-1], runner._open
+  span, rows = runner.spans[-1], runner.rows[-1]  # every slot
+  allowed = runner._open[rows]
   with jax.set_mesh(engine.generator.mesh):
     one = d.jit(d.step_fn(greedy=False, span=span, logprobs=True)).lower(
         params, d.empty_state(abstract=True), allowed).compile()
-  forward, choice = runner.compiled["forward", span], runner.compiled["choose"]
+  forward, choice = runner.compiled["forward", span, rows], runner.compiled["choose", rows]
 
   def fused(state):
     return one(params, state, allowed)
