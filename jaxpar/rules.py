@@ -188,3 +188,21 @@ def by_hand(fn, name: str, *args) -> Any:
   mapped = jax.shard_map(fn, in_specs=(split,) * len(args), out_specs=split,
                          axis_names=set(mesh_axes))
   return mapped(*args)
+
+
+def by_group(fn, groups: int, *arrays):
+  """`fn` on each data group's share of `arrays` (split on their first dim like the batch):
+  on each device its own group's (`by_hand` over the batch axes), as one when there is one
+  group."""
+  return fn(*arrays) if groups == 1 else by_hand(fn, axes.BATCH, *arrays)
+
+
+def lead_rows(x: jax.Array, rows: int, groups: int) -> jax.Array:
+  """The first `rows` rows of each of the `groups` equal groups of x's leading dim (the
+  groups are the batch axes' shards: each device takes its own, `by_hand`)."""
+  return by_group(lambda a: a[:rows], groups, x)
+
+
+def put_lead_rows(x: jax.Array, part: jax.Array, rows: int, groups: int) -> jax.Array:
+  """x with `lead_rows(x, rows, groups)` replaced by `part`."""
+  return by_group(lambda a, p: a.at[:rows].set(p), groups, x, part)

@@ -40,7 +40,7 @@ from jax import lax
 from jaxpar import families, quant
 from jaxpar.axes import ACT_EMBED, BATCH, HEAD_DIM, KV_HEADS, LAYERS, SEQ
 from jaxpar.config import ModelConfig
-from jaxpar.rules import by_hand, constrain
+from jaxpar.rules import by_group, constrain, lead_rows
 
 
 class Step(NamedTuple):
@@ -269,14 +269,14 @@ def rope(x_BTNH: jax.Array, positions_BT: jax.Array, inv_freq: np.ndarray) -> ja
 def write_cache(cache: dict | None, k_BTKH: jax.Array, v_BTKH: jax.Array, step: Step):
   """(keys [B, K, H, S] and values [B, K, S, H] to attend over, the new cache): the T new
   entries written at slot `step.index`, one for all rows or one per row [B] (a scatter along
-  the rows, in place); with `step.rows`, into those cache rows only. The cache is stored in
-  the layouts the two attention products read, so no step transposes it, and both are plain
-  matrix products per (row, key/value head): scores = queries [G*T, H] @ keys [H, S], out =
-  probabilities [G*T, S] @ values [S, H]. (Keys stored [S, H] made the first product a
-  transposed one that XLA:CPU ran 1.3x to 4.8x slower at decode shapes; stored [B, S, K, H],
-  every layer copied its whole cache twice per step.) An int8 cache (`k_scale` and `v_scale`
-  leaves [B, K, S], one per token and head) gives keys and values as (int8 values, scales)
-  pairs, which `attend` takes."""
+  the rows, in place); with `step.rows`, into those cache rows only (`write_rows`). The cache
+  is stored in the layouts the two attention products read, so no step transposes it, and
+  both are plain matrix products per (row, key/value head): scores = queries [G*T, H] @ keys
+  [H, S], out = probabilities [G*T, S] @ values [S, H]. (Keys stored [S, H] made the first
+  product a transposed one that XLA:CPU ran 1.3x to 4.8x slower at decode shapes; stored
+  [B, S, K, H], every layer copied its whole cache twice per step.) An int8 cache (`k_scale`
+  and `v_scale` leaves [B, K, S], one per token and head) gives keys and values as (int8
+  values, scales) pairs, which `attend` takes."""
   k_BKHT, v_BKTH = k_BTKH.transpose(0, 2, 3, 1), v_BTKH.transpose(0, 2, 1, 3)
   if cache is None:
     return k_BKHT, v_BKTH, None
@@ -306,17 +306,6 @@ def write_cache(cache: dict | None, k_BTKH: jax.Array, v_BTKH: jax.Array, step: 
   return ((read(new["k"]), read(new["k_scale"])), (read(new["v"]), read(new["v_scale"])), new)
 
 
-def lead_rows(x: jax.Array, rows: int, groups: int) -> jax.Array:
-  """The first `rows` rows of each of the `groups` equal groups of x's leading dim (the
-  groups are the batch axes' shards: each device takes its own, `rules.by_hand`)."""
-  return _by_group(lambda a: a[:rows], groups, x)
-
-
-def put_lead_rows(x: jax.Array, part: jax.Array, rows: int, groups: int) -> jax.Array:
-  """x with `lead_rows(x, rows, groups)` replaced by `part`."""
-  return _by_group(lambda a, p: a.at[:rows].set(p), groups, x, part)
-
-
 def write_rows(old: jax.Array, new: jax.Array, index_B: jax.Array, axis: int, rows: int,
                groups: int) -> jax.Array:
   """`old` with one new entry per row of `lead_rows(old, rows, groups)` (new [B, ...] with
@@ -328,13 +317,7 @@ def write_rows(old: jax.Array, new: jax.Array, index_B: jax.Array, axis: int, ro
   def one(old, new, index):  # [per, ...], [rows, ...], [rows]: one group's
     at = (jnp.arange(rows),) + (slice(None),) * (axis - 1) + (index,)
     return old.at[at].set(jnp.squeeze(new, axis), unique_indices=True)
-  return _by_group(one, groups, old, new, index_B)
-
-
-def _by_group(fn, groups: int, *arrays):
-  """`fn` on each data group's share of `arrays` (split on their first dim like the batch):
-  on each device its own group's (`rules.by_hand`), as one when there is one group."""
-  return fn(*arrays) if groups == 1 else by_hand(fn, BATCH, *arrays)
+  return by_group(one, groups, old, new, index_B)
 
 
 def attend(q_BTNH: jax.Array, k_BKHS, v_BKSH, step: Step, *,

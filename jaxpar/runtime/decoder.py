@@ -64,14 +64,15 @@ from jax.sharding import PartitionSpec as P
 
 from jaxpar.axes import BATCH, STAGE
 from jaxpar.errors import UserError
-from jaxpar.models.base import Step, lead_rows, put_lead_rows, run_blocks
+from jaxpar.models.base import Step, run_blocks
 from jaxpar.parallel import pipeline, ring
 from jaxpar.rules import use_rules
 from jaxpar.runtime.sampling import Context
 from jaxpar.runtime.slots import (Ring, State, advance, as_rows, base_keys, blank_chosen,
                                   blank_first, cache_spec, choose, chosen_tokens, copy_rows,
-                                  prefilled, prompt_history, prompt_log_probs, put_rows,
-                                  state_program, with_mask, zero_rows, zeroed_state)
+                                  lead_count, lead_rows, prefilled, prompt_history,
+                                  prompt_log_probs, put_rows, state_program, with_mask,
+                                  zero_rows, zeroed_state)
 
 
 @dataclasses.dataclass
@@ -310,6 +311,7 @@ class Decoder:
     Called (params, state, allowed_BW) (not `greedy`): the tokens each row's choice in this
     step may take (packed, `sampling.allow`). `rows` (without stages): `forward_fn`'s."""
     S, G, Bg = self.S, self.G, self.Bg
+    lead_count(self, rows)  # (a pipeline steps every row)
     if not self.pipelined:  # the forward, then the choice
       forward = self.forward_fn(span=span, rows=rows)
       pick = self.choice_fn(greedy=greedy, logprobs=logprobs, rows=rows)
@@ -351,34 +353,12 @@ class Decoder:
       return out_B, State(caches, slots, r)
     return step
 
-  def row_buckets(self) -> tuple[int, ...]:
-    """The active-row counts a serving step is compiled for (`forward_fn`'s `rows`): 1, 2,
-    4, ... rows of each data group, up to all of them; a pipeline steps every row."""
-    per = self.slots // self.data_ways
-    if self.pipelined:
-      return (per,)
-    out = [1]
-    while out[-1] < per:
-      out.append(min(2 * out[-1], per))
-    return tuple(out)
-
-  def lead(self, rows: int | None):
-    """(rows state -> that of the first `rows` rows of each data group; (whole, part) ->
-    whole with part in them), traced under the model's rules; `rows` None: every row."""
-    if rows is None or rows == self.slots // self.data_ways:
-      return (lambda a: a), (lambda whole, part: part)
-    D = self.data_ways
-    return (lambda s: jax.tree.map(lambda a: lead_rows(a, rows, D), s),
-            lambda whole, part: jax.tree.map(lambda a, p: put_lead_rows(a, p, rows, D),
-                                             whole, part))
-
   def forward_fn(self, *, span: int, rows: int | None = None):
     """A decode step's forward without stages: (params, state) -> (logits_BV float32, state),
     each row's keys and values written, the rows as they were (`choice_fn` advances them; a
     pipeline chooses inside its ring). `rows`: of the first `rows` rows of each data group
-    only (`row_buckets`; B = rows * data groups), the others untouched."""
-    take, _ = self.lead(rows)
-    lead = 0 if rows in (None, self.slots // self.data_ways) else rows
+    only (`slots.row_buckets`; B = rows * data groups), the others untouched."""
+    take, lead = lead_rows(self, rows)[0], lead_count(self, rows)
 
     def tick(parts, caches, slots):
       return self._step_tick(parts, None, span, (None, None, take(slots), None), 0, 0,
@@ -394,7 +374,7 @@ class Decoder:
     """The next token of every row (of `forward_fn`'s `rows`) from its logits, those rows
     advanced: (params, state, logits_BV, *allowed) -> (out_B, state); `allowed`: (mask
     [B, W],) or () (`step_fn`)."""
-    take, put = self.lead(rows)
+    take, put = lead_rows(self, rows)
 
     def pick(parts, slots, logits_BV, allowed):
       cur = take(slots)

@@ -17,6 +17,7 @@ from jax.sharding import PartitionSpec as P
 from jaxpar.axes import ACT_EMBED, BATCH, LAYERS, SEQ, STAGE
 from jaxpar.models.base import cache_leaf
 from jaxpar.parallel import ring
+from jaxpar import rules
 from jaxpar.rules import constrain, use_rules
 from jaxpar.runtime.sampling import (NO_TOKEN, TOP_LOGPROBS, Bias, Context, LogProbs, Sampling,
                                      adjust, allow, likeliest, log_probs, sample)
@@ -74,6 +75,39 @@ def empty_slots(B: int, length: int, bias: int = 0) -> Slots:
   zeros = lambda dtype, *shape: full(0, dtype, *shape)
   return Slots(zeros(jnp.int32), zeros(jnp.int32), zeros(jnp.int32), sampling,
                zeros(jnp.uint32, *key_shape), zeros(jnp.int32, length), zeros(jnp.int32))
+
+
+def row_buckets(d) -> tuple[int, ...]:
+  """The active-row counts a serving step of decoder `d` is compiled for (`forward_fn`'s
+  `rows`): 1, 2, 4, ... rows of each data group, up to all of them; a pipeline steps every
+  row."""
+  per = d.slots // d.data_ways
+  if d.pipelined:
+    return (per,)
+  out = [1]
+  while out[-1] < per:
+    out.append(min(2 * out[-1], per))
+  return tuple(out)
+
+
+def lead_count(d, rows: int | None) -> int:
+  """`rows` of each data group of decoder `d` as `Step.rows` gives them (0: every row)."""
+  if rows in (None, d.slots // d.data_ways):
+    return 0
+  if d.pipelined:
+    raise ValueError(f"rows={rows}: a pipeline steps every row")
+  return rows
+
+
+def lead_rows(d, rows: int | None):
+  """(rows state -> that of the first `rows` rows of each data group; (whole, part) ->
+  whole with part in them), traced under the model's rules; `rows` None: every row."""
+  if not lead_count(d, rows):
+    return (lambda a: a), (lambda whole, part: part)
+  D = d.data_ways
+  return (lambda s: jax.tree.map(lambda a: rules.lead_rows(a, rows, D), s),
+          lambda whole, part: jax.tree.map(lambda a, p: rules.put_lead_rows(a, p, rows, D),
+                                           whole, part))
 
 
 def prompt_history(length: int, tokens_RT: jax.Array, start, before_1N=None) -> jax.Array:

@@ -22,6 +22,7 @@ import numpy as np
 from jaxpar.distributed import say
 from jaxpar.runtime.decoder import Decoder
 from jaxpar.runtime.sampling import BAN, NO_TOKEN, Bias, Sampling
+from jaxpar.runtime.slots import row_buckets
 from jaxpar.serve import grammar
 from jaxpar.serve.request import MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS, Params, Stream, TokenLogprobs
 from jaxpar.serve.scheduler import Placement
@@ -140,7 +141,7 @@ class Runner:
   bucket. The prefill and the sampled step also give each token's log-probabilities and
   adjust the logits (biases, penalties); a step runs greedy only when every running row needs
   none of that (`Params.greedy`). Without stages a step computes only the first A rows of
-  each data group, A the least of `Decoder.row_buckets` that holds every running row (the
+  each data group, A the least of `slots.row_buckets` that holds every running row (the
   scheduler fills low rows first): one request on an 8-slot server decodes at batch 1.
 
   The decode step's inputs live on the devices, so step t is queued before the host reads
@@ -158,7 +159,7 @@ class Runner:
     self.decoder, self.generator = decoder, decoder.generator
     self.slots, self.length = decoder.slots, decoder.length
     self.buckets, self.spans = tuple(buckets), tuple(spans)
-    self.rows = decoder.row_buckets()
+    self.rows = row_buckets(decoder)
     self.group_rows = self.slots // decoder.data_ways
     self.prefix_reuse = not decoder.pipelined  # a pipeline prefills whole prompts
     self._late = decoder.late()
@@ -179,7 +180,8 @@ class Runner:
   def reset(self) -> None:
     self._state = self.decoder.empty_state()
     self._logits = None  # a split step's logits, waiting for its choice
-    self._choice = None  # (program, {row: owner}) of the step whose choice `choose` queues
+    # (program, {row: owner}, active rows) of the step whose choice `choose` queues
+    self._choice = None
     # (tokens, {row: owner}, {row: its place in tokens}) of the prefills queued, not yet
     # read, and of the decode step queued
     self._firsts: list = []
