@@ -40,7 +40,7 @@ def main() -> None:
   engine = serve.build(cfg, make_mesh(cfg.mesh, devices=jax.devices()[:1]))
   runner, d, params = engine.runner, engine.runner.decoder, engine.generator.params
   span, rows = runner.spans[-1], runner.rows[-1]  # every slot
-  allowed = runner._open[rows]
+  allowed = runner._open[runner.slots]
   with jax.set_mesh(engine.generator.mesh):
     one = d.jit(d.step_fn(greedy=False, span=span, logprobs=True)).lower(
         params, d.empty_state(abstract=True), allowed).compile()

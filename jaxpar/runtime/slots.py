@@ -14,10 +14,10 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
+from jaxpar import rules
 from jaxpar.axes import ACT_EMBED, BATCH, LAYERS, SEQ, STAGE
 from jaxpar.models.base import cache_leaf
 from jaxpar.parallel import ring
-from jaxpar import rules
 from jaxpar.rules import constrain, use_rules
 from jaxpar.runtime.sampling import (NO_TOKEN, TOP_LOGPROBS, Bias, Context, LogProbs, Sampling,
                                      adjust, allow, likeliest, log_probs, sample)

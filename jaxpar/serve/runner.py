@@ -165,11 +165,12 @@ class Runner:
     self._late = decoder.late()
     self.width = grammar.words(self.generator.config.model.vocab_size)  # a row's mask
     self.compiled = self._compile(progress)
-    self._open = {}  # rows -> the open masks of the rows a step of that many computes
+    self._open = {}  # the open masks of a step's rows, by how many it computes
     for A in self.rows:
       sampled = self.compiled.get(("choose", A)) or self.compiled["decode", False,
-                                                                   self.spans[0]]
-      self._open[A] = jax.device_put(grammar.masks([None] * len(self.active(A)), self.width),
+                                                                   self.spans[0], A]
+      n = len(self.active(A))
+      self._open[n] = jax.device_put(grammar.masks([None] * n, self.width),
                                      sampled.input_shardings[0][-1])
     # The host's copy of the rows' positions (which span) and whether their request needs
     # the sampled step.
@@ -180,7 +181,8 @@ class Runner:
   def reset(self) -> None:
     self._state = self.decoder.empty_state()
     self._logits = None  # a split step's logits, waiting for its choice
-    # (program, {row: owner}, active rows) of the step whose choice `choose` queues
+    # (program, {row: owner}, {row: its place in the step}) of the step whose choice
+    # `choose` queues
     self._choice = None
     # (tokens, {row: owner}, {row: its place in tokens}) of the prefills queued, not yet
     # read, and of the decode step queued
@@ -217,12 +219,12 @@ class Runner:
         queued = [(next_B, owners, at)]
       elif not self.decoder.pipelined:  # the forward now, the choice in `choose`
         self._logits, self._state = self.compiled["forward", span, A](params, self._state)
-        self._choice = (self.compiled["choose", A], owners, A)
+        self._choice = (self.compiled["choose", A], owners, at)
       elif masked:  # a pipeline chooses in its ring: the masks need every token first
-        self._choice = (self.compiled["decode", False, span], owners, A)
+        self._choice = (self.compiled["decode", False, span, A], owners, at)
       else:
-        next_B, self._state = self.compiled["decode", False, span](params, self._state,
-                                                                   self._open[A])
+        next_B, self._state = self.compiled["decode", False, span, A](params, self._state,
+                                                                      self._open[len(at)])
         queued = [(next_B, owners, at)]
     events = self._read(running)
     self._queued = queued
@@ -231,16 +233,14 @@ class Runner:
   def choose(self, running: Sequence[Stream | None]) -> None:
     if self._choice is None:
       return
-    (program, owners, A), self._choice = self._choice, None
-    rows = self.active(A)
-    matchers = [None if running[b] is None else running[b].matcher for b in rows]
+    (program, owners, at), self._choice = self._choice, None
+    matchers = [None if running[b] is None else running[b].matcher for b in at]
     masked = any(m is not None for m in matchers)
-    allowed = grammar.masks(matchers, self.width) if masked else self._open[A]
+    allowed = grammar.masks(matchers, self.width) if masked else self._open[len(at)]
     args = (self._state, allowed) if self._logits is None else (self._state, self._logits,
                                                                 allowed)
     next_B, self._state = program(self.generator.params, *args)
-    self._logits = None
-    self._queued = [(next_B, owners, {b: i for i, b in enumerate(rows)})]
+    self._logits, self._queued = None, [(next_B, owners, at)]
 
   def _read(self, running: Sequence[Stream | None]) -> list[Event]:
     """The tokens of the prefills and the step queued (waiting for them), as events; each
@@ -311,8 +311,8 @@ class Runner:
           compiled["decode", True, span, self.rows[0]] = d.jit(d.step_fn(
               greedy=True, span=span)).lower(g.params, state).compile()
           sampled = d.step_fn(greedy=False, span=span, logprobs=True)
-          compiled["decode", False, span] = d.jit(sampled).lower(g.params, state,
-                                                                 mask).compile()
+          compiled["decode", False, span, self.rows[0]] = d.jit(sampled).lower(
+              g.params, state, mask).compile()
         return compiled
       for A in self.rows:
         mask = jax.ShapeDtypeStruct((len(self.active(A)), self.width), jnp.int32)
