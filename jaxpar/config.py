@@ -139,6 +139,7 @@ class ServeConfig:
   min_bucket: int = 16      # prompts pad to 16, 24, 32, 48, 64, ... tokens (a program each)
   policy: str = "continuous"  # continuous: refill slots every step; static: whole batches
   prefix_reuse: bool = True  # a prompt starts from the longest prefix a slot's cache holds
+  precompile: bool = True   # compile every program at start; false: each on first use
   shutdown_timeout: float = 10.0  # on SIGTERM, seconds in-flight requests get to finish
   model_name: str = ""      # the name clients ask for; "": the checkpoint's folder name
 

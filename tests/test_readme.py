@@ -5,6 +5,8 @@ import re
 import subprocess
 import sys
 
+from tests.conftest import cli_env
+
 
 def test_readme_python_blocks_run_as_written(root, tmp_path):
   text = (root / "README.md").read_text()
@@ -13,8 +15,10 @@ def test_readme_python_blocks_run_as_written(root, tmp_path):
   for i, code in enumerate(blocks):
     script = tmp_path / f"block_{i}.py"
     script.write_text(code)
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    # The tests' compilation cache (tests/conftest.py), so a repeated run compiles nothing.
+    # The quick compiles of every CLI process the tests start (the README's blocks add their
+    # device count to XLA_FLAGS) and the tests' compilation cache (tests/conftest.py), so a
+    # repeated run compiles nothing.
+    env = cli_env()
     env.update(JAX_COMPILATION_CACHE_DIR=os.environ["JAXPAR_CACHE_DIR"],
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")

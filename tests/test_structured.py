@@ -86,7 +86,7 @@ def engine_for(root, checkpoint, devices, *sets):
   from tokenizers import Tokenizer
   config = config_lib.load(root / "configs" / "tiny.yaml", [
       f"model.checkpoint={checkpoint}", f"serve.max_slots={SLOTS}", "serve.max_len=256",
-      "serve.min_bucket=64", *sets])
+      "serve.min_bucket=64", "serve.precompile=false", *sets])
   tokenizer = Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
   engine = serve.build(config, make_mesh(config.mesh, devices=devices), tokenizer=tokenizer,
                        progress=False)

@@ -215,8 +215,8 @@ class Engine:
 
 def build(config: Config, mesh, *, tokenizer=None, progress: bool = True) -> Engine:
   """An Engine for `config` on `mesh` with every program compiled (said with a progress line;
-  the persistent compilation cache makes a restart fast): a pipelined runner when the mesh
-  has stages, else the plain one."""
+  the persistent compilation cache makes a restart fast; serve.precompile=false: each on
+  first use): a pipelined runner when the mesh has stages, else the plain one."""
   from jaxpar.rules import Rules
   from jaxpar.runtime import generate as gen_lib
   from jaxpar.runtime.decoder import Decoder
@@ -235,7 +235,8 @@ def build(config: Config, mesh, *, tokenizer=None, progress: bool = True) -> Eng
   prompt_buckets = buckets(length, s.min_bucket)
   decoder = Decoder(generator, s.max_slots, length, bias=bias_entries(generator.eos_ids))
   runner = Runner(decoder, buckets=prompt_buckets,
-                  spans=spans(length, s.min_bucket), progress=progress)
+                  spans=spans(length, s.min_bucket), progress=progress,
+                  precompile=s.precompile)
   detokenize = None
   if tokenizer is not None:
     detokenize = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)

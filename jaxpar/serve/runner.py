@@ -1,7 +1,8 @@
 """The runner: what carries out the scheduler's decisions on the devices.
 
 A runner owns the device state (KV caches, the rows' decoding state) and every compiled
-program; it compiles them all when it is made, so that no request compiles anything. The
+program; it compiles them all when it is made, so that no request compiles anything
+(`serve.precompile=false`: each on first use, a quicker start for development). The
 engine asks it for one decode step over the running rows and one prefill per `Placement`, and
 gets back `(row, owner, token, logprobs)` events: `token` was made for the request `owner` in
 `row` (the engine drops it when `owner` no longer holds the row); `logprobs` is the token's
@@ -155,7 +156,7 @@ class Runner:
   gives the token of their previous entry: it belongs to whoever held the row then."""
 
   def __init__(self, decoder: Decoder, *, buckets: tuple[int, ...], spans: tuple[int, ...],
-               progress: bool = True):
+               progress: bool = True, precompile: bool = True):
     self.decoder, self.generator = decoder, decoder.generator
     self.slots, self.length = decoder.slots, decoder.length
     self.buckets, self.spans = tuple(buckets), tuple(spans)
@@ -164,14 +165,14 @@ class Runner:
     self.prefix_reuse = not decoder.pipelined  # a pipeline prefills whole prompts
     self._late = decoder.late()
     self.width = grammar.words(self.generator.config.model.vocab_size)  # a row's mask
-    self.compiled = self._compile(progress)
+    with jax.set_mesh(self.generator.mesh):
+      self.compiled = Programs(self._makers(), self.generator.mesh)
+    if precompile:
+      self.compile_all(progress)
+    elif progress:
+      say(f"{len(self.compiled.makers)} programs compile on first use "
+          f"(serve.precompile=false)")
     self._open = {}  # the open masks of a step's rows, by how many it computes
-    for A in self.rows:
-      sampled = self.compiled.get(("choose", A)) or self.compiled["decode", False,
-                                                                   self.spans[0], A]
-      n = len(self.active(A))
-      self._open[n] = jax.device_put(grammar.masks([None] * n, self.width),
-                                     sampled.input_shardings[0][-1])
     # The host's copy of the rows' positions (which span) and whether their request needs
     # the sampled step.
     self._positions = np.zeros(self.slots, np.int32)
@@ -223,8 +224,8 @@ class Runner:
       elif masked:  # a pipeline chooses in its ring: the masks need every token first
         self._choice = (self.compiled["decode", False, span, A], owners, at)
       else:
-        next_B, self._state = self.compiled["decode", False, span, A](params, self._state,
-                                                                      self._open[len(at)])
+        program = self.compiled["decode", False, span, A]
+        next_B, self._state = program(params, self._state, self._open_mask(program, len(at)))
         queued = [(next_B, owners, at)]
     events = self._read(running)
     self._queued = queued
@@ -236,7 +237,8 @@ class Runner:
     (program, owners, at), self._choice = self._choice, None
     matchers = [None if running[b] is None else running[b].matcher for b in at]
     masked = any(m is not None for m in matchers)
-    allowed = grammar.masks(matchers, self.width) if masked else self._open[len(at)]
+    allowed = (grammar.masks(matchers, self.width) if masked
+               else self._open_mask(program, len(at)))
     args = (self._state, allowed) if self._logits is None else (self._state, self._logits,
                                                                 allowed)
     next_B, self._state = program(self.generator.params, *args)
@@ -288,44 +290,71 @@ class Runner:
   def release(self, row: int) -> None:
     self._positions[row] = self._sampled[row] = 0
 
-  def _compile(self, progress: bool) -> dict:
-    d, g = self.decoder, self.generator
-    count = len(self.buckets) + (2 * len(self.spans) + (not d.pipelined)) * len(self.rows)
+  def compile_all(self, progress: bool = True) -> None:
+    """Compiles every program (so that no request waits for a compile), said in a line."""
+    d = self.decoder
     rows = "" if len(self.rows) == 1 else f" ({', '.join(map(str, self.rows))} active rows)"
     steps = (f"decode steps of {self.slots} slots{rows} over {', '.join(map(str, self.spans))} "
              f"positions" + (f" ({d.G} groups through {d.S} stages)" if d.pipelined else ""))
-    compiled = {}
-    with compiling(count, self.buckets, steps, progress=progress), jax.set_mesh(g.mesh):
-      state = d.empty_state(abstract=True)
-      one = lambda a: jax.ShapeDtypeStruct((1, *a.shape), a.dtype)
-      for bucket in self.buckets:
-        compiled["prefill", bucket] = d.prefill(1, bucket, reuse=self.prefix_reuse,
-                                                logprobs=True, echo=True).lower(
-            g.params, state, jax.ShapeDtypeStruct((1, bucket), jnp.int32), scalar(jnp.int32),
-            one(scalar(jnp.int32)), scalar(jnp.int32), scalar(jnp.int32),
-            jax.tree.map(one, abstract_sampling(d.bias, self.width)), one(scalar(jnp.uint32)),
-            one(scalar(jnp.int32)), one(scalar(jnp.bool_))).compile()
-      if d.pipelined:  # every row; the choice inside the ring
-        mask = jax.ShapeDtypeStruct((self.slots, self.width), jnp.int32)
-        for span in self.spans:
-          compiled["decode", True, span, self.rows[0]] = d.jit(d.step_fn(
-              greedy=True, span=span)).lower(g.params, state).compile()
-          sampled = d.step_fn(greedy=False, span=span, logprobs=True)
-          compiled["decode", False, span, self.rows[0]] = d.jit(sampled).lower(
-              g.params, state, mask).compile()
-        return compiled
-      for A in self.rows:
-        mask = jax.ShapeDtypeStruct((len(self.active(A)), self.width), jnp.int32)
-        for span in self.spans:
-          compiled["decode", True, span, A] = d.jit(d.step_fn(
-              greedy=True, span=span, rows=A)).lower(g.params, state).compile()
-          compiled["forward", span, A] = d.jit(d.forward_fn(span=span, rows=A)).lower(
-              g.params, state).compile()
-        logits = compiled["forward", self.spans[0], A].out_info[0]
-        compiled["choose", A] = d.jit(d.choice_fn(greedy=False, logprobs=True,
-                                                  rows=A)).lower(
-            g.params, state, logits, mask).compile()
-    return compiled
+    with compiling(len(self.compiled.makers), self.buckets, steps, progress=progress):
+      self.compiled.compile_all()
+
+  def _makers(self) -> dict:
+    """{key: a function that compiles the program}: prefill per prompt bucket; per span and
+    active-row count the greedy step, and the forward (a pipeline: the sampled step, every
+    row); per row count the choice."""
+    d, g = self.decoder, self.generator
+    state = d.empty_state(abstract=True)
+    one = lambda a: jax.ShapeDtypeStruct((1, *a.shape), a.dtype)
+    lower = lambda fn, *args: lambda: d.jit(fn).lower(g.params, state, *args).compile()
+    makers = {}
+    for bucket in self.buckets:
+      makers["prefill", bucket] = lambda bucket=bucket: d.prefill(
+          1, bucket, reuse=self.prefix_reuse, logprobs=True, echo=True).lower(
+          g.params, state, jax.ShapeDtypeStruct((1, bucket), jnp.int32), scalar(jnp.int32),
+          one(scalar(jnp.int32)), scalar(jnp.int32), scalar(jnp.int32),
+          jax.tree.map(one, abstract_sampling(d.bias, self.width)), one(scalar(jnp.uint32)),
+          one(scalar(jnp.int32)), one(scalar(jnp.bool_))).compile()
+    for A in self.rows:
+      mask = jax.ShapeDtypeStruct((len(self.active(A)), self.width), jnp.int32)
+      for span in self.spans:
+        if d.pipelined:  # every row; the choice inside the ring
+          makers["decode", True, span, A] = lower(d.step_fn(greedy=True, span=span))
+          makers["decode", False, span, A] = lower(
+              d.step_fn(greedy=False, span=span, logprobs=True), mask)
+          continue
+        makers["decode", True, span, A] = lower(d.step_fn(greedy=True, span=span, rows=A))
+        makers["forward", span, A] = lower(d.forward_fn(span=span, rows=A))
+      if not d.pipelined:  # takes the logits as the forward lays them out
+        choice = d.choice_fn(greedy=False, logprobs=True, rows=A)
+        makers["choose", A] = lambda choice=choice, A=A, mask=mask: lower(
+            choice, self.compiled["forward", self.spans[0], A].out_info[0], mask)()
+    return makers
+
+  def _open_mask(self, program, rows: int):
+    """The mask that allows every token, for a step of `rows` rows (made once per count)."""
+    if rows not in self._open:
+      self._open[rows] = jax.device_put(grammar.masks([None] * rows, self.width),
+                                        program.input_shardings[0][-1])
+    return self._open[rows]
+
+
+class Programs(dict):
+  """The runner's compiled programs by key. A program not compiled yet compiles on first use
+  (`makers[key]()`); `compile_all` compiles every one."""
+
+  def __init__(self, makers: dict, mesh):
+    super().__init__()
+    self.makers, self.mesh = makers, mesh
+
+  def __missing__(self, key):
+    with jax.set_mesh(self.mesh):
+      self[key] = program = self.makers[key]()
+    return program
+
+  def compile_all(self) -> None:
+    for key in self.makers:
+      self[key]  # noqa: B018 (compiles it)
 
 
 def _token_logprobs(logprobs, at: int, owner: Stream) -> TokenLogprobs | None:
