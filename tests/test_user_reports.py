@@ -113,7 +113,8 @@ def test_floats_in_any_notation(root, tmp_path, monkeypatch, capsys):
 
 # 5. Every shipped config runs every command it serves (depth cut to the stages it needs, the
 # vocabulary to 1001 rows, which no mesh axis divides: the full tables of 128k-152k rows took
-# most of the time; a config is still loaded and checked at its full size).
+# most of the time; the width to 8 per head and an MLP of 128, so every head split stays as
+# shipped; a config is still loaded and checked at its full size).
 SHIPPED = [(c, cmd) for c in ("default", "tiny", "gpt2", "pipeline", "llama", "mistral",
                               "qwen2", "qwen3") for cmd in ("forward", "generate")]
 SHIPPED += [("cnn", "classify"), ("cnn_tiny", "classify")]
@@ -130,9 +131,13 @@ def test_shipped_configs_run(root, monkeypatch, capsys, name, command):
     args += ["--no-verify"]
   else:
     depth = config.mesh.stage * (config.pipeline.repeats if command == "forward" else 1)
-    args += ["--set", f"model.n_layers={max(depth, 1)}", "--set",
-             f"model.vocab_size={min(config.model.vocab_size, 1001)}", "--no-verify"
-             if command == "forward" else "--max-new-tokens=2"]
+    m = config.model
+    narrow = [f"model.d_model={8 * m.n_heads}", "model.d_ff=128"] + (
+        ["model.head_dim=8"] if m.head_dim else [])
+    for item in [f"model.n_layers={max(depth, 1)}",
+                 f"model.vocab_size={min(m.vocab_size, 1001)}", *narrow]:
+      args += ["--set", item]
+    args += ["--no-verify" if command == "forward" else "--max-new-tokens=2"]
   code, out, err, result = run(capsys, *args)
   assert code == 0, err
   assert result["command"] == command
