@@ -4,9 +4,10 @@ float32, batches 1, 8 and 32, 32-token prompts, 64 new tokens, against the speed
 (`limits.speed_of_light`) of the same weights measured in the same run.
 
 Each operation the loop ran is put in one class by its HLO (the compiled program's text):
-- weight products: a product with a 2-D weight of a block or the vocabulary head;
-- attention: the products of queries with the cached keys and of the weights with the
-  cached values, and the softmax between them;
+- weight products: a product without batch dimensions (a weight of a block, or the
+  vocabulary head);
+- attention: the per-head products of queries with the cached keys and of the softmax
+  weights with the cached values, and the softmax between them;
 - cache writes: the updates of the KV caches in place;
 - the rest: layer norms, activations, residuals, the greedy choice, the loop's own.
 
@@ -57,55 +58,99 @@ def instructions(hlo: str) -> dict:
   return out
 
 
-def classify(name: str, table: dict, weight_shapes: set, span: int) -> str:
-  """The class of the operation `name` (a thunk of the trace) by its HLO."""
+def classify(name: str, table: dict) -> str:
+  """The class of the operation `name` (a thunk of the trace) by its HLO opcodes (its own
+  and, for a fusion, those of the computation it calls): a product without batch dimensions
+  multiplies by a weight; one with them (per head) is attention, as is what jaxpar's
+  attention names (the softmax); an in-place update or scatter writes a cache."""
   line = table.get(name) or table.get(name.split(":")[0])
   if line is None:
     return "the rest"
-  lines = [line]
-  for called in re.findall(r"calls=%?([\w.\-]+)", line):
-    lines += table.get(("computation", called), [])
-  text = "\n".join(lines)
-  dots = re.findall(r"dot\((.*?)\)", text)
-  shapes = set(re.findall(r"f32\[([\d,]+)\]", text))
-  if dots and shapes & weight_shapes:
+  body = [line] + [l for called in re.findall(r"calls=%?([\w.\-]+)", line)
+                   for l in table.get(("computation", called), [])]
+  ops = [(opcode(l), l) for l in body]
+  dots = [l for op, l in ops if op == "dot"]
+  if any("lhs_batch_dims" not in l for l in dots):
     return "weight products"
-  if "dynamic-update-slice" in text or "scatter(" in text:
+  if any(op in ("dynamic-update-slice", "scatter") for op, _ in ops):
     return "cache writes"
-  if any(str(span) in s.split(",") for s in shapes) and (dots or "exponential" in text):
+  if dots or "/attn/" in line:
     return "attention"
   return "the rest"
 
 
-def profile(gen, prompts, new_tokens: int, weight_shapes: set) -> dict:
-  """{class: seconds per decode step} from a trace of one generate, and the step's
-  wall-clock seconds."""
-  import jax
-  from jax.profiler import ProfileData
+def opcode(line: str) -> str:
+  """The opcode of an HLO instruction's text (after its result type)."""
+  m = re.search(r"\s([a-z][\w\-]*)\(", " " + line)
+  return m.group(1) if m else ""
+
+
+def profile(gen, prompts, new_tokens: int) -> dict:
+  """{class: seconds of a decode step} from a trace of one generate (the threads' busy time
+  in each class, shared out over the loop's wall-clock time), and the step's seconds."""
   gen.generate(prompts, max_new_tokens=new_tokens)  # compiled, warm
   (_, _, decode), = [v for k, v in gen._compiled.items() if k[0] == len(prompts)]
   table = instructions(decode.as_text())
-  span = len(prompts[0]) + new_tokens
+  result, (lines, loop) = traced(lambda: gen.generate(prompts, max_new_tokens=new_tokens))
+  seconds, names = collections.Counter(), collections.Counter()
+  for line in lines:
+    for event in line.events:
+      if not working(event, loop):
+        continue
+      kind = classify(event.name, table)
+      seconds[kind] += event.duration_ns / 1e9
+      names[kind, event.name] += event.duration_ns / 1e9
+  # The threads' busy time, shared out over the loop's wall-clock time by class.
+  steps, busy = result.steps - 1, sum(seconds.values())
+  wall = loop.duration_ns / 1e9 / steps
+  return {"decode_s_per_step": result.decode_s / steps, "loop_s_per_step": wall,
+          "threads_busy": busy / (loop.duration_ns / 1e9),
+          "s_per_step": {k: wall * seconds[k] / busy for k in CLASSES},
+          "top": {k: [(n, s / steps) for (c, n), s in names.most_common() if c == k][:6]
+                  for k in CLASSES}}
+
+
+def traced(fn):
+  """fn()'s result, XLA's threads in a trace of it (`tf_XLA*` lines) and the longest program
+  run among them (a generate's decode loop)."""
+  import jax
+  from jax.profiler import ProfileData
   with tempfile.TemporaryDirectory() as tmp:
     jax.profiler.start_trace(tmp)
-    result = gen.generate(prompts, max_new_tokens=new_tokens)
+    out = jax.block_until_ready(fn())
     jax.profiler.stop_trace()
     data = ProfileData.from_file(glob.glob(f"{tmp}/**/*.xplane.pb", recursive=True)[0])
-  seconds, names = collections.Counter(), collections.Counter()
-  for plane in data.planes:
-    for line in plane.lines:
-      if not line.name.startswith("tf_XLA"):
-        continue
-      for event in line.events:
-        if event.name.startswith(("end:", "Thunk", "ThreadpoolListener")):
-          continue
-        kind = classify(event.name, table, weight_shapes, span)
-        seconds[kind] += event.duration_ns / 1e9
-        names[kind, event.name] += event.duration_ns / 1e9
-  steps = result.steps - 1
-  return {"decode_s_per_step": result.decode_s / steps,
-          "traced_s_per_step": {k: seconds[k] / result.steps for k in CLASSES},
-          "top": [(k, n, s / result.steps) for (k, n), s in names.most_common(12)]}
+  lines = [line for plane in data.planes for line in plane.lines
+           if line.name.startswith("tf_XLA")]
+  loop = max((e for line in lines for e in line.events
+              if e.name.startswith("ThunkExecutor::Execute")), key=lambda e: e.duration_ns)
+  return out, (lines, loop)
+
+
+def working(event, loop) -> bool:
+  """An operation run inside `loop` (the pool's own events, waits and regions, left out)."""
+  return (not event.name.startswith(("end:", "Thunk", "ThreadpoolListener", "SlinkyThreadPool"))
+          and loop.start_ns <= event.start_ns < loop.start_ns + loop.duration_ns)
+
+
+def threads_busy(fn) -> float:
+  """How many of XLA's threads were working on average over the longest program fn() runs."""
+  _, (lines, loop) = traced(fn)
+  return sum(e.duration_ns for line in lines for e in line.events
+             if working(e, loop)) / loop.duration_ns
+
+
+def light_busy(gen, batch: int, steps: int, layout: str) -> float:
+  """`threads_busy` of the speed-of-light chain in `layout`."""
+  import jax
+  import jax.numpy as jnp
+  mats, head = limits.weight_matrices(gen)
+  weights = jax.device_put(limits.chain_weights(mats, head, layout), jax.devices("cpu")[0])
+  D = head.shape[1]
+  x = jnp.ones((batch, D) if layout != "W @ h" else (D, batch), jnp.float32)
+  chain = limits.chain_program(mats, head, steps, layout).lower(weights, x).compile()
+  chain(weights, x).block_until_ready()
+  return threads_busy(lambda: chain(weights, x))
 
 
 def main() -> None:
@@ -129,32 +174,35 @@ def main() -> None:
                                                             *args.set])
   gen = generate.build(config, make_mesh(config.mesh, devices=jax.devices("cpu")[:1]),
                        eos_id=-1)
-  mats, head = limits.weight_matrices(gen)
-  weight_shapes = {",".join(map(str, w.shape)) for w in [head, *mats[0]]}
   results = []
   for batch in args.batches:
     prompts = np.random.default_rng(batch).integers(
         0, config.model.vocab_size, (batch, args.prompt_len)).tolist()
     start = time.perf_counter()
     light = limits.speed_of_light(gen, batch, args.new_tokens)
-    out = profile(gen, prompts, args.new_tokens, weight_shapes)
+    out = profile(gen, prompts, args.new_tokens)
+    fastest = max(light, key=light.get)
+    out.update(light_layout=fastest,
+               light_threads_busy=light_busy(gen, batch, args.new_tokens, fastest))
     out.update(batch=batch, speed_of_light_tokens_per_s=max(light.values()),
                speed_of_light=light, seconds=time.perf_counter() - start)
     results.append(out)
     print(f"  batch {batch}: done", flush=True)
   rows = []
   for r in results:
-    t, B = r["traced_s_per_step"], r["batch"]
+    t, B = r["s_per_step"], r["batch"]
     rows.append((B, f"{B / r['decode_s_per_step']:.1f}", f"{r['speed_of_light_tokens_per_s']:.1f}",
-                 f"{r['decode_s_per_step'] * 1e3:.2f}", f"{sum(t.values()) * 1e3:.2f}",
+                 f"{r['decode_s_per_step'] * 1e3:.2f}",
+                 f"{r['threads_busy']:.2f} / {r['light_threads_busy']:.2f}",
                  *(f"{t[k] * 1e3:.2f}" for k in CLASSES),
                  f"{B / t['weight products']:.1f}"))
   print(inspect.format_table(
-      ("batch", "decode tok/s", "speed of light", "step ms", "traced ms",
+      ("batch", "decode tok/s", "speed of light", "step ms", "threads busy (light)",
        *(f"{k} ms" for k in CLASSES), "weight products tok/s"), rows))
   for r in results:
-    print(f"  batch {r['batch']}, the longest operations per step: " + "; ".join(
-        f"{n} ({k}) {s * 1e3:.2f} ms" for k, n, s in r["top"][:8]))
+    for k in CLASSES[1:]:
+      print(f"  batch {r['batch']}, {k}, the longest per step: " + "; ".join(
+          f"{n} {s * 1e3:.2f} ms" for n, s in r["top"][k]))
   write_json(args.out, {"benchmark": "decode_profile", "jax": jax.__version__,
                         "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                         "results": results})
