@@ -73,8 +73,8 @@ def test_seeded_sampling_does_not_depend_on_the_mesh(tiny, devices):
                                      seed=1).tokens)
   for tokens in results[1:]:
     np.testing.assert_array_equal(tokens, results[0])
-  greedy = gens[0].generate(prompts, max_new_tokens=8).tokens  # on one device
-  assert not np.array_equal(results[0], greedy)  # it did sample
+  other = gens[0].generate(prompts, max_new_tokens=8, sampling=sampling, seed=2).tokens
+  assert not np.array_equal(results[0], other)  # it did sample, by its seed
 
 
 def test_generate_takes_the_penalties_from_the_config(root, monkeypatch, capsys):
