@@ -11,9 +11,11 @@ Each operation the loop ran is put in one class by its HLO (the compiled program
 - cache writes: the updates of the KV caches in place;
 - the rest: layer norms, activations, residuals, the greedy choice, the loop's own.
 
-The weight products alone, summed over the trace, give the step's time at the speed of
-light of its own products (`weight products` tok/s); the other classes are what a decode step
-does that the speed-of-light chain does not.
+XLA:CPU runs an operation on several threads, so each class's busy time is shared out over
+the loop's wall-clock time (`threads busy`: how many threads worked on average, for the loop
+and for the speed-of-light chain). The weight products' share alone gives the tokens/s the
+step would reach if it did nothing else (`weight products tok/s`), to hold against the
+chain; the other classes are what a decode step does that the chain does not.
 
   python benchmarks/decode_profile.py [--batches 1 8 32] [--set model.scan_layers=true]
 
