@@ -56,11 +56,14 @@ HF_CLASSES = {"gpt2": ("GPT2Config", "GPT2LMHeadModel"),
               "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}
 
 
-def make_checkpoint(family: str, path: str) -> None:
+def make_checkpoint(family: str, path: str, **changes) -> None:
+  """A random checkpoint of the benchmark's shape for `family` (`changes`: to its
+  transformers config, e.g. n_layer=3)."""
   import torch
   import transformers
   config_cls, model_cls = (getattr(transformers, n) for n in HF_CLASSES[family])
   args = {"initializer_range": 0.2} if family == "gpt2" else LLAMA_SHAPE
+  args = {**args, **changes}
   torch.manual_seed(0)
   model_cls(config_cls(**args)).save_pretrained(path)
 

@@ -130,6 +130,17 @@ class GenerateConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SpeculativeConfig:
+  """Speculative decoding (`generate`): `k` proposed tokens per row checked by the model in
+  one pass; greedy output is the same token for token."""
+  method: str = "none"  # none | ngram (prompt lookup) | draft (a smaller model) | self (tests)
+  k: int = 4            # tokens proposed per pass
+  ngram_max: int = 3    # ngram: the longest suffix of a row's tokens looked up in them
+  ngram_min: int = 2    # ... the shortest (no match: a plain one-token step)
+  draft: str = ""       # draft: checkpoint folder of a model with the same vocabulary
+
+
+@dataclasses.dataclass(frozen=True)
 class ServeConfig:
   """The serving engine and HTTP server (`scripts/run.py serve`)."""
   max_slots: int = 8        # requests decoded together (a multiple of the data axis)
@@ -159,6 +170,7 @@ class Config:
   pipeline: PipelineConfig = PipelineConfig()
   generate: GenerateConfig = GenerateConfig()
   serve: ServeConfig = ServeConfig()
+  speculative: SpeculativeConfig = SpeculativeConfig()
   # Ordered (logical name, mesh axis | tuple of mesh axes | None) pairs.
   rules: tuple = axes.DEFAULT_RULES
   # (name, dataclass) of each section a non-decoder model registers (e.g. `cnn`;
@@ -179,7 +191,8 @@ def _default_sections() -> tuple:
 
 
 _SECTIONS = {"mesh": MeshConfig, "model": ModelConfig, "run": RunConfig,
-             "pipeline": PipelineConfig, "generate": GenerateConfig, "serve": ServeConfig}
+             "pipeline": PipelineConfig, "generate": GenerateConfig, "serve": ServeConfig,
+             "speculative": SpeculativeConfig}
 _CORE_KEYS = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.name != "options")
 
 

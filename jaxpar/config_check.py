@@ -49,6 +49,7 @@ def validate(config: Any) -> None:
   if config.serve.max_len < 0 or config.serve.shutdown_timeout < 0:
     raise UserError(f"serve.max_len={config.serve.max_len}, serve.shutdown_timeout="
                     f"{config.serve.shutdown_timeout}: must be 0 or more")
+  _check_speculative(config)
   if r.warmup < 0:
     raise UserError(f"run.warmup={r.warmup}: must be 0 or more")
   for name in axes.MESH_AXES:
@@ -63,6 +64,32 @@ def validate(config: Any) -> None:
                       f"one rule")
   for name, section in config.sections:
     families.SECTIONS[name].check(section)
+
+
+SPECULATIVE_METHODS = ("none", "ngram", "draft", "self")
+
+
+def _check_speculative(config: Any) -> None:
+  s, stages, g = config.speculative, config.mesh.stage, config.generate
+  if s.method not in SPECULATIVE_METHODS:
+    raise UserError(f"speculative.method={s.method!r}: expected one of "
+                    f"{', '.join(SPECULATIVE_METHODS)}")
+  if s.method != "none" and stages != 1:
+    raise UserError(f"speculative.method={s.method} with mesh.stage={stages}: pipelined "
+                    f"decoding does not verify proposals yet; set speculative.method=none or "
+                    f"mesh.stage=1")
+  if s.method != "none" and (g.temperature != 0 or g.presence_penalty or g.frequency_penalty
+                             or g.repetition_penalty != 1):
+    raise UserError(f"speculative.method={s.method} with generate.temperature={g.temperature}"
+                    f" (or penalties): speculation verifies greedy choices only so far; set "
+                    f"generate.temperature=0 and no penalties, or speculative.method=none")
+  if s.k < 1 or not 1 <= s.ngram_min <= s.ngram_max:
+    raise UserError(f"speculative.k={s.k}, speculative.ngram_min={s.ngram_min}, "
+                    f"speculative.ngram_max={s.ngram_max}: need k >= 1 and "
+                    f"1 <= ngram_min <= ngram_max")
+  if (s.method == "draft") != bool(s.draft):
+    raise UserError(f"speculative.method={s.method}, speculative.draft={s.draft!r}: a draft "
+                    f"checkpoint goes with method draft only; set both or neither")
 
 
 def _check_model(m: Any) -> None:

@@ -78,7 +78,7 @@ def test_batch_1_decodes_with_its_caches_in_place(gen_config, devices, expected,
   np.testing.assert_array_equal(result.tokens, expected[:1])
   if scan:
     return
-  (_, _, decode), = gen._compiled.values()
+  (_, _, decode, _), = gen._compiled.values()
   census = inspect.hlo_census(decode.as_text())
   smallest_leaf = gen.cache_bytes_per_device(1, len(PROMPTS[0]) + NEW) // (
       2 * gen_config.model.n_layers)
@@ -91,7 +91,7 @@ def test_pipelined_decode_moves_activations_and_tokens_only(gen_config, devices,
   KV cache (each is smaller than one layer's cache on one device)."""
   gen = build(gen_config, devices, 2, 2, 2)
   np.testing.assert_array_equal(gen.generate(PROMPTS, max_new_tokens=NEW).tokens, expected)
-  (_, _, decode), = gen._compiled.values()
+  (_, _, decode, _), = gen._compiled.values()
   census = inspect.hlo_census(decode.as_text())
   assert set(census.counts()) <= {"collective-permute", "all-reduce", "all-gather"}
   assert census.count("collective-permute", in_loop=True) >= 2  # activations, tokens
@@ -213,12 +213,12 @@ def test_kv_cache_bytes_per_device(gen_config, devices):
 
 
 def test_progress_says_about_eight_lines(tiny, devices, capfd):
-  """Progress from inside the compiled loop: a line every max_new / 8 tokens (a host
-  callback on those steps only)."""
+  """Progress from inside the compiled loop: a line every max_new / 8 tokens, the last
+  included (a host callback on those steps only)."""
   gen = generate.build(tiny, make_mesh(MeshConfig(1, 1, 1), devices=devices[:1]))
   gen.generate([[1, 2, 3]], max_new_tokens=24, progress=True)
   lines = [line.strip() for line in capfd.readouterr().out.splitlines() if "decoded" in line]
-  assert lines == [f"decoded {n}/24 tokens" for n in range(3, 24, 3)]
+  assert lines == [f"decoded {n}/24 tokens" for n in range(3, 25, 3)]
 
 
 def test_generate_cli(root, tmp_path, monkeypatch, capsys):

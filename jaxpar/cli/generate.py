@@ -47,6 +47,7 @@ def run(args, config: config_lib.Config) -> dict:
   mesh = prologue.open_mesh(config, args)
   prologue.say_mesh(mesh, config.model)
   generator, param_bytes = _build(config, mesh)
+  speculation = _speculation(config, generator, mesh)
   batch = generator.padded_batch(len(prompts))
   cache_bytes = generator.cache_bytes_per_device(batch, max(map(len, prompts)) + g.max_new_tokens)
   _say_plan(config, generator, prompts, batch, cache_bytes)
@@ -54,8 +55,17 @@ def run(args, config: config_lib.Config) -> dict:
                               sampling=gen_lib.Sampling(
                                   g.temperature, g.top_k, g.top_p, g.min_p, g.presence_penalty,
                                   g.frequency_penalty, g.repetition_penalty),
-                              seed=config.run.seed, progress=True)
+                              seed=config.run.seed, progress=True, speculation=speculation)
   texts = _say_result(result, tokenizer)
+  checked = {}
+  if speculation.on:
+    checked = {"speculative": {"method": speculation.method, "k": speculation.k,
+                               "proposed": result.proposed, "accepted": result.accepted,
+                               "passes": result.passes}}
+    rate = result.accepted / max(result.proposed, 1)
+    say(f"speculative ({speculation.method}, k={speculation.k}): {result.accepted} of "
+        f"{result.proposed} proposed tokens accepted ({rate:.0%}); {result.passes} passes of "
+        f"the model for {result.steps} tokens per row")
   if args.save_tokens:
     report.save_npy(args.save_tokens, result.tokens.astype("int32"), "new tokens")
   new = result.tokens.shape[0] * result.steps  # the user's rows only
@@ -72,6 +82,7 @@ def run(args, config: config_lib.Config) -> dict:
       "kv_cache_bytes_per_device": cache_bytes,
       "param_bytes_per_device": param_bytes,
       "scan_layers": generator.scan,
+      **checked,
   }
 
 
@@ -99,6 +110,15 @@ def _build(config: config_lib.Config, mesh):
   say(f"{prologue.params_line(config, generator.init_timings, seconds)}: "
       f"{inspect.human(param_bytes)} per device")
   return generator, param_bytes
+
+
+def _speculation(config: config_lib.Config, generator, mesh):
+  """`config.speculative`, its draft model built (and said) when it has one."""
+  from jaxpar.runtime import generate as gen_lib
+  s = config.speculative
+  if s.method == "draft":
+    say(f"draft model: {s.draft}")
+  return gen_lib.speculation(config, generator, mesh)
 
 
 def _say_plan(config: config_lib.Config, generator, prompts: list, batch: int,

@@ -402,12 +402,14 @@ def project(x_BTD: jax.Array, w_OD: jax.Array, b_O: jax.Array | None = None) -> 
 
 
 def times_rows(x_BTD: jax.Array, w_OD: jax.Array) -> jax.Array:
-  """x @ w.T [B, T, O] for w stored [out, in]. A decode step (one token per row) multiplies
-  weights first, w @ x.T, and transposes the small product: XLA:CPU then streams w's rows as
-  stored instead of reading it transposed (one CPU device, float32, the same tokens: GPT-2
-  124M 1.21x decode tokens/s at batch 8, 1.0x at 1 and 32; a 4-layer Llama of width 2048
-  1.43x at batch 8; benchmarks/decode_layout.py)."""
-  if x_BTD.shape[1] == 1:  # (jnp.einsum would put x first again: the transpose is explicit)
+  """x @ w.T [B, T, O] for w stored [out, in]. A decode step (one token per row) and a pass
+  of a few tokens (speculation's check of k + 1 per row: B * T <= 16) multiply weights first,
+  w @ x.T, and transpose the small product: XLA:CPU then streams w's rows as stored instead
+  of reading it transposed (one CPU device, float32, the same tokens: GPT-2 124M 1.21x decode
+  tokens/s at batch 8, 1.0x at 1 and 32; a 4-layer Llama of width 2048 1.43x at batch 8;
+  benchmarks/decode_layout.py; GPT-2's products at 2 to 4 tokens of one row: 1.2-1.4x)."""
+  if x_BTD.shape[1] == 1 or x_BTD.shape[0] * x_BTD.shape[1] <= 16:
+    # (jnp.einsum would put x first again: the transpose is explicit)
     return jnp.transpose(jnp.einsum("od,btd->obt", w_OD, x_BTD), (1, 2, 0))
   return jnp.einsum("btd,od->bto", x_BTD, w_OD)
 

@@ -31,7 +31,9 @@ from jaxpar.rules import Logical, is_logical, tree_shardings, use_rules
 from jaxpar.parallel import pipeline
 from jaxpar.runtime import inference, state
 from jaxpar.runtime.decoder import Decoder
+from jaxpar.runtime.slots import State
 from jaxpar.runtime.sampling import Sampling
+from jaxpar.runtime.speculative import Speculation, draft_config, ngram_proposals
 
 
 def pad_right(prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -48,21 +50,26 @@ def is_eos(tokens: jax.Array, eos_ids: tuple[int, ...]) -> jax.Array:
   return jnp.isin(tokens, jnp.asarray(eos_ids or (-1,), jnp.int32))
 
 
-def report(done: jax.Array, total: int) -> None:
-  """Progress from inside a compiled decode loop, about 8 lines: a host callback on those
-  steps only (one on every step cost 6% of a batch-1 GPT-2 decode on CPU)."""
+def report(before: jax.Array, done: jax.Array, total: int) -> None:
+  """Progress from inside a compiled decode loop, about 8 lines: a host callback only on the
+  rounds that pass an eighth of `total` tokens (one on every step cost 6% of a batch-1 GPT-2
+  decode on CPU)."""
   every = max(1, total // 8)
   say_it = lambda: jax.debug.callback(lambda d: say(f"  decoded {int(d)}/{total} tokens"), done)
-  lax.cond((done % every == 0) | (done == total), say_it, lambda: None)
+  lax.cond((done // every > before // every) | ((done == total) & (before < total)), say_it,
+           lambda: None)
 
 
 @dataclasses.dataclass
 class Result:
   tokens: np.ndarray   # int32 [B, max_new_tokens]; after an EOS id the row repeats it
-  steps: int           # decode steps executed (<= max_new_tokens; fewer if all rows stopped)
+  steps: int           # tokens per row made (<= max_new_tokens; fewer if all rows stopped)
   prefill_s: float
   decode_s: float
   compile_s: float
+  passes: int = 0      # passes of the model over every row: the prefill's and each round's
+  proposed: int = 0    # speculation: tokens proposed to the model, over the prompts' rows
+  accepted: int = 0    # ... and those it kept
 
 
 def use_scan(config: Config, platform: str) -> bool:
@@ -177,54 +184,106 @@ class Generator:
     return model, nnx.graphdef(model.blocks), layers
 
   def _programs(self, batch: int, prompt_len: int, max_new: int, sampling: Sampling,
-                progress: bool):
-    """(decoder, prefill, decode) over a `Decoder` of `batch` rows: the prefill of every
-    prompt, then a `lax.while_loop` of the decoder's step that ends when every row has made
-    an EOS id or `max_new` tokens. A `late` row's step gives the token of its previous
-    entry, so with late rows the loop runs one step more. After its first EOS a row repeats
-    it."""
-    decoder = Decoder(self, batch, prompt_len + max_new)
+                progress: bool, spec: Speculation):
+    """(decoder, prefill, decode, draft decoder or None) over a `Decoder` of `batch` rows:
+    the prefill of every prompt, then a `lax.while_loop` of rounds until every row has made
+    an EOS id or `max_new` tokens. A round is the decoder's step (one token per row; a
+    `late` row's first gives the token of its prefill's entry, not kept), or with `spec`
+    the proposals of every row and their verification (1 to k + 1 tokens per row). After its
+    first EOS a row repeats it."""
+    k = spec.k if spec.on else 0
+    decoder = Decoder(self, batch, prompt_len + max_new + k)
     greedy, eos_ids = sampling.temperature == 0 and not sampling.adjusts(), self.eos_ids
-    step = decoder.step_fn(greedy=greedy, span=prompt_len + max_new)
+    if spec.on and not greedy:
+      raise UserError(f"speculative.method={spec.method} with generate.temperature="
+                      f"{sampling.temperature}: speculation verifies greedy choices only so "
+                      f"far; set generate.temperature=0 (and no penalties) or "
+                      f"speculative.method=none")
+    span = decoder.length
+    step = decoder.step_fn(greedy=greedy, span=span)
     late_B = jnp.asarray(decoder.late(), jnp.int32)
-    lag, steps = int(decoder.late().any()), loop_steps(decoder, max_new)
+    lag = int(decoder.late().any())
+    draft = Decoder(spec.draft, batch, decoder.length) if spec.uses_draft else None
     rules, keys = self.rules, self.family.config_keys
 
-    def decode(params, state, first_B):
+    def plain(params, state, n):
+      new_B, state = step(params, state)
+      return (new_B[:, None], jnp.where(n >= late_B, 1, 0)), state
+
+    if spec.on:
+      verify = decoder.verify_fn(k=k, span=span)
+      propose = draft.propose_fn(k=k, span=span) if draft else None
+
+      def one_round(params, draft_params, state, aux, n, done_B):
+        """((tokens_BT, made_B), state, aux, proposed_B)."""
+        if draft:
+          proposed_BK, aux = propose(draft_params, aux, state.slots)
+          return (*verify(params, state, proposed_BK), aux, jnp.full((batch,), k))
+        slots = state.slots
+        proposed_BK, found_B = ngram_proposals(slots.history, slots.positions, k,
+                                               spec.ngram_min, spec.ngram_max)
+        checked = jnp.any(found_B & ~done_B)
+        pad = lambda out: ((jnp.pad(out[0][0], ((0, 0), (0, k))), out[0][1]), out[1])
+        made, state = lax.cond(checked, lambda: verify(params, state, proposed_BK),
+                               lambda: pad(plain(params, state, n)))
+        return made, state, aux, jnp.where(checked, k, 0) * jnp.ones((batch,), jnp.int32)
+    else:
+      def one_round(params, draft_params, state, aux, n, done_B):
+        return (*plain(params, state, n), aux, jnp.zeros((batch,), jnp.int32))
+
+    def decode(params, state, first_B, draft_params=None, aux=None):
+      def squeeze(state, d, add):  # a state, or a draft's caches
+        if isinstance(state, State):
+          return batch_dim(state, d.scan, batch, add=add)
+        return batch_dim(State(state, None), d.scan, batch, add=add).caches
       with use_rules(rules, keys=keys):
         def cond(carry):
-          n, _, _, done_B = carry
-          return (n < steps) & ~jnp.all(done_B)
+          return ~jnp.all(carry[5])
 
         def body(carry):
-          n, state, out_BN, done_B = carry
-          state = batch_dim(state, decoder.scan, batch, add=True)
-          new_B, state = step(params, state)
-          state = batch_dim(state, decoder.scan, batch, add=False)
-          k_B = n + 1 - late_B  # the number of the token that left, per row
-          kept_B = (k_B >= 1) & (k_B < max_new)
-          out_BN = out_BN.at[jnp.arange(batch), jnp.where(kept_B, k_B, max_new)].set(
-              new_B, mode="drop")
+          n, state, aux, out_BN, count_B, done_B, checked_B2 = carry
+          state = squeeze(state, decoder, True)
+          aux = squeeze(aux, draft, True) if draft else aux
+          (tokens_BT, made_B), state, aux, proposed_B = one_round(params, draft_params, state,
+                                                                  aux, n, done_B)
+          state = squeeze(state, decoder, False)
+          aux = squeeze(aux, draft, False) if draft else aux
+          T = tokens_BT.shape[1]
+          at_BT = count_B[:, None] + jnp.arange(T)
+          kept_BT = (jnp.arange(T) < made_B[:, None]) & (at_BT < max_new) & ~done_B[:, None]
+          out_BN = out_BN.at[jnp.arange(batch)[:, None], jnp.where(kept_BT, at_BT, max_new)
+                             ].set(tokens_BT, mode="drop")
+          live_B = (~done_B).astype(jnp.int32)
+          checked_B2 += jnp.stack([proposed_B, jnp.maximum(made_B - 1, 0)], axis=1) * live_B[
+              :, None]
+          done_B |= jnp.any(is_eos(tokens_BT, eos_ids) & kept_BT, axis=1)
           if progress:
-            report(n + 1 - lag, max_new)
-          return n + 1, state, out_BN, done_B | (is_eos(new_B, eos_ids) & kept_B)
+            report(jnp.min(count_B), jnp.min(jnp.minimum(count_B + made_B, max_new)), max_new)
+          count_B = count_B + made_B
+          return n + 1, state, aux, out_BN, count_B, done_B | (count_B >= max_new), checked_B2
 
         out_BN = jnp.zeros((batch, max_new), jnp.int32).at[:, 0].set(first_B)
-        carry = (0, batch_dim(state, decoder.scan, batch, add=False), out_BN,
-                 is_eos(first_B, eos_ids))
-        n, _, out_BN, _ = lax.while_loop(cond, body, carry)
+        ones_B = jnp.ones((batch,), jnp.int32)
+        carry = (0, squeeze(state, decoder, False),
+                 squeeze(aux, draft, False) if draft else aux, out_BN, ones_B,
+                 is_eos(first_B, eos_ids) | (max_new <= 1), jnp.zeros((batch, 2), jnp.int32))
+        n, _, _, out_BN, count_B, _, checked_B2 = lax.while_loop(cond, body, carry)
         # After its first EOS a row repeats it (rows that stopped early: the unwritten tail).
         eos = is_eos(out_BN, eos_ids)
         after = jnp.cumsum(eos, axis=-1) - eos > 0
         first_eos = jnp.take_along_axis(out_BN, jnp.argmax(eos, axis=-1)[:, None], axis=-1)
-        return jnp.where(after, first_eos, out_BN), n + 1 - lag
+        made = jnp.max(jnp.minimum(count_B, max_new))
+        return jnp.where(after, first_eos, out_BN), made, n + 1 - lag, checked_B2
 
-    return decoder, decoder.prefill(batch, prompt_len, greedy=greedy), jax.jit(decode)
+    prefill = decoder.prefill(batch, prompt_len, greedy=greedy)
+    draft_prefill = draft.prefill(batch, prompt_len, greedy=True) if draft else None
+    return decoder, prefill, jax.jit(decode), draft_prefill
 
   def generate(self, prompts: list[list[int]], *, max_new_tokens: int,
-               sampling: Sampling = Sampling(), seed: int = 0,
-               progress: bool = False) -> Result:
-    """Generates `max_new_tokens` for each prompt (token id lists of any lengths)."""
+               sampling: Sampling = Sampling(), seed: int = 0, progress: bool = False,
+               speculation: Speculation = Speculation()) -> Result:
+    """Generates `max_new_tokens` for each prompt (token id lists of any lengths);
+    `speculation`: proposals checked k at a time (greedy only; the same tokens)."""
     n_prompts = len(prompts)
     prompts = list(prompts) + [prompts[0]] * (self.padded_batch(n_prompts) - n_prompts)
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -239,8 +298,10 @@ class Generator:
     self.rules.check((B, T0), (BATCH, SEQ), self.mesh.shape, what="prompts",
                              keys={BATCH: "number of prompts"})
     with jax.set_mesh(self.mesh):
-      out, steps, seconds = self._run(prompts, max_new_tokens, sampling, seed, progress)
-    return Result(out[:n_prompts], steps, *seconds)
+      out, steps, seconds, passes, checked = self._run(prompts, max_new_tokens, sampling, seed,
+                                                       progress, speculation)
+    proposed, accepted = checked[:n_prompts].sum(axis=0).tolist()
+    return Result(out[:n_prompts], steps, *seconds, passes, proposed, accepted)
 
   def _compile(self, signature, make):
     """The compiled programs for `signature` (made by `make()` once), and the seconds it
@@ -250,8 +311,10 @@ class Generator:
       self._compiled[signature] = make()
     return self._compiled[signature], time.perf_counter() - start
 
-  def _run(self, prompts, max_new: int, sampling: Sampling, seed: int, progress: bool):
-    """Right-padded prompts prefilled into a `Decoder`'s rows, then its step in a loop."""
+  def _run(self, prompts, max_new: int, sampling: Sampling, seed: int, progress: bool,
+           spec: Speculation):
+    """Right-padded prompts prefilled into a `Decoder`'s rows (and a draft's), then its
+    rounds in a loop."""
     tokens_host, lengths = pad_right(prompts)
     B, T0 = tokens_host.shape
     tokens = jax.device_put(jnp.asarray(tokens_host),
@@ -261,18 +324,29 @@ class Generator:
             sampling.rows(B),
             np.full(B, seed, np.uint32), np.arange(B, dtype=np.int32))
 
+    draft_params = spec.draft.params if spec.uses_draft else None
+
     def make():
-      decoder, prefill, decode = self._programs(B, T0, max_new, sampling, progress)
+      decoder, prefill, decode, draft_prefill = self._programs(B, T0, max_new, sampling,
+                                                               progress, spec)
+      abstract = lambda tree, shardings: jax.tree.map(
+          lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
       shapes = jax.eval_shape(prefill, params, None, *args)
       prefill = prefill.lower(params, None, *args).compile()
-      first, state = jax.tree.map(
-          lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes,
-          (prefill.output_shardings[0], decoder.state_shardings()))
-      return decoder, prefill, decode.lower(params, state, first).compile()
-    (decoder, prefill, decode), compile_s = self._compile((B, T0, max_new, sampling, progress),
-                                                          make)
+      first, state = abstract(shapes, (prefill.output_shardings[0],
+                                       decoder.state_shardings()))
+      aux = None
+      if draft_prefill is not None:
+        draft_shapes = jax.eval_shape(draft_prefill, draft_params, None, *args)[1].caches
+        draft_prefill = draft_prefill.lower(draft_params, None, *args).compile()
+        aux = abstract(draft_shapes, draft_prefill.output_shardings[1].caches)
+      decode = decode.lower(params, state, first, draft_params, aux).compile()
+      return decoder, prefill, decode, draft_prefill
+    (decoder, prefill, decode, draft_prefill), compile_s = self._compile(
+        (B, T0, max_new, sampling, progress, spec.key()), make)
     start = time.perf_counter()
     first, state = prefill(params, None, *args)
+    aux = draft_prefill(draft_params, None, *args)[1].caches if draft_prefill else None
     first.block_until_ready()
     prefill_s = time.perf_counter() - start
     if progress:
@@ -282,9 +356,10 @@ class Generator:
       say(f"prefill: {B} prompt{'s' if B != 1 else ''} x {T0} tokens in "
           f"{prefill_s:.3f} s; decoding {max_new} tokens{how}...")
     start = time.perf_counter()
-    out, steps = decode(params, state, first)
+    out, steps, passes, checked = decode(params, state, first, draft_params, aux)
     out = to_host(out)  # gathered from every process
-    return out, int(steps), (prefill_s, time.perf_counter() - start, compile_s)
+    return (out, int(steps), (prefill_s, time.perf_counter() - start, compile_s), int(passes),
+            to_host(checked))
 
 
 def _per_layer(pl: inference.Placement, params: dict, names: dict) -> tuple[tuple, dict]:
@@ -326,6 +401,18 @@ def build(config: Config, mesh, *, eos_id: int | None = None) -> Generator:
   else:  # the per-layer buffers replace the stack
     generator.layers, generator.rest = _per_layer(placement, params, names)
   return generator
+
+
+def speculation(config: Config, generator: Generator, mesh) -> Speculation:
+  """`config.speculative` for `generator` on `mesh`, the draft's generator built (method
+  draft: from its checkpoint, in the model's dtype and quantisation, on the same mesh)."""
+  s = config.speculative
+  draft = None
+  if s.method == "self":
+    draft = generator
+  elif s.method == "draft":
+    draft = build(draft_config(config), mesh, eos_id=-1)
+  return Speculation(s.method, s.k, s.ngram_min, s.ngram_max, draft)
 
 
 def seeded_prompts(config: Config) -> list[list[int]]:

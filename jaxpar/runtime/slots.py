@@ -156,6 +156,20 @@ def advance(slots: Slots, tokens_B: jax.Array, length: int, at_B: jax.Array | No
                              history=history)
 
 
+def advance_by(slots: Slots, tokens_BT: jax.Array, made_B: jax.Array, limit: int) -> Slots:
+  """The rows after a pass that made `made_B[b]` tokens each (the first of row b of
+  tokens_BT, 1 <= made_B <= T), written into their histories after their positions; a row's
+  position stops at `limit` (a row past its request's end: the host drops its tokens)."""
+  T, N = tokens_BT.shape[1], slots.history.shape[-1]
+  at_BN = jnp.arange(N, dtype=jnp.int32)[None, :] - (slots.positions[:, None] + 1)
+  new_BN = jnp.take_along_axis(tokens_BT, jnp.clip(at_BN, 0, T - 1), axis=1)
+  history = jnp.where((at_BN >= 0) & (at_BN < made_B[:, None]), new_BN, slots.history)
+  last_B = jnp.take_along_axis(tokens_BT, (made_B - 1)[:, None], axis=1)[:, 0]
+  return dataclasses.replace(slots, tokens=last_B, counts=slots.counts + made_B,
+                             positions=jnp.minimum(slots.positions + made_B, limit),
+                             history=history)
+
+
 def base_keys(seeds_R: jax.Array, rows_R: jax.Array) -> jax.Array:
   """Key data [R, ...] of key(seed), folded with the prompt row where it is >= 0."""
   def one(seed, row):

@@ -1,0 +1,193 @@
+"""Speculative decoding: greedy tokens equal an independent full-recompute reference whatever
+is proposed (prompt lookup, a draft model, the model itself), on one device and data x model
+meshes; the model's own proposals are all accepted in the hand-counted number of passes; a
+rejected proposal leaves nothing in the cache; the CLI reports what was proposed."""
+
+import dataclasses
+import json
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from jaxpar import cli
+from jaxpar import config as config_lib
+from jaxpar.config import MeshConfig
+from jaxpar.errors import UserError
+from jaxpar.mesh import make_mesh
+from jaxpar.runtime import generate, sampling
+from jaxpar.runtime.speculative import Speculation, ngram_proposals
+from tests import reference
+
+# Prompts that repeat spans (prompt lookup finds matches) and ones that do not.
+PROMPTS = [[1, 2, 3, 1, 2, 3, 1, 2], [7, 8], [9, 10, 11, 9, 10], [3, 3, 3, 3, 3, 3], [5],
+           [6, 7, 6, 7], [8, 9, 10], [11, 12, 11]]
+NEW, K = 12, 4
+
+
+@pytest.fixture(scope="module")
+def spec_config(tiny):
+  return dataclasses.replace(
+      tiny, model=dataclasses.replace(tiny.model, n_layers=4, max_seq_len=24),
+      run=dataclasses.replace(tiny.run, batch=len(PROMPTS)))
+
+
+def build(config, devices, data=1, model=1, **model_overrides):
+  config = dataclasses.replace(
+      config, mesh=MeshConfig(data=data, stage=1, model=model),
+      model=config_lib.replace_model(config.model, **model_overrides))
+  return generate.build(config, make_mesh(config.mesh, devices=devices[:data * model]),
+                        eos_id=-1)
+
+
+@pytest.fixture(scope="module")
+def expected(spec_config, devices):
+  """Greedy continuations recomputed from scratch every token by the NumPy GPT-2 (float64)."""
+  params = build(spec_config, devices).natural_params()
+  out = []
+  for prompt in PROMPTS:
+    seq = list(prompt)
+    for _ in range(NEW):
+      logits = reference.gpt2_logits(params, np.array([seq]), n_heads=spec_config.model.n_heads,
+                                     vocab_size=spec_config.model.vocab_size)
+      seq.append(int(logits[0, -1].argmax()))
+    out.append(seq[len(prompt):])
+  return np.array(out)
+
+
+def speculation(method, gen, draft=None):
+  return Speculation(method, K, 1, 3, draft=gen if method == "self" else draft)
+
+
+# (method, data, model): each method and each mesh at least once, not their product.
+CASES = [("ngram", 1, 1), ("self", 1, 1), ("draft", 1, 1), ("ngram", 2, 4), ("self", 2, 4),
+         ("draft", 8, 1)]
+
+
+@pytest.mark.parametrize("method,data,model", CASES)
+def test_greedy_tokens_equal_full_recompute(spec_config, devices, expected, method, data,
+                                            model):
+  gen = build(spec_config, devices, data, model)
+  # The draft: the same seeded model with int8 weights (it agrees with the model often, not
+  # always, so both accepted and rejected proposals occur).
+  draft = build(spec_config, devices, data, model, quantize="int8") if method == "draft" else (
+      None)
+  result = gen.generate(PROMPTS, max_new_tokens=NEW, speculation=speculation(method, gen, draft))
+  np.testing.assert_array_equal(result.tokens, expected)
+  assert result.steps == NEW
+  assert 0 < result.accepted <= result.proposed
+  if method == "self":  # every proposal accepted: k + 1 tokens per pass after the prefill's
+    assert result.accepted == result.proposed
+    assert result.passes == 1 + math.ceil((NEW - 1) / (K + 1))
+  elif method == "draft":
+    assert result.accepted < result.proposed
+
+
+def test_one_prompt_and_an_int8_cache(spec_config, devices):
+  """Batch 1 (the decode loop carries its caches without the batch dim) and an int8 KV cache
+  (scales written with the keys): speculation changes no token."""
+  gen = build(spec_config, devices, kv_cache_dtype="int8")
+  for prompts in (PROMPTS[:1], PROMPTS):
+    plain = gen.generate(prompts, max_new_tokens=NEW)
+    spec = gen.generate(prompts, max_new_tokens=NEW, speculation=speculation("self", gen))
+    np.testing.assert_array_equal(spec.tokens, plain.tokens)
+    assert spec.passes < plain.passes
+
+
+def test_a_rejected_proposal_leaves_no_trace(spec_config, devices, expected):
+  """Verify passes with every proposal wrong, then every proposal right: each keeps what k
+  one-token steps would, and the cache below each row's position equals that of a decoder
+  that only ever took one-token steps."""
+  from jaxpar.runtime.decoder import Decoder
+  gen = build(spec_config, devices)
+  B, T0 = len(PROMPTS), max(map(len, PROMPTS))
+  length, V = T0 + NEW + K, spec_config.model.vocab_size
+  decoder = Decoder(gen, B, length)
+  tokens, lengths = generate.pad_right(PROMPTS)
+  prefill = decoder.prefill(B, T0, greedy=True)
+  verify = decoder.jit(decoder.verify_fn(k=K, span=length))
+  step = decoder.jit(decoder.step_fn(greedy=True, span=length))
+  args = (tokens, np.int32(0), lengths, np.int32(0), np.int32(0), sampling.Sampling().rows(B),
+          np.zeros(B, np.uint32), np.arange(B, dtype=np.int32))
+  with jax.set_mesh(gen.mesh):
+    first, state = prefill(gen.params, None, *args)
+    _, plain = prefill(gen.params, None, *args)
+    np.testing.assert_array_equal(first, expected[:, 0])
+    wrong = (expected[:, 1:1 + K] + 1) % V
+    (made_tokens, made), state = verify(gen.params, state, wrong)
+    np.testing.assert_array_equal(made, np.ones(B))  # the token after the row's last only
+    np.testing.assert_array_equal(np.asarray(made_tokens)[:, 0], expected[:, 1])
+    (made_tokens, made), state = verify(gen.params, state, expected[:, 2:2 + K])
+    np.testing.assert_array_equal(made, np.full(B, K + 1))
+    np.testing.assert_array_equal(made_tokens, expected[:, 2:3 + K])
+    for _ in range(2 + K):
+      _, plain = step(gen.params, plain)
+  positions = np.asarray(state.slots.positions)
+  np.testing.assert_array_equal(positions, np.asarray(plain.slots.positions))
+  np.testing.assert_array_equal(positions, lengths + 2 + K)
+  below_BS = np.arange(length)[None, :] < positions[:, None]  # the slots queries see
+
+  def seen(a):  # [B, ..., S]: keys [B, K, H, S], values [B, K, S, H] (slot axis last)
+    a = np.asarray(a)
+    a = a if a.shape[-1] == length else np.moveaxis(a, 2, -1)
+    return np.where(below_BS.reshape(B, *[1] * (a.ndim - 2), length), a, 0)
+  for mine, theirs in zip(jax.tree.leaves(state.caches), jax.tree.leaves(plain.caches)):
+    np.testing.assert_allclose(seen(mine), seen(theirs), atol=1e-5)  # a pass of k + 1 rounds
+    # differently from k + 1 passes of one (float32); a rejected entry would differ by O(1)
+
+
+def test_ngram_proposals_follow_the_latest_match():
+  history = np.array([[5, 6, 7, 9, 5, 6, 8, 1, 5, 6, 0, 0],    # ..5 6 at 8-9: latest 5 6 -> 8 1
+                      [1, 2, 3, 4, 2, 3, 0, 0, 0, 0, 0, 0],    # 2 3 at 4-5: earlier 2 3 -> 4, 2, 3
+                      [4, 4, 4, 4, 0, 0, 0, 0, 0, 0, 0, 0],    # a run continues
+                      [1, 2, 3, 4, 5, 6, 0, 0, 0, 0, 0, 0]])   # no repeat: nothing found
+  positions = np.array([9, 5, 3, 5])
+  proposed, found = jax.jit(ngram_proposals, static_argnums=(2, 3, 4))(history, positions, 4,
+                                                                       1, 3)
+  np.testing.assert_array_equal(found, [True, True, True, False])
+  # row 0: the 2-gram [5, 6] last occurred at 4-5, followed by 8, 1, 5, 6
+  np.testing.assert_array_equal(proposed[0], [8, 1, 5, 6])
+  # row 1: [2, 3] occurred at 1-2, followed by 4, then (periodically) 2, 3, 4
+  np.testing.assert_array_equal(proposed[1], [4, 2, 3, 4])
+  np.testing.assert_array_equal(proposed[2], [4, 4, 4, 4])  # the 3-gram [4, 4, 4] at 0-2
+
+
+def test_speculation_errors(spec_config, devices, root, monkeypatch, capsys):
+  """Sampling and pipelines are refused before anything compiles, in one line."""
+  gen = build(spec_config, devices)
+  with pytest.raises(UserError, match="speculation verifies greedy choices only"):
+    gen.generate(PROMPTS, max_new_tokens=2, sampling=sampling.Sampling(temperature=1.0),
+                 speculation=speculation("ngram", gen))
+  monkeypatch.chdir(root)
+  for sets, message in [(["speculative.method=draft"], "a draft checkpoint goes with method "
+                          "draft only"),
+                        (["speculative.method=draft", "speculative.draft=/no/such"],
+                         "speculative.draft='/no/such': no such folder"),
+                        (["speculative.method=ngram", "mesh.stage=2"],
+                         "pipelined decoding does not verify proposals yet"),
+                        (["speculative.method=self", "generate.temperature=0.7"],
+                         "speculation verifies greedy choices only so far"),
+                        (["speculative.k=0"], "need k >= 1")]:
+    code = cli.main(["generate", "--config", "configs/tiny.yaml", "--prompt-ids", "1,2",
+                     *[a for s in sets for a in ("--set", s)]])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_generate_cli_reports_what_was_proposed(root, monkeypatch, capsys):
+  monkeypatch.chdir(root)
+  args = ["generate", "--config", "configs/tiny.yaml", "--set", "mesh.data=2",
+          "--set", "mesh.model=4", "--prompt-ids", "1,2,3,1,2,3;4,4,4", "--max-new-tokens",
+          "9", "--json"]
+  assert cli.main(args) == 0
+  plain = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert "speculative" not in plain
+  assert cli.main([*args, "--set", "speculative.method=self", "--set", "speculative.k=3"]) == 0
+  stdout = capsys.readouterr().out
+  result = json.loads(stdout.strip().splitlines()[-1])
+  assert result["new_tokens"] == plain["new_tokens"]
+  # 8 tokens after the prefill's, 4 per pass: 2 passes of 3 proposals each, every one kept
+  assert result["speculative"] == {"method": "self", "k": 3, "proposed": 12, "accepted": 12,
+                                   "passes": 3}
+  assert "speculative (self, k=3): 12 of 12 proposed tokens accepted (100%)" in stdout
