@@ -82,6 +82,19 @@ def test_greedy_tokens_equal_full_recompute(spec_config, devices, expected, meth
     assert result.passes == 1 + math.ceil((NEW - 1) / (K + 1))
   elif method == "draft":
     assert result.accepted < result.proposed
+  if data * model == 1:
+    assert_caches_in_place(gen, len(PROMPTS))
+
+
+def assert_caches_in_place(gen, batch):
+  """No KV cache is copied inside the decode loop (a `lax.cond` around the step or a loop
+  carrying the caches with their batch dim at batch 1 made XLA:CPU copy each every round)."""
+  from jaxpar import inspect
+  (_, _, decode, _), = gen._compiled.values()
+  census = inspect.hlo_census(decode.as_text())
+  smallest_leaf = gen.cache_bytes_per_device(batch, max(map(len, PROMPTS)) + NEW) // (
+      2 * gen.config.model.n_layers)
+  assert census.loops and max(census.loop_copies, default=0) < smallest_leaf
 
 
 def test_one_prompt_and_an_int8_cache(spec_config, devices):
@@ -93,6 +106,10 @@ def test_one_prompt_and_an_int8_cache(spec_config, devices):
     spec = gen.generate(prompts, max_new_tokens=NEW, speculation=speculation("self", gen))
     np.testing.assert_array_equal(spec.tokens, plain.tokens)
     assert spec.passes < plain.passes
+  for method in ("ngram", "self"):  # at batch 1, both kinds of round update in place
+    gen._compiled.clear()
+    gen.generate(PROMPTS[:1], max_new_tokens=NEW, speculation=speculation(method, gen))
+    assert_caches_in_place(gen, 1)
 
 
 def test_a_rejected_proposal_leaves_no_trace(spec_config, devices, expected):

@@ -448,15 +448,12 @@ class Decoder:
       tokens_B2 = jnp.stack([jnp.take_along_axis(slots.history, at_B1, axis=1)[:, 0],
                              slots.tokens], axis=1)
       logits, caches = self._pass(parts, caches, tokens_B2, slots.positions - 1, span)
-      proposed_BK = jnp.zeros((slots.tokens.shape[0], k), jnp.int32)
-      proposed_BK = proposed_BK.at[:, 0].set(likeliest(logits[:, -1]))
-
-      def one(j, carry):  # proposal j - 1 in, proposal j out
-        proposed_BK, caches = carry
-        logits, caches = self._pass(parts, caches, proposed_BK[:, j - 1, None],
-                                    slots.positions + j, span)
-        return proposed_BK.at[:, j].set(likeliest(logits[:, 0])), caches
-      return lax.fori_loop(1, k, one, (proposed_BK, caches))
+      proposed = [likeliest(logits[:, -1])]
+      for j in range(1, k):  # unrolled: a loop carrying the caches made XLA:CPU copy them
+        logits, caches = self._pass(parts, caches, proposed[-1][:, None], slots.positions + j,
+                                    span)
+        proposed.append(likeliest(logits[:, 0]))
+      return jnp.stack(proposed, axis=1), caches
     return self._plain(body)
 
   # ---- the state (made by `slots`) ----

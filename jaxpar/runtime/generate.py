@@ -94,6 +94,20 @@ def batch_dim(state, scan: bool, batch: int, *, add: bool):
                                                         state.caches))
 
 
+def either(pred, on_true, on_false, state, blank):
+  """(out, state) of `on_true(state)` where `pred`, else of `on_false(state)` (each returns
+  (out, state); `blank`: zeros shaped like out), as two while loops of at most one trip:
+  XLA:CPU copied every KV cache a `lax.cond` updates (each round), a loop updates its carry
+  in place."""
+  def once(fn, want, carry):
+    def body(carry):
+      out, state = fn(carry[2])
+      return True, out, state
+    return lax.while_loop(lambda c: ~c[0] & (pred == want), body, carry)
+  _, out, state = once(on_false, False, once(on_true, True, (False, blank, state)))
+  return out, state
+
+
 def loop_steps(decoder: Decoder, max_new: int) -> int:
   """Steps after the prefill that make `max_new` tokens per row: one more when some rows
   are `late` (their step gives the token of the entry before)."""
@@ -206,13 +220,27 @@ class Generator:
     draft = Decoder(spec.draft, batch, decoder.length) if spec.uses_draft else None
     rules, keys = self.rules, self.family.config_keys
 
+    def squeeze(state, d, add):  # a state, or a draft's caches
+      if isinstance(state, State):
+        return batch_dim(state, d.scan, batch, add=add)
+      return batch_dim(State(state, None), d.scan, batch, add=add).caches
+
+    def in_place(fn, d):
+      """`fn(params, state, ...) -> (out, state)` on a state carried as `batch_dim` keeps it
+      (the batch dim put back for the call only, so no loop carries it)."""
+      def run(params, state, *args):
+        out, state = fn(params, squeeze(state, d, True), *args)
+        return out, squeeze(state, d, False)
+      return run
+    step = in_place(step, decoder)
+
     def plain(params, state, n):
       new_B, state = step(params, state)
       return (new_B[:, None], jnp.where(n >= late_B, 1, 0)), state
 
     if spec.on:
-      verify = decoder.verify_fn(k=k, span=span)
-      propose = draft.propose_fn(k=k, span=span) if draft else None
+      verify = in_place(decoder.verify_fn(k=k, span=span), decoder)
+      propose = in_place(draft.propose_fn(k=k, span=span), draft) if draft else None
 
       def one_round(params, draft_params, state, aux, n, done_B):
         """((tokens_BT, made_B), state, aux, proposed_B)."""
@@ -224,30 +252,23 @@ class Generator:
                                                spec.ngram_min, spec.ngram_max)
         checked = jnp.any(found_B & ~done_B)
         pad = lambda out: ((jnp.pad(out[0][0], ((0, 0), (0, k))), out[0][1]), out[1])
-        made, state = lax.cond(checked, lambda: verify(params, state, proposed_BK),
-                               lambda: pad(plain(params, state, n)))
+        blank = (jnp.zeros((batch, k + 1), jnp.int32), jnp.zeros((batch,), jnp.int32))
+        made, state = either(checked, lambda state: verify(params, state, proposed_BK),
+                             lambda state: pad(plain(params, state, n)), state, blank)
         return made, state, aux, jnp.where(checked, k, 0) * jnp.ones((batch,), jnp.int32)
     else:
       def one_round(params, draft_params, state, aux, n, done_B):
         return (*plain(params, state, n), aux, jnp.zeros((batch,), jnp.int32))
 
     def decode(params, state, first_B, draft_params=None, aux=None):
-      def squeeze(state, d, add):  # a state, or a draft's caches
-        if isinstance(state, State):
-          return batch_dim(state, d.scan, batch, add=add)
-        return batch_dim(State(state, None), d.scan, batch, add=add).caches
       with use_rules(rules, keys=keys):
         def cond(carry):
           return ~jnp.all(carry[5])
 
         def body(carry):
           n, state, aux, out_BN, count_B, done_B, checked_B2 = carry
-          state = squeeze(state, decoder, True)
-          aux = squeeze(aux, draft, True) if draft else aux
           (tokens_BT, made_B), state, aux, proposed_B = one_round(params, draft_params, state,
                                                                   aux, n, done_B)
-          state = squeeze(state, decoder, False)
-          aux = squeeze(aux, draft, False) if draft else aux
           T = tokens_BT.shape[1]
           at_BT = count_B[:, None] + jnp.arange(T)
           kept_BT = (jnp.arange(T) < made_B[:, None]) & (at_BT < max_new) & ~done_B[:, None]
