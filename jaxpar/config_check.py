@@ -78,11 +78,12 @@ def _check_speculative(config: Any) -> None:
     raise UserError(f"speculative.method={s.method} with mesh.stage={stages}: pipelined "
                     f"decoding does not verify proposals yet; set speculative.method=none or "
                     f"mesh.stage=1")
-  if s.method != "none" and (g.temperature != 0 or g.presence_penalty or g.frequency_penalty
+  if s.method != "none" and (g.presence_penalty or g.frequency_penalty
                              or g.repetition_penalty != 1):
-    raise UserError(f"speculative.method={s.method} with generate.temperature={g.temperature}"
-                    f" (or penalties): speculation verifies greedy choices only so far; set "
-                    f"generate.temperature=0 and no penalties, or speculative.method=none")
+    raise UserError(f"speculative.method={s.method} with generate.presence_penalty="
+                    f"{g.presence_penalty}, frequency_penalty={g.frequency_penalty}, "
+                    f"repetition_penalty={g.repetition_penalty}: speculation does not apply "
+                    f"penalties yet; drop them or set speculative.method=none")
   if s.k < 1 or not 1 <= s.ngram_min <= s.ngram_max:
     raise UserError(f"speculative.k={s.k}, speculative.ngram_min={s.ngram_min}, "
                     f"speculative.ngram_max={s.ngram_max}: need k >= 1 and "

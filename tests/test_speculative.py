@@ -154,6 +154,33 @@ def test_a_rejected_proposal_leaves_no_trace(spec_config, devices, expected):
     # differently from k + 1 passes of one (float32); a rejected entry would differ by O(1)
 
 
+def test_sampled_tokens_are_distributed_as_without_speculation(tiny, devices):
+  """A 16-token vocabulary, 20,000 rows of one prompt drawn at temperature 1.5 with min-p
+  0.01 (each row its own key): at each new position the tokens with and without speculation
+  (prompt lookup; the model's own greedy proposals) pass a chi-square test of one
+  distribution (p > 0.001); proposals are both kept and rejected; the same seed repeats
+  every token."""
+  from scipy.stats import chi2_contingency
+  config = dataclasses.replace(tiny, model=dataclasses.replace(
+      tiny.model, vocab_size=16, n_layers=1, max_seq_len=16, init_std=0.3))
+  gen = build(config, devices)
+  rows, new, draws = 20_000, 4, sampling.Sampling(temperature=1.5, min_p=0.01)
+  prompts = [[1, 2, 3, 1, 2, 3, 1]] * rows
+  plain = gen.generate(prompts, max_new_tokens=new, sampling=draws, seed=1).tokens
+  for seed, method in enumerate(["ngram", "self"], start=2):
+    spec = gen.generate(prompts, max_new_tokens=new, sampling=draws, seed=seed,
+                        speculation=speculation(method, gen))
+    assert 0 < spec.accepted < spec.proposed
+    for j in range(1, new):  # token 0 is the prefill's (drawn the same way by both)
+      table = np.stack([np.bincount(plain[:, j], minlength=16),
+                        np.bincount(spec.tokens[:, j], minlength=16)])
+      table = table[:, table.sum(axis=0) > 0]
+      assert chi2_contingency(table).pvalue > 1e-3, (method, j, table)
+  again = gen.generate(prompts, max_new_tokens=new, sampling=draws, seed=seed,
+                       speculation=speculation(method, gen)).tokens
+  np.testing.assert_array_equal(again, spec.tokens)
+
+
 def test_ngram_proposals_follow_the_latest_match():
   history = np.array([[5, 6, 7, 9, 5, 6, 8, 1, 5, 6, 0, 0],    # ..5 6 at 8-9: latest 5 6 -> 8 1
                       [1, 2, 3, 4, 2, 3, 0, 0, 0, 0, 0, 0],    # 2 3 at 4-5: earlier 2 3 -> 4, 2, 3
@@ -171,10 +198,10 @@ def test_ngram_proposals_follow_the_latest_match():
 
 
 def test_speculation_errors(spec_config, devices, root, monkeypatch, capsys):
-  """Sampling and pipelines are refused before anything compiles, in one line."""
+  """Penalties and pipelines are refused before anything compiles, in one line."""
   gen = build(spec_config, devices)
-  with pytest.raises(UserError, match="speculation verifies greedy choices only"):
-    gen.generate(PROMPTS, max_new_tokens=2, sampling=sampling.Sampling(temperature=1.0),
+  with pytest.raises(UserError, match="speculation does not apply them yet"):
+    gen.generate(PROMPTS, max_new_tokens=2, sampling=sampling.Sampling(presence=0.5),
                  speculation=speculation("ngram", gen))
   monkeypatch.chdir(root)
   for sets, message in [(["speculative.method=draft"], "a draft checkpoint goes with method "
@@ -183,8 +210,8 @@ def test_speculation_errors(spec_config, devices, root, monkeypatch, capsys):
                          "speculative.draft='/no/such': no such folder"),
                         (["speculative.method=ngram", "mesh.stage=2"],
                          "pipelined decoding does not verify proposals yet"),
-                        (["speculative.method=self", "generate.temperature=0.7"],
-                         "speculation verifies greedy choices only so far"),
+                        (["speculative.method=self", "generate.repetition_penalty=1.2"],
+                         "speculation does not apply penalties yet"),
                         (["speculative.k=0"], "need k >= 1")]:
     code = cli.main(["generate", "--config", "configs/tiny.yaml", "--prompt-ids", "1,2",
                      *[a for s in sets for a in ("--set", s)]])

@@ -68,6 +68,7 @@ from jaxpar.models.base import Step, run_blocks
 from jaxpar.parallel import pipeline, ring
 from jaxpar.rules import use_rules
 from jaxpar.runtime.sampling import Context, likeliest
+from jaxpar.runtime.speculative import accept_drawn
 from jaxpar.runtime.slots import (Ring, State, advance, advance_by, as_rows, base_keys, blank_chosen,
                                   blank_first, cache_spec, choose, chosen_tokens, copy_rows,
                                   lead_count, lead_rows, prefilled, prompt_history,
@@ -412,19 +413,24 @@ class Decoder:
                       f"does not verify proposals yet; set speculative.method=none or "
                       f"mesh.stage=1")
 
-  def verify_fn(self, *, k: int, span: int):
-    """Speculation's greedy step: each row's token and the k proposed after it enter in one
-    pass (positions p..p+k, their keys and values written); the row keeps the longest run
-    of proposals that equal the likeliest token after their predecessor, then the likeliest
-    token after that run: (params, state, proposed_BK) -> ((tokens_BT, made_B), state), row
-    b made tokens_BT[b, :made_B[b]] (1 <= made_B <= k + 1), exactly what made_B one-token
-    steps make. Entries past a row's new position are no query's (masked) until the row
-    writes over them. Without stages; needs `length` >= a row's last position + k + 1."""
+  def verify_fn(self, *, k: int, span: int, greedy: bool = True):
+    """Speculation's step: each row's token and the k proposed after it enter in one pass
+    (positions p..p+k, their keys and values written). `greedy`: the row keeps the longest
+    run of proposals that equal the likeliest token after their predecessor, then the
+    likeliest token after that run, exactly what one-token steps make; else each row by
+    its sampling settings, by the rejection rule (`speculative.accept_drawn`: distributed
+    as one-token steps' draws). (params, state, proposed_BK) -> ((tokens_BT, made_B),
+    state), row b made tokens_BT[b, :made_B[b]] (1 <= made_B <= k + 1). Entries past a
+    row's new position are no query's (masked) until the row writes over them. Without
+    stages; needs `length` >= a row's last position + k + 1."""
     self._speculates()
 
     def body(parts, caches, slots, proposed_BK):
       tokens_BT = jnp.concatenate([slots.tokens[:, None], proposed_BK], axis=1)
       logits_BTV, caches = self._pass(parts, caches, tokens_BT, slots.positions, span)
+      if not greedy:
+        return (*accept_drawn(logits_BTV, proposed_BK, slots.keys, slots.counts,
+                              slots.sampling), caches)
       chosen_BT = likeliest(logits_BTV)
       agree_BK = (proposed_BK == chosen_BT[:, :k]).astype(jnp.int32)
       return chosen_BT, 1 + jnp.sum(jnp.cumprod(agree_BK, axis=1), axis=1), caches

@@ -208,10 +208,9 @@ class Generator:
     k = spec.k if spec.on else 0
     decoder = Decoder(self, batch, prompt_len + max_new + k)
     greedy, eos_ids = sampling.temperature == 0 and not sampling.adjusts(), self.eos_ids
-    if spec.on and not greedy:
-      raise UserError(f"speculative.method={spec.method} with generate.temperature="
-                      f"{sampling.temperature}: speculation verifies greedy choices only so "
-                      f"far; set generate.temperature=0 (and no penalties) or "
+    if spec.on and sampling.adjusts():
+      raise UserError(f"speculative.method={spec.method} with penalties or logit biases: "
+                      f"speculation does not apply them yet; drop them or set "
                       f"speculative.method=none")
     span = decoder.length
     step = decoder.step_fn(greedy=greedy, span=span)
@@ -239,7 +238,7 @@ class Generator:
       return (new_B[:, None], jnp.where(n >= late_B, 1, 0)), state
 
     if spec.on:
-      verify = in_place(decoder.verify_fn(k=k, span=span), decoder)
+      verify = in_place(decoder.verify_fn(k=k, span=span, greedy=greedy), decoder)
       propose = in_place(draft.propose_fn(k=k, span=span), draft) if draft else None
 
       def one_round(params, draft_params, state, aux, n, done_B):

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxpar.errors import UserError
+from jaxpar.runtime.sampling import Sampling, filter_logits, likeliest
+from jaxpar.runtime.slots import token_keys
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +67,43 @@ def ngram_proposals(history_BN: jax.Array, positions_B: jax.Array, k: int, lo: i
   period_B = jnp.maximum(positions_B + 1 - start_B, 1)
   at_BK = start_B[:, None] + jnp.arange(k, dtype=jnp.int32)[None, :] % period_B[:, None]
   return jnp.take_along_axis(history_BN, jnp.clip(at_BK, 0, N - 1), axis=1), found_B
+
+
+def accept_drawn(logits_BTV: jax.Array, proposed_BK: jax.Array, keys_B: jax.Array,
+                 counts_B: jax.Array, s: Sampling) -> tuple[jax.Array, jax.Array]:
+  """(tokens_BT, made_B) of a pass that checked k proposals per row, each a proposer's
+  choice (a point mass), when the rows sample: proposal j is kept with the probability the
+  model gives it after `s`'s filters (`filter_logits`, as `sample` draws); the first one
+  rejected is replaced by a draw from that distribution without it, and after k kept one
+  more is drawn from the last. This is the standard rejection rule, so every token is
+  distributed as the model's own draw. Token j of a row is keyed by (its key, its token
+  number counts + j), so seeded runs repeat; a row at temperature 0 keeps exactly the
+  proposals its greedy choices equal."""
+  B, T, V = logits_BTV.shape
+  k = T - 1
+  each = lambda a: jnp.repeat(a, T, axis=0) if jnp.ndim(a) else a  # [B] -> [B * T]
+  rows = jax.tree.map(each, dataclasses.replace(s, bias=None, allowed=None))
+  logp_BTV = jax.nn.log_softmax(filter_logits(logits_BTV.reshape(B * T, V), rows), axis=-1)
+  logp_BTV = logp_BTV.reshape(B, T, V)
+  greedy_B11 = jnp.reshape(jnp.asarray(s.temperature) == 0, (-1, 1, 1))
+  top_BT1 = likeliest(logits_BTV)[..., None]
+  column_V = jnp.arange(V, dtype=jnp.int32)
+  logp_BTV = jnp.where(greedy_B11, jnp.where(column_V == top_BT1, 0.0, -jnp.inf), logp_BTV)
+  keys_BT = jax.vmap(lambda j: token_keys(keys_B, counts_B + j), out_axes=1)(jnp.arange(T))
+  draw = lambda key, salt: jax.random.fold_in(key, salt)
+  u_BK = jax.vmap(jax.vmap(lambda key: jax.random.uniform(draw(key, 1))))(keys_BT[:, :k])
+  p_BK = jnp.exp(jnp.take_along_axis(logp_BTV[:, :k], proposed_BK[..., None], axis=-1)[..., 0])
+  n_B = jnp.sum(jnp.cumprod((u_BK < p_BK).astype(jnp.int32), axis=1), axis=1)
+  at = lambda a: jnp.take_along_axis(a, n_B.reshape(-1, *[1] * (a.ndim - 1)), axis=1)[:, 0]
+  rejected_B = jnp.take_along_axis(proposed_BK, jnp.minimum(n_B, k - 1)[:, None], axis=1)[:, 0]
+  rest_BV = jnp.where((n_B < k)[:, None] & (column_V == rejected_B[:, None]), -jnp.inf,
+                      at(logp_BTV))
+  last_B = jax.vmap(lambda key, lp: jax.random.categorical(draw(key, 2), lp))(at(keys_BT),
+                                                                             rest_BV)
+  T_ = jnp.arange(T)[None, :]
+  tokens_BT = jnp.pad(proposed_BK, ((0, 0), (0, 1)))
+  tokens_BT = jnp.where(T_ == n_B[:, None], last_B[:, None].astype(jnp.int32), tokens_BT)
+  return tokens_BT, n_B + 1
 
 
 def check_draft(target_config, draft_config) -> None:
