@@ -91,7 +91,7 @@ def profile(gen, prompts, new_tokens: int) -> dict:
   """{class: seconds of a decode step} from a trace of one generate (the threads' busy time
   in each class, shared out over the loop's wall-clock time), and the step's seconds."""
   gen.generate(prompts, max_new_tokens=new_tokens)  # compiled, warm
-  (_, _, decode), = [v for k, v in gen._compiled.items() if k[0] == len(prompts)]
+  (_, _, decode, _), = [v for k, v in gen._compiled.items() if k[0] == len(prompts)]
   table = instructions(decode.as_text())
   result, (lines, loop) = traced(lambda: gen.generate(prompts, max_new_tokens=new_tokens))
   seconds, names = collections.Counter(), collections.Counter()
