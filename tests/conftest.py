@@ -35,15 +35,15 @@ os.environ["JAXPAR_CACHE_DIR"] = str(CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
-# The modules by their time in a cold run, slowest first (on 2 cores, `--durations=0`: 111 s
-# for test_serve down to 15 s for test_forward). `--dist loadfile` hands each module whole to
+# The modules by their time in a cold run, slowest first (on 2 cores, `--durations=0`: 132 s
+# for test_generate down to 17 s for test_hf). `--dist loadfile` hands each module whole to
 # the next free worker, in collection order (`--no-loadscope-reorder`, pyproject.toml): the
 # longest first, so the two workers end together (measured: the workers' sums differ by 26 s
 # in xdist's own order, by test counts; a few seconds in this one).
-SLOWEST_FIRST = ("test_serve", "test_user_reports", "test_generate", "test_multiprocess",
-                 "test_llama", "test_checkpoint", "test_quant", "test_pipeline",
-                 "test_structured", "test_readme", "test_properties", "test_uneven", "test_plan",
-                 "test_own_model", "test_hf", "test_forward")
+SLOWEST_FIRST = ("test_generate", "test_serve", "test_user_reports", "test_speculative",
+                 "test_multiprocess", "test_quant", "test_llama", "test_checkpoint",
+                 "test_pipeline", "test_structured", "test_properties", "test_plan",
+                 "test_readme", "test_uneven", "test_forward", "test_own_model", "test_hf")
 
 
 def pytest_collection_modifyitems(items):

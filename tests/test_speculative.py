@@ -99,16 +99,15 @@ def assert_caches_in_place(gen, batch):
 
 def test_one_prompt_and_an_int8_cache(spec_config, devices):
   """Batch 1 (the decode loop carries its caches without the batch dim) and an int8 KV cache
-  (scales written with the keys): speculation changes no token."""
+  (scales written with the keys): speculation changes no token, and neither kind of round
+  copies a cache."""
   gen = build(spec_config, devices, kv_cache_dtype="int8")
-  for prompts in (PROMPTS[:1], PROMPTS):
-    plain = gen.generate(prompts, max_new_tokens=NEW)
-    spec = gen.generate(prompts, max_new_tokens=NEW, speculation=speculation("self", gen))
+  plain = gen.generate(PROMPTS[:1], max_new_tokens=NEW)
+  for method in ("self", "ngram"):
+    gen._compiled.clear()
+    spec = gen.generate(PROMPTS[:1], max_new_tokens=NEW, speculation=speculation(method, gen))
     np.testing.assert_array_equal(spec.tokens, plain.tokens)
     assert spec.passes < plain.passes
-  for method in ("ngram", "self"):  # at batch 1, both kinds of round update in place
-    gen._compiled.clear()
-    gen.generate(PROMPTS[:1], max_new_tokens=NEW, speculation=speculation(method, gen))
     assert_caches_in_place(gen, 1)
 
 
@@ -162,10 +161,12 @@ def test_sampled_tokens_are_distributed_as_without_speculation(tiny, devices):
   every token."""
   from scipy.stats import chi2_contingency
   config = dataclasses.replace(tiny, model=dataclasses.replace(
-      tiny.model, vocab_size=16, n_layers=1, max_seq_len=16, init_std=0.3))
+      tiny.model, vocab_size=16, n_layers=1, max_seq_len=24, init_std=0.3))
   gen = build(config, devices)
   rows, new, draws = 20_000, 4, sampling.Sampling(temperature=1.5, min_p=0.01)
-  prompts = [[1, 2, 3, 1, 2, 3, 1]] * rows
+  # 12 of the 16 tokens: most rows' last token occurs before, so prompt lookup guesses (a
+  # round checks when half the rows do)
+  prompts = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 1, 2]] * rows
   plain = gen.generate(prompts, max_new_tokens=new, sampling=draws, seed=1).tokens
   for seed, method in enumerate(["ngram", "self"], start=2):
     spec = gen.generate(prompts, max_new_tokens=new, sampling=draws, seed=seed,

@@ -249,7 +249,11 @@ class Generator:
         slots = state.slots
         proposed_BK, found_B = ngram_proposals(slots.history, slots.positions, k,
                                                spec.ngram_min, spec.ngram_max)
-        checked = jnp.any(found_B & ~done_B)
+        # A pass of k + 1 tokens per row costs more than a step of one (GPT-2 124M's products
+        # at 5 tokens of one row on one CPU: 1.4-1.5x those at 1): checked when at least half
+        # the live rows have a guess.
+        live_B = ~done_B
+        checked = 2 * jnp.sum(found_B & live_B) >= jnp.maximum(jnp.sum(live_B), 1)
         pad = lambda out: ((jnp.pad(out[0][0], ((0, 0), (0, k))), out[0][1]), out[1])
         blank = (jnp.zeros((batch, k + 1), jnp.int32), jnp.zeros((batch,), jnp.int32))
         made, state = either(checked, lambda state: verify(params, state, proposed_BK),

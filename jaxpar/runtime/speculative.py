@@ -4,7 +4,8 @@ token, whatever is proposed; a good proposer only makes more tokens per pass).
 
     ngram   prompt lookup: the tokens that followed the latest earlier occurrence of the row's
             longest suffix of ngram_max..ngram_min tokens, in its own prompt and output; no
-            model. A round where no row has a match runs a plain one-token step instead.
+            model. A round where fewer than half the unfinished rows have a match runs a
+            plain one-token step instead.
     draft   a smaller model with the same vocabulary (its own slot decoder and KV cache, on
             the same mesh): k greedy steps of it (`Decoder.propose_fn`).
     self    the target itself as the draft (tests: every proposal is accepted).
