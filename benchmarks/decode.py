@@ -20,6 +20,7 @@ the prompts of batch 8 (every position, teacher-forced through the KV cache). Th
 read bandwidth is kept for reference only: no bound on this machine.
 
   python benchmarks/decode.py [--family llama] [--rounds 3] [--batches 1 8 32]
+  python benchmarks/decode.py --speculative [...]   (runs benchmarks/speculative.py)
 
 Prints a table and writes JSON to benchmarks/results/decode[_FAMILY].json.
 """
@@ -288,4 +289,9 @@ def print_table(args, results: list, gens: dict, scores: dict) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  if "--speculative" in sys.argv:  # speculative decoding against plain: its own script
+    sys.argv.remove("--speculative")
+    from benchmarks import speculative
+    speculative.main()
+  else:
+    main()
