@@ -233,6 +233,9 @@ def test_generate_cli_reports_what_was_proposed(root, monkeypatch, capsys):
   stdout = capsys.readouterr().out
   result = json.loads(stdout.strip().splitlines()[-1])
   assert result["new_tokens"] == plain["new_tokens"]
+  # The cache holds k = 3 positions more per row (6 + 9 + 3 instead of 6 + 9), and the draft
+  # its own (here the model itself: as much again).
+  assert result["kv_cache_bytes_per_device"] * 15 == 2 * plain["kv_cache_bytes_per_device"] * 18
   # 8 tokens after the prefill's, 4 per pass: 2 passes of 3 proposals each, every one kept
   assert result["speculative"] == {"method": "self", "k": 3, "proposed": 12, "accepted": 12,
                                    "passes": 3}

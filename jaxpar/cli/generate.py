@@ -49,7 +49,14 @@ def run(args, config: config_lib.Config) -> dict:
   generator, param_bytes = _build(config, mesh)
   speculation = _speculation(config, generator, mesh)
   batch = generator.padded_batch(len(prompts))
-  cache_bytes = generator.cache_bytes_per_device(batch, max(map(len, prompts)) + g.max_new_tokens)
+  # A speculating decoder holds k positions more per row (a check's last proposals), and a
+  # draft its own cache.
+  length = max(map(len, prompts)) + g.max_new_tokens + (speculation.k if speculation.on else 0)
+  cache_bytes = generator.cache_bytes_per_device(batch, length)
+  if speculation.uses_draft:
+    cache_bytes += speculation.draft.cache_bytes_per_device(batch, length)
+    if speculation.draft is not generator:
+      param_bytes += speculation.draft.param_bytes_per_device()
   _say_plan(config, generator, prompts, batch, cache_bytes)
   result = generator.generate(prompts, max_new_tokens=g.max_new_tokens,
                               sampling=gen_lib.Sampling(
