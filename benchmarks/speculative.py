@@ -11,8 +11,9 @@ lookup guesses whatever spans of the prompt or of itself it repeats). Methods: `
 proposals by prompt lookup), `self` (the model drafts for itself: every proposal accepted, so
 it shows what a pass of k + 1 tokens costs against k + 1 passes of one) and `draft` (the
 model's first 3 of its 12 layers with its embeddings and head: a quarter of the layers, about
-half the weight bytes, GPT-2's embeddings being a third of them; the ratio is in the JSON). Each round runs every method once, in a rotating order; the best
-round of each is reported (noise only slows a run).
+half the weight bytes, GPT-2's embeddings being a third of them; the ratio is in the JSON).
+Each round runs every method once, in a rotating order; the best round of each is reported
+(noise only slows a run).
 
   python benchmarks/speculative.py [--batches 1 8] [--k 4] [--rounds 3]
 
@@ -128,9 +129,9 @@ def main() -> None:
             "passes": res.passes, "tokens_per_pass": res.steps / res.passes,
             "tokens_equal_plain": bool(np.array_equal(res.tokens, base))})
       print(f"  batch {batch}, {workload}: done", flush=True)
-  print(f"\nGPT-2 124M shape, random weights (initializer_range {args.init_std}), float32, one CPU device; k={args.k}, "
-        f"{args.prompt_len}-token prompts, {args.new_tokens} new tokens; best of "
-        f"{args.rounds} rounds")
+  print(f"\nGPT-2 124M shape, random weights (initializer_range {args.init_std}), float32, "
+        f"one CPU device; k={args.k}, {args.prompt_len}-token prompts, {args.new_tokens} new "
+        f"tokens; best of {args.rounds} rounds")
   print("| batch | workload | method | decode tok/s | vs none | of 1-token limit | accepted | "
         "tokens/pass | same tokens |")
   print("|---|---|---|---|---|---|---|---|---|")

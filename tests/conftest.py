@@ -13,6 +13,7 @@ inherit the flags.
 """
 
 import contextlib
+import dataclasses
 import os
 import pathlib
 
@@ -49,6 +50,19 @@ SLOWEST_FIRST = ("test_generate", "test_serve", "test_user_reports", "test_specu
 def pytest_collection_modifyitems(items):
   rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
   items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable within a module
+
+
+def build_generator(config, devices, data=1, stage=1, model=1, **model_overrides):
+  """A `generate.Generator` of `config` on a data x stage x model mesh of the first devices,
+  with `model_overrides` (e.g. scan_layers, quantize) and no EOS."""
+  from jaxpar.config import MeshConfig
+  from jaxpar.mesh import make_mesh
+  from jaxpar.runtime import generate
+  config = dataclasses.replace(
+      config, mesh=MeshConfig(data=data, stage=stage, model=model),
+      model=config_lib.replace_model(config.model, **model_overrides))
+  return generate.build(config, make_mesh(config.mesh, devices=devices[:data * stage * model]),
+                        eos_id=-1)
 
 
 def cli_env() -> dict:

@@ -59,6 +59,20 @@ def gpt2_logits(params: dict, tokens: np.ndarray, *, vocab_size: int, n_heads: i
   return (x @ f64(p["wte"]).T)[..., :vocab_size]
 
 
+def gpt2_greedy(params: dict, prompts: list, new: int, *, vocab_size: int,
+                n_heads: int) -> np.ndarray:
+  """Greedy continuations [B, new] of each prompt, its logits recomputed from scratch for
+  every token (no cache)."""
+  out = []
+  for prompt in prompts:
+    seq = list(prompt)
+    for _ in range(new):
+      logits = gpt2_logits(params, np.array([seq]), n_heads=n_heads, vocab_size=vocab_size)
+      seq.append(int(logits[0, -1].argmax()))
+    out.append(seq[len(prompt):])
+  return np.array(out)
+
+
 def _get(tree, path):
   for key in path:
     tree = tree[key]

@@ -15,6 +15,7 @@ from jaxpar.config import MeshConfig
 from jaxpar.mesh import make_mesh
 from jaxpar.runtime import generate, sampling
 from tests import reference
+from tests.conftest import build_generator as build
 
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11], [3, 3, 3, 3, 3, 3], [5], [6, 7], [8, 9, 10],
            [11]]
@@ -28,27 +29,12 @@ def gen_config(tiny):
       run=dataclasses.replace(tiny.run, batch=len(PROMPTS)))
 
 
-def build(config, devices, data=1, stage=1, model=1, **model_overrides):
-  config = dataclasses.replace(
-      config, mesh=MeshConfig(data=data, stage=stage, model=model),
-      model=config_lib.replace_model(config.model, **model_overrides))
-  return generate.build(config, make_mesh(config.mesh, devices=devices[:data * stage * model]),
-                        eos_id=-1)
-
-
 @pytest.fixture(scope="module")
 def expected(gen_config, devices):
   """Greedy continuations recomputed from scratch every step by the NumPy GPT-2 (float64)."""
   params = build(gen_config, devices).natural_params()
-  out = []
-  for prompt in PROMPTS:
-    seq = list(prompt)
-    for _ in range(NEW):
-      logits = reference.gpt2_logits(params, np.array([seq]), n_heads=gen_config.model.n_heads,
-                                     vocab_size=gen_config.model.vocab_size)
-      seq.append(int(logits[0, -1].argmax()))
-    out.append(seq[len(prompt):])
-  out = np.array(out)
+  out = reference.gpt2_greedy(params, PROMPTS, NEW, n_heads=gen_config.model.n_heads,
+                              vocab_size=gen_config.model.vocab_size)
   assert np.mean([len(set(row)) for row in out]) > 3  # the context matters, not one echo
   return out
 

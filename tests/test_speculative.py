@@ -12,13 +12,11 @@ import numpy as np
 import pytest
 
 from jaxpar import cli
-from jaxpar import config as config_lib
-from jaxpar.config import MeshConfig
 from jaxpar.errors import UserError
-from jaxpar.mesh import make_mesh
 from jaxpar.runtime import generate, sampling
-from jaxpar.runtime.speculative import Speculation, ngram_proposals
+from jaxpar.runtime.speculative import Speculation, ngram_proposals, verify_fn
 from tests import reference
+from tests.conftest import build_generator as build
 
 # Prompts that repeat spans (prompt lookup finds matches) and ones that do not.
 PROMPTS = [[1, 2, 3, 1, 2, 3, 1, 2], [7, 8], [9, 10, 11, 9, 10], [3, 3, 3, 3, 3, 3], [5],
@@ -33,27 +31,12 @@ def spec_config(tiny):
       run=dataclasses.replace(tiny.run, batch=len(PROMPTS)))
 
 
-def build(config, devices, data=1, model=1, **model_overrides):
-  config = dataclasses.replace(
-      config, mesh=MeshConfig(data=data, stage=1, model=model),
-      model=config_lib.replace_model(config.model, **model_overrides))
-  return generate.build(config, make_mesh(config.mesh, devices=devices[:data * model]),
-                        eos_id=-1)
-
-
 @pytest.fixture(scope="module")
 def expected(spec_config, devices):
   """Greedy continuations recomputed from scratch every token by the NumPy GPT-2 (float64)."""
-  params = build(spec_config, devices).natural_params()
-  out = []
-  for prompt in PROMPTS:
-    seq = list(prompt)
-    for _ in range(NEW):
-      logits = reference.gpt2_logits(params, np.array([seq]), n_heads=spec_config.model.n_heads,
-                                     vocab_size=spec_config.model.vocab_size)
-      seq.append(int(logits[0, -1].argmax()))
-    out.append(seq[len(prompt):])
-  return np.array(out)
+  return reference.gpt2_greedy(build(spec_config, devices).natural_params(), PROMPTS, NEW,
+                               n_heads=spec_config.model.n_heads,
+                               vocab_size=spec_config.model.vocab_size)
 
 
 def speculation(method, gen, draft=None):
@@ -68,11 +51,12 @@ CASES = [("ngram", 1, 1), ("self", 1, 1), ("draft", 1, 1), ("ngram", 2, 4), ("se
 @pytest.mark.parametrize("method,data,model", CASES)
 def test_greedy_tokens_equal_full_recompute(spec_config, devices, expected, method, data,
                                             model):
-  gen = build(spec_config, devices, data, model)
+  gen = build(spec_config, devices, data, 1, model)
   # The draft: the same seeded model with int8 weights (it agrees with the model often, not
   # always, so both accepted and rejected proposals occur).
-  draft = build(spec_config, devices, data, model, quantize="int8") if method == "draft" else (
-      None)
+  draft = None
+  if method == "draft":
+    draft = build(spec_config, devices, data, 1, model, quantize="int8")
   result = gen.generate(PROMPTS, max_new_tokens=NEW, speculation=speculation(method, gen, draft))
   np.testing.assert_array_equal(result.tokens, expected)
   assert result.steps == NEW
@@ -122,7 +106,7 @@ def test_a_rejected_proposal_leaves_no_trace(spec_config, devices, expected):
   decoder = Decoder(gen, B, length)
   tokens, lengths = generate.pad_right(PROMPTS)
   prefill = decoder.prefill(B, T0, greedy=True)
-  verify = decoder.jit(decoder.verify_fn(k=K, span=length))
+  verify = decoder.jit(verify_fn(decoder, k=K, span=length))
   step = decoder.jit(decoder.step_fn(greedy=True, span=length))
   args = (tokens, np.int32(0), lengths, np.int32(0), np.int32(0), sampling.Sampling().rows(B),
           np.zeros(B, np.uint32), np.arange(B, dtype=np.int32))

@@ -49,7 +49,9 @@ reaches stage 0 through `ring` exactly when the group's next step starts, so no 
 to the trash slot from then on (`keep`), and their first token enters from `cur.tokens`
 (`fresh`), not from the ring. Rows that hold no request compute too (the host ignores their
 tokens). The step attends over the first `span` slots of each row only (the least span that
-holds every running row, so short requests do not stream a long cache).
+holds every running row, so short requests do not stream a long cache). Speculation's
+check of k proposals per row and a draft's steps (`speculative.verify_fn`, `propose_fn`) are
+programs of this decoder too, built from its layers and rules.
 """
 
 import dataclasses
@@ -67,9 +69,8 @@ from jaxpar.errors import UserError
 from jaxpar.models.base import Step, run_blocks
 from jaxpar.parallel import pipeline, ring
 from jaxpar.rules import use_rules
-from jaxpar.runtime.sampling import Context, likeliest
-from jaxpar.runtime.speculative import accept_drawn
-from jaxpar.runtime.slots import (Ring, State, advance, advance_by, as_rows, base_keys, blank_chosen,
+from jaxpar.runtime.sampling import Context
+from jaxpar.runtime.slots import (Ring, State, advance, as_rows, base_keys, blank_chosen,
                                   blank_first, cache_spec, choose, chosen_tokens, copy_rows,
                                   lead_count, lead_rows, prefilled, prompt_history,
                                   prompt_log_probs, put_rows, state_program, with_mask,
@@ -389,78 +390,6 @@ class Decoder:
       out_B, slots = body(params, state.slots, logits_BV, allowed)
       return out_B, State(state.caches, slots)
     return run
-
-  # ---- speculation (without stages; `jaxpar.runtime.speculative` proposes) ----
-
-  def _pass(self, parts, caches, tokens_BT, positions_B, span: int):
-    """Each row's T tokens at positions positions_B.. through every layer, their keys and
-    values written there, each query seeing the first `span` slots up to its own:
-    (logits_BTV, caches)."""
-    model, graphdef, layers = parts
-    slots_BT = positions_B[:, None] + jnp.arange(tokens_BT.shape[1], dtype=jnp.int32)
-    mask_BTS = jnp.arange(span)[None, None, :] <= slots_BT[:, :, None]
-    # Past the model's positions only tokens whose results no row keeps (speculated past its
-    # request's end): any position there gives finite values.
-    positions_BT = jnp.minimum(slots_BT, self.generator.config.model.max_seq_len - 1)
-    x_BTD = model.embed(tokens_BT, positions_BT)
-    y_BTD, caches = self._layers(graphdef, layers, x_BTD, Step(positions_BT, mask_BTS,
-                                                               positions_B), caches)
-    return model.head(y_BTD), caches
-
-  def _speculates(self):
-    if self.pipelined:
-      raise UserError(f"speculative decoding with mesh.stage={self.S}: pipelined decoding "
-                      f"does not verify proposals yet; set speculative.method=none or "
-                      f"mesh.stage=1")
-
-  def verify_fn(self, *, k: int, span: int, greedy: bool = True):
-    """Speculation's step: each row's token and the k proposed after it enter in one pass
-    (positions p..p+k, their keys and values written). `greedy`: the row keeps the longest
-    run of proposals that equal the likeliest token after their predecessor, then the
-    likeliest token after that run, exactly what one-token steps make; else each row by
-    its sampling settings, by the rejection rule (`speculative.accept_drawn`: distributed
-    as one-token steps' draws). (params, state, proposed_BK) -> ((tokens_BT, made_B),
-    state), row b made tokens_BT[b, :made_B[b]] (1 <= made_B <= k + 1). Entries past a
-    row's new position are no query's (masked) until the row writes over them. Without
-    stages; needs `length` >= a row's last position + k + 1."""
-    self._speculates()
-
-    def body(parts, caches, slots, proposed_BK):
-      tokens_BT = jnp.concatenate([slots.tokens[:, None], proposed_BK], axis=1)
-      logits_BTV, caches = self._pass(parts, caches, tokens_BT, slots.positions, span)
-      if not greedy:
-        return (*accept_drawn(logits_BTV, proposed_BK, slots.keys, slots.counts,
-                              slots.sampling), caches)
-      chosen_BT = likeliest(logits_BTV)
-      agree_BK = (proposed_BK == chosen_BT[:, :k]).astype(jnp.int32)
-      return chosen_BT, 1 + jnp.sum(jnp.cumprod(agree_BK, axis=1), axis=1), caches
-    body = self._plain(body)
-
-    def run(params, state, proposed_BK):
-      tokens_BT, made_B, caches = body(params, state.caches, state.slots, proposed_BK)
-      slots = advance_by(state.slots, tokens_BT, made_B, self.length - 1 - k)
-      return (tokens_BT, made_B), State(caches, slots)
-    return run
-
-  def propose_fn(self, *, k: int, span: int):
-    """This decoder's model as a draft: k greedy proposals per row of a target decoder's rows
-    `slots`, this decoder's caches kept in step with them. The row's last two tokens enter
-    first (the one before the last is new here when the target kept every proposal), then
-    each proposal but the last: (params, caches, slots) -> (proposed_BK, caches)."""
-    self._speculates()
-
-    def body(parts, caches, slots):
-      at_B1 = jnp.maximum(slots.positions - 1, 0)[:, None]
-      tokens_B2 = jnp.stack([jnp.take_along_axis(slots.history, at_B1, axis=1)[:, 0],
-                             slots.tokens], axis=1)
-      logits, caches = self._pass(parts, caches, tokens_B2, slots.positions - 1, span)
-      proposed = [likeliest(logits[:, -1])]
-      for j in range(1, k):  # unrolled: a loop carrying the caches made XLA:CPU copy them
-        logits, caches = self._pass(parts, caches, proposed[-1][:, None], slots.positions + j,
-                                    span)
-        proposed.append(likeliest(logits[:, 0]))
-      return jnp.stack(proposed, axis=1), caches
-    return self._plain(body)
 
   # ---- the state (made by `slots`) ----
 

@@ -1,6 +1,7 @@
-"""Speculative decoding: proposers of the next k tokens of every row, which the slot decoder's
-`verify_fn` checks in one pass of the target model (greedy: the output is the same token for
-token, whatever is proposed; a good proposer only makes more tokens per pass).
+"""Speculative decoding: proposers of the next k tokens of every row of a slot decoder
+(`decoder.Decoder`, `d` below), and `verify_fn`, its program that checks them in one pass of
+the model (greedy: the output is the same token for token, whatever is proposed; a good
+proposer only makes more tokens per pass). Without stages so far.
 
     ngram   prompt lookup: the tokens that followed the latest earlier occurrence of the row's
             longest suffix of ngram_max..ngram_min tokens, in its own prompt and output; no
@@ -17,8 +18,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxpar.errors import UserError
+from jaxpar.models.base import Step
 from jaxpar.runtime.sampling import Sampling, filter_logits, likeliest
-from jaxpar.runtime.slots import token_keys
+from jaxpar.runtime.slots import State, advance_by, token_keys
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +44,78 @@ class Speculation:
   def key(self) -> tuple:
     """What the compiled programs depend on."""
     return (self.method, self.k, self.ngram_min, self.ngram_max, id(self.draft))
+
+
+def _pass(d, parts, caches, tokens_BT, positions_B, span: int):
+  """Each row's T tokens at positions positions_B.. through every layer of decoder `d`, their
+  keys and values written there, each query seeing the first `span` slots up to its own:
+  (logits_BTV, caches)."""
+  model, graphdef, layers = parts
+  slots_BT = positions_B[:, None] + jnp.arange(tokens_BT.shape[1], dtype=jnp.int32)
+  mask_BTS = jnp.arange(span)[None, None, :] <= slots_BT[:, :, None]
+  # Past the model's positions only tokens whose results no row keeps (speculated past its
+  # request's end): any position there gives finite values.
+  positions_BT = jnp.minimum(slots_BT, d.generator.config.model.max_seq_len - 1)
+  x_BTD = model.embed(tokens_BT, positions_BT)
+  y_BTD, caches = d._layers(graphdef, layers, x_BTD, Step(positions_BT, mask_BTS, positions_B),
+                            caches)
+  return model.head(y_BTD), caches
+
+
+def _unstaged(d) -> None:
+  if d.pipelined:
+    raise UserError(f"speculative decoding with mesh.stage={d.S}: pipelined decoding does not "
+                    f"verify proposals yet; set speculative.method=none or mesh.stage=1")
+
+
+def verify_fn(d, *, k: int, span: int, greedy: bool = True):
+  """Decoder `d`'s check of proposals: each row's token and the k proposed after it enter in
+  one pass (positions p..p+k, their keys and values written). `greedy`: the row keeps the
+  longest run of proposals that equal the likeliest token after their predecessor, then the
+  likeliest token after that run, exactly what one-token steps make; else each row by its
+  sampling settings, by the rejection rule (`accept_drawn`: distributed as one-token steps'
+  draws). (params, state, proposed_BK) -> ((tokens_BT, made_B), state), row b made
+  tokens_BT[b, :made_B[b]] (1 <= made_B <= k + 1). Entries past a row's new position are no
+  query's (masked) until the row writes over them. Needs `d.length` >= a row's last
+  position + k + 1."""
+  _unstaged(d)
+
+  def body(parts, caches, slots, proposed_BK):
+    tokens_BT = jnp.concatenate([slots.tokens[:, None], proposed_BK], axis=1)
+    logits_BTV, caches = _pass(d, parts, caches, tokens_BT, slots.positions, span)
+    if not greedy:
+      return (*accept_drawn(logits_BTV, proposed_BK, slots.keys, slots.counts,
+                            slots.sampling), caches)
+    chosen_BT = likeliest(logits_BTV)
+    agree_BK = (proposed_BK == chosen_BT[:, :k]).astype(jnp.int32)
+    return chosen_BT, 1 + jnp.sum(jnp.cumprod(agree_BK, axis=1), axis=1), caches
+  body = d._plain(body)
+
+  def run(params, state, proposed_BK):
+    tokens_BT, made_B, caches = body(params, state.caches, state.slots, proposed_BK)
+    slots = advance_by(state.slots, tokens_BT, made_B, d.length - 1 - k)
+    return (tokens_BT, made_B), State(caches, slots)
+  return run
+
+
+def propose_fn(d, *, k: int, span: int):
+  """Decoder `d`'s model as a draft: k greedy proposals per row of a target decoder's rows
+  `slots`, `d`'s caches kept in step with them. The row's last two tokens enter first (the
+  one before the last is new here when the target kept every proposal), then each proposal
+  but the last: (params, caches, slots) -> (proposed_BK, caches)."""
+  _unstaged(d)
+
+  def body(parts, caches, slots):
+    at_B1 = jnp.maximum(slots.positions - 1, 0)[:, None]
+    tokens_B2 = jnp.stack([jnp.take_along_axis(slots.history, at_B1, axis=1)[:, 0],
+                           slots.tokens], axis=1)
+    logits, caches = _pass(d, parts, caches, tokens_B2, slots.positions - 1, span)
+    proposed = [likeliest(logits[:, -1])]
+    for j in range(1, k):  # unrolled: a loop carrying the caches made XLA:CPU copy them
+      logits, caches = _pass(d, parts, caches, proposed[-1][:, None], slots.positions + j, span)
+      proposed.append(likeliest(logits[:, 0]))
+    return jnp.stack(proposed, axis=1), caches
+  return d._plain(body)
 
 
 def ngram_proposals(history_BN: jax.Array, positions_B: jax.Array, k: int, lo: int,
