@@ -41,7 +41,7 @@ def main() -> None:
   from jaxpar.runtime import generate
   from jaxpar.runtime.decoder import Decoder
   mesh = make_mesh(cfg.mesh, devices=jax.devices()[:1])
-  from jaxpar.serve.runner import bias_entries
+  from jaxpar.serve.shapes import bias_entries
   gen = generate.build(cfg, mesh)
   args.bias = bias_entries(gen.eos_ids) if args.bias is None else args.bias
   decoder = Decoder(gen, args.slots, args.span, bias=args.bias)

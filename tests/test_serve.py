@@ -702,6 +702,75 @@ def test_prefix_reuse_gives_the_tokens_of_a_fresh_prefill(root, checkpoint, devi
       engine.stop()
 
 
+# (method, data, model): each proposer and each mesh kind once.
+SPECULATING = [("ngram", 1, 1), ("self", 2, 4), ("draft", 4, 2)]
+
+
+def perturbed_copy(model, path):
+  """`model` with noise in its last MLP (greedy tokens agree with the model's about half the
+  time), saved by transformers: a draft that is sometimes right."""
+  import copy
+
+  import torch
+  draft = copy.deepcopy(model)
+  torch.manual_seed(1)
+  with torch.no_grad():
+    w = draft.model.layers[-1].mlp.down_proj.weight
+    w.add_(0.1 * torch.randn_like(w))
+  draft.save_pretrained(path)
+  return path
+
+
+@pytest.mark.parametrize("method,data,model", SPECULATING)
+def test_speculating_engine_gives_the_tokens_of_transformers(root, checkpoint, devices, hf,
+                                                             tmp_path, method, data, model):
+  """A speculating engine (k=2) serves continuous batches of greedy requests (runs of two
+  tokens, which this model continues with repeats that prompt lookup finds; prompts sharing a
+  system prompt, so prefix reuse copies the draft's cache too) beside a request that cannot
+  speculate (log-probabilities: rounds with it check nothing): every token is transformers'.
+  The model as its own draft has every proposal accepted, a noisy copy of it some; a seeded
+  sampled request repeats. The greedy round writes the caches in place and gathers nothing."""
+  rng = np.random.default_rng(11)
+  system = rng.integers(0, 247, 12).tolist()
+  prompts = [[t] * 6 + [t + 1] * 6 for t in (3, 4, 5, 6)] + [
+      system + rng.integers(0, 247, int(n)).tolist() for n in (2, 5, 1, 3)] + PROMPTS[:4]
+  new = [8] * 4 + [int(n) for n in rng.integers(3, 10, len(prompts) - 4)]
+  K = 2  # (a round's attention scores, [rows, heads, K + 1 queries, span] on a device, are
+  # smaller than a key cache's shard, [rows, heads, 8, span]: a copy of one would show)
+  sets = [f"speculative.method={method}", f"speculative.k={K}", "speculative.ngram_min=1"]
+  if method == "draft":
+    sets.append(f"speculative.draft={perturbed_copy(hf[0], tmp_path)}")
+  engine = engine_for(root, checkpoint, devices[:data * model], f"mesh.data={data}",
+                      f"mesh.model={model}", *sets).start()
+  value = lambda name: engine.metrics.registry.get_sample_value(name + "_total")
+  try:
+    streams = [engine.submit(p, serve.Params(max_tokens=m)) for p, m in zip(prompts, new)]
+    scored = engine.submit(PROMPTS[5], serve.Params(max_tokens=6, logprobs=2))
+    for stream, prompt, m in zip(streams, prompts, new):
+      assert stream.result().token_ids == hf_greedy(hf[0], prompt, m)
+    assert scored.result().token_ids == hf_greedy(hf[0], PROMPTS[5], 6)
+    proposed, accepted = (value(f"jaxpar_speculative_{n}_tokens")
+                          for n in ("proposed", "accepted"))
+    checks = value("jaxpar_speculative_checks")
+    assert proposed == K * checks > 0 and accepted > 0
+    assert engine.metrics.mean_accepted_length() == 1 + accepted / checks
+    assert accepted == proposed if method == "self" else accepted < proposed
+    sampled = serve.Params(max_tokens=8, temperature=1.0, seed=5)
+    assert len({tuple(engine.generate([prompts[0]], sampled)[0].token_ids)
+                for _ in range(2)}) == 1
+  finally:
+    engine.stop()
+  if method == "self":  # no cache leaf's shard is copied (with one row per device a draft's
+    # passes copy its caches: not solved yet)
+    import jax
+    runner = engine.runner
+    shards = {a.sharding.shard_shape(a.shape) for a in jax.tree.leaves(
+        runner.decoder.empty_state(abstract=True).caches)}
+    program = runner.compiled["speculate", True, runner.spans[-1], runner.rows[-1]]
+    assert set(inspect.hlo_census(program.as_text()).counts()) == {"all-reduce"}
+    assert not shards & set(copied_shapes(program.as_text()))
+
+
 def test_a_failed_step_ends_its_requests_and_forgets_the_cached_prefixes(root, checkpoint,
                                                                           devices, hf):
   """A decode step that raises ends its requests with 'error' and zeroes the caches; the next

@@ -36,9 +36,6 @@ def run(args, config: config_lib.Config) -> dict:
 
   if not 0 <= args.port < 65536:
     raise UserError(f"--port {args.port}: must be from 0 (any free port) to 65535")
-  if config.speculative.method != "none":
-    raise UserError(f"speculative.method={config.speculative.method}: the server does not "
-                    f"speculate yet (generate does); set speculative.method=none")
   if jax.process_count() > 1:
     raise UserError("serve runs on one process (its devices may be many); start it without "
                     "--coordinator")

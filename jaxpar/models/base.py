@@ -308,15 +308,16 @@ def write_cache(cache: dict | None, k_BTKH: jax.Array, v_BTKH: jax.Array, step: 
 
 def write_rows(old: jax.Array, new: jax.Array, index_B: jax.Array, axis: int, rows: int,
                groups: int) -> jax.Array:
-  """`old` with one new entry per row of `lead_rows(old, rows, groups)` (new [B, ...] with
-  1 along `axis`) at `index_B` along `axis`: a scatter on each device into its own rows, in
-  place."""
-  if new.shape[axis] != 1:
-    raise ValueError(f"writing {new.shape[axis]} entries per row into leading rows: one only")
+  """`old` with the T new entries of each row of `lead_rows(old, rows, groups)` (new
+  [B, ...] with T along `axis`) at `index_B`.. along `axis`: a scatter on each device into
+  its own rows, in place."""
+  T = new.shape[axis]
 
   def one(old, new, index):  # [per, ...], [rows, ...], [rows]: one group's
-    at = (jnp.arange(rows),) + (slice(None),) * (axis - 1) + (index,)
-    return old.at[at].set(jnp.squeeze(new, axis), unique_indices=True)
+    at_RT = index[:, None] + jnp.arange(T, dtype=index.dtype)
+    at = (jnp.arange(rows)[:, None],) + (slice(None),) * (axis - 1) + (at_RT,)
+    # The two index arrays, apart, lead the indexed shape: [rows, T, the rest...].
+    return old.at[at].set(jnp.moveaxis(new, axis, 1), unique_indices=True)
   return by_group(one, groups, old, new, index_B)
 
 

@@ -33,8 +33,7 @@ from jaxpar.runtime import inference, state
 from jaxpar.runtime.decoder import Decoder
 from jaxpar.runtime.slots import State
 from jaxpar.runtime.sampling import Sampling
-from jaxpar.runtime.speculative import (Speculation, draft_config, ngram_proposals,
-                                        propose_fn, verify_fn)
+from jaxpar.runtime.speculative import Speculation, draft_config, round_fn
 
 
 def pad_right(prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -93,20 +92,6 @@ def batch_dim(state, scan: bool, batch: int, *, add: bool):
   change = jnp.expand_dims if add else jnp.squeeze
   return dataclasses.replace(state, caches=jax.tree.map(lambda a: change(a, dim),
                                                         state.caches))
-
-
-def either(pred, on_true, on_false, state, blank):
-  """(out, state) of `on_true(state)` where `pred`, else of `on_false(state)` (each returns
-  (out, state); `blank`: zeros shaped like out), as two while loops of at most one trip:
-  XLA:CPU copied every KV cache a `lax.cond` updates (each round), a loop updates its carry
-  in place."""
-  def once(fn, want, carry):
-    def body(carry):
-      out, state = fn(carry[2])
-      return True, out, state
-    return lax.while_loop(lambda c: ~c[0] & (pred == want), body, carry)
-  _, out, state = once(on_false, False, once(on_true, True, (False, blank, state)))
-  return out, state
 
 
 def loop_steps(decoder: Decoder, max_new: int) -> int:
@@ -239,27 +224,14 @@ class Generator:
       return (new_B[:, None], jnp.where(n >= late_B, 1, 0)), state
 
     if spec.on:
-      verify = in_place(verify_fn(decoder, k=k, span=span, greedy=greedy), decoder)
-      propose = in_place(propose_fn(draft, k=k, span=span), draft) if draft else None
+      spec_round = round_fn(decoder, spec, span=span, greedy=greedy, draft=draft,
+                            wrap=in_place)
 
       def one_round(params, draft_params, state, aux, n, done_B):
         """((tokens_BT, made_B), state, aux, proposed_B)."""
-        if draft:
-          proposed_BK, aux = propose(draft_params, aux, state.slots)
-          return (*verify(params, state, proposed_BK), aux, jnp.full((batch,), k))
-        slots = state.slots
-        proposed_BK, found_B = ngram_proposals(slots.history, slots.positions, k,
-                                               spec.ngram_min, spec.ngram_max)
-        # A pass of k + 1 tokens per row costs more than a step of one (GPT-2 124M's products
-        # at 5 tokens of one row on one CPU: 1.5-1.6x those at 1): checked when at least half
-        # the live rows have a guess.
-        live_B = ~done_B
-        checked = 2 * jnp.sum(found_B & live_B) >= jnp.maximum(jnp.sum(live_B), 1)
-        pad = lambda out: ((jnp.pad(out[0][0], ((0, 0), (0, k))), out[0][1]), out[1])
-        blank = (jnp.zeros((batch, k + 1), jnp.int32), jnp.zeros((batch,), jnp.int32))
-        made, state = either(checked, lambda state: verify(params, state, proposed_BK),
-                             lambda state: pad(plain(params, state, n)), state, blank)
-        return made, state, aux, jnp.where(checked, k, 0) * jnp.ones((batch,), jnp.int32)
+        (tokens_BT, made_B, proposed_B), state, aux = spec_round(params, state, ~done_B,
+                                                                 draft_params, aux)
+        return (tokens_BT, made_B), state, aux, proposed_B
     else:
       def one_round(params, draft_params, state, aux, n, done_B):
         return (*plain(params, state, n), aux, jnp.zeros((batch,), jnp.int32))

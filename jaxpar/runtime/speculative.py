@@ -16,11 +16,12 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from jaxpar.errors import UserError
 from jaxpar.models.base import Step
 from jaxpar.runtime.sampling import Sampling, filter_logits, likeliest
-from jaxpar.runtime.slots import State, advance_by, token_keys
+from jaxpar.runtime.slots import State, advance_by, lead_count, lead_rows, token_keys
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,10 +47,10 @@ class Speculation:
     return (self.method, self.k, self.ngram_min, self.ngram_max, id(self.draft))
 
 
-def _pass(d, parts, caches, tokens_BT, positions_B, span: int):
+def _pass(d, parts, caches, tokens_BT, positions_B, span: int, lead: int = 0):
   """Each row's T tokens at positions positions_B.. through every layer of decoder `d`, their
   keys and values written there, each query seeing the first `span` slots up to its own:
-  (logits_BTV, caches)."""
+  (logits_BTV, caches). `lead` > 0: the rows are the first `lead` of each data group."""
   model, graphdef, layers = parts
   slots_BT = positions_B[:, None] + jnp.arange(tokens_BT.shape[1], dtype=jnp.int32)
   mask_BTS = jnp.arange(span)[None, None, :] <= slots_BT[:, :, None]
@@ -57,8 +58,8 @@ def _pass(d, parts, caches, tokens_BT, positions_B, span: int):
   # request's end): any position there gives finite values.
   positions_BT = jnp.minimum(slots_BT, d.generator.config.model.max_seq_len - 1)
   x_BTD = model.embed(tokens_BT, positions_BT)
-  y_BTD, caches = d._layers(graphdef, layers, x_BTD, Step(positions_BT, mask_BTS, positions_B),
-                            caches)
+  step = Step(positions_BT, mask_BTS, positions_B, lead, d.data_ways)
+  y_BTD, caches = d._layers(graphdef, layers, x_BTD, step, caches)
   return model.head(y_BTD), caches
 
 
@@ -68,7 +69,7 @@ def _unstaged(d) -> None:
                     f"verify proposals yet; set speculative.method=none or mesh.stage=1")
 
 
-def verify_fn(d, *, k: int, span: int, greedy: bool = True):
+def verify_fn(d, *, k: int, span: int, greedy: bool = True, rows: int | None = None):
   """Decoder `d`'s check of proposals: each row's token and the k proposed after it enter in
   one pass (positions p..p+k, their keys and values written). `greedy`: the row keeps the
   longest run of proposals that equal the likeliest token after their predecessor, then the
@@ -77,45 +78,113 @@ def verify_fn(d, *, k: int, span: int, greedy: bool = True):
   draws). (params, state, proposed_BK) -> ((tokens_BT, made_B), state), row b made
   tokens_BT[b, :made_B[b]] (1 <= made_B <= k + 1). Entries past a row's new position are no
   query's (masked) until the row writes over them. Needs `d.length` >= a row's last
-  position + k + 1."""
+  position + k + 1. `rows`: of the first `rows` rows of each data group only (`forward_fn`'s),
+  the others untouched."""
   _unstaged(d)
+  (take, put), lead = lead_rows(d, rows), lead_count(d, rows)
 
   def body(parts, caches, slots, proposed_BK):
-    tokens_BT = jnp.concatenate([slots.tokens[:, None], proposed_BK], axis=1)
-    logits_BTV, caches = _pass(d, parts, caches, tokens_BT, slots.positions, span)
-    if not greedy:
-      return (*accept_drawn(logits_BTV, proposed_BK, slots.keys, slots.counts,
-                            slots.sampling), caches)
-    chosen_BT = likeliest(logits_BTV)
-    agree_BK = (proposed_BK == chosen_BT[:, :k]).astype(jnp.int32)
-    return chosen_BT, 1 + jnp.sum(jnp.cumprod(agree_BK, axis=1), axis=1), caches
+    cur = take(slots)
+    tokens_BT = jnp.concatenate([cur.tokens[:, None], proposed_BK], axis=1)
+    logits_BTV, caches = _pass(d, parts, caches, tokens_BT, cur.positions, span, lead)
+    if greedy:
+      chosen_BT = likeliest(logits_BTV)
+      agree_BK = (proposed_BK == chosen_BT[:, :k]).astype(jnp.int32)
+      tokens_BT, made_B = chosen_BT, 1 + jnp.sum(jnp.cumprod(agree_BK, axis=1), axis=1)
+    else:
+      tokens_BT, made_B = accept_drawn(logits_BTV, proposed_BK, cur.keys, cur.counts,
+                                       cur.sampling)
+    slots = put(slots, advance_by(cur, tokens_BT, made_B, d.length - 1 - k))
+    return (tokens_BT, made_B), caches, slots
   body = d._plain(body)
 
   def run(params, state, proposed_BK):
-    tokens_BT, made_B, caches = body(params, state.caches, state.slots, proposed_BK)
-    slots = advance_by(state.slots, tokens_BT, made_B, d.length - 1 - k)
-    return (tokens_BT, made_B), State(caches, slots)
+    out, caches, slots = body(params, state.caches, state.slots, proposed_BK)
+    return out, State(caches, slots)
   return run
 
 
-def propose_fn(d, *, k: int, span: int):
+def propose_fn(d, *, k: int, span: int, rows: int | None = None):
   """Decoder `d`'s model as a draft: k greedy proposals per row of a target decoder's rows
-  `slots`, `d`'s caches kept in step with them. The row's last two tokens enter first (the
-  one before the last is new here when the target kept every proposal), then each proposal
-  but the last: (params, caches, slots) -> (proposed_BK, caches)."""
+  `slots` (of its `rows`, as `verify_fn`'s), `d`'s caches kept in step with them. The row's
+  last two tokens enter first (the one before the last is new here when the target kept
+  every proposal), then each proposal but the last: (params, caches, slots) -> (proposed_BK,
+  caches)."""
   _unstaged(d)
+  take, lead = lead_rows(d, rows)[0], lead_count(d, rows)
 
   def body(parts, caches, slots):
-    at_B1 = jnp.maximum(slots.positions - 1, 0)[:, None]
-    tokens_B2 = jnp.stack([jnp.take_along_axis(slots.history, at_B1, axis=1)[:, 0],
-                           slots.tokens], axis=1)
-    logits, caches = _pass(d, parts, caches, tokens_B2, slots.positions - 1, span)
+    cur = take(slots)
+    at_B1 = jnp.maximum(cur.positions - 1, 0)[:, None]
+    tokens_B2 = jnp.stack([jnp.take_along_axis(cur.history, at_B1, axis=1)[:, 0],
+                           cur.tokens], axis=1)
+    logits, caches = _pass(d, parts, caches, tokens_B2, cur.positions - 1, span, lead)
     proposed = [likeliest(logits[:, -1])]
     for j in range(1, k):  # unrolled: a loop carrying the caches made XLA:CPU copy them
-      logits, caches = _pass(d, parts, caches, proposed[-1][:, None], slots.positions + j, span)
+      logits, caches = _pass(d, parts, caches, proposed[-1][:, None], cur.positions + j, span,
+                             lead)
       proposed.append(likeliest(logits[:, 0]))
     return jnp.stack(proposed, axis=1), caches
   return d._plain(body)
+
+
+def either(pred, on_true, on_false, state, blank):
+  """(out, state) of `on_true(state)` where `pred`, else of `on_false(state)` (each returns
+  (out, state); `blank`: zeros shaped like out), as two while loops of at most one trip:
+  XLA:CPU copied every KV cache a `lax.cond` updates (each round), a loop updates its carry
+  in place."""
+  def once(fn, want, carry):
+    def body(carry):
+      out, state = fn(carry[2])
+      return True, out, state
+    return lax.while_loop(lambda c: ~c[0] & (pred == want), body, carry)
+  _, out, state = once(on_false, False, once(on_true, True, (False, blank, state)))
+  return out, state
+
+
+def round_fn(d, spec: Speculation, *, span: int, greedy: bool, rows: int | None = None,
+             draft=None, wrap=lambda fn, d: fn):
+  """One round of decoder `d`'s rows (of its `rows`) with `spec`: the proposals (k steps of
+  the `draft` decoder, or `ngram_proposals`) and their check (`verify_fn`). With ngram, a
+  round where fewer than half the live rows have a match runs `d`'s one-token step instead.
+  `wrap(fn, decoder)` wraps each program's function (`generate` carries its caches without
+  their batch dim). (params, state, live_B, draft_params, draft_caches) -> ((tokens_BT,
+  made_B, proposed_B), state, draft_caches): row b made tokens_BT[b, :made_B[b]] and had
+  proposed_B[b] tokens checked (k or 0)."""
+  k = spec.k
+  verify = wrap(verify_fn(d, k=k, span=span, greedy=greedy, rows=rows), d)
+  if spec.uses_draft:
+    propose = wrap(propose_fn(draft, k=k, span=span, rows=rows), draft)
+
+    def run(params, state, live_B, draft_params, draft_caches):
+      proposed_BK, draft_caches = propose(draft_params, draft_caches, state.slots)
+      (tokens_BT, made_B), state = verify(params, state, proposed_BK)
+      return (tokens_BT, made_B, jnp.full(made_B.shape, k, jnp.int32)), state, draft_caches
+    return run
+
+  step = wrap(d.step_fn(greedy=greedy, span=span, rows=rows), d)
+  take = lead_rows(d, rows)[0]
+  guess = d._plain(lambda parts, slots: ngram_proposals(
+      take(slots).history, take(slots).positions, k, spec.ngram_min, spec.ngram_max))
+
+  def plain(params, state):
+    next_B, state = step(params, state)
+    return (jnp.pad(next_B[:, None], ((0, 0), (0, k))), jnp.ones_like(next_B)), state
+
+  def run(params, state, live_B, draft_params, draft_caches):
+    proposed_BK, found_B = guess(params, state.slots)
+    # A pass of k + 1 tokens per row costs more than a step of one (GPT-2 124M's products
+    # at 5 tokens of one row on one CPU: 1.5-1.6x those at 1): checked when at least half
+    # the live rows have a guess.
+    checked = 2 * jnp.sum(found_B & live_B) >= jnp.maximum(jnp.sum(live_B), 1)
+    B = found_B.shape[0]
+    blank = (jnp.zeros((B, k + 1), jnp.int32), jnp.zeros((B,), jnp.int32))
+    (tokens_BT, made_B), state = either(
+        checked, lambda state: verify(params, state, proposed_BK), lambda state: plain(
+            params, state), state, blank)
+    return (tokens_BT, made_B, jnp.where(checked, k, 0) * jnp.ones_like(made_B)), state, (
+        draft_caches)
+  return run
 
 
 def ngram_proposals(history_BN: jax.Array, positions_B: jax.Array, k: int, lo: int,

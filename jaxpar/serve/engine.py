@@ -220,7 +220,8 @@ def build(config: Config, mesh, *, tokenizer=None, progress: bool = True) -> Eng
   from jaxpar.rules import Rules
   from jaxpar.runtime import generate as gen_lib
   from jaxpar.runtime.decoder import Decoder
-  from jaxpar.serve.runner import Runner, bias_entries, buckets, spans
+  from jaxpar.serve.runner import Runner
+  from jaxpar.serve.shapes import bias_entries, buckets, spans
 
   s = config.serve
   if s.max_len > config.model.max_seq_len:
@@ -231,17 +232,21 @@ def build(config: Config, mesh, *, tokenizer=None, progress: bool = True) -> Eng
     raise UserError(f"serve.max_slots={s.max_slots} does not split over the {data} devices "
                     f"of the batch axes; use a multiple of {data}")
   generator = gen_lib.build(config, mesh)
-  length = slot_length(config, generator)
+  spec = gen_lib.speculation(config, generator, mesh)
+  length = slot_length(config, generator, spec)
   prompt_buckets = buckets(length, s.min_bucket)
-  decoder = Decoder(generator, s.max_slots, length, bias=bias_entries(generator.eos_ids))
+  k, bias = spec.k if spec.on else 0, bias_entries(generator.eos_ids)
+  decoder = Decoder(generator, s.max_slots, length + k, bias=bias)
+  draft = Decoder(spec.draft, s.max_slots, length + k, bias=bias) if spec.uses_draft else None
+  metrics = Metrics()
   runner = Runner(decoder, buckets=prompt_buckets,
-                  spans=spans(length, s.min_bucket), progress=progress,
-                  precompile=s.precompile)
+                  spans=spans(length + k, s.min_bucket), progress=progress,
+                  precompile=s.precompile, speculation=spec, draft=draft, metrics=metrics)
   detokenize = None
   if tokenizer is not None:
     detokenize = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
   return Engine(runner, eos_ids=generator.eos_ids, detokenize=detokenize,
-                max_queue=s.max_queue, policy=s.policy, metrics=Metrics(),
+                max_queue=s.max_queue, policy=s.policy, metrics=metrics,
                 prefix_reuse=s.prefix_reuse, tokenizer=tokenizer)
 
 
@@ -260,12 +265,14 @@ def free_bytes(mesh) -> int:
   return hardware.host_available_bytes() // local
 
 
-def slot_length(config: Config, generator) -> int:
-  """Positions per slot: serve.max_len, refused when the slots' KV cache does not fit in
-  the devices' free memory (weights loaded); by default the least of model.max_seq_len,
-  DEFAULT_MAX_LEN and what fits."""
+def slot_length(config: Config, generator, spec=None) -> int:
+  """Positions per slot: serve.max_len, refused when the slots' KV cache (and a speculating
+  draft's) does not fit in the devices' free memory (weights loaded); by default the least
+  of model.max_seq_len, DEFAULT_MAX_LEN and what fits."""
   s, m = config.serve, config.model
   per_position = generator.cache_bytes_per_device(s.max_slots, 1)
+  if spec is not None and spec.method == "draft":
+    per_position += spec.draft.cache_bytes_per_device(s.max_slots, 1)
   fits = int(CACHE_SHARE * free_bytes(generator.mesh)) // per_position
   if s.max_len > fits:
     gib = lambda n: f"{n / 2**30:.1f} GiB"

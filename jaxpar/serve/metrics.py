@@ -1,6 +1,7 @@
 """What `GET /metrics` reports (Prometheus text format): queue length, running slots, tokens
 generated (and a tokens/s gauge over the last 10 s), prompt tokens admitted and those reused
-from a cached prefix, time to first token and time per output token histograms, requests by
+from a cached prefix, speculation's proposed and accepted tokens and its mean accepted
+length, time to first token and time per output token histograms, requests by
 finish reason."""
 
 import collections
@@ -34,9 +35,20 @@ class Metrics:
     self._reused = prom.Counter("jaxpar_prefix_reused_tokens",
                                 "prompt tokens whose keys and values came from a cached prefix",
                                 registry=r)
+    self._proposed = prom.Counter("jaxpar_speculative_proposed_tokens",
+                                  "tokens proposed to the model for checking", registry=r)
+    self._accepted = prom.Counter("jaxpar_speculative_accepted_tokens",
+                                  "proposed tokens the model kept", registry=r)
+    self._checks = prom.Counter("jaxpar_speculative_checks",
+                                "passes of a request's row that checked proposals", registry=r)
+    self._mean = prom.Gauge("jaxpar_speculative_mean_accepted_length",
+                            "tokens a request made per pass that checked proposals (1 + "
+                            "accepted / checks)", registry=r)
+    self._mean.set_function(self.mean_accepted_length)
     self._requests = prom.Counter("jaxpar_requests", "requests ended, by finish reason",
                                   ["finish_reason"], registry=r)
     self._window_s, self._recent = window_s, collections.deque()
+    self._kept = [0, 0]  # proposed tokens accepted, checks
     self._lock = threading.Lock()
     self._rate.set_function(self.tokens_per_second)
 
@@ -59,6 +71,19 @@ class Metrics:
   def prompt_tokens(self, total: int, reused: int) -> None:
     self._prompt.inc(total)
     self._reused.inc(reused)
+
+  def speculated(self, proposed: int, accepted: int, checks: int) -> None:
+    self._proposed.inc(proposed)
+    self._accepted.inc(accepted)
+    self._checks.inc(checks)
+    with self._lock:
+      self._kept[0] += accepted
+      self._kept[1] += checks
+
+  def mean_accepted_length(self) -> float:
+    with self._lock:
+      accepted, checks = self._kept
+    return 1 + accepted / checks if checks else 0.0
 
   def first_token(self, seconds: float) -> None:
     self._ttft.observe(seconds)

@@ -12,6 +12,8 @@ needs of one (tests give it fakes).
 """
 
 import contextlib
+import dataclasses
+import functools
 import time
 from collections.abc import Sequence
 from typing import Protocol
@@ -22,11 +24,12 @@ import numpy as np
 
 from jaxpar.distributed import say
 from jaxpar.runtime.decoder import Decoder
-from jaxpar.runtime.sampling import BAN, NO_TOKEN, Bias, Sampling
-from jaxpar.runtime.slots import row_buckets
+from jaxpar.runtime.slots import State, row_buckets
+from jaxpar.runtime.speculative import Speculation, round_fn
 from jaxpar.serve import grammar
-from jaxpar.serve.request import MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS, Params, Stream, TokenLogprobs
+from jaxpar.serve.request import Stream, TokenLogprobs
 from jaxpar.serve.scheduler import Placement
+from jaxpar.serve.shapes import abstract_sampling, scalar, settings
 
 Event = tuple[int, Stream, int, "TokenLogprobs | None"]  # (row, its owner, token, logprobs)
 
@@ -63,66 +66,6 @@ class RunnerLike(Protocol):
     """Zeroed caches and no rows (after a failed program)."""
 
 
-def buckets(length: int, smallest: int = 16) -> tuple[int, ...]:
-  """Prompt length buckets: `smallest` times 1, 1.5, 2, 3, 4, 6, 8, ... (a prompt pads by
-  less than a third), then `length` itself."""
-  out, t = set(), smallest
-  while t < length:
-    out.update((t, t * 3 // 2))
-    t *= 2
-  return tuple(sorted(b for b in out if b < length)) + (length,)
-
-
-def spans(length: int, smallest: int) -> tuple[int, ...]:
-  """The decode step's attention spans: doubling from `smallest` or length / 8 (at most four
-  programs), then `length` itself."""
-  out, t = [], max(smallest, length // 8)
-  while t < length:
-    out.append(t)
-    t *= 2
-  return (*out, length)
-
-
-ALWAYS = 2**30  # a `Bias` entry's `until` that never comes
-
-
-def bias_entries(eos_ids) -> int:
-  """The `Bias` entries a row holds: its logit_bias, and the bans of its stop tokens (EOS
-  and stop_token_ids) until it has made min_tokens."""
-  return MAX_LOGIT_BIAS + MAX_STOP_TOKEN_IDS + len(eos_ids)
-
-
-def settings(stream: Stream, eos_ids, entries: int, width: int) -> tuple[np.uint32, Sampling]:
-  """A request's sampling seed (its id unless it gives one) and settings for its first
-  token, as the host's scalars (its `Bias`: `entries` of it; its grammar's mask: `width`
-  words)."""
-  p = stream.params
-  seed = np.uint32(stream.id if p.seed is None else p.seed)
-  bias = [(t, b, ALWAYS) for t, b in p.logit_bias]
-  if p.min_tokens:
-    stops = set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos_ids))
-    bias += [(t, BAN, p.min_tokens) for t in sorted(stops)]
-  bias += [(NO_TOKEN, 0.0, 0)] * (entries - len(bias))
-  ids, values, until = zip(*bias)
-  table = Bias(np.asarray(ids, np.int32), np.asarray(values, np.float32),
-               np.asarray(until, np.int32))
-  allowed = grammar.masks([stream.matcher], width)[0]
-  return seed, Sampling(np.float32(p.temperature), np.int32(p.top_k), np.float32(p.top_p),
-                        np.float32(p.min_p), np.float32(p.presence_penalty),
-                        np.float32(p.frequency_penalty), np.float32(p.repetition_penalty),
-                        table, allowed)
-
-
-def scalar(dtype) -> jax.ShapeDtypeStruct:
-  return jax.ShapeDtypeStruct((), dtype)
-
-
-def abstract_sampling(entries: int, width: int) -> Sampling:
-  """The shapes of `settings`' Sampling."""
-  _, host = settings(Stream(0, [0], Params(), None), (), entries, width)
-  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), host)
-
-
 @contextlib.contextmanager
 def compiling(count: int, prompt_buckets: tuple[int, ...], steps: str, *, progress: bool):
   """Says that `count` programs compile (prefill per bucket, then `steps`), and how long they
@@ -153,12 +96,26 @@ class Runner:
   while a row has a grammar, its step waits for step t-1's tokens. A request that ends on
   step t-1's token has step t in flight: its token is dropped (the row's owner has changed),
   and a new request prefilled into the row runs after it. On a pipeline the `late` rows' step
-  gives the token of their previous entry: it belongs to whoever held the row then."""
+  gives the token of their previous entry: it belongs to whoever held the row then.
+
+  With `speculation` (without stages; `draft`: the draft's slot decoder, its own caches
+  prefilled beside the model's), a step whose running rows are all `Params.plain` is one
+  round (`speculative.round_fn`): the proposals and their check, 1 to k + 1 tokens per row.
+  The host does not know how many until it reads them: meanwhile a row's host position is
+  the most it can be. The decoder holds k positions per row more than requests may use."""
 
   def __init__(self, decoder: Decoder, *, buckets: tuple[int, ...], spans: tuple[int, ...],
-               progress: bool = True, precompile: bool = True):
+               progress: bool = True, precompile: bool = True,
+               speculation: Speculation = Speculation(), draft: Decoder | None = None,
+               metrics=None):
     self.decoder, self.generator = decoder, decoder.generator
-    self.slots, self.length = decoder.slots, decoder.length
+    self.spec, self.draft, self.metrics = speculation, draft, metrics
+    self.k = speculation.k if speculation.on else 0
+    if speculation.on and (decoder.pipelined or speculation.uses_draft != (draft is not None)):
+      raise ValueError(f"speculation {speculation.method}: a decoder without stages, and a "
+                       f"draft decoder exactly when it uses one")
+    # A row's last k positions hold its checked proposals: requests end k before them.
+    self.slots, self.length = decoder.slots, decoder.length - self.k
     self.buckets, self.spans = tuple(buckets), tuple(spans)
     self.rows = row_buckets(decoder)
     self.group_rows = self.slots // decoder.data_ways
@@ -181,6 +138,7 @@ class Runner:
 
   def reset(self) -> None:
     self._state = self.decoder.empty_state()
+    self._draft_state = self.draft.empty_state() if self.draft else None
     self._logits = None  # a split step's logits, waiting for its choice
     # (program, {row: owner}, {row: its place in the step}) of the step whose choice
     # `choose` queues
@@ -215,7 +173,9 @@ class Runner:
       self._positions[rows] += 1
       params = self.generator.params
       masked = any(running[b].matcher is not None for b in rows)
-      if greedy:
+      if self.k and all(running[b].params.plain() for b in rows):
+        queued = [(self._speculate(greedy, last, A, rows, at), owners, at)]
+      elif greedy:
         next_B, self._state = self.compiled["decode", True, span, A](params, self._state)
         queued = [(next_B, owners, at)]
       elif not self.decoder.pipelined:  # the forward now, the choice in `choose`
@@ -230,6 +190,19 @@ class Runner:
     events = self._read(running)
     self._queued = queued
     return events
+
+  def _speculate(self, greedy: bool, last: int, A: int, rows: list[int], at: dict) -> "Checked":
+    """Queues a round that checks proposals for `rows` (`speculative.round_fn`): up to k + 1
+    tokens each, so their host positions become upper bounds until `_read` reads them."""
+    k = self.k
+    span = next(t for t in self.spans if t > last + k)  # it writes positions up to last + k
+    live = np.zeros(len(at), bool)
+    live[[at[b] for b in rows]] = True
+    self._positions[rows] += k
+    draft_params = self.spec.draft.params if self.draft else None
+    out, self._state, self._draft_state = self.compiled["speculate", greedy, span, A](
+        self.generator.params, self._state, live, draft_params, self._draft_state)
+    return Checked(*out)
 
   def choose(self, running: Sequence[Stream | None]) -> None:
     if self._choice is None:
@@ -250,6 +223,9 @@ class Runner:
     pending, self._firsts, self._queued = [*self._firsts, *self._queued], [], []
     events = []
     for chosen, owners, at_row in pending:
+      if isinstance(chosen, Checked):
+        events += self._checked(chosen, owners, at_row, running)
+        continue
       tokens, logprobs, *prompt = (chosen, None) if not isinstance(chosen, tuple) else chosen
       tokens = np.asarray(tokens).reshape(-1)
       for owner in owners.values():  # a prefill's: the prompt's log-probabilities
@@ -268,6 +244,23 @@ class Runner:
           owner.matcher.consume_token(int(tokens[at]))
     return events
 
+  def _checked(self, c: "Checked", owners: dict, at_row: dict,
+               running: Sequence[Stream | None]) -> list[Event]:
+    """A speculating round's tokens as events (each row's in order); the rows' host positions
+    made exact, and the metrics told what was proposed and kept."""
+    tokens, made, proposed = np.asarray(c.tokens), np.asarray(c.made), np.asarray(c.proposed)
+    events, counts = [], np.zeros(3, np.int64)  # proposed, accepted, checks
+    for b, owner in owners.items():
+      at, n = at_row[b], int(made[at_row[b]])
+      if owner is running[b]:
+        self._positions[b] -= self.k + 1 - n
+        if proposed[at]:
+          counts += (proposed[at], n - 1, 1)
+      events += [(b, owner, int(t), None) for t in tokens[at, :n]]
+    if self.metrics is not None and counts[2]:
+      self.metrics.speculated(*map(int, counts))
+    return events
+
   def prefill(self, placement: Placement) -> list[Event]:
     stream, b, start = placement.stream, placement.row, placement.start
     if start and not self.prefix_reuse:
@@ -283,6 +276,11 @@ class Runner:
         np.int32(placement.source), np.int32(b), jax.tree.map(one, sampling), one(seed),
         one(np.int32(stream.params.choice)),
         one(np.bool_(stream.params.scores_prompt)))
+    if self.draft:  # the draft's cache too (its first token unused)
+      _, self._draft_state = self.compiled["draft prefill", placement.bucket](
+          self.spec.draft.params, self._draft_state, tokens, np.int32(start),
+          one(np.int32(P)), np.int32(placement.source), np.int32(b),
+          jax.tree.map(one, sampling), one(seed), one(np.int32(stream.params.choice)))
     self._positions[b], self._sampled[b] = P, not stream.params.greedy()
     self._firsts.append((first, {b: stream}, {b: 0}))  # read after the next step is queued
     return []
@@ -295,7 +293,8 @@ class Runner:
     d = self.decoder
     rows = "" if len(self.rows) == 1 else f" ({', '.join(map(str, self.rows))} active rows)"
     steps = (f"decode steps of {self.slots} slots{rows} over {', '.join(map(str, self.spans))} "
-             f"positions" + (f" ({d.G} groups through {d.S} stages)" if d.pipelined else ""))
+             f"positions" + (f" ({d.G} groups through {d.S} stages)" if d.pipelined else "")
+             + (f", rounds checking {self.k} {self.spec.method} proposals" if self.k else ""))
     with compiling(len(self.compiled.makers), self.buckets, steps, progress=progress):
       self.compiled.compile_all()
 
@@ -307,17 +306,27 @@ class Runner:
     state = d.empty_state(abstract=True)
     one = lambda a: jax.ShapeDtypeStruct((1, *a.shape), a.dtype)
     lower = lambda fn, *args: lambda: d.jit(fn).lower(g.params, state, *args).compile()
-    makers = {}
-    for bucket in self.buckets:
-      makers["prefill", bucket] = lambda bucket=bucket: d.prefill(
-          1, bucket, reuse=self.prefix_reuse, logprobs=True, echo=True).lower(
-          g.params, state, jax.ShapeDtypeStruct((1, bucket), jnp.int32), scalar(jnp.int32),
+
+    def prefill(d, bucket, **flags):
+      echo = flags.get("echo", False)
+      return lambda: d.prefill(1, bucket, reuse=self.prefix_reuse, **flags).lower(
+          d.generator.params, d.empty_state(abstract=True),
+          jax.ShapeDtypeStruct((1, bucket), jnp.int32), scalar(jnp.int32),
           one(scalar(jnp.int32)), scalar(jnp.int32), scalar(jnp.int32),
           jax.tree.map(one, abstract_sampling(d.bias, self.width)), one(scalar(jnp.uint32)),
-          one(scalar(jnp.int32)), one(scalar(jnp.bool_))).compile()
+          one(scalar(jnp.int32)), *[one(scalar(jnp.bool_))] * echo).compile()
+    makers = {}
+    for bucket in self.buckets:
+      makers["prefill", bucket] = prefill(d, bucket, logprobs=True, echo=True)
+      if self.draft:
+        makers["draft prefill", bucket] = prefill(self.draft, bucket, greedy=True)
     for A in self.rows:
       mask = jax.ShapeDtypeStruct((len(self.active(A)), self.width), jnp.int32)
       for span in self.spans:
+        if self.k and span > self.k:
+          for greedy in (True, False):
+            makers["speculate", greedy, span, A] = functools.partial(
+                self._lower_round, greedy, span, A)
         if d.pipelined:  # every row; the choice inside the ring
           makers["decode", True, span, A] = lower(d.step_fn(greedy=True, span=span))
           makers["decode", False, span, A] = lower(
@@ -331,12 +340,39 @@ class Runner:
             choice, self.compiled["forward", self.spans[0], A].out_info[0], mask)()
     return makers
 
+  def _lower_round(self, greedy: bool, span: int, A: int):
+    """The compiled `round_fn` of `A` active rows per data group over `span` positions:
+    (params, state, live, draft params, draft state) -> ((tokens_BT, made_B, proposed_B),
+    state, draft state), both states donated."""
+    d, draft = self.decoder, self.draft
+    one_round = round_fn(d, self.spec, span=span, greedy=greedy, rows=A, draft=draft)
+
+    def program(params, state, live_B, draft_params, draft_state):
+      caches = None if draft is None else draft_state.caches
+      out, state, caches = one_round(params, state, live_B, draft_params, caches)
+      return out, state, None if draft is None else State(caches, draft_state.slots)
+    draft_args = (None, None) if draft is None else (
+        self.spec.draft.params, draft.empty_state(abstract=True))
+    return jax.jit(program, donate_argnums=(1, 4), out_shardings=(
+        None, d.state_shardings(), None if draft is None else draft.state_shardings())).lower(
+        self.generator.params, d.empty_state(abstract=True),
+        jax.ShapeDtypeStruct((len(self.active(A)),), jnp.bool_), *draft_args).compile()
+
   def _open_mask(self, program, rows: int):
     """The mask that allows every token, for a step of `rows` rows (made once per count)."""
     if rows not in self._open:
       self._open[rows] = jax.device_put(grammar.masks([None] * rows, self.width),
                                         program.input_shardings[0][-1])
     return self._open[rows]
+
+
+@dataclasses.dataclass
+class Checked:
+  """A speculating round's output (device arrays): row i made tokens_BT[i, :made_B[i]] and
+  had proposed_B[i] tokens checked."""
+  tokens: jax.Array
+  made: jax.Array
+  proposed: jax.Array
 
 
 class Programs(dict):
