@@ -70,14 +70,10 @@ SPECULATIVE_METHODS = ("none", "ngram", "draft", "self")
 
 
 def _check_speculative(config: Any) -> None:
-  s, stages, g = config.speculative, config.mesh.stage, config.generate
+  s, g = config.speculative, config.generate
   if s.method not in SPECULATIVE_METHODS:
     raise UserError(f"speculative.method={s.method!r}: expected one of "
                     f"{', '.join(SPECULATIVE_METHODS)}")
-  if s.method != "none" and stages != 1:
-    raise UserError(f"speculative.method={s.method} with mesh.stage={stages}: pipelined "
-                    f"decoding does not verify proposals yet; set speculative.method=none or "
-                    f"mesh.stage=1")
   if s.method != "none" and (g.presence_penalty or g.frequency_penalty
                              or g.repetition_penalty != 1):
     raise UserError(f"speculative.method={s.method} with generate.presence_penalty="

@@ -1,6 +1,6 @@
 """Speculative decoding: greedy tokens equal an independent full-recompute reference whatever
-is proposed (prompt lookup, a draft model, the model itself), on one device and data x model
-meshes; the model's own proposals are all accepted in the hand-counted number of passes; a
+is proposed (prompt lookup, a draft model, the model itself), on one device, data x model
+and pipelined meshes; the model's own proposals are all accepted in the hand-counted number of passes; a
 rejected proposal leaves nothing in the cache; the CLI reports what was proposed."""
 
 import dataclasses
@@ -43,20 +43,22 @@ def speculation(method, gen, draft=None):
   return Speculation(method, K, 1, 3, draft=gen if method == "self" else draft)
 
 
-# (method, data, model): each method and each mesh at least once, not their product.
-CASES = [("ngram", 1, 1), ("self", 1, 1), ("draft", 1, 1), ("ngram", 2, 4), ("self", 2, 4),
-         ("draft", 8, 1)]
+# (method, data, stage, model): each method and each mesh at least once, not their product;
+# on a pipeline every pass is a trip of the stage ring.
+CASES = [("ngram", 1, 1, 1), ("self", 1, 1, 1), ("draft", 1, 1, 1), ("ngram", 2, 1, 4),
+         ("self", 2, 1, 4), ("draft", 8, 1, 1), ("ngram", 2, 2, 2), ("self", 1, 4, 2),
+         ("draft", 2, 2, 2)]
 
 
-@pytest.mark.parametrize("method,data,model", CASES)
+@pytest.mark.parametrize("method,data,stage,model", CASES)
 def test_greedy_tokens_equal_full_recompute(spec_config, devices, expected, method, data,
-                                            model):
-  gen = build(spec_config, devices, data, 1, model)
+                                            stage, model):
+  gen = build(spec_config, devices, data, stage, model)
   # The draft: the same seeded model with int8 weights (it agrees with the model often, not
   # always, so both accepted and rejected proposals occur).
   draft = None
   if method == "draft":
-    draft = build(spec_config, devices, data, 1, model, quantize="int8")
+    draft = build(spec_config, devices, data, stage, model, quantize="int8")
   result = gen.generate(PROMPTS, max_new_tokens=NEW, speculation=speculation(method, gen, draft))
   np.testing.assert_array_equal(result.tokens, expected)
   assert result.steps == NEW
@@ -66,8 +68,19 @@ def test_greedy_tokens_equal_full_recompute(spec_config, devices, expected, meth
     assert result.passes == 1 + math.ceil((NEW - 1) / (K + 1))
   elif method == "draft":
     assert result.accepted < result.proposed
-  if data * model == 1:
+  if data * stage * model == 1:
     assert_caches_in_place(gen, len(PROMPTS))
+  if stage > 1:  # the passes' activations travel the ring; no collective carries a cache
+    # (all-to-alls regroup the rows' tokens and positions, split over data, into groups)
+    from jaxpar import inspect
+    (_, _, decode, _), = gen._compiled.values()
+    census = inspect.hlo_census(decode.as_text())
+    assert set(census.counts()) <= {"collective-permute", "all-reduce", "all-gather",
+                                    "all-to-all"}
+    assert census.count("collective-permute", in_loop=True) >= 1
+    one_layer = gen.cache_bytes_per_device(len(PROMPTS), max(map(len, PROMPTS)) + NEW) // (
+        2 * spec_config.model.n_layers)
+    assert max(c.bytes for c in census.collectives) < one_layer
 
 
 def assert_caches_in_place(gen, batch):
@@ -167,6 +180,21 @@ def test_sampled_tokens_are_distributed_as_without_speculation(tiny, devices):
   np.testing.assert_array_equal(again, runs["ngram"].tokens)
 
 
+def test_pipelined_draws_equal_one_device(spec_config, devices):
+  """Sampled speculation on data=2 x stage=2 x model=2 (its logits leave the stage ring, the
+  rows draw outside it) gives the tokens one device gives with the same seed (the draws are
+  keyed by seed, row and token number); proposals are kept and rejected."""
+  draws = sampling.Sampling(temperature=1.0, top_p=0.9)
+  tokens = []
+  for mesh in ((1, 1, 1), (2, 2, 2)):
+    gen = build(spec_config, devices, *mesh)
+    result = gen.generate(PROMPTS, max_new_tokens=NEW, sampling=draws, seed=3,
+                          speculation=speculation("self", gen))
+    assert 0 < result.accepted < result.proposed
+    tokens.append(result.tokens)
+  np.testing.assert_array_equal(*tokens)
+
+
 def test_ngram_proposals_follow_the_latest_match():
   history = np.array([[5, 6, 7, 9, 5, 6, 8, 1, 5, 6, 0, 0],    # ..5 6 at 8-9: latest 5 6 -> 8 1
                       [1, 2, 3, 4, 2, 3, 0, 0, 0, 0, 0, 0],    # 2 3 at 4-5: earlier 2 3 -> 4, 2, 3
@@ -184,7 +212,8 @@ def test_ngram_proposals_follow_the_latest_match():
 
 
 def test_speculation_errors(spec_config, devices, root, monkeypatch, capsys):
-  """Penalties and pipelines are refused before anything compiles, in one line."""
+  """Penalties (in generate) and pipelines (in the server) are refused before anything
+  compiles, in one line."""
   gen = build(spec_config, devices)
   with pytest.raises(UserError, match="speculation does not apply them yet"):
     gen.generate(PROMPTS, max_new_tokens=2, sampling=sampling.Sampling(presence=0.5),
@@ -194,8 +223,6 @@ def test_speculation_errors(spec_config, devices, root, monkeypatch, capsys):
                           "draft only"),
                         (["speculative.method=draft", "speculative.draft=/no/such"],
                          "speculative.draft='/no/such': no such folder"),
-                        (["speculative.method=ngram", "mesh.stage=2"],
-                         "pipelined decoding does not verify proposals yet"),
                         (["speculative.method=self", "generate.repetition_penalty=1.2"],
                          "speculation does not apply penalties yet"),
                         (["speculative.k=0"], "need k >= 1")]:
@@ -203,6 +230,10 @@ def test_speculation_errors(spec_config, devices, root, monkeypatch, capsys):
                      *[a for s in sets for a in ("--set", s)]])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and message in err[0], err
+  code = cli.main(["serve", "--config", "configs/tiny.yaml", "--set", "mesh.stage=2",
+                   "--set", "speculative.method=ngram"])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert code == 2 and "the server speculates on meshes without stages" in err[-1], err
 
 
 def test_generate_cli_reports_what_was_proposed(root, monkeypatch, capsys):

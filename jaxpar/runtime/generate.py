@@ -201,7 +201,7 @@ class Generator:
     span = decoder.length
     step = decoder.step_fn(greedy=greedy, span=span)
     late_B = jnp.asarray(decoder.late(), jnp.int32)
-    lag = int(decoder.late().any())
+    lag = int(decoder.late().any()) if not spec.on else 0  # (speculation: no ring rounds)
     draft = Decoder(spec.draft, batch, decoder.length) if spec.uses_draft else None
     rules, keys = self.rules, self.family.config_keys
 
@@ -280,7 +280,8 @@ class Generator:
                sampling: Sampling = Sampling(), seed: int = 0, progress: bool = False,
                speculation: Speculation = Speculation()) -> Result:
     """Generates `max_new_tokens` for each prompt (token id lists of any lengths);
-    `speculation`: proposals checked k at a time (greedy only; the same tokens)."""
+    `speculation`: proposals checked k at a time (greedy: the same tokens; sampled: the same
+    distribution)."""
     n_prompts = len(prompts)
     prompts = list(prompts) + [prompts[0]] * (self.padded_batch(n_prompts) - n_prompts)
     if not prompts or any(len(p) == 0 for p in prompts):

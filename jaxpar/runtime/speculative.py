@@ -1,14 +1,15 @@
 """Speculative decoding: proposers of the next k tokens of every row of a slot decoder
 (`decoder.Decoder`, `d` below), and `verify_fn`, its program that checks them in one pass of
 the model (greedy: the output is the same token for token, whatever is proposed; a good
-proposer only makes more tokens per pass). Without stages so far.
+proposer only makes more tokens per pass). On a pipeline each pass is a trip of the stage
+ring (`_staged_pass`: the groups one after another, GPipe) and every round checks.
 
     ngram   prompt lookup: the tokens that followed the latest earlier occurrence of the row's
             longest suffix of ngram_max..ngram_min tokens, in its own prompt and output; no
-            model. A round where fewer than half the unfinished rows have a match runs a
-            plain one-token step instead.
+            model. Without stages, a round where fewer than half the unfinished rows have a
+            match runs a plain one-token step instead.
     draft   a smaller model with the same vocabulary (its own slot decoder and KV cache, on
-            the same mesh): k greedy steps of it (`Decoder.propose_fn`).
+            the same mesh): k greedy steps of it (`propose_fn`).
     self    the target itself as the draft (tests: every proposal is accepted).
 """
 
@@ -17,11 +18,14 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
+from jaxpar.axes import STAGE
 from jaxpar.errors import UserError
 from jaxpar.models.base import Step
 from jaxpar.runtime.sampling import Sampling, filter_logits, likeliest
-from jaxpar.runtime.slots import State, advance_by, lead_count, lead_rows, token_keys
+from jaxpar.parallel import ring
+from jaxpar.runtime.slots import State, advance_by, as_rows, lead_count, lead_rows, token_keys
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,10 +67,70 @@ def _pass(d, parts, caches, tokens_BT, positions_B, span: int, lead: int = 0):
   return model.head(y_BTD), caches
 
 
-def _unstaged(d) -> None:
-  if d.pipelined:
-    raise UserError(f"speculative decoding with mesh.stage={d.S}: pipelined decoding does not "
-                    f"verify proposals yet; set speculative.method=none or mesh.stage=1")
+def _staged_pass(d, span: int, finish, *, everywhere: bool = False):
+  """On pipelined decoder `d`: (params, caches, tokens_BT, positions_B, extra) -> (out,
+  caches), each row's T tokens at positions positions_B.. through every stage (its groups
+  through the stage ring one after another, GPipe: G + S - 1 ticks), keys and values written
+  there; `out` is `finish(logits_BTV, extra)` of each group's rows at the last stage (extra's
+  leaves [B, ...] too). A bubble tick writes its group's trash entries: the T slots that end
+  at slot `d.length`, which hold no entry a kept token reads (a row stops k + 1 slots short
+  of `d.length`, `verify_fn`). `everywhere`: every stage computes `finish` (kept from the
+  last), not the last alone in a `lax.cond` (whose branches must agree on their outputs'
+  shardings: zeros and vocabulary-split logits do not)."""
+  S, G, Bg = d.S, d.G, d.Bg
+  max_position = d.generator.config.model.max_seq_len - 1
+  made = {}  # the shapes of `finish`'s output, found while tracing
+
+  def ticks(parts, caches, tokens_GBT, positions_GB, extra_G):
+    model, graphdef, layers = parts
+    T = tokens_GBT.shape[-1]
+    x_like = jax.ShapeDtypeStruct((Bg, T, d.width), d.dtype)
+    made["out"] = jax.eval_shape(lambda x, e: finish(model.head(x), e), x_like,
+                                 ring.pick(extra_G, 0))
+    blank = jax.tree.map(lambda a: jnp.zeros((G, *a.shape), a.dtype), made["out"])
+
+    def tick(t, s, carry, msg):
+      caches, out = carry
+      i = t - s
+      valid = (i >= 0) & (i < G)
+      g = jnp.clip(i, 0, G - 1)
+      positions_B = ring.pick(positions_GB, g)
+      slots_BT = positions_B[:, None] + jnp.arange(T, dtype=jnp.int32)
+      mask_BTS = jnp.arange(span)[None, None, :] <= slots_BT[:, :, None]
+      positions_BT = jnp.minimum(slots_BT, max_position)
+      step = Step(positions_BT, mask_BTS, jnp.where(valid, positions_B, d.length))
+      x_BTD = ring.first(s, lambda: model.embed(ring.pick(tokens_GBT, g), positions_BT), msg)
+      y_BTD, new = d._layers(graphdef, layers, x_BTD, step, d._group(caches, g))
+      caches = d._regroup(caches, g, new)
+      compute = lambda: finish(model.head(y_BTD), ring.pick(extra_G, g))
+      value = compute() if everywhere else ring.last(s, S, compute)
+      return (caches, d._out(out, g, value, valid & (s == S - 1))), y_BTD
+    msg = ring.varying(jnp.zeros((Bg, T, d.width), d.dtype))
+    (caches, out), _ = ring.run(tick, (caches, blank), msg, ticks=G + S - 1, stages=S)
+    return caches, ring.pack(out)[None]  # one buffer out
+  spec = d.cache_specs()
+  body = d._staged(ticks, in_specs=(spec, P(), P(), P()), out_specs=(spec, P(STAGE)))
+
+  def run(params, caches, tokens_BT, positions_B, extra):
+    group = lambda a: a.reshape(G, Bg, *a.shape[1:])
+    caches, out = body(params, caches, group(tokens_BT), group(positions_B),
+                       jax.tree.map(group, extra))
+    like = jax.tree.map(lambda a: jax.ShapeDtypeStruct((G, *a.shape), a.dtype), made["out"])
+    return as_rows(ring.unpack(out[S - 1], like), d.slots, 2), caches
+  return run
+
+
+def _accept(greedy: bool, k: int):
+  """(logits_BTV, (proposed_BK, keys_B, counts_B, sampling)) -> (tokens_BT, made_B): what a
+  row keeps of a pass over its token and k proposals (`verify_fn`)."""
+  def accept(logits_BTV, rows):
+    proposed_BK, keys_B, counts_B, sampling = rows
+    if not greedy:
+      return accept_drawn(logits_BTV, proposed_BK, keys_B, counts_B, sampling)
+    chosen_BT = likeliest(logits_BTV)
+    agree_BK = (proposed_BK == chosen_BT[:, :k]).astype(jnp.int32)
+    return chosen_BT, 1 + jnp.sum(jnp.cumprod(agree_BK, axis=1), axis=1)
+  return accept
 
 
 def verify_fn(d, *, k: int, span: int, greedy: bool = True, rows: int | None = None):
@@ -80,22 +144,32 @@ def verify_fn(d, *, k: int, span: int, greedy: bool = True, rows: int | None = N
   query's (masked) until the row writes over them. Needs `d.length` >= a row's last
   position + k + 1. `rows`: of the first `rows` rows of each data group only (`forward_fn`'s),
   the others untouched."""
-  _unstaged(d)
   (take, put), lead = lead_rows(d, rows), lead_count(d, rows)
+  accept, limit = _accept(greedy, k), d.length - 1 - k
+  rows_of = lambda cur, proposed_BK: (proposed_BK, cur.keys, cur.counts, cur.sampling)
+  entering = lambda cur, proposed_BK: jnp.concatenate([cur.tokens[:, None], proposed_BK], 1)
+  if d.pipelined:  # greedy: the last stage keeps; sampled: the logits come out (drawing
+    # inside the ring's last-stage `lax.cond` failed XLA's SPMD partitioner)
+    through = (_staged_pass(d, span, accept) if greedy else _staged_pass(
+        d, span, lambda logits_BTV, _: logits_BTV, everywhere=True))
+    draw = d._plain(lambda parts, logits_BTV, rows: accept(logits_BTV, rows))
+
+    def run(params, state, proposed_BK):
+      cur = state.slots
+      rows = rows_of(cur, proposed_BK)
+      out, caches = through(params, state.caches, entering(cur, proposed_BK), cur.positions,
+                            rows if greedy else ())
+      tokens_BT, made_B = out if greedy else draw(params, out, rows)
+      slots = advance_by(cur, tokens_BT, made_B, limit)
+      return (tokens_BT, made_B), State(caches, slots, state.ring)
+    return run
 
   def body(parts, caches, slots, proposed_BK):
     cur = take(slots)
-    tokens_BT = jnp.concatenate([cur.tokens[:, None], proposed_BK], axis=1)
-    logits_BTV, caches = _pass(d, parts, caches, tokens_BT, cur.positions, span, lead)
-    if greedy:
-      chosen_BT = likeliest(logits_BTV)
-      agree_BK = (proposed_BK == chosen_BT[:, :k]).astype(jnp.int32)
-      tokens_BT, made_B = chosen_BT, 1 + jnp.sum(jnp.cumprod(agree_BK, axis=1), axis=1)
-    else:
-      tokens_BT, made_B = accept_drawn(logits_BTV, proposed_BK, cur.keys, cur.counts,
-                                       cur.sampling)
-    slots = put(slots, advance_by(cur, tokens_BT, made_B, d.length - 1 - k))
-    return (tokens_BT, made_B), caches, slots
+    logits_BTV, caches = _pass(d, parts, caches, entering(cur, proposed_BK), cur.positions,
+                               span, lead)
+    tokens_BT, made_B = accept(logits_BTV, rows_of(cur, proposed_BK))
+    return (tokens_BT, made_B), caches, put(slots, advance_by(cur, tokens_BT, made_B, limit))
   body = d._plain(body)
 
   def run(params, state, proposed_BK):
@@ -110,22 +184,30 @@ def propose_fn(d, *, k: int, span: int, rows: int | None = None):
   last two tokens enter first (the one before the last is new here when the target kept
   every proposal), then each proposal but the last: (params, caches, slots) -> (proposed_BK,
   caches)."""
-  _unstaged(d)
   take, lead = lead_rows(d, rows)[0], lead_count(d, rows)
+  if d.pipelined:  # each pass a trip of the stage ring
+    last = lambda logits_BTV, _: likeliest(logits_BTV[:, -1])
+    passes = {T: _staged_pass(d, span, last) for T in (1, 2)}
+
+    def through(params, caches, tokens_BT, positions_B):
+      return passes[tokens_BT.shape[1]](params, caches, tokens_BT, positions_B, ())
+  else:
+    def through(parts, caches, tokens_BT, positions_B):
+      logits_BTV, caches = _pass(d, parts, caches, tokens_BT, positions_B, span, lead)
+      return likeliest(logits_BTV[:, -1]), caches
 
   def body(parts, caches, slots):
     cur = take(slots)
     at_B1 = jnp.maximum(cur.positions - 1, 0)[:, None]
     tokens_B2 = jnp.stack([jnp.take_along_axis(cur.history, at_B1, axis=1)[:, 0],
                            cur.tokens], axis=1)
-    logits, caches = _pass(d, parts, caches, tokens_B2, cur.positions - 1, span, lead)
-    proposed = [likeliest(logits[:, -1])]
+    proposed, caches = through(parts, caches, tokens_B2, cur.positions - 1)
+    proposed = [proposed]
     for j in range(1, k):  # unrolled: a loop carrying the caches made XLA:CPU copy them
-      logits, caches = _pass(d, parts, caches, proposed[-1][:, None], cur.positions + j, span,
-                             lead)
-      proposed.append(likeliest(logits[:, 0]))
+      token_B, caches = through(parts, caches, proposed[-1][:, None], cur.positions + j)
+      proposed.append(token_B)
     return jnp.stack(proposed, axis=1), caches
-  return d._plain(body)
+  return body if d.pipelined else d._plain(body)
 
 
 def either(pred, on_true, on_false, state, blank):
@@ -162,8 +244,16 @@ def round_fn(d, spec: Speculation, *, span: int, greedy: bool, rows: int | None 
       return (tokens_BT, made_B, jnp.full(made_B.shape, k, jnp.int32)), state, draft_caches
     return run
 
-  step = wrap(d.step_fn(greedy=greedy, span=span, rows=rows), d)
   take = lead_rows(d, rows)[0]
+  if d.pipelined:  # every round checks (a one-token step would use the ring's own rounds)
+    def run(params, state, live_B, draft_params, draft_caches):
+      slots = state.slots
+      proposed_BK, _ = ngram_proposals(slots.history, slots.positions, k, spec.ngram_min,
+                                       spec.ngram_max)
+      (tokens_BT, made_B), state = verify(params, state, proposed_BK)
+      return (tokens_BT, made_B, jnp.full(made_B.shape, k, jnp.int32)), state, draft_caches
+    return run
+  step = wrap(d.step_fn(greedy=greedy, span=span, rows=rows), d)
   guess = d._plain(lambda parts, slots: ngram_proposals(
       take(slots).history, take(slots).positions, k, spec.ngram_min, spec.ngram_max))
 

@@ -231,6 +231,10 @@ def build(config: Config, mesh, *, tokenizer=None, progress: bool = True) -> Eng
   if s.max_slots % data:
     raise UserError(f"serve.max_slots={s.max_slots} does not split over the {data} devices "
                     f"of the batch axes; use a multiple of {data}")
+  if config.speculative.method != "none" and mesh.shape[axes.STAGE] > 1:
+    raise UserError(f"speculative.method={config.speculative.method} with mesh.stage="
+                    f"{mesh.shape[axes.STAGE]}: the server speculates on meshes without stages "
+                    f"(generate on any); set speculative.method=none or mesh.stage=1")
   generator = gen_lib.build(config, mesh)
   spec = gen_lib.speculation(config, generator, mesh)
   length = slot_length(config, generator, spec)
