@@ -70,16 +70,10 @@ SPECULATIVE_METHODS = ("none", "ngram", "draft", "self")
 
 
 def _check_speculative(config: Any) -> None:
-  s, g = config.speculative, config.generate
+  s = config.speculative
   if s.method not in SPECULATIVE_METHODS:
     raise UserError(f"speculative.method={s.method!r}: expected one of "
                     f"{', '.join(SPECULATIVE_METHODS)}")
-  if s.method != "none" and (g.presence_penalty or g.frequency_penalty
-                             or g.repetition_penalty != 1):
-    raise UserError(f"speculative.method={s.method} with generate.presence_penalty="
-                    f"{g.presence_penalty}, frequency_penalty={g.frequency_penalty}, "
-                    f"repetition_penalty={g.repetition_penalty}: speculation does not apply "
-                    f"penalties yet; drop them or set speculative.method=none")
   if s.k < 1 or not 1 <= s.ngram_min <= s.ngram_max:
     raise UserError(f"speculative.k={s.k}, speculative.ngram_min={s.ngram_min}, "
                     f"speculative.ngram_max={s.ngram_max}: need k >= 1 and "

@@ -727,7 +727,9 @@ def test_speculating_engine_gives_the_tokens_of_transformers(root, checkpoint, d
   """A speculating engine (k=2) serves continuous batches of greedy requests (runs of two
   tokens, which this model continues with repeats that prompt lookup finds; prompts sharing a
   system prompt, so prefix reuse copies the draft's cache too) beside a request that cannot
-  speculate (log-probabilities: rounds with it check nothing): every token is transformers'.
+  speculate (log-probabilities: rounds with it check nothing) and requests with penalties,
+  logit biases and min_tokens (checked on logits adjusted position by position): every token
+  is transformers' (adjusted in NumPy).
   The model as its own draft has every proposal accepted, a noisy copy of it some; a seeded
   sampled request repeats. The greedy round writes the caches in place and gathers nothing."""
   rng = np.random.default_rng(11)
@@ -755,6 +757,10 @@ def test_speculating_engine_gives_the_tokens_of_transformers(root, checkpoint, d
     assert proposed == K * checks > 0 and accepted > 0
     assert engine.metrics.mean_accepted_length() == 1 + accepted / checks
     assert accepted == proposed if method == "self" else accepted < proposed
+    # Each checked position counts the proposals before it (the draft's are unpenalised).
+    adjusted = [(engine.submit(q, p), q, p) for q, p in adjusted_requests(hf[0])]
+    for stream, prompt, p in adjusted:
+      assert stream.result().token_ids == hf_adjusted_greedy(hf[0], prompt, p), p
     sampled = serve.Params(max_tokens=8, temperature=1.0, seed=5)
     assert len({tuple(engine.generate([prompts[0]], sampled)[0].token_ids)
                 for _ in range(2)}) == 1

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from jaxpar import cli
-from jaxpar.errors import UserError
 from jaxpar.runtime import generate, sampling
 from jaxpar.runtime.speculative import Speculation, ngram_proposals, verify_fn
 from tests import reference
@@ -195,6 +194,22 @@ def test_pipelined_draws_equal_one_device(spec_config, devices):
   np.testing.assert_array_equal(*tokens)
 
 
+@pytest.mark.parametrize("mesh", [(1, 1, 1), (2, 2, 2)])
+def test_penalties_count_the_proposals_before_each_position(spec_config, devices, mesh):
+  """Greedy with repetition, frequency and presence penalties: each checked position's logits
+  are adjusted counting the row's tokens and the proposals before it, so speculation gives
+  the tokens of one-token steps (which the penalties change)."""
+  gen = build(spec_config, devices, *mesh)
+  draws = sampling.Sampling(repetition=1.5, frequency=0.4, presence=0.3)
+  plain = gen.generate(PROMPTS, max_new_tokens=NEW, sampling=draws).tokens
+  assert (plain != gen.generate(PROMPTS, max_new_tokens=NEW).tokens).any()
+  result = gen.generate(PROMPTS, max_new_tokens=NEW, sampling=draws,
+                        speculation=speculation("self", gen))
+  np.testing.assert_array_equal(result.tokens, plain)
+  # the draft proposes its likeliest tokens, unpenalised: some kept, some rejected
+  assert 0 < result.accepted < result.proposed
+
+
 def test_ngram_proposals_follow_the_latest_match():
   history = np.array([[5, 6, 7, 9, 5, 6, 8, 1, 5, 6, 0, 0],    # ..5 6 at 8-9: latest 5 6 -> 8 1
                       [1, 2, 3, 4, 2, 3, 0, 0, 0, 0, 0, 0],    # 2 3 at 4-5: earlier 2 3 -> 4, 2, 3
@@ -211,20 +226,14 @@ def test_ngram_proposals_follow_the_latest_match():
   np.testing.assert_array_equal(proposed[2], [4, 4, 4, 4])  # the 3-gram [4, 4, 4] at 0-2
 
 
-def test_speculation_errors(spec_config, devices, root, monkeypatch, capsys):
-  """Penalties (in generate) and pipelines (in the server) are refused before anything
-  compiles, in one line."""
-  gen = build(spec_config, devices)
-  with pytest.raises(UserError, match="speculation does not apply them yet"):
-    gen.generate(PROMPTS, max_new_tokens=2, sampling=sampling.Sampling(presence=0.5),
-                 speculation=speculation("ngram", gen))
+def test_speculation_errors(root, monkeypatch, capsys):
+  """Bad settings, and pipelines in the server, are refused before anything compiles, in one
+  line."""
   monkeypatch.chdir(root)
   for sets, message in [(["speculative.method=draft"], "a draft checkpoint goes with method "
                           "draft only"),
                         (["speculative.method=draft", "speculative.draft=/no/such"],
                          "speculative.draft='/no/such': no such folder"),
-                        (["speculative.method=self", "generate.repetition_penalty=1.2"],
-                         "speculation does not apply penalties yet"),
                         (["speculative.k=0"], "need k >= 1")]:
     code = cli.main(["generate", "--config", "configs/tiny.yaml", "--prompt-ids", "1,2",
                      *[a for s in sets for a in ("--set", s)]])

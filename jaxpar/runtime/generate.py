@@ -194,10 +194,6 @@ class Generator:
     k = spec.k if spec.on else 0
     decoder = Decoder(self, batch, prompt_len + max_new + k)
     greedy, eos_ids = sampling.temperature == 0 and not sampling.adjusts(), self.eos_ids
-    if spec.on and sampling.adjusts():
-      raise UserError(f"speculative.method={spec.method} with penalties or logit biases: "
-                      f"speculation does not apply them yet; drop them or set "
-                      f"speculative.method=none")
     span = decoder.length
     step = decoder.step_fn(greedy=greedy, span=span)
     late_B = jnp.asarray(decoder.late(), jnp.int32)

@@ -23,7 +23,7 @@ from jax.sharding import PartitionSpec as P
 from jaxpar.axes import STAGE
 from jaxpar.errors import UserError
 from jaxpar.models.base import Step
-from jaxpar.runtime.sampling import Sampling, filter_logits, likeliest
+from jaxpar.runtime.sampling import Context, Sampling, adjust, filter_logits, likeliest
 from jaxpar.parallel import ring
 from jaxpar.runtime.slots import State, advance_by, as_rows, lead_count, lead_rows, token_keys
 
@@ -121,16 +121,36 @@ def _staged_pass(d, span: int, finish, *, everywhere: bool = False):
 
 
 def _accept(greedy: bool, k: int):
-  """(logits_BTV, (proposed_BK, keys_B, counts_B, sampling)) -> (tokens_BT, made_B): what a
-  row keeps of a pass over its token and k proposals (`verify_fn`)."""
+  """(logits_BTV, rows) -> (tokens_BT, made_B): what a row keeps of a pass over its token and
+  k proposals (`verify_fn`); rows: (proposed_BK,) greedy, else (proposed_BK, keys_B,
+  counts_B, sampling, its `Context`), the logits adjusted first (`adjusted`)."""
   def accept(logits_BTV, rows):
-    proposed_BK, keys_B, counts_B, sampling = rows
-    if not greedy:
-      return accept_drawn(logits_BTV, proposed_BK, keys_B, counts_B, sampling)
-    chosen_BT = likeliest(logits_BTV)
-    agree_BK = (proposed_BK == chosen_BT[:, :k]).astype(jnp.int32)
-    return chosen_BT, 1 + jnp.sum(jnp.cumprod(agree_BK, axis=1), axis=1)
+    proposed_BK = rows[0]
+    if greedy:
+      chosen_BT = likeliest(logits_BTV)
+      agree_BK = (proposed_BK == chosen_BT[:, :k]).astype(jnp.int32)
+      return chosen_BT, 1 + jnp.sum(jnp.cumprod(agree_BK, axis=1), axis=1)
+    _, keys_B, counts_B, s, context = rows
+    return accept_drawn(adjusted(logits_BTV, proposed_BK, s, context), proposed_BK, keys_B,
+                        counts_B, s)
   return accept
+
+
+def adjusted(logits_BTV: jax.Array, proposed_BK: jax.Array, s: Sampling,
+             c: Context) -> jax.Array:
+  """A pass's logits after `s`'s biases and penalties (`sampling.adjust`), position j of a
+  row counting what one-token steps would: the row's tokens up to its position (c), then
+  its first j proposals (its j-th token made, for a bias's `until`)."""
+  B, T, V = logits_BTV.shape
+  N = c.history.shape[-1]
+  at_BN = jnp.arange(N, dtype=jnp.int32)[None, :] - (c.positions[:, None] + 1)
+  ahead_BN = jnp.take_along_axis(proposed_BK, jnp.clip(at_BN, 0, T - 2), axis=1)
+  history_BN = jnp.where((at_BN >= 0) & (at_BN < T - 1), ahead_BN, c.history)
+  each = lambda a: jnp.repeat(a, T, axis=0) if jnp.ndim(a) else a  # [B, ...] -> [B * T, ...]
+  j = jnp.tile(jnp.arange(T, dtype=jnp.int32), B)
+  at_j = Context(each(history_BN), each(c.starts), each(c.positions) + j, each(c.made) + j)
+  rows = jax.tree.map(each, dataclasses.replace(s, allowed=None))
+  return adjust(logits_BTV.reshape(B * T, V), rows, at_j).reshape(B, T, V)
 
 
 def verify_fn(d, *, k: int, span: int, greedy: bool = True, rows: int | None = None):
@@ -146,7 +166,9 @@ def verify_fn(d, *, k: int, span: int, greedy: bool = True, rows: int | None = N
   the others untouched."""
   (take, put), lead = lead_rows(d, rows), lead_count(d, rows)
   accept, limit = _accept(greedy, k), d.length - 1 - k
-  rows_of = lambda cur, proposed_BK: (proposed_BK, cur.keys, cur.counts, cur.sampling)
+  rows_of = lambda cur, proposed_BK: (proposed_BK,) if greedy else (
+      proposed_BK, cur.keys, cur.counts, cur.sampling,
+      Context(cur.history, cur.starts, cur.positions, cur.counts))
   entering = lambda cur, proposed_BK: jnp.concatenate([cur.tokens[:, None], proposed_BK], 1)
   if d.pipelined:  # greedy: the last stage keeps; sampled: the logits come out (drawing
     # inside the ring's last-stage `lax.cond` failed XLA's SPMD partitioner)

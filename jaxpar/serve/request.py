@@ -57,15 +57,14 @@ class Params:
   def greedy(self) -> bool:
     """Whether the likeliest token is all a step needs for it: no draw, no adjustment of the
     logits, no log-probabilities."""
-    return self.temperature == 0 and self.plain()
-
-  def plain(self) -> bool:
-    """Whether its tokens are the model's own draws (at its temperature, top-k, top-p and
-    min-p): no adjustment of the logits, no grammar, no log-probabilities. A speculating
-    server checks proposals for such requests."""
-    return (self.logprobs is None and not self.logit_bias and self.grammar is None
+    return (self.temperature == 0 and self.speculates() and not self.logit_bias
             and not self.min_tokens and self.presence_penalty == 0
             and self.frequency_penalty == 0 and self.repetition_penalty == 1)
+
+  def speculates(self) -> bool:
+    """Whether a speculating server checks proposals for it: no grammar (its masks follow
+    each token) and no log-probabilities."""
+    return self.logprobs is None and self.grammar is None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -79,6 +79,9 @@ def compiling(count: int, prompt_buckets: tuple[int, ...], steps: str, *, progre
     say(f"compiled in {time.perf_counter() - start:.1f} s")
 
 
+MAX_WAIT = 16  # the most plain steps a speculating runner takes before looking up again
+
+
 class Runner:
   """The slot decoder: one prefill program per prompt bucket (from a cached prefix or not,
   without stages) and a greedy and a sampled decode step per attention span and active-row
@@ -99,7 +102,7 @@ class Runner:
   gives the token of their previous entry: it belongs to whoever held the row then.
 
   With `speculation` (without stages; `draft`: the draft's slot decoder, its own caches
-  prefilled beside the model's), a step whose running rows are all `Params.plain` is one
+  prefilled beside the model's), a step whose running rows all `Params.speculates` is one
   round (`speculative.round_fn`): the proposals and their check, 1 to k + 1 tokens per row.
   The host does not know how many until it reads them: meanwhile a row's host position is
   the most it can be. The decoder holds k positions per row more than requests may use."""
@@ -148,6 +151,7 @@ class Runner:
     self._firsts: list = []
     self._queued: list = []
     self._owners: dict = {}  # {row: owner} of the last step's entries
+    self._wait, self._left = 1, 0  # prompt lookup: plain steps to wait, and those left
 
   def busy(self) -> bool:
     return bool(self._firsts or self._queued or self._choice)
@@ -173,7 +177,7 @@ class Runner:
       self._positions[rows] += 1
       params = self.generator.params
       masked = any(running[b].matcher is not None for b in rows)
-      if self.k and all(running[b].params.plain() for b in rows):
+      if self.k and all(running[b].params.speculates() for b in rows) and not self._idle():
         queued = [(self._speculate(greedy, last, A, rows, at), owners, at)]
       elif greedy:
         next_B, self._state = self.compiled["decode", True, span, A](params, self._state)
@@ -259,7 +263,19 @@ class Runner:
       events += [(b, owner, int(t), None) for t in tokens[at, :n]]
     if self.metrics is not None and counts[2]:
       self.metrics.speculated(*map(int, counts))
+    if self.spec.method == "ngram":  # nothing to check: plain steps for a while (`_idle`)
+      self._wait = 1 if counts[2] else min(2 * self._wait, MAX_WAIT)
+      self._left = 0 if counts[2] else self._wait
     return events
+
+  def _idle(self) -> bool:
+    """Whether this step runs plain: after a prompt lookup round that found too little to
+    check, the next 1, 2, 4, ... up to MAX_WAIT steps do (a round that only looks up and
+    steps costs more than the plain step)."""
+    if self._left:
+      self._left -= 1
+      return True
+    return False
 
   def prefill(self, placement: Placement) -> list[Event]:
     stream, b, start = placement.stream, placement.row, placement.start
