@@ -243,8 +243,11 @@ def build(config: Config, mesh, *, tokenizer=None, progress: bool = True) -> Eng
   decoder = Decoder(generator, s.max_slots, length + k, bias=bias)
   draft = Decoder(spec.draft, s.max_slots, length + k, bias=bias) if spec.uses_draft else None
   metrics = Metrics()
+  # The longest span is the whole cache: with a span just short of it (256 of 260 slots)
+  # each step read a slice of every layer's cache, and a server that speculates made 0.93x
+  # the tokens/s of one that does not on random prompts (0.99x with the whole cache).
   runner = Runner(decoder, buckets=prompt_buckets,
-                  spans=spans(length + k, s.min_bucket), progress=progress,
+                  spans=spans(length, s.min_bucket)[:-1] + (length + k,), progress=progress,
                   precompile=s.precompile, speculation=spec, draft=draft, metrics=metrics)
   detokenize = None
   if tokenizer is not None:

@@ -11,6 +11,7 @@ gets back `(row, owner, token, logprobs)` events: `token` was made for the reque
 needs of one (tests give it fakes).
 """
 
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -79,7 +80,34 @@ def compiling(count: int, prompt_buckets: tuple[int, ...], steps: str, *, progre
     say(f"compiled in {time.perf_counter() - start:.1f} s")
 
 
-MAX_WAIT = 16  # the most plain steps a speculating runner takes before looking up again
+class Seen:
+  """Per row, how often each run of `n` tokens occurred in its prompt and the output read so
+  far: whether the row's last `n` tokens occurred before (`speculative.ngram_proposals` would
+  find a match)."""
+
+  def __init__(self, n: int):
+    self.n, self.rows = n, {}  # n = 0: nothing kept
+
+  def start(self, row: int, tokens: list[int]) -> None:
+    n = self.n
+    if not n:
+      return
+    self.rows[row] = (list(tokens[-n:]), collections.Counter(
+        tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)))
+
+  def saw(self, row: int, token: int) -> None:
+    if row in self.rows:
+      tail, seen = self.rows[row]
+      tail.append(token)
+      del tail[:-self.n]
+      seen[tuple(tail)] += 1
+
+  def found(self, row: int) -> bool:
+    tail, seen = self.rows.get(row, ((), {}))
+    return len(tail) == self.n and seen.get(tuple(tail), 0) >= 2
+
+  def end(self, row: int) -> None:
+    self.rows.pop(row, None)
 
 
 class Runner:
@@ -151,7 +179,8 @@ class Runner:
     self._firsts: list = []
     self._queued: list = []
     self._owners: dict = {}  # {row: owner} of the last step's entries
-    self._wait, self._left = 1, 0  # prompt lookup: plain steps to wait, and those left
+    # What prompt lookup would find, as far as the host has read (speculating by lookup).
+    self._seen = Seen(self.spec.ngram_min if self.spec.method == "ngram" else 0)
 
   def busy(self) -> bool:
     return bool(self._firsts or self._queued or self._choice)
@@ -177,7 +206,7 @@ class Runner:
       self._positions[rows] += 1
       params = self.generator.params
       masked = any(running[b].matcher is not None for b in rows)
-      if self.k and all(running[b].params.speculates() for b in rows) and not self._idle():
+      if self.k and all(running[b].params.speculates() for b in rows) and self._guessable(rows):
         queued = [(self._speculate(greedy, last, A, rows, at), owners, at)]
       elif greedy:
         next_B, self._state = self.compiled["decode", True, span, A](params, self._state)
@@ -246,6 +275,9 @@ class Runner:
         events.append((b, owner, int(tokens[at]), _token_logprobs(logprobs, at, owner)))
         if owner.matcher is not None and owner is running[b]:
           owner.matcher.consume_token(int(tokens[at]))
+    for b, owner, token, _ in events:
+      if owner is running[b]:
+        self._seen.saw(b, token)
     return events
 
   def _checked(self, c: "Checked", owners: dict, at_row: dict,
@@ -263,19 +295,14 @@ class Runner:
       events += [(b, owner, int(t), None) for t in tokens[at, :n]]
     if self.metrics is not None and counts[2]:
       self.metrics.speculated(*map(int, counts))
-    if self.spec.method == "ngram":  # nothing to check: plain steps for a while (`_idle`)
-      self._wait = 1 if counts[2] else min(2 * self._wait, MAX_WAIT)
-      self._left = 0 if counts[2] else self._wait
     return events
 
-  def _idle(self) -> bool:
-    """Whether this step runs plain: after a prompt lookup round that found too little to
-    check, the next 1, 2, 4, ... up to MAX_WAIT steps do (a round that only looks up and
-    steps costs more than the plain step)."""
-    if self._left:
-      self._left -= 1
-      return True
-    return False
+  def _guessable(self, rows: list[int]) -> bool:
+    """Whether a round may check proposals: always with a draft; with prompt lookup when at
+    least half of `rows` have a last `ngram_min` tokens that occurred before, in what the
+    host has read (the round looks again on the devices, with the tokens in flight too; a
+    round that only looks and steps costs more than a step)."""
+    return self.spec.method != "ngram" or 2 * sum(map(self._seen.found, rows)) >= len(rows)
 
   def prefill(self, placement: Placement) -> list[Event]:
     stream, b, start = placement.stream, placement.row, placement.start
@@ -298,11 +325,13 @@ class Runner:
           one(np.int32(P)), np.int32(placement.source), np.int32(b),
           jax.tree.map(one, sampling), one(seed), one(np.int32(stream.params.choice)))
     self._positions[b], self._sampled[b] = P, not stream.params.greedy()
+    self._seen.start(b, stream.prompt)
     self._firsts.append((first, {b: stream}, {b: 0}))  # read after the next step is queued
     return []
 
   def release(self, row: int) -> None:
     self._positions[row] = self._sampled[row] = 0
+    self._seen.end(row)
 
   def compile_all(self, progress: bool = True) -> None:
     """Compiles every program (so that no request waits for a compile), said in a line."""
