@@ -51,16 +51,22 @@ class Speculation:
     return (self.method, self.k, self.ngram_min, self.ngram_max, id(self.draft))
 
 
+def _placed(d, positions_B, T: int, span: int) -> tuple[jax.Array, jax.Array]:
+  """(positions_BT, mask_BTS) of each row's T tokens at cache slots positions_B..: each query
+  sees the first `span` slots up to its own. Past the model's positions only tokens whose
+  results no row keeps (speculated past its request's end): any position there gives
+  finite values."""
+  slots_BT = positions_B[:, None] + jnp.arange(T, dtype=jnp.int32)
+  mask_BTS = jnp.arange(span)[None, None, :] <= slots_BT[:, :, None]
+  return jnp.minimum(slots_BT, d.generator.config.model.max_seq_len - 1), mask_BTS
+
+
 def _pass(d, parts, caches, tokens_BT, positions_B, span: int, lead: int = 0):
   """Each row's T tokens at positions positions_B.. through every layer of decoder `d`, their
-  keys and values written there, each query seeing the first `span` slots up to its own:
-  (logits_BTV, caches). `lead` > 0: the rows are the first `lead` of each data group."""
+  keys and values written there (`_placed`): (logits_BTV, caches). `lead` > 0: the rows are
+  the first `lead` of each data group."""
   model, graphdef, layers = parts
-  slots_BT = positions_B[:, None] + jnp.arange(tokens_BT.shape[1], dtype=jnp.int32)
-  mask_BTS = jnp.arange(span)[None, None, :] <= slots_BT[:, :, None]
-  # Past the model's positions only tokens whose results no row keeps (speculated past its
-  # request's end): any position there gives finite values.
-  positions_BT = jnp.minimum(slots_BT, d.generator.config.model.max_seq_len - 1)
+  positions_BT, mask_BTS = _placed(d, positions_B, tokens_BT.shape[1], span)
   x_BTD = model.embed(tokens_BT, positions_BT)
   step = Step(positions_BT, mask_BTS, positions_B, lead, d.data_ways)
   y_BTD, caches = d._layers(graphdef, layers, x_BTD, step, caches)
@@ -78,7 +84,6 @@ def _staged_pass(d, span: int, finish, *, everywhere: bool = False):
   last), not the last alone in a `lax.cond` (whose branches must agree on their outputs'
   shardings: zeros and vocabulary-split logits do not)."""
   S, G, Bg = d.S, d.G, d.Bg
-  max_position = d.generator.config.model.max_seq_len - 1
   made = {}  # the shapes of `finish`'s output, found while tracing
 
   def ticks(parts, caches, tokens_GBT, positions_GB, extra_G):
@@ -95,9 +100,7 @@ def _staged_pass(d, span: int, finish, *, everywhere: bool = False):
       valid = (i >= 0) & (i < G)
       g = jnp.clip(i, 0, G - 1)
       positions_B = ring.pick(positions_GB, g)
-      slots_BT = positions_B[:, None] + jnp.arange(T, dtype=jnp.int32)
-      mask_BTS = jnp.arange(span)[None, None, :] <= slots_BT[:, :, None]
-      positions_BT = jnp.minimum(slots_BT, max_position)
+      positions_BT, mask_BTS = _placed(d, positions_B, T, span)
       step = Step(positions_BT, mask_BTS, jnp.where(valid, positions_B, d.length))
       x_BTD = ring.first(s, lambda: model.embed(ring.pick(tokens_GBT, g), positions_BT), msg)
       y_BTD, new = d._layers(graphdef, layers, x_BTD, step, d._group(caches, g))
@@ -257,27 +260,27 @@ def round_fn(d, spec: Speculation, *, span: int, greedy: bool, rows: int | None 
   proposed_B[b] tokens checked (k or 0)."""
   k = spec.k
   verify = wrap(verify_fn(d, k=k, span=span, greedy=greedy, rows=rows), d)
+
+  def check(params, state, proposed_BK):  # every row's k proposals checked
+    (tokens_BT, made_B), state = verify(params, state, proposed_BK)
+    return (tokens_BT, made_B, jnp.full(made_B.shape, k, jnp.int32)), state
+
   if spec.uses_draft:
     propose = wrap(propose_fn(draft, k=k, span=span, rows=rows), draft)
 
     def run(params, state, live_B, draft_params, draft_caches):
       proposed_BK, draft_caches = propose(draft_params, draft_caches, state.slots)
-      (tokens_BT, made_B), state = verify(params, state, proposed_BK)
-      return (tokens_BT, made_B, jnp.full(made_B.shape, k, jnp.int32)), state, draft_caches
+      return (*check(params, state, proposed_BK), draft_caches)
     return run
 
   take = lead_rows(d, rows)[0]
-  if d.pipelined:  # every round checks (a one-token step would use the ring's own rounds)
-    def run(params, state, live_B, draft_params, draft_caches):
-      slots = state.slots
-      proposed_BK, _ = ngram_proposals(slots.history, slots.positions, k, spec.ngram_min,
-                                       spec.ngram_max)
-      (tokens_BT, made_B), state = verify(params, state, proposed_BK)
-      return (tokens_BT, made_B, jnp.full(made_B.shape, k, jnp.int32)), state, draft_caches
-    return run
-  step = wrap(d.step_fn(greedy=greedy, span=span, rows=rows), d)
   guess = d._plain(lambda parts, slots: ngram_proposals(
       take(slots).history, take(slots).positions, k, spec.ngram_min, spec.ngram_max))
+  if d.pipelined:  # every round checks (a one-token step would use the ring's own rounds)
+    def run(params, state, live_B, draft_params, draft_caches):
+      return (*check(params, state, guess(params, state.slots)[0]), draft_caches)
+    return run
+  step = wrap(d.step_fn(greedy=greedy, span=span, rows=rows), d)
 
   def plain(params, state):
     next_B, state = step(params, state)

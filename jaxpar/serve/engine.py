@@ -243,11 +243,8 @@ def build(config: Config, mesh, *, tokenizer=None, progress: bool = True) -> Eng
   decoder = Decoder(generator, s.max_slots, length + k, bias=bias)
   draft = Decoder(spec.draft, s.max_slots, length + k, bias=bias) if spec.uses_draft else None
   metrics = Metrics()
-  # The longest span is the whole cache: with a span just short of it (256 of 260 slots)
-  # each step read a slice of every layer's cache, and a server that speculates made 0.93x
-  # the tokens/s of one that does not on random prompts (0.99x with the whole cache).
   runner = Runner(decoder, buckets=prompt_buckets,
-                  spans=spans(length, s.min_bucket)[:-1] + (length + k,), progress=progress,
+                  spans=spans(length + k, s.min_bucket), progress=progress,
                   precompile=s.precompile, speculation=spec, draft=draft, metrics=metrics)
   detokenize = None
   if tokenizer is not None:
@@ -278,7 +275,7 @@ def slot_length(config: Config, generator, spec=None) -> int:
   of model.max_seq_len, DEFAULT_MAX_LEN and what fits."""
   s, m = config.serve, config.model
   per_position = generator.cache_bytes_per_device(s.max_slots, 1)
-  if spec is not None and spec.method == "draft":
+  if spec is not None and spec.uses_draft:  # (self: the model's own slot decoder again)
     per_position += spec.draft.cache_bytes_per_device(s.max_slots, 1)
   fits = int(CACHE_SHARE * free_bytes(generator.mesh)) // per_position
   if s.max_len > fits:

@@ -48,7 +48,6 @@ class Metrics:
     self._requests = prom.Counter("jaxpar_requests", "requests ended, by finish reason",
                                   ["finish_reason"], registry=r)
     self._window_s, self._recent = window_s, collections.deque()
-    self._kept = [0, 0]  # proposed tokens accepted, checks
     self._lock = threading.Lock()
     self._rate.set_function(self.tokens_per_second)
 
@@ -76,14 +75,12 @@ class Metrics:
     self._proposed.inc(proposed)
     self._accepted.inc(accepted)
     self._checks.inc(checks)
-    with self._lock:
-      self._kept[0] += accepted
-      self._kept[1] += checks
 
   def mean_accepted_length(self) -> float:
-    with self._lock:
-      accepted, checks = self._kept
-    return 1 + accepted / checks if checks else 0.0
+    total = lambda counter: next(s.value for s in counter.collect()[0].samples
+                                 if s.name.endswith("_total"))
+    checks = total(self._checks)
+    return 1 + total(self._accepted) / checks if checks else 0.0
 
   def first_token(self, seconds: float) -> None:
     self._ttft.observe(seconds)

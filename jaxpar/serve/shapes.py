@@ -21,9 +21,12 @@ def buckets(length: int, smallest: int = 16) -> tuple[int, ...]:
 
 def spans(length: int, smallest: int) -> tuple[int, ...]:
   """The decode step's attention spans: doubling from `smallest` or length / 8 (at most four
-  programs), then `length` itself."""
+  programs) up to three quarters of `length`, then `length` itself. (A span just short of
+  the cache saves little and reads a slice of every layer's cache each step: a speculating
+  server, whose rows hold k positions more, had 256 of 260 slots and made 0.93x the tokens/s
+  of a plain one on random prompts, in-process; 0.99x without that span.)"""
   out, t = [], max(smallest, length // 8)
-  while t < length:
+  while 4 * t <= 3 * length:
     out.append(t)
     t *= 2
   return (*out, length)
