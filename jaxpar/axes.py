@@ -7,8 +7,9 @@ Models annotate every parameter and activation with logical names from this modu
 # Mesh axes, in mesh order.
 DATA = "data"
 STAGE = "stage"
+EXPERT = "expert"
 MODEL = "model"
-MESH_AXES = (DATA, STAGE, MODEL)
+MESH_AXES = (DATA, STAGE, EXPERT, MODEL)
 
 # Logical dimensions of the decoders (`jaxpar.models.gpt`, `jaxpar.models.llama`).
 BATCH = "batch"        # B: sequences (or images) in a batch
@@ -23,6 +24,7 @@ KV_HEADS = "kv_heads"  # K: key/value heads (grouped-query attention)
 MLP = "mlp"            # F: hidden width of the MLP
 VOCAB = "vocab"        # V: vocabulary (padded)
 LAYERS = "layers"      # L: stacked blocks
+EXPERTS = "experts"    # E: the experts of a mixture-of-experts MLP (`jaxpar.models.moe`)
 
 # Logical dimensions of image classification (`jaxpar.models.cnn`, NHWC images; the CNN lists
 # the ones it uses in `jaxpar.models.cnn_config.NAMES`). A residual block's first conv is
@@ -41,16 +43,19 @@ CLASSES = "classes"    # K: classifier outputs
 # Every name, decoders' then images'. They are spelled here, not by each model, so that a
 # config's rules table is checked (and the default table complete) before any model loads.
 LOGICAL_NAMES = (BATCH, SEQ, EMBED, ACT_EMBED, HEADS, KV_HEADS, HEAD_DIM, MLP, VOCAB, LAYERS,
+                 EXPERTS,
                  HEIGHT, WIDTH, COLOR, CHANNELS, ACT_CHANNELS, FILTERS, KERNEL, CLASSES)
 
 # The default ordered rule table: logical name -> mesh axis (None: replicated on purpose).
 # Megatron layout: query and key/value heads and MLP hidden split over `model` (column-parallel
 # in, row-parallel out), vocabulary split over `model` (vocab-parallel embedding and logits),
-# batch over `data`, the layer stack over `stage`. Images over `data`, block filters over
+# batch over `data` and `expert`, the layer stack over `stage`, experts over `expert` (outside
+# the mixture-of-experts MLPs the `expert` axis splits the batch like `data`; inside them each
+# device's tokens go to the devices of their experts by all-to-all). Images over `data`, block filters over
 # `model`; `rules.height=stage` splits every image into strips of rows over `stage` (XLA
 # exchanges the halo rows between neighbours).
 DEFAULT_RULES = (
-    (BATCH, DATA),
+    (BATCH, (DATA, EXPERT)),
     (SEQ, None),
     (EMBED, None),
     (ACT_EMBED, None),
@@ -60,6 +65,7 @@ DEFAULT_RULES = (
     (MLP, MODEL),
     (VOCAB, MODEL),
     (LAYERS, STAGE),
+    (EXPERTS, EXPERT),
     (HEIGHT, None),
     (WIDTH, None),
     (COLOR, None),

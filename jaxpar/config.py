@@ -27,6 +27,7 @@ class MeshConfig:
   data: int = -1
   stage: int = 1
   model: int = 1
+  expert: int = 1   # experts of mixture-of-experts models split over this many devices
   cpu_devices: int = 8  # emulated CPU devices when no accelerator is present
   auto: bool = False
 

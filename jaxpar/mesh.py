@@ -1,9 +1,9 @@
 """Builds the device mesh, in one place, from a `MeshConfig`.
 
-The mesh always has the three axes of `jaxpar.axes.MESH_AXES` (size 1 where unused) and
+The mesh always has the four axes of `jaxpar.axes.MESH_AXES` (size 1 where unused) and
 `AxisType.Auto` axes, so GSPMD inserts the tensor-parallel collectives. Over many processes
 the devices are laid out process by process, so `data` (outermost), then `stage`, cross
-processes first and `model` stays inside one where the counts allow.
+processes first and `model` (innermost, after `expert`) stays inside one where the counts allow.
 """
 
 import jax
@@ -15,7 +15,7 @@ from jaxpar.config import MeshConfig
 
 
 def make_mesh(config: MeshConfig, *, devices: list | None = None) -> Mesh:
-  """A (data, stage, model) mesh over `devices` (default: all devices).
+  """A (data, stage, expert, model) mesh over `devices` (default: all devices).
 
   The product of the axis sizes must equal the number of devices (a -1 axis takes what is
   left); JAX itself would silently accept a smaller mesh.
@@ -32,13 +32,14 @@ def make_mesh(config: MeshConfig, *, devices: list | None = None) -> Mesh:
 
 
 def single_device_mesh(device) -> Mesh:
-  """A 1 x 1 x 1 mesh on `device`: where reference results are computed."""
+  """A one-device mesh on `device`: where reference results are computed."""
   return make_mesh(MeshConfig(data=1, stage=1, model=1), devices=[device])
 
 
 def describe(mesh: Mesh) -> str:
-  """'data=2 x stage=1 x model=4 (8 cpu devices)'."""
-  dims = " x ".join(f"{name}={size}" for name, size in mesh.shape.items())
+  """'data=2 x stage=1 x model=4 (8 cpu devices)' (`expert` shown where it splits)."""
+  dims = " x ".join(f"{name}={size}" for name, size in mesh.shape.items()
+                    if name != axes.EXPERT or size > 1)
   platform, n = mesh.devices.flat[0].platform, mesh.devices.size
   where = ""
   if processes(mesh) > 1:

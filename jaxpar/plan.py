@@ -35,7 +35,7 @@ def candidates(config: Config, n_devices: int) -> tuple[list[Candidate], dict]:
   rules, out, rejected = Rules(config.rules), [], {}
   L, B = config.model.n_layers, config.run.batch
   for d, s, m in factorisations(n_devices):
-    mesh = MeshShape({axes.DATA: d, axes.STAGE: s, axes.MODEL: m})
+    mesh = MeshShape({axes.DATA: d, axes.STAGE: s, axes.EXPERT: 1, axes.MODEL: m})
     schedules = [(1, 1)] if s == 1 else [
         (M, R) for M in range(s, B + 1, s) for R in range(1, L // s + 1) if B % M == 0]
     found = None

@@ -49,11 +49,12 @@ class Candidate:
 
   @property
   def mesh(self) -> dict:
-    return {axes.DATA: self.data, axes.STAGE: self.stage, axes.MODEL: self.model}
+    return {axes.DATA: self.data, axes.STAGE: self.stage, axes.EXPERT: 1, axes.MODEL: self.model}
 
   def config(self, config: Config) -> Config:
     """`config` run with this plan's mesh, pipeline and (FSDP) rule for `embed`."""
-    mesh = MeshConfig(self.data, self.stage, self.model, config.mesh.cpu_devices)
+    mesh = MeshConfig(data=self.data, stage=self.stage, model=self.model,
+                      cpu_devices=config.mesh.cpu_devices)
     rules = config.rules
     if self.fsdp:
       rules = Rules(config.rules).replace(axes.EMBED, axes.DATA).table

@@ -118,7 +118,9 @@ def hf_checkpoint(tmp_path_factory) -> pathlib.Path:
 HF_CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"),
               "mistral": ("MistralConfig", "MistralForCausalLM"),
               "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
-              "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}
+              "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+              "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
+              "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM")}
 
 
 def write_hf_decoder(path: pathlib.Path, family: str, *, seed: int = 0, dtype=None,

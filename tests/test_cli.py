@@ -25,7 +25,7 @@ def test_forward_json_and_saved_logits(root, tmp_path, tiny, devices):
                     "--set", "mesh.model=4", "--verify", "--save-logits", str(out), "--json")
   assert proc.returncode == 0, proc.stderr
   result = json.loads(proc.stdout.strip().splitlines()[-1])
-  assert result["mesh"] == {"data": 2, "stage": 1, "model": 4}
+  assert result["mesh"] == {"data": 2, "stage": 1, "expert": 1, "model": 4}
   assert result["devices"] == 8
   assert result["collectives"] == {"all-reduce": {"count": 3, "bytes": 3 * 4 * 16 * 64 * 4}}
   assert result["compile_s"] > 0 and result["tokens_per_s"] > 0

@@ -26,8 +26,9 @@ def test_load_and_override(root):
 
 
 @pytest.mark.parametrize("n,sizes,expected", [
-    (8, (-1, 1, 4), (2, 1, 4)), (8, (2, 1, -1), (2, 1, 4)), (8, (8, 1, 1), (8, 1, 1)),
-    (1, (-1, 1, 1), (1, 1, 1)), (8, (1, -1, 2), (1, 4, 2))])
+    (8, (-1, 1, 4), (2, 1, 1, 4)), (8, (2, 1, -1), (2, 1, 1, 4)), (8, (8, 1, 1), (8, 1, 1, 1)),
+    (1, (-1, 1, 1), (1, 1, 1, 1)), (8, (1, -1, 2), (1, 4, 1, 2)),
+    (8, (1, 1, 2, -1), (1, 1, 4, 2))])
 def test_mesh_shape_fills_minus_one(n, sizes, expected):
   shape = MeshConfig(*sizes).shape(n)
   assert tuple(shape.values()) == expected and tuple(shape) == axes.MESH_AXES
@@ -73,8 +74,8 @@ def test_bad_override_syntax(text):
 
 def test_rules_map_names_in_order():
   rules = Rules()
-  assert rules.spec(("batch", "seq", "vocab")) == jax.sharding.PartitionSpec("data", None,
-                                                                              "model")
+  assert rules.spec(("batch", "seq", "vocab")) == jax.sharding.PartitionSpec(
+      ("data", "expert"), None, "model")
   two_axes = Rules((("batch", ("data", "stage")), ("embed", None)))
   assert two_axes.spec(("batch", "embed")) == jax.sharding.PartitionSpec(("data", "stage"),
                                                                          None)
@@ -88,10 +89,10 @@ def test_rules_report_conflicts_missing_names_and_indivisible_dims():
   with pytest.raises(UserError, match="logical name 'mlp' of w_up has no rule"):
     Rules((("embed", None),)).spec(("mlp", "embed"), what="w_up")
   with pytest.raises(UserError, match=r"model.n_heads=12 does not split over mesh.model=8"):
-    Rules().check((12, 64), ("heads", "head_dim"), {"data": 1, "stage": 1, "model": 8},
+    Rules().check((12, 64), ("heads", "head_dim"), {"data": 1, "stage": 1, "expert": 1, "model": 8},
                   keys={"heads": "model.n_heads"})
   with pytest.raises(UserError, match="shape .* but 1 logical names"):
-    Rules().check((12, 64), ("heads",), {"data": 1, "stage": 1, "model": 1})
+    Rules().check((12, 64), ("heads",), {"data": 1, "stage": 1, "expert": 1, "model": 1})
 
 
 def test_constrain_never_silently_does_nothing(devices):

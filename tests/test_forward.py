@@ -42,7 +42,7 @@ def test_single_device_matches_numpy_gpt2(tiny, single):
 def test_sharded_logits_equal_single_device(tiny, devices, single, data, model):
   _, expected, _ = single
   fwd, logits, _ = run(tiny, devices, data, model)
-  assert logits.sharding.spec == jax.sharding.PartitionSpec("data", None, "model")
+  assert logits.sharding.spec == jax.sharding.PartitionSpec(("data", "expert"), None, "model")
   got = inference.unpad(logits, tiny.model.vocab_size)
   np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
 

@@ -223,7 +223,7 @@ def test_generate_cli(root, tmp_path, monkeypatch, capsys):
   saved = np.load(out)
   assert saved.dtype == np.int32 and saved.shape == (4, 5)
   assert result["new_tokens"] == saved.tolist()
-  assert result["mesh"] == {"data": 2, "stage": 2, "model": 2}
+  assert result["mesh"] == {"data": 2, "stage": 2, "expert": 1, "model": 2}
   for key in ("tokens_per_s", "decode_tokens_per_s", "prefill_s", "decode_s",
               "kv_cache_bytes_per_device", "param_bytes_per_device"):
     assert result[key] > 0
@@ -263,7 +263,7 @@ def test_forward_accepts_prompt_ids(root, monkeypatch, capsys):
   assert cli.main(["forward", "--config", "configs/tiny.yaml", "--prompt-ids", "1,2;3,4",
                    "--set", "mesh.data=2", "--set", "mesh.model=4", "--json"]) == 0
   result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-  assert result["mesh"] == {"data": 2, "stage": 1, "model": 4}
+  assert result["mesh"] == {"data": 2, "stage": 1, "expert": 1, "model": 4}
   assert cli.main(["forward", "--config", "configs/tiny.yaml", "--prompt-ids", "1,2;3"]) == 2
   assert "rows of equal length" in capsys.readouterr().err
 

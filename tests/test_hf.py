@@ -169,7 +169,7 @@ def test_unprefixed_keys(root, devices, hf_checkpoint, tmp_path):
 
 CONFIG_ERRORS = [
     ({"model_type": "bert"}, r"config.json model_type='bert' is not supported; jaxpar reads "
-                             r"gpt2, llama, mistral, qwen2, qwen3"),
+                             r"gpt2, llama, mistral, mixtral, qwen2, qwen3, qwen3_moe"),
     ({"activation_function": "relu"}, r'activation_function="relu"; jaxpar\'s GPT-2 supports '
                                       r'only activation_function="gelu_new"'),
     ({"n_layer": "DROP"}, r"config.json has no 'n_layer'"),

@@ -131,7 +131,7 @@ def test_classify_equals_one_process(tmp_path, devices):
   result = result_of(launch(2, "classify", "--config", "configs/cnn.yaml", "--devices", "4",
                             *small, "--set", "run.iters=1", "--set", "run.warmup=0",
                             "--no-verify", "--save-logits", str(out), "--json"))
-  assert result["processes"] == 2 and result["mesh"] == {"data": 2, "stage": 2, "model": 2}
+  assert result["processes"] == 2 and result["mesh"] == {"data": 2, "stage": 2, "expert": 1, "model": 2}
 
   config = config_lib.load(ROOT / "configs" / "cnn.yaml", CNN_SMALL)
   one = dataclasses.replace(config, mesh=MeshConfig(1, 1, 1))

@@ -227,7 +227,7 @@ def test_cli_reports_the_schedule(root, tmp_path, monkeypatch, capsys):
   out = capsys.readouterr().out
   assert code == 0
   result = __import__("json").loads(out.strip().splitlines()[-1])
-  assert result["mesh"] == {"data": 2, "stage": 2, "model": 2}
+  assert result["mesh"] == {"data": 2, "stage": 2, "expert": 1, "model": 2}
   assert result["pipeline"] == {"stages": 2, "microbatches": 4, "repeats": 2, "ticks": 9,
                                 "bubble": 1 / 9}
   assert result["collectives"]["collective-permute"]["count"] == 2

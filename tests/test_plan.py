@@ -110,10 +110,10 @@ def narrow_big_batch(root):
 @pytest.mark.parametrize("preset", ["cpu", "h100", "tpu-v5e"])
 def test_narrow_model_big_batch_plans_data_parallel(root, preset):
   plans, _ = plan.rank(narrow_big_batch(root), 8, plan.hardware(preset))
-  assert plans[0].candidate.mesh == {"data": 8, "stage": 1, "model": 1}
+  assert plans[0].candidate.mesh == {"data": 8, "stage": 1, "expert": 1, "model": 1}
   best = plans[0].predicted
   assert best["collectives"] == {}
-  tensor = next(p for p in plans if p.candidate.mesh == {"data": 1, "stage": 1, "model": 8})
+  tensor = next(p for p in plans if p.candidate.mesh == {"data": 1, "stage": 1, "expert": 1, "model": 8})
   assert tensor.predicted["prefill"]["collective_s"] > best["prefill"]["step_s"]
 
 
@@ -124,7 +124,7 @@ def gpt2_small(root):
 def test_weights_beyond_one_device_plan_split(root, capsys):
   config = gpt2_small(root)
   plans, _ = plan.rank(config, 8, plan.hardware("cpu"))
-  whole = next(p for p in plans if p.candidate.mesh == {"data": 8, "stage": 1, "model": 1})
+  whole = next(p for p in plans if p.candidate.mesh == {"data": 8, "stage": 1, "expert": 1, "model": 1})
   weights = whole.predicted["param_bytes_per_device"]  # all of GPT-2 124M, float32
   assert 480e6 < weights < 520e6
   memory_gib = 0.9 * weights / plan.GIB  # less than the weights
@@ -252,7 +252,7 @@ def test_mesh_auto_runs_the_best_plan_and_says_why(root, capsys):
   assert cli.main(["forward", *args, "--verify", "--json"]) == 0
   out = capsys.readouterr().out
   result = json.loads(out.strip().splitlines()[-1])
-  assert result["mesh"] == best["mesh"] == {"data": 8, "stage": 1, "model": 1}
+  assert result["mesh"] == best["mesh"] == {"data": 8, "stage": 1, "expert": 1, "model": 1}
   assert "mesh: auto chose data=8 stage=1 model=1: predicted prefill" in out
   assert "next best" in out
   assert result["collectives"] == best["predicted"]["collectives"] == {}

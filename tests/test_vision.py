@@ -73,7 +73,7 @@ def test_sharded_logits_equal_single_device(single, compiled, data, stage, model
   _, images, expected = single
   clf, _ = compiled(data, stage, model, overrides)
   logits = clf(clf.images(images))
-  assert logits.sharding.spec == jax.sharding.PartitionSpec("data", None)
+  assert logits.sharding.spec == jax.sharding.PartitionSpec(("data", "expert"), None)
   np.testing.assert_allclose(np.asarray(logits), expected, rtol=0, atol=1e-5)
 
 
@@ -190,7 +190,7 @@ def test_classify_a_folder_of_images(root, tmp_path, capsys, cnn_tiny, devices):
   assert code == 0
   result = json.loads(stdout.strip().splitlines()[-1])
   assert result["images"] == 5 and result["batches"] == 2 and result["images_per_s"] > 0
-  assert result["mesh"] == {"data": 2, "stage": 2, "model": 2}
+  assert result["mesh"] == {"data": 2, "stage": 2, "expert": 1, "model": 2}
   assert result["verify_max_abs_diff"] < 1e-5
   assert "batch 2/2: 1 images + 3 padding" in stdout
   assert sorted(result["predictions"]) == [f"img{i}.{s}" for i, s in

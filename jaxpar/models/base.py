@@ -78,11 +78,13 @@ class HFTensor:
   """Where one parameter comes from in a Hugging Face checkpoint: tensor `name` (`{l}` for the
   layer) of `shape` (what config.json implies), stored [in, out] when `transpose` (GPT-2's
   Conv1D). `rows` maps the parameter's first-dim indices to the tensor's (after the
-  transpose); rows past the tensor's end are 0 (the padded vocabulary)."""
+  transpose); rows past the tensor's end are 0 (the padded vocabulary). `experts` > 0: the
+  parameter is that many tensors (`{e}` in the name) stacked on its first dim."""
   name: str
   shape: tuple
   transpose: bool = False
   rows: Callable[[np.ndarray], np.ndarray] | None = None
+  experts: int = 0
 
 
 class Decoder(Protocol):

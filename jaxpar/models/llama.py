@@ -7,6 +7,8 @@ options (`LlamaOptions`), checks and config.json readers are in `jaxpar.models.l
 - Mistral: the same with a sliding attention window (`sliding_window`).
 - Qwen2 / 2.5: biases on q, k and v (`attn_bias`).
 - Qwen3: RMSNorm of every q and k head before rotary (`qk_norm`), an explicit `head_dim`.
+- Mixtral (Mistral) and Qwen3-MoE (Qwen3) with a mixture-of-experts MLP in every block
+  (`n_experts`; `jaxpar.models.moe`), experts split over the `expert` mesh axis.
 
 Tensor parallelism is Megatron's: q/k/v, gate and up column-parallel, o and down row-parallel,
 embedding and head vocab-parallel. Key/value heads have their own logical name (`kv_heads`);
@@ -18,6 +20,8 @@ Hugging Face layout (weights [out, in], as the model stores them):
     embed[v, d]  = model.embed_tokens.weight[v, d]; head = lm_head.weight (or embed if tied)
     w_q = model.layers.l.self_attn.q_proj.weight; w_k, w_v row e*H + h = k_proj row (e//R)*H + h
     w_gate, w_up, w_down = model.layers.l.mlp.{gate,up,down}_proj.weight
+    experts: router = mlp.gate.weight [E, D]; w_gate[e] = mlp.experts.e.gate_proj.weight, ...
+    (Mixtral: block_sparse_moe.gate, block_sparse_moe.experts.e.{w1 (gate), w3 (up), w2 (down)})
 """
 
 import math
@@ -28,7 +32,7 @@ from flax import nnx
 
 from jaxpar.axes import ACT_EMBED, BATCH, EMBED, HEAD_DIM, HEADS, KV_HEADS, LAYERS, MLP, SEQ, VOCAB
 from jaxpar.config import ModelConfig
-from jaxpar.models import base, llama_config
+from jaxpar.models import base, llama_config, moe
 from jaxpar.models.base import HFTensor, Layout, Step
 from jaxpar.rules import constrain
 
@@ -119,7 +123,8 @@ class Block(nnx.Module):
     self.attn_norm = RMSNorm(cfg.d_model, (EMBED,), cfg.norm_eps, dtype)
     self.attn = Attention(cfg, layout, dtype, rngs=rngs)
     self.mlp_norm = RMSNorm(cfg.d_model, (EMBED,), cfg.norm_eps, dtype)
-    self.mlp = Mlp(cfg, dtype, rngs=rngs)
+    self.mlp = (moe.MoeMlp(cfg, dtype, rngs=rngs) if cfg.options.n_experts else
+                Mlp(cfg, dtype, rngs=rngs))
 
   def __call__(self, x_BTD: jax.Array, step: Step, cache: dict | None = None):
     with jax.named_scope("attn"):
@@ -171,6 +176,8 @@ def weights(cfg: ModelConfig, layout: Layout) -> dict:
              "k_norm": {"scale": at("self_attn.k_norm.weight", (H,))}}
   mlp = {"w_gate": at("mlp.gate_proj.weight", (F, D)), "w_up": at("mlp.up_proj.weight", (F, D)),
          "w_down": at("mlp.down_proj.weight", (D, F))}
+  if cfg.options.n_experts:
+    mlp = _experts(cfg, at)
   out = {"embed_table": HFTensor("model.embed_tokens.weight", (V, D)),
          "norm": {"scale": HFTensor("model.norm.weight", (D,))},
          "blocks": {"attn_norm": {"scale": at("input_layernorm.weight", (D,))},
@@ -179,6 +186,16 @@ def weights(cfg: ModelConfig, layout: Layout) -> dict:
   if not cfg.options.tie_embeddings:
     out["lm_head"] = HFTensor("lm_head.weight", (V, D))
   return out
+
+
+def _experts(cfg: ModelConfig, at) -> dict:
+  """The HF tensors of a mixture-of-experts MLP, one per expert stacked on the first dim."""
+  E, D, F = cfg.options.n_experts, cfg.d_model, cfg.options.expert_d_ff or cfg.d_ff
+  where, names = (("block_sparse_moe", ("w1", "w3", "w2")) if cfg.family == "mixtral" else
+                  ("mlp", ("gate_proj", "up_proj", "down_proj")))
+  one = lambda name, shape: at(f"{where}.experts.{{e}}.{name}.weight", shape, experts=E)
+  return {"router": at(f"{where}.gate.weight", (E, D)), "w_gate": one(names[0], (F, D)),
+          "w_up": one(names[1], (F, D)), "w_down": one(names[2], (D, F))}
 
 
 def _family(spec) -> base.Family:
@@ -191,3 +208,5 @@ LLAMA = _family(llama_config.LLAMA)
 MISTRAL = _family(llama_config.MISTRAL)
 QWEN2 = _family(llama_config.QWEN2)
 QWEN3 = _family(llama_config.QWEN3)
+MIXTRAL = _family(llama_config.MIXTRAL)
+QWEN3_MOE = _family(llama_config.QWEN3_MOE)

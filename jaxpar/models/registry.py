@@ -10,7 +10,8 @@ from jaxpar.errors import UserError
 from jaxpar.models import base, gpt, llama
 
 FAMILIES: dict[str, base.Family] = {
-    f.name: f for f in (gpt.FAMILY, llama.LLAMA, llama.MISTRAL, llama.QWEN2, llama.QWEN3)}
+    f.name: f for f in (gpt.FAMILY, llama.LLAMA, llama.MISTRAL, llama.QWEN2, llama.QWEN3,
+                        llama.MIXTRAL, llama.QWEN3_MOE)}
 
 
 def register(new: base.Family) -> base.Family:

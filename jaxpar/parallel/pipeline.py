@@ -79,9 +79,10 @@ class Schedule:
 
 
 def check(schedule: Schedule, *, n_layers: int, batch: int | None = None,
-          data: int = 1) -> None:
+          data: int = 1, over: str | None = None) -> None:
   """One-line UserErrors for layouts the schedule cannot run, before anything compiles: the
-  layers always, the batch's microbatches when `batch` is given (a forward pass)."""
+  layers always, the batch's microbatches when `batch` is given (a forward pass), split
+  `data` ways (`over`: the mesh axes that split it, for the error)."""
   S, M, R = schedule.stages, schedule.microbatches, schedule.repeats
   if M < 1 or R < 1:
     raise UserError(f"pipeline.microbatches={M}, pipeline.repeats={R}: both must be at least 1")
@@ -95,7 +96,8 @@ def check(schedule: Schedule, *, n_layers: int, batch: int | None = None,
                     f"a microbatch count that divides the batch")
   if (batch // M) % data:
     raise UserError(f"a microbatch of run.batch / pipeline.microbatches = {batch // M} rows "
-                    f"does not split over mesh.data={data}; use fewer microbatches or a batch "
+                    f"does not split over {over or f'mesh.data={data}'}; use fewer microbatches "
+                    f"or a batch "
                     f"that gives each microbatch a multiple of {data} rows")
   if M < S:
     raise UserError(f"pipeline.microbatches={M} < mesh.stage={S}: the schedule needs at least "

@@ -309,9 +309,11 @@ def _hf_tensors(host: dict, sources: dict, cfg: ModelConfig, dtype) -> dict:
                                    jax.tree.leaves(jax.tree.map(lambda s, v: v, sources, host,
                                                                 is_leaf=is_source))):
     per_layer = "{l}" in source.name
-    for l in range(cfg.n_layers) if per_layer else [None]:
+    for l, e in [(l, e) for l in (range(cfg.n_layers) if per_layer else [None])
+                 for e in (range(source.experts) if source.experts else [None])]:
       leaf = np.asarray(value[l] if per_layer else value, np.float32)
-      name = source.name.format(l=l)
+      leaf = leaf if e is None else leaf[e]
+      name = source.name.format(l=l, e=e)
       tensor = out.setdefault(name, np.zeros(source.shape, np.float32))
       rows = np.arange(leaf.shape[0]) if source.rows is None else source.rows(
           np.arange(leaf.shape[0]))

@@ -46,8 +46,8 @@ class _Leaf:
     self.files, self.source, self.prefix = files, source, prefix
     self.shape, self.lead, self.stages, self.n_layers = shape, lead, stages, n_layers
 
-  def name(self, layer: int | None) -> str:
-    return self.prefix + self.source.name.format(l=layer)
+  def name(self, layer: int | None, expert: int | None = None) -> str:
+    return self.prefix + self.source.name.format(l=layer, e=expert)
 
   def layers(self, ranges: list[range]) -> list[int | None]:
     if self.lead == 0:
@@ -59,14 +59,19 @@ class _Leaf:
                              n_layers=self.n_layers).ravel().tolist()
 
   def read(self, layer: int | None, ranges: list[range]) -> np.ndarray:
-    """One layer's values at the per-layer indices `ranges` (rows past the end: 0)."""
+    """One layer's values at the per-layer indices `ranges` (rows past the end: 0); of
+    stacked experts, each expert's tensor read on its own."""
+    if self.source.experts:
+      return np.stack([self._read(self.name(layer, e), ranges[1:]) for e in ranges[0]])
+    return self._read(self.name(layer), ranges)
+
+  def _read(self, name: str, ranges: list[range]) -> np.ndarray:
     src = self.source
     indices = [np.asarray(r) for r in ranges]
     if src.rows is not None:
       indices[0] = src.rows(indices[0])
     if src.transpose:
       indices = indices[::-1]
-    name = self.name(layer)
     box, where = _box(indices, self.files.shape(name))
     block = self.files.read(name, box) if all(b.stop > b.start for b in box) else None
     if block is not None and all(np.array_equal(w, np.arange(len(w))) for w in where):
@@ -92,8 +97,9 @@ def _check(files: SafeTensors, leaves: list[_Leaf], n_layers: int, checkpoint: s
   """Every tensor the model needs is present, a float, with the shape config.json implies."""
   keys = files.keys()
   for leaf in leaves:
-    for layer in range(n_layers) if "{l}" in leaf.source.name else [None]:
-      name = leaf.name(layer)
+    layers = range(n_layers) if "{l}" in leaf.source.name else [None]
+    for layer, expert in [(l, e) for l in layers for e in range(leaf.source.experts or 1)]:
+      name = leaf.name(layer, expert)
       if name not in keys:
         raise UserError(f"checkpoint {checkpoint}: the safetensors files have no tensor {name}, "
                         f"which a model with config.json's sizes needs; re-save it with "
@@ -122,7 +128,7 @@ def load_params(checkpoint: str, sources: dict, *, shapes: dict, shardings: Any,
   """
   files = SafeTensors(checkpoint)
   is_source = lambda x: isinstance(x, HFTensor)
-  first = jax.tree.leaves(sources, is_leaf=is_source)[0].name.format(l=0)
+  first = jax.tree.leaves(sources, is_leaf=is_source)[0].name.format(l=0, e=0)
   prefix = next((p for p in _PREFIXES if p + first in files.keys()), "")
   lead = 1 if stages is None else 3
   n_layers = n_layers or int(np.prod(jax.tree.leaves(shapes["blocks"])[0].shape[:lead]))

@@ -97,8 +97,10 @@ def check_batch(config: Config, mesh: Mesh, rules: Rules, family: Family,
   rules.check((r.batch, r.seq_len), (axes.BATCH, axes.SEQ), mesh.shape, what="tokens",
               keys=family.config_keys)
   if schedule is not None:
+    split = [a for a in rules.mesh_axes(axes.BATCH) if mesh.shape[a] > 1]
     pipeline.check(schedule, n_layers=config.model.n_layers, batch=config.run.batch,
-                   data=math.prod(mesh.shape[a] for a in rules.mesh_axes(axes.BATCH)))
+                   data=math.prod(mesh.shape[a] for a in split),
+                   over=" x ".join(f"mesh.{a}={mesh.shape[a]}" for a in split) or None)
 
 
 def make_schedule(config: Config, mesh: Mesh, rules: Rules, pipelined: bool | None,

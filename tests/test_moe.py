@@ -1,0 +1,188 @@
+"""Mixtures of experts (Mixtral, Qwen3-MoE) from checkpoints written by `transformers`: logits
+and greedy tokens equal `transformers` on one device and on (data, stage, expert, model)
+factorisations of 8 devices, dropless routing against NumPy, the compiled all-to-alls, and
+one-line errors."""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxpar import axes, inspect, quant
+from jaxpar import config as config_lib
+from jaxpar.config import MeshConfig
+from jaxpar.errors import UserError
+from jaxpar.mesh import make_mesh
+from jaxpar.models import moe
+from jaxpar.rules import Rules, use_rules
+from jaxpar.runtime import generate, inference
+from tests.conftest import write_hf_decoder
+from tests.test_llama import PROMPTS, hf_logits, transformers_greedy
+
+# 8 experts of width 48, top 2, over the shared test shape (vocabulary 251: no axis divides it).
+OPTIONS = {"mixtral": dict(num_local_experts=8, num_experts_per_tok=2),
+           "qwen3_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48,
+                             norm_topk_prob=True, head_dim=16)}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict:
+  return {f: write_hf_decoder(tmp_path_factory.mktemp(f), f, **o) for f, o in OPTIONS.items()}
+
+
+def load(root, checkpoint, *overrides) -> config_lib.Config:
+  return config_lib.load(root / "configs" / "tiny.yaml",
+                         [f"model.checkpoint={checkpoint}", *overrides])
+
+
+def on(config, devices, data, stage, expert, model, **changes):
+  mesh = MeshConfig(data=data, stage=stage, expert=expert, model=model)
+  config = dataclasses.replace(config, mesh=mesh, **changes)
+  if stage > 1:
+    config = dataclasses.replace(config, pipeline=dataclasses.replace(config.pipeline,
+                                                                      microbatches=stage))
+  return config, make_mesh(mesh, devices=devices[:data * stage * expert * model])
+
+
+# (family, data, stage, expert, model): experts split 2, 4 and 8 ways alone, with tensor
+# parallelism inside each expert, with a pipeline, with data parallelism; and replicated.
+MATRIX = [("mixtral", 1, 1, 1, 1), ("mixtral", 1, 1, 8, 1), ("mixtral", 1, 1, 2, 4),
+          ("mixtral", 2, 2, 2, 1), ("qwen3_moe", 1, 1, 4, 1), ("qwen3_moe", 2, 1, 2, 2),
+          ("qwen3_moe", 1, 2, 2, 2), ("qwen3_moe", 4, 1, 1, 2)]
+
+
+@pytest.fixture(scope="module")
+def hf_seeded_logits(root, checkpoints) -> dict:
+  return {f: hf_logits(c, inference.seeded_tokens(load(root, c))) for f, c in checkpoints.items()}
+
+
+@pytest.mark.parametrize("family,data,stage,expert,model", MATRIX)
+def test_logits_equal_transformers(root, devices, checkpoints, hf_seeded_logits, family, data,
+                                   stage, expert, model):
+  config, mesh = on(load(root, checkpoints[family]), devices, data, stage, expert, model)
+  fwd = inference.build(config, mesh)
+  got = inference.unpad(fwd(fwd.tokens(inference.seeded_tokens(config))), 251)
+  expected = hf_seeded_logits[family]
+  assert np.abs(expected).max() > 1.0
+  np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
+
+
+# Generation: every row's tokens split over data x expert, and (rules.batch=data) the tokens
+# replicated over the expert axis, whose devices sum their experts' outputs.
+GREEDY = [("mixtral", 1, 1, 1, 1, "data"), ("mixtral", 2, 1, 4, 1, None),
+          ("qwen3_moe", 1, 2, 2, 2, None), ("qwen3_moe", 1, 1, 8, 1, "data")]
+
+
+@pytest.mark.parametrize("family,data,stage,expert,model,batch_rule", GREEDY)
+def test_greedy_equals_transformers(root, devices, checkpoints, family, data, stage, expert,
+                                    model, batch_rule):
+  config = load(root, checkpoints[family])
+  if batch_rule:
+    config = dataclasses.replace(config, rules=Rules(config.rules).replace(
+        axes.BATCH, batch_rule).table)
+  config, mesh = on(config, devices, data, stage, expert, model)
+  gen = generate.build(config, mesh, eos_id=-1)
+  tokens = gen.generate(PROMPTS, max_new_tokens=10).tokens
+  np.testing.assert_array_equal(tokens, transformers_greedy(checkpoints[family]))
+
+
+def _reference(x, weights, experts, w_gate, w_up, w_down) -> np.ndarray:
+  """NumPy float64: sum over k of weights * SwiGLU of expert experts[..., k]."""
+  x, out = np.float64(x), 0.0
+  for j in range(experts.shape[-1]):
+    e = experts[..., j]
+    g = np.einsum("btd,btfd->btf", x, np.float64(w_gate)[e])
+    u = np.einsum("btd,btfd->btf", x, np.float64(w_up)[e])
+    h = g / (1 + np.exp(-g)) * u
+    out = out + weights[..., j, None] * np.einsum("btf,btdf->btd", h, np.float64(w_down)[e])
+  return out
+
+
+@pytest.mark.parametrize("data,expert,model,pick,mode", [
+    (2, 4, 1, "one", None), (1, 8, 1, "one", None), (1, 2, 4, "spread", None),
+    (8, 1, 1, "one", None), (2, 4, 1, "spread", None), (1, 4, 2, "spread", "int8"),
+    (2, 4, 1, "one", "int8")])
+def test_dropless_when_every_token_picks_the_same_experts(devices, data, expert, model, pick,
+                                                          mode):
+  """All 8 x 5 x 2 (token, expert) pairs to experts 3 and 2 (one device holds both when
+  expert=4: every other device's chunks are all padding), or spread at random. A token's
+  experts are written in its first two features, read by the router given here. int8
+  experts against float products of their dequantised weights."""
+  E, D, F, B, T = 8, 16, 24, 8, 5
+  rng = np.random.default_rng(0)
+  experts = (np.broadcast_to(np.array([3, 2], np.int32), (B, T, 2)) if pick == "one" else
+             np.stack([rng.permutation(E)[:2] for _ in range(B * T)]).reshape(B, T, 2))
+  x = rng.normal(size=(B, T, D)).astype(np.float32)
+  x[..., :2] = experts
+  weights = 0.2 + 0.1 * experts
+  w_gate, w_up = (rng.normal(size=(E, F, D)).astype(np.float32) * 0.3 for _ in range(2))
+  w_down = rng.normal(size=(E, D, F)).astype(np.float32) * 0.3
+  if mode:
+    q = [quant.quantize_array(jnp.asarray(w), mode) for w in (w_gate, w_up, w_down)]
+    w_gate, w_up, w_down = (np.asarray(quant.dequantize(w)) for w in q)
+  route = lambda x_ND: (0.2 + 0.1 * x_ND[:, :2], x_ND[:, :2].astype(jnp.int32))
+  mesh = make_mesh(MeshConfig(data=data, expert=expert, model=model),
+                   devices=devices[:data * expert * model])
+  rules = Rules()
+  put = lambda a, *names: jax.device_put(a, rules.sharding(names, mesh))
+  names = [(axes.EXPERTS, axes.MLP, axes.EMBED)] * 2 + [(axes.EXPERTS, axes.EMBED, axes.MLP)]
+  experts_args = ([put(w, *n) for w, n in zip((w_gate, w_up, w_down), names)] if not mode else
+                  [quant.QWeight(put(w.values, *n), put(w.scale, *n[:2], None), mode)
+                   for w, n in zip(q, names)])
+  args = (put(x, axes.BATCH, axes.SEQ, None), put(np.zeros((E, D), np.float32), None, None),
+          *experts_args)
+  with jax.set_mesh(mesh), use_rules(rules):
+    got = jax.jit(functools.partial(moe.experts_mlp, top_k=2, norm_topk=False,
+                                    route_fn=route))(*args)
+  want = _reference(x, weights, experts, w_gate, w_up, w_down)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=2e-5 if not mode else 2e-4)
+
+
+def test_route_is_the_softmax_top_k():
+  logits = jnp.array([[0.0, 2.0, 1.0, -1.0]])
+  probs = np.exp(logits[0]) / np.exp(logits[0]).sum()
+  w, e = moe.route(logits, 2, norm_topk=False)
+  assert e.tolist() == [[1, 2]]
+  np.testing.assert_allclose(w[0], probs[[1, 2]], rtol=1e-6)
+  w, _ = moe.route(logits, 2, norm_topk=True)
+  np.testing.assert_allclose(w[0], probs[[1, 2]] / probs[[1, 2]].sum(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("data,expert,model", [(1, 8, 1), (2, 2, 2)])
+def test_two_all_to_alls_of_activations_per_layer_and_no_expert_weight_gathered(
+    root, devices, checkpoints, data, expert, model):
+  """Per MoE layer: the rows out and back (all-to-all of [expert, rows, D]) and the counts
+  ([expert, local experts] int32); no all-gather; an all-reduce per layer only for the
+  expert width split over `model` (and the attention's)."""
+  T = 16
+  config, mesh = on(load(root, checkpoints["mixtral"], "model.scan_layers=true",
+                         f"run.seq_len={T}"), devices,
+                    data, 1, expert, model)
+  fwd = inference.build(config, mesh)
+  c = inspect.hlo_census(fwd.compile(fwd.tokens(inference.seeded_tokens(config))).as_text())
+  assert "all-gather" not in c.counts()
+  assert c.count("all-to-all", in_loop=True) == 3 == c.count("all-to-all")
+  rows = 8 // (data * expert) * T * 2  # a device's (token, expert) pairs
+  sizes = sorted(x.bytes for x in c.collectives if x.kind == "all-to-all")
+  assert sizes == sorted([expert * rows * 64 * 4] * 2 + [8 * 4])
+
+
+@pytest.mark.parametrize("data,stage,expert,model", [(1, 1, 4, 2), (1, 2, 2, 2)])
+def test_server_greedy_equals_transformers(root, devices, checkpoints, data, stage, expert,
+                                           model):
+  """The serving engine (continuous batching, slots split over data x expert) on Mixtral:
+  each request's tokens equal transformers generating it alone."""
+  from jaxpar import serve
+  config, mesh = on(load(root, checkpoints["mixtral"], "serve.max_slots=4",
+                         "serve.min_bucket=16"), devices, data, stage, expert, model)
+  engine = serve.build(config, mesh, progress=False).start()
+  try:
+    streams = [engine.submit(p, serve.Params(max_tokens=10, ignore_eos=True))
+               for p in PROMPTS]
+    got = [[t for out in stream for t in out.token_ids] for stream in streams]
+  finally:
+    engine.stop()
+  np.testing.assert_array_equal(got, transformers_greedy(checkpoints["mixtral"]))
