@@ -4,7 +4,9 @@ light measured in the same run.
 
 `--family gpt2` (default): the GPT-2 124M shape; `--family llama` (or mistral, qwen2, qwen3):
 a Llama-family model of 8 layers, width 1024, 16 query heads over 4 key/value heads, SwiGLU
-width 2816, vocabulary 32000. Random weights (initializer_range 0.2, so greedy tokens depend on
+width 2816, vocabulary 32000; `--family mixtral` (or qwen3_moe): the same with 8 SwiGLU
+experts of width 1024 in every layer, 2 per token (its speed of light reads the experts a
+step may choose: 2 at batch 1, `limits.speed_of_light`). Random weights (initializer_range 0.2, so greedy tokens depend on
 the context) saved by `transformers` and loaded by both; batches 1, 8 and 32, 32-token
 prompts, 64 new tokens, float32, EOS disabled so every row decodes all 64 tokens. Each round
 times the speed of light (`limits.speed_of_light`: a compiled chain of the float32 weights'
@@ -50,11 +52,18 @@ LLAMA_SHAPE = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816,
                    num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4,
                    max_position_embeddings=2048, initializer_range=0.2,
                    tie_word_embeddings=False)
+# Mixtures of experts: the Llama shape with 8 experts of width 1024 in every layer, 2 a token.
+MOE_SHAPE = {"mixtral": {**LLAMA_SHAPE, "intermediate_size": 1024, "num_local_experts": 8,
+                         "num_experts_per_tok": 2},
+             "qwen3_moe": {**LLAMA_SHAPE, "moe_intermediate_size": 1024, "num_experts": 8,
+                           "num_experts_per_tok": 2, "norm_topk_prob": True, "head_dim": 64}}
 HF_CLASSES = {"gpt2": ("GPT2Config", "GPT2LMHeadModel"),
               "llama": ("LlamaConfig", "LlamaForCausalLM"),
               "mistral": ("MistralConfig", "MistralForCausalLM"),
               "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
-              "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}
+              "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+              "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
+              "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM")}
 
 
 def make_checkpoint(family: str, path: str, **changes) -> None:
@@ -63,7 +72,8 @@ def make_checkpoint(family: str, path: str, **changes) -> None:
   import torch
   import transformers
   config_cls, model_cls = (getattr(transformers, n) for n in HF_CLASSES[family])
-  args = {"initializer_range": 0.2} if family == "gpt2" else LLAMA_SHAPE
+  args = ({"initializer_range": 0.2} if family == "gpt2" else
+          MOE_SHAPE.get(family, LLAMA_SHAPE))
   args = {**args, **changes}
   torch.manual_seed(0)
   model_cls(config_cls(**args)).save_pretrained(path)

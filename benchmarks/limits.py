@@ -13,13 +13,17 @@
 
 import time
 
-def weight_matrices(generator) -> tuple[list, object]:
+def weight_matrices(generator, experts: int | None = None) -> tuple[list, object]:
   """The 2-D weights a decode step multiplies by, per layer ([out, in] as stored), and the
-  vocabulary head (the largest 2-D parameter outside the blocks)."""
+  vocabulary head (the largest 2-D parameter outside the blocks). Of a mixture of experts'
+  stacked experts ([L, E, out, in]) the first `experts` (default: the experts one token
+  reads, `experts_per_token`): a step reads only the experts its tokens chose."""
   import jax
   params = generator.natural_params()
   blocks = params["blocks"]
-  mats = [[a[l] for a in jax.tree.leaves(blocks) if a.ndim == 3]
+  chosen = experts or getattr(generator.config.model.options, "experts_per_token", 1)
+  mats = [[a[l] for a in jax.tree.leaves(blocks) if a.ndim == 3] +
+          [a[l, e] for a in jax.tree.leaves(blocks) if a.ndim == 4 for e in range(chosen)]
           for l in range(generator.config.model.n_layers)]
   rest = {k: v for k, v in params.items() if k != "blocks"}
   head = max((a for a in jax.tree.leaves(rest) if a.ndim == 2), key=lambda a: a.size)
@@ -98,10 +102,14 @@ def speed_of_light(generator, batch: int, steps: int, repeats: int = 3) -> dict:
   weights through the matrix-vector products a decode step makes (`chain_program`, each of
   `LAYOUTS`; the best of `repeats` each); the limit of a decode step on these weights on
   this machine is the fastest. Raises if XLA dropped any product (the program would then
-  stream fewer bytes than the model)."""
+  stream fewer bytes than the model). A mixture of experts: the experts `batch` rows may
+  read, min(E, batch x experts_per_token) of them (batch 1: exactly the chosen ones)."""
   import jax
   import jax.numpy as jnp
-  mats, head = weight_matrices(generator)
+  options = generator.config.model.options
+  experts = min(getattr(options, "n_experts", 0), batch * getattr(options,
+                                                                  "experts_per_token", 1))
+  mats, head = weight_matrices(generator, experts or None)
   D, V = head.shape[1], head.shape[0]
   want = sum(len(layer) for layer in mats) + 1
   out = {}
@@ -142,7 +150,8 @@ def read_bandwidth(nbytes: int = 512 << 20, repeats: int = 5) -> float:
 def prefill_limit(generator, batch: int, prompt_len: int, repeats: int = 3) -> dict:
   """{layout: tokens/s} of the prefill's products alone, in each of `LAYOUTS`: every weight
   at batch x prompt rows, the head at `batch` rows (the best of `repeats` each); the limit
-  is the fastest."""
+  is the fastest. A mixture of experts: `experts_per_token` experts at every row, the
+  products its tokens make (the weights of the others, which they also read, left out)."""
   import jax
   import jax.numpy as jnp
   mats, head = weight_matrices(generator)

@@ -51,9 +51,9 @@ LOGICAL_NAMES = (BATCH, SEQ, EMBED, ACT_EMBED, HEADS, KV_HEADS, HEAD_DIM, MLP, V
 # in, row-parallel out), vocabulary split over `model` (vocab-parallel embedding and logits),
 # batch over `data` and `expert`, the layer stack over `stage`, experts over `expert` (outside
 # the mixture-of-experts MLPs the `expert` axis splits the batch like `data`; inside them each
-# device's tokens go to the devices of their experts by all-to-all). Images over `data`, block filters over
-# `model`; `rules.height=stage` splits every image into strips of rows over `stage` (XLA
-# exchanges the halo rows between neighbours).
+# device's tokens go to the devices of their experts by all-to-all). Images over `data`, block
+# filters over `model`; `rules.height=stage` splits every image into strips of rows over `stage`
+# (XLA exchanges the halo rows between neighbours).
 DEFAULT_RULES = (
     (BATCH, (DATA, EXPERT)),
     (SEQ, None),

@@ -1,11 +1,12 @@
 """Plan before compiling: every layout the model, batch and devices allow, ranked by the cost
 model (`jaxpar.plan_cost`: per-device bytes, collectives, pipeline bubble, step time).
 
-A plan is a (data, stage, model) mesh, a pipeline schedule (microbatches M, repeats R) and,
-where `data` > 1 without a pipeline, the choice of FSDP (`rules.embed=data`: parameters split
-over `data` too, each layer's weights gathered just before use; with a pipeline XLA would
-gather every stage's layers at once, so it is not offered there). Plans are ranked by
-predicted prefill time among those that fit the device memory, then by bytes per device.
+A plan is a (data, stage, model) mesh (and `expert`, for a mixture of experts), a pipeline
+schedule (microbatches M, repeats R) and, where `data` > 1 without a pipeline, the choice of
+FSDP (`rules.embed=data`: parameters split over `data` too, each layer's weights gathered just
+before use; with a pipeline XLA would gather every stage's layers at once, so it is not offered
+there). Plans are ranked by predicted prefill time among those that fit the device memory, then
+by bytes per device.
 `jaxpar.plan_report` compiles the best to check the predictions.
 """
 
@@ -27,6 +28,17 @@ def factorisations(n: int) -> list[tuple[int, int, int]]:
   return [(d, s, n // (d * s)) for d in divisors for s in divisors if (n // d) % s == 0]
 
 
+def expert_splits(config: Config, n: int) -> list[tuple[int, int, int, int]]:
+  """Every (data, stage, model, expert) with product n, `expert` > 1 only where it divides
+  the model's experts (a dense model: expert 1)."""
+  experts = getattr(config.model.options, "n_experts", 0)
+  out = []
+  splits = [x for x in range(1, n + 1) if n % x == 0 and (x == 1 or experts and not experts % x)]
+  for e in splits:
+    out += [(d, s, m, e) for d, s, m in factorisations(n // e)]
+  return out
+
+
 def candidates(config: Config, n_devices: int) -> tuple[list[Candidate], dict]:
   """The plans the model, batch and devices allow, and {label: why not} for the meshes that
   none of their schedules allows."""
@@ -34,13 +46,13 @@ def candidates(config: Config, n_devices: int) -> tuple[list[Candidate], dict]:
   family = registry.family(config.model.family)
   rules, out, rejected = Rules(config.rules), [], {}
   L, B = config.model.n_layers, config.run.batch
-  for d, s, m in factorisations(n_devices):
-    mesh = MeshShape({axes.DATA: d, axes.STAGE: s, axes.EXPERT: 1, axes.MODEL: m})
+  for d, s, m, x in expert_splits(config, n_devices):
+    mesh = MeshShape({axes.DATA: d, axes.STAGE: s, axes.EXPERT: x, axes.MODEL: m})
     schedules = [(1, 1)] if s == 1 else [
         (M, R) for M in range(s, B + 1, s) for R in range(1, L // s + 1) if B % M == 0]
     found = None
     for M, R in schedules:
-      c = Candidate(d, s, m, M, R)
+      c = Candidate(d, s, m, M, R, expert=x)
       try:
         cfg = c.config(config)
         inference.layout_for(cfg, mesh, rules, family)
@@ -55,7 +67,7 @@ def candidates(config: Config, n_devices: int) -> tuple[list[Candidate], dict]:
     if s > 1 and not schedules:
       found = (f"model.n_layers={L} and run.batch={B} allow no schedule over {s} stages")
     if found and not any(c.mesh == mesh.shape for c in out):
-      rejected[f"data={d} stage={s} model={m}"] = found
+      rejected[f"data={d} stage={s} model={m}" + (f" expert={x}" if x > 1 else "")] = found
   return out, rejected
 
 

@@ -1,8 +1,9 @@
 """The planner's cost model: what one plan costs per device, predicted without compiling.
 
-A plan (`Candidate`) is a (data, stage, model) mesh, a pipeline schedule (microbatches M,
-repeats R) and, optionally, parameters split over `data` too (FSDP: `rules.embed=data`, each
-layer's weights all-gathered just before use). What it predicts, per device:
+A plan (`Candidate`) is a (data, stage, model) mesh (with `expert` for a mixture of experts), a
+pipeline schedule (microbatches M, repeats R) and, optionally, parameters split over `data` too
+(FSDP: `rules.embed=data`, each layer's weights all-gathered just before use). What it predicts,
+per device:
 
 - bytes: parameters (each leaf's shard under the rule table; a pipeline stage holds
   ceil(L / (S*R)) * R layers, identity padding included), the KV cache (`run.batch` rows of
@@ -46,14 +47,16 @@ class Candidate:
   microbatches: int = 1
   repeats: int = 1
   fsdp: bool = False  # parameters' `embed` dim split over `data` too
+  expert: int = 1     # a mixture of experts' experts split this many ways
 
   @property
   def mesh(self) -> dict:
-    return {axes.DATA: self.data, axes.STAGE: self.stage, axes.EXPERT: 1, axes.MODEL: self.model}
+    return {axes.DATA: self.data, axes.STAGE: self.stage, axes.EXPERT: self.expert,
+            axes.MODEL: self.model}
 
   def config(self, config: Config) -> Config:
     """`config` run with this plan's mesh, pipeline and (FSDP) rule for `embed`."""
-    mesh = MeshConfig(data=self.data, stage=self.stage, model=self.model,
+    mesh = MeshConfig(data=self.data, stage=self.stage, model=self.model, expert=self.expert,
                       cpu_devices=config.mesh.cpu_devices)
     rules = config.rules
     if self.fsdp:
@@ -63,6 +66,7 @@ class Candidate:
 
   def label(self) -> str:
     text = f"data={self.data} stage={self.stage} model={self.model}"
+    text += f" expert={self.expert}" if self.expert > 1 else ""
     text += f" M={self.microbatches} R={self.repeats}" if self.stage > 1 else ""
     return text + (" fsdp" if self.fsdp else "")
 
@@ -125,7 +129,9 @@ def param_bytes(config: Config, c: Candidate) -> dict:
       gathers[block].append(_leaf_bytes(shape, leaf_names, leaf.dtype, whole, c.mesh))
     if block:
       per_layer += nbytes
-      matmul += math.prod(shape) if len(shape) > 1 else 0
+      if len(shape) > 1:  # a token multiplies by experts_per_token of the experts only
+        active = (_experts(config.model)[1] / shape[0] if axes.EXPERTS in leaf_names else 1)
+        matmul += int(math.prod(shape) * active)
       mlp_matrices += len(shape) > 1 and axes.MLP in leaf_names
     else:
       rest += nbytes
@@ -136,6 +142,33 @@ def param_bytes(config: Config, c: Candidate) -> dict:
           "padded_vocab": V, "layout": layout, "mlp_hidden": mlp_matrices - 1,
           "gathers_per_layer": gathers[True],
           "gathers_rest": gathers[False]}
+
+
+def _experts(m) -> tuple[int, int]:
+  """(experts, experts a token uses) of a mixture-of-experts model; (0, 0) for a dense one."""
+  n = getattr(m.options, "n_experts", 0)
+  return n, getattr(m.options, "experts_per_token", 0) if n else 0
+
+
+def _moe(config: Config, c: Candidate, rows: int, T: int) -> list[tuple]:
+  """A mixture-of-experts layer's collectives for `rows` x `T` tokens on a device:
+  [(kind, mesh axis, count, bytes each)]. Batch split over `expert`: two all-to-alls, the
+  routed rows ([expert, rows x T x k, D] in the model's dtype) out with the per-expert counts
+  ([expert, E / expert] int32) packed beside them, and back; tokens replicated over it: their
+  outputs summed (float32). An expert's width split over `model`: its output summed
+  (float32)."""
+  m, rules = config.model, Rules(config.rules)
+  E, k = _experts(m)
+  X = _ways(rules, axes.EXPERTS, c.mesh)
+  out = []
+  if X > 1 and axes.EXPERT in rules.mesh_axes(axes.BATCH):
+    pairs = X * rows * T * k * m.d_model * np.dtype(m.dtype).itemsize
+    out += [("all-to-all", axes.EXPERT, 1, pairs + E * 4), ("all-to-all", axes.EXPERT, 1, pairs)]
+  if _ways(rules, axes.MLP, c.mesh) > 1:  # one all-reduce, over `expert` too if replicated
+    out.append(("all-reduce", axes.MODEL, 1, rows * T * m.d_model * 4))
+  elif X > 1 and not out:
+    out.append(("all-reduce", axes.EXPERT, 1, rows * T * m.d_model * 4))
+  return out
 
 
 def kv_cache_bytes(config: Config, c: Candidate, layout: Layout) -> int:
@@ -180,7 +213,12 @@ def hlo_collectives(config: Config, c: Candidate, *, in_loop: bool | None = None
   rows, mb_rows = _rows(config, c)
   found = []  # (kind, count, bytes each, in a loop)
   block_rows = mb_rows if c.stage > 1 else rows
-  if _ways(rules, axes.HEADS, c.mesh) > 1 or _ways(rules, axes.MLP, c.mesh) > 1:
+  if _experts(m)[0]:  # attention's all-reduce, the experts' own (`_moe`)
+    if _ways(rules, axes.HEADS, c.mesh) > 1:
+      found.append(("all-reduce", 1, block_rows * act, True))
+    found += [(kind, count, nbytes, True) for kind, _, count, nbytes in
+              _moe(config, c, block_rows, config.run.seq_len)]
+  elif _ways(rules, axes.HEADS, c.mesh) > 1 or _ways(rules, axes.MLP, c.mesh) > 1:
     found.append(("all-reduce", 2, block_rows * act, True))
   if _ways(rules, axes.VOCAB, c.mesh) > 1:
     found.append(("all-reduce", 1, rows * act, False))
@@ -203,7 +241,7 @@ def _send(kind: str, nbytes: float, ways: int) -> float:
   """Bytes one device sends for a collective whose result is `nbytes` (ring algorithms)."""
   if kind == "all-reduce":
     return 2 * (ways - 1) / ways * nbytes
-  if kind == "all-gather":
+  if kind in ("all-gather", "all-to-all"):
     return (ways - 1) / ways * nbytes
   return nbytes
 
@@ -230,7 +268,12 @@ def step_collectives(config: Config, c: Candidate, *, decode: bool) -> list[tupl
                 ("collective-permute", axes.STAGE, S - 1,
                  c.microbatches // S * mb_rows * T * width)]
   out = []
-  if tp:
+  if _experts(m)[0]:
+    if _ways(rules, axes.HEADS, c.mesh) > 1:
+      out.append(("all-reduce", axes.MODEL, runs, run_rows * T * width))
+    out += [(kind, axis, count * runs, nbytes) for kind, axis, count, nbytes in
+            _moe(config, c, run_rows, T)]
+  elif tp:
     out.append(("all-reduce", axes.MODEL, 2 * runs, run_rows * T * width))
   if _ways(rules, axes.VOCAB, c.mesh) > 1:
     out.append(("all-reduce", axes.MODEL, 1, rows * T * width))

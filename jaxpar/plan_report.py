@@ -56,7 +56,8 @@ def format_ranking(plans: list[Plan], *, limit: int = 20) -> str:
   for i, plan in enumerate(plans[:limit]):
     p, c = plan.predicted, plan.candidate
     pipe = f"M={c.microbatches} R={c.repeats}" if c.stage > 1 else "-"
-    layout = f"{c.data} x {c.stage} x {c.model}" + (" fsdp" if c.fsdp else "")
+    layout = (f"{c.data} x {c.stage} x {c.model}" + (f" x expert {c.expert}" if c.expert > 1
+                                                       else "") + (" fsdp" if c.fsdp else ""))
     rows.append((i + 1, layout, pipe, f"{p['bubble']:.1%}",
                  inspect.human(p["param_bytes_per_device"]),
                  inspect.human(p["kv_cache_bytes_per_device"]),
@@ -113,6 +114,7 @@ def save_chart(plans: list[Plan], path: str, *, limit: int = 12) -> None:
   import matplotlib.pyplot as plt
   shown = plans[:limit]
   labels = [f"{i + 1}: {p.candidate.data}x{p.candidate.stage}x{p.candidate.model}"
+            + (f"e{p.candidate.expert}" if p.candidate.expert > 1 else "")
             + (f" M{p.candidate.microbatches}R{p.candidate.repeats}"
                if p.candidate.stage > 1 else "") + (" fsdp" if p.candidate.fsdp else "")
             for i, p in enumerate(shown)]

@@ -11,7 +11,8 @@ The experts run by hand, in a `shard_map` over the batch, expert and width axes:
     route: each device sorts its tokens' (token, expert) pairs by expert
     if the batch is split over the expert axes (the default rules):
         all-to-all: the rows for each device's experts go to it (chunks padded to the pair
-                    count, so nothing is ever dropped), with the per-expert counts
+                    count, so nothing is ever dropped), with the per-expert counts (one
+                    buffer: two collectives could meet the wrong partners on XLA:CPU)
         grouped MLP on the rows received
         all-to-all back; each pair's output returns to its token's device
     else (tokens replicated over the expert axes, e.g. rules.batch=data for batch-1 decode):
@@ -38,6 +39,7 @@ from jaxpar.axes import EMBED, EXPERTS, MLP
 from jaxpar.config import ModelConfig
 from jaxpar.errors import UserError
 from jaxpar.models import base
+from jaxpar.parallel import ring
 from jaxpar.rules import active_rules
 
 TILE = 128  # most rows of one expert multiplied together
@@ -120,8 +122,9 @@ def _local(x_ND, experts_A, weights, n_local: int, first) -> jax.Array:
 
 
 def _exchange(x_ND, experts_A, weights, n_local: int, devices: int, axis) -> jax.Array:
-  """[A, D]: each pair through its expert on the device that holds it (all-to-all there and
-  back over `axis`, `devices` wide; each chunk room for every pair: dropless)."""
+  """[A, D]: each pair through its expert on the device that holds it (all-to-all there, with
+  the per-expert counts, and back over `axis`, `devices` wide; each chunk has room for every
+  pair: dropless)."""
   A, D = experts_A.shape[0], x_ND.shape[1]
   k = A // x_ND.shape[0]
   order = jnp.argsort(experts_A, stable=True)
@@ -131,8 +134,10 @@ def _exchange(x_ND, experts_A, weights, n_local: int, devices: int, axis) -> jax
   dest_S = expert_S // n_local
   slot_S = jnp.arange(A) - _exclusive_cumsum(to_X)[dest_S]
   send = jnp.zeros((devices, A, D), x_ND.dtype).at[dest_S, slot_S].set(x_ND[order // k])
-  recv = lax.all_to_all(send, axis, 0, 0, tiled=True)
-  counts = lax.all_to_all(counts_E.reshape(devices, n_local), axis, 0, 0, tiled=True)
+  # One all-to-all for the rows and their counts: XLA:CPU runs independent collectives in
+  # any order on each device, so two could meet the wrong partners (seen: an abort).
+  out = (send, counts_E.reshape(devices, n_local))
+  recv, counts = ring.unpack(lax.all_to_all(ring.pack(out), axis, 0, 0, tiled=True), out)
   # Source s sent its rows sorted by expert: row j of its chunk is for the local expert whose
   # running count first exceeds j (n_local: padding).
   ends = jnp.cumsum(counts, axis=1)

@@ -97,8 +97,7 @@ def check(schedule: Schedule, *, n_layers: int, batch: int | None = None,
   if (batch // M) % data:
     raise UserError(f"a microbatch of run.batch / pipeline.microbatches = {batch // M} rows "
                     f"does not split over {over or f'mesh.data={data}'}; use fewer microbatches "
-                    f"or a batch "
-                    f"that gives each microbatch a multiple of {data} rows")
+                    f"or a batch that gives each microbatch a multiple of {data} rows")
   if M < S:
     raise UserError(f"pipeline.microbatches={M} < mesh.stage={S}: the schedule needs at least "
                     f"as many microbatches as stages; set pipeline.microbatches={S} or a multiple of it")
