@@ -245,6 +245,11 @@ def run_batch(args, batch: int, hf, gens: dict, vocab: int, weight_bytes: int,
          "transformers_tokens_per_s": batch * n / min(times["transformers"]),
          "float32_tokens_identical_to_transformers":
              bool(np.array_equal(tokens["transformers"], tokens["float32"])),
+         "float32_rows_identical_to_transformers":
+             int((tokens["transformers"] == tokens["float32"]).all(1).sum()),
+         "float32_first_difference_per_row": [
+             int(np.argmax(a != b)) if (a != b).any() else None
+             for a, b in zip(tokens["transformers"], tokens["float32"])],
          "distinct_tokens_per_row": float(np.mean([len(set(r)) for r in
                                                    tokens["float32"].tolist()])),
          "seconds": times, "jaxpar": {}}

@@ -43,6 +43,9 @@ from jaxpar.parallel import ring
 from jaxpar.rules import active_rules
 
 TILE = 128  # most rows of one expert multiplied together
+# Steps of at most this many (token, expert) pairs run one row a trip. Measured (XLA:CPU, 2
+# cores, 8 experts of 1024 x 1024): 8 one-row trips 2.9 ms, 8 two-row trips 8.1 ms.
+ONE_ROW = 32
 
 
 def route(logits_NE: jax.Array, top_k: int, norm_topk: bool) -> tuple[jax.Array, jax.Array]:
@@ -57,7 +60,9 @@ def route(logits_NE: jax.Array, top_k: int, norm_topk: bool) -> tuple[jax.Array,
 
 def swiglu(x_RD: jax.Array, w_gate_FD, w_up_FD, w_down_DF) -> jax.Array:
   """One expert on rows x, its weights [out, in] float or int8 (`base.project`, as a dense
-  MLP multiplies)."""
+  MLP multiplies; one float row: x @ w.T, XLA:CPU's fastest matrix-vector product)."""
+  if x_RD.shape[0] == 1 and not quant.is_quantized(w_gate_FD):
+    return (jax.nn.silu(x_RD @ w_gate_FD.T) * (x_RD @ w_up_FD.T)) @ w_down_DF.T
   project = lambda x, w: base.project(x[None], w)[0]
   return project(jax.nn.silu(project(x_RD, w_gate_FD)) * project(x_RD, w_up_FD), w_down_DF)
 
@@ -106,8 +111,12 @@ def grouped_mlp(x_RD: jax.Array, group_R: jax.Array, counts_G: jax.Array, w_gate
 
 
 def _tile(rows: int, groups: int) -> int:
-  """A power of two near the rows each expert gets on average (a decode step: 1), <= TILE."""
-  return min(TILE, 1 << max(0, math.ceil(math.log2(max(1, rows / groups)))))
+  """Rows per tile: 1 for a step of at most ONE_ROW (token, expert) pairs (a decode step: a
+  one-row product streams the weights fastest on XLA:CPU, and only the chosen experts are
+  read), else the power of two near the rows an expert gets on average, at most TILE."""
+  if rows <= ONE_ROW:
+    return 1
+  return min(TILE, 1 << max(0, math.ceil(math.log2(rows / groups))))
 
 
 def _local(x_ND, experts_A, weights, n_local: int, first) -> jax.Array:
