@@ -2,24 +2,24 @@
 and activations, int8 KV cache) against Hugging Face transformers and against the speed of
 light measured in the same run.
 
-`--family gpt2` (default): the GPT-2 124M shape; `--family llama` (or mistral, qwen2, qwen3):
-a Llama-family model of 8 layers, width 1024, 16 query heads over 4 key/value heads, SwiGLU
-width 2816, vocabulary 32000; `--family mixtral` (or qwen3_moe): the same with 8 SwiGLU
-experts of width 1024 in every layer, 2 per token (its speed of light reads the experts a
-step may choose: 2 at batch 1, `limits.speed_of_light`). Random weights (initializer_range 0.2, so greedy tokens depend on
-the context) saved by `transformers` and loaded by both; batches 1, 8 and 32, 32-token
+`--family gpt2` (default): the GPT-2 124M shape; `--family llama` (or mistral, qwen2, qwen3): a
+Llama-family model of 8 layers, width 1024, 16 query heads over 4 key/value heads, SwiGLU width
+2816, vocabulary 32000; `--family mixtral` (or qwen3_moe): the same with 8 SwiGLU experts of
+width 1024 in every layer, 2 per token (its speed of light reads the experts a step may choose:
+2 at batch 1, `limits.speed_of_light`). Random weights (initializer_range 0.2, so greedy tokens
+depend on the context) saved by `transformers` and loaded by both; batches 1, 8 and 32, 32-token
 prompts, 64 new tokens, float32, EOS disabled so every row decodes all 64 tokens. Each round
 times the speed of light (`limits.speed_of_light`: a compiled chain of the float32 weights'
 matrix-vector products and nothing else, at the decode's batch, in each of its layouts, the
 fastest taken), the prefill limit (the same products at the prefill's size, the same way), one
-`transformers` generate and one generate of each jaxpar variant, rotating their order. The
-best round of each (noise only slows a run: a limit must not be beaten by a noisy median),
-and every round's figures for the float32 decode and the limit. jaxpar's decode loop alone is reported
-against the speed of light, its prefill against the prefill limit; int8 variants are held to
-the float32 limits (above 100%: faster than float32 weights can stream). Quality of each
-variant against float32: next-token top-1 agreement and the largest logit difference over
-the prompts of batch 8 (every position, teacher-forced through the KV cache). The jnp.sum
-read bandwidth is kept for reference only: no bound on this machine.
+`transformers` generate and one generate of each jaxpar variant, rotating their order. The best
+round of each (noise only slows a run: a limit must not be beaten by a noisy median), and every
+round's figures for the float32 decode and the limit. jaxpar's decode loop alone is reported
+against the speed of light, its prefill against the prefill limit; int8 variants are held to the
+float32 limits (above 100%: faster than float32 weights can stream). Quality of each variant
+against float32: next-token top-1 agreement and the largest logit difference over the prompts of
+batch 8 (every position, teacher-forced through the KV cache). The jnp.sum read bandwidth is
+kept for reference only: no bound on this machine.
 
   python benchmarks/decode.py [--family llama] [--rounds 3] [--batches 1 8 32]
   python benchmarks/decode.py --speculative [...]   (runs benchmarks/speculative.py)

@@ -197,7 +197,8 @@ def format_census(census: Census) -> str:
     if inside or outside:
       nbytes = census.counts()[kind]["bytes"]
       rows.append((kind, inside + outside, inside, outside, human(nbytes)))
-  loops = ", ".join(f"{n} iterations" for n in census.loops.values())
+  loops = ", ".join(f"{n} iterations" if n >= 0 else "a data-dependent count (a while loop)"
+                    for n in census.loops.values())
   return (format_table(("collective", "count", "in loop body", "outside loops", "bytes"), rows)
           + (f"\n(loop bodies run {loops})" if loops else ""))
 
