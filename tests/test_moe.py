@@ -55,6 +55,12 @@ MATRIX = [("mixtral", 1, 1, 1, 1), ("mixtral", 1, 1, 8, 1), ("mixtral", 1, 1, 2,
 
 
 @pytest.fixture(scope="module")
+def hf_greedy(checkpoints) -> dict:
+  """transformers' greedy tokens of PROMPTS, one prompt at a time, per family."""
+  return {f: transformers_greedy(c) for f, c in checkpoints.items()}
+
+
+@pytest.fixture(scope="module")
 def hf_seeded_logits(root, checkpoints) -> dict:
   return {f: hf_logits(c, inference.seeded_tokens(load(root, c))) for f, c in checkpoints.items()}
 
@@ -77,8 +83,8 @@ GREEDY = [("mixtral", 1, 1, 1, 1, "data"), ("mixtral", 2, 1, 4, 1, None),
 
 
 @pytest.mark.parametrize("family,data,stage,expert,model,batch_rule", GREEDY)
-def test_greedy_equals_transformers(root, devices, checkpoints, family, data, stage, expert,
-                                    model, batch_rule):
+def test_greedy_equals_transformers(root, devices, checkpoints, hf_greedy, family, data, stage,
+                                    expert, model, batch_rule):
   config = load(root, checkpoints[family])
   if batch_rule:
     config = dataclasses.replace(config, rules=Rules(config.rules).replace(
@@ -86,7 +92,7 @@ def test_greedy_equals_transformers(root, devices, checkpoints, family, data, st
   config, mesh = on(config, devices, data, stage, expert, model)
   gen = generate.build(config, mesh, eos_id=-1)
   tokens = gen.generate(PROMPTS, max_new_tokens=10).tokens
-  np.testing.assert_array_equal(tokens, transformers_greedy(checkpoints[family]))
+  np.testing.assert_array_equal(tokens, hf_greedy[family])
 
 
 def _reference(x, weights, experts, w_gate, w_up, w_down) -> np.ndarray:
@@ -170,8 +176,8 @@ def test_two_all_to_alls_per_layer_and_no_expert_weight_gathered(
 
 
 @pytest.mark.parametrize("data,stage,expert,model", [(1, 1, 4, 2), (2, 1, 2, 2)])
-def test_server_greedy_equals_transformers(root, devices, checkpoints, data, stage, expert,
-                                           model):
+def test_server_greedy_equals_transformers(root, devices, checkpoints, hf_greedy, data, stage,
+                                           expert, model):
   """The serving engine (continuous batching, slots split over data x expert) on Mixtral:
   each request's tokens equal transformers generating it alone. (A pipelined server is left
   out: on 8 emulated CPU devices its step deadlocked about once in 15 runs, XLA:CPU running
@@ -187,11 +193,11 @@ def test_server_greedy_equals_transformers(root, devices, checkpoints, data, sta
     got = [[t for out in stream for t in out.token_ids] for stream in streams]
   finally:
     engine.stop()
-  np.testing.assert_array_equal(got, transformers_greedy(checkpoints["mixtral"]))
+  np.testing.assert_array_equal(got, hf_greedy["mixtral"])
 
 
 def test_checkpoint_saved_on_one_expert_split_restores_on_another(root, devices, checkpoints,
-                                                                  tmp_path, capsys):
+                                                                  hf_greedy, tmp_path, capsys):
   """`convert` on expert=4 x model=2 writes an Orbax checkpoint; restored on data=2 x
   expert=2 x model=2 it generates transformers' tokens, and exported back to Hugging Face
   its logits equal the original's."""
@@ -204,7 +210,7 @@ def test_checkpoint_saved_on_one_expert_split_restores_on_another(root, devices,
   assert code == 0, capsys.readouterr().err
   config, mesh = on(load(root, saved), devices, 2, 1, 2, 2)
   tokens = generate.build(config, mesh, eos_id=-1).generate(PROMPTS, max_new_tokens=10).tokens
-  np.testing.assert_array_equal(tokens, transformers_greedy(source))
+  np.testing.assert_array_equal(tokens, hf_greedy["qwen3_moe"])
   exported = tmp_path / "hf"
   code = cli.main(["convert", "--config", str(root / "configs" / "tiny.yaml"), "--set",
                    f"model.checkpoint={saved}", "--format", "hf", "--out", str(exported)])

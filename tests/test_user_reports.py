@@ -116,7 +116,7 @@ def test_floats_in_any_notation(root, tmp_path, monkeypatch, capsys):
 # vocabulary to 1001 rows, which no mesh axis divides: the full tables of 128k-152k rows took
 # most of the time; the width to 8 per head and an MLP of 128, so every head split stays as
 # shipped; a config is still loaded and checked at its full size).
-SHIPPED = [(c, cmd) for c in ("default", "tiny", "gpt2", "pipeline", "llama", "mistral",
+SHIPPED = [(c, cmd) for c in ("default", "tiny", "gpt2", "pipeline", "llama", "mistral", "mixtral",
                               "qwen2", "qwen3") for cmd in ("forward", "generate")]
 SHIPPED += [("cnn", "classify"), ("cnn_tiny", "classify")]
 
