@@ -107,17 +107,18 @@ def _reference(x, weights, experts, w_gate, w_up, w_down) -> np.ndarray:
   return out
 
 
-@pytest.mark.parametrize("data,expert,model,pick,mode", [
-    (2, 4, 1, "one", None), (1, 8, 1, "one", None), (1, 2, 4, "spread", None),
-    (8, 1, 1, "one", None), (2, 4, 1, "spread", None), (1, 4, 2, "spread", "int8"),
-    (2, 4, 1, "one", "int8")])
+@pytest.mark.parametrize("data,expert,model,pick,mode,T", [
+    (2, 4, 1, "one", None, 5), (1, 8, 1, "one", None, 5), (1, 2, 4, "spread", None, 5),
+    (8, 1, 1, "one", None, 5), (2, 4, 1, "spread", None, 5), (1, 4, 2, "spread", "int8", 5),
+    (2, 4, 1, "one", "int8", 5), (1, 2, 4, "spread", None, 1), (1, 4, 2, "spread", "int8", 1)])
 def test_dropless_when_every_token_picks_the_same_experts(devices, data, expert, model, pick,
-                                                          mode):
-  """All 8 x 5 x 2 (token, expert) pairs to experts 3 and 2 (one device holds both when
-  expert=4: every other device's chunks are all padding), or spread at random. A token's
-  experts are written in its first two features, read by the router given here. int8
-  experts against float products of their dequantised weights."""
-  E, D, F, B, T = 8, 16, 24, 8, 5
+                                                          mode, T):
+  """All 8 x T x 2 (token, expert) pairs to experts 3 and 2 (one device holds both when
+  expert=4: every other device's chunks are all padding), or spread at random; T = 1: a
+  decode step's few pairs, one row a trip. A token's experts are written in its first two
+  features, read by the router given here. int8 experts against float products of their
+  dequantised weights."""
+  E, D, F, B = 8, 16, 24, 8
   rng = np.random.default_rng(0)
   experts = (np.broadcast_to(np.array([3, 2], np.int32), (B, T, 2)) if pick == "one" else
              np.stack([rng.permutation(E)[:2] for _ in range(B * T)]).reshape(B, T, 2))

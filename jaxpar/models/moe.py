@@ -61,9 +61,15 @@ def route(logits_NE: jax.Array, top_k: int, norm_topk: bool) -> tuple[jax.Array,
 
 def swiglu(x_RD: jax.Array, w_gate_FD, w_up_FD, w_down_DF) -> jax.Array:
   """One expert on rows x, its weights [out, in] float or int8 (`base.project`, as a dense
-  MLP multiplies; one float row: x @ w.T, XLA:CPU's fastest matrix-vector product)."""
-  if x_RD.shape[0] == 1 and not quant.is_quantized(w_gate_FD):
-    return (jax.nn.silu(x_RD @ w_gate_FD.T) * (x_RD @ w_up_FD.T)) @ w_down_DF.T
+  MLP multiplies). One row: x @ w.T, XLA:CPU's fastest matrix-vector product; with int8
+  weights (weight-only) the int8 matrix converted inside it and the product scaled per row:
+  8 experts of 1024 x 1024 in 1.3 ms against 4.7 through Qwix (measured, 2 cores)."""
+  if x_RD.shape[0] == 1:
+    if not quant.is_quantized(w_gate_FD):
+      return (jax.nn.silu(x_RD @ w_gate_FD.T) * (x_RD @ w_up_FD.T)) @ w_down_DF.T
+    if w_gate_FD.mode == "int8":
+      times = lambda x, w: (x @ w.values.T.astype(x.dtype)) * w.scale[:, 0].astype(x.dtype)
+      return times(jax.nn.silu(times(x_RD, w_gate_FD)) * times(x_RD, w_up_FD), w_down_DF)
   project = lambda x, w: base.project(x[None], w)[0]
   return project(jax.nn.silu(project(x_RD, w_gate_FD)) * project(x_RD, w_up_FD), w_down_DF)
 
