@@ -62,6 +62,13 @@ def validate(config: Any) -> None:
     if names.count(name) > 1:
       raise UserError(f"rules.{name}: listed {names.count(name)} times; give each logical name "
                       f"one rule")
+  split = lambda target: set(target if isinstance(target, (list, tuple)) else [target]) - {None}
+  table = dict(config.rules)
+  experts, batch = split(table.get(axes.EXPERTS)), split(table.get(axes.BATCH))
+  if experts & batch and not experts <= batch:  # the MoE exchanges tokens over them, or sums
+    raise UserError(f"rules.experts={sorted(experts)} and rules.batch={sorted(batch)}: the "
+                    f"experts' mesh axes must all split the batch, or none of them; change one "
+                    f"rule")
   for name, section in config.sections:
     families.SECTIONS[name].check(section)
 

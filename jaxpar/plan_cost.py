@@ -160,13 +160,14 @@ def _moe(config: Config, c: Candidate, rows: int, T: int) -> list[tuple]:
   m, rules = config.model, Rules(config.rules)
   E, k = _experts(m)
   X = _ways(rules, axes.EXPERTS, c.mesh)
+  exchange = X > 1 and set(rules.mesh_axes(axes.EXPERTS)) <= set(rules.mesh_axes(axes.BATCH))
   out = []
-  if X > 1 and axes.EXPERT in rules.mesh_axes(axes.BATCH):
+  if exchange:
     pairs = X * rows * T * k * m.d_model * np.dtype(m.dtype).itemsize
     out += [("all-to-all", axes.EXPERT, 1, pairs + E * 4), ("all-to-all", axes.EXPERT, 1, pairs)]
   if _ways(rules, axes.MLP, c.mesh) > 1:  # one all-reduce, over `expert` too if replicated
     out.append(("all-reduce", axes.MODEL, 1, rows * T * m.d_model * 4))
-  elif X > 1 and not out:
+  elif X > 1 and not exchange:
     out.append(("all-reduce", axes.EXPERT, 1, rows * T * m.d_model * 4))
   return out
 

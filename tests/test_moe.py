@@ -5,6 +5,7 @@ one-line errors."""
 
 import dataclasses
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -262,3 +263,30 @@ def test_int8_experts_on_an_expert_mesh_equal_one_device(root, devices, checkpoi
     assert fwd.params["blocks"]["mlp"]["w_gate"].values.dtype == jnp.int8
     logits[mesh_sizes] = inference.unpad(fwd(fwd.tokens(inference.seeded_tokens(config))), 251)
   np.testing.assert_allclose(logits[(1, 1, 4, 2)], logits[(1, 1, 1, 1)], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["rules.experts=[expert,model]"], "rules.experts=['expert', 'model'] and rules.batch="
+                                       "['data', 'expert']: the experts' mesh axes must all "
+                                       "split the batch, or none of them"),
+    (["model.family=llama", "model.n_experts=4"], "model.n_experts=4: model.family=llama has a "
+                                                  "dense MLP"),
+    (["model.family=mixtral"], "model.n_experts=0: model.family=mixtral needs at least one"),
+    (["model.family=mixtral", "model.n_experts=4", "model.experts_per_token=5"],
+     "model.experts_per_token=5: must be 1 to model.n_experts=4"),
+])
+def test_config_errors(root, overrides, message):
+  with pytest.raises(UserError, match=re.escape(message)):
+    config_lib.load(root / "configs" / "tiny.yaml", overrides)
+
+
+def test_qwen3_moe_with_dense_layers_is_refused(root, checkpoints, tmp_path):
+  import json
+  import shutil
+  dense = tmp_path / "dense"
+  shutil.copytree(checkpoints["qwen3_moe"], dense)
+  raw = json.loads((dense / "config.json").read_text())
+  (dense / "config.json").write_text(json.dumps({**raw, "mlp_only_layers": [1]}))
+  with pytest.raises(UserError, match=re.escape("mlp_only_layers=[1]: some layers have a dense "
+                                                "MLP")):
+    load(root, dense)

@@ -38,7 +38,6 @@ from jax.sharding import PartitionSpec as P
 from jaxpar import axes, quant
 from jaxpar.axes import EMBED, EXPERTS, MLP
 from jaxpar.config import ModelConfig
-from jaxpar.errors import UserError
 from jaxpar.models import base
 from jaxpar.parallel import ring
 from jaxpar.rules import active_rules
@@ -151,7 +150,7 @@ def _exchange(x_ND, experts_A, weights, n_local: int, devices: int, axis) -> jax
   slot_S = jnp.arange(A) - _exclusive_cumsum(to_X)[dest_S]
   send = jnp.zeros((devices, A, D), x_ND.dtype).at[dest_S, slot_S].set(x_ND[order // k])
   # One all-to-all for the rows and their counts: XLA:CPU runs independent collectives in
-  # any order on each device, so two could meet the wrong partners (seen: an abort).
+  # any order on each device, so two could meet the wrong partners.
   out = (send, counts_E.reshape(devices, n_local))
   recv, counts = ring.unpack(lax.all_to_all(ring.pack(out), axis, 0, 0, tiled=True), out)
   # Source s sent its rows sorted by expert: row j of its chunk is for the local expert whose
@@ -180,10 +179,7 @@ def experts_mlp(x_BTD: jax.Array, router_ED: jax.Array, w_gate_EFD, w_up_EFD, w_
   mesh = jax.sharding.get_abstract_mesh()
   batch, expert, width = _axes(axes.BATCH, mesh), _axes(axes.EXPERTS, mesh), _axes(axes.MLP, mesh)
   devices = math.prod(mesh.shape[a] for a in expert)
-  exchange = devices > 1 and set(expert) <= set(batch)
-  if devices > 1 and not exchange and set(expert) & set(batch):
-    raise UserError(f"rules.experts={expert} and rules.batch={batch}: the expert axes must all "
-                    f"split the batch, or none of them; change one rule")
+  exchange = devices > 1 and set(expert) <= set(batch)  # else disjoint (config_check)
   E = w_gate_EFD.shape[0]  # a QWeight's too
   n_local = E // devices
 
