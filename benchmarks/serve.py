@@ -36,6 +36,15 @@ each round.
 
   python benchmarks/serve.py --alone 4 --baseline /tmp/before --rounds 2
 
+`--long-prompts L` adds a prompt of L tokens (8 output tokens) every `--long-every` seconds
+(1) to the load and runs continuous batching with each `serve.step_tokens` of `--step-tokens`
+(512, 256, 0: no limit): a long prompt is prefilled in chunks between decode steps, or whole.
+The second table gives, for the short requests (prompts up to 96 tokens), the time per output
+token and the gaps between their tokens as their clients see them. Goal: TPOT p99 at most
+1.5x TPOT p50; no gap as long as a whole long prefill.
+
+  python benchmarks/serve.py --long-prompts 2048 --max-len 2304 --rate 16 --requests 64
+
 `--speculative METHOD` (ngram or self, `--k` 4) runs continuous batching with and without
 `speculative.method=METHOD`, alternating for `--rounds` rounds, on `--workload random` (the
 default load) or `repeating` (each prompt: its first half random, its second half the
@@ -79,6 +88,18 @@ def workload(n: int, rate: float, seed: int, vocab: int, shared: int = 0):
   prompts = [system + rng.integers(0, vocab, int(t)).tolist() for t in rng.integers(8, 97, n)]
   outputs = np.clip(np.round(rng.lognormal(np.log(24), 0.9, n)), 4, 160).astype(int).tolist()
   return arrivals.tolist(), prompts, outputs
+
+
+def with_long_prompts(work, args):
+  """The load with a prompt of `args.long_prompts` random tokens (8 output tokens) arriving
+  every `args.long_every` seconds from the first second, in arrival order."""
+  arrivals, prompts, outputs = work
+  rng = np.random.default_rng(args.seed + 1)
+  times = np.arange(1.0, max(arrivals), args.long_every)
+  rows = sorted(zip(arrivals + times.tolist(), prompts + [
+      rng.integers(0, 8192, args.long_prompts).tolist() for _ in times], outputs + [8] *
+      len(times)), key=lambda r: r[0])
+  return tuple(map(list, zip(*rows)))
 
 
 def repeating(checkpoint, prompts: list[list[int]]) -> list[list[int]]:
@@ -147,17 +168,20 @@ async def _client_run(url: str, arrivals, prompts, outputs) -> list[dict]:
   async def one(arrival, prompt, new):
     await asyncio.sleep(max(0.0, arrival - (time.perf_counter() - start)))
     sent = time.perf_counter()
-    first, tokens = None, 0
+    first, tokens, seen = None, 0, []
     body = {"model": "bench", "prompt": prompt, "max_tokens": new, "temperature": 0,
             "stream": True}
     async for chunk in _stream(host, int(port), body):
       n = len(chunk["choices"][0]["token_ids"]) if chunk["choices"] else 0
+      if n:
+        seen.append(time.perf_counter())
       if n and first is None:
-        first = time.perf_counter()
+        first = seen[-1]
       tokens += n
     done = time.perf_counter()
     return {"arrival": sent - start, "ttft": first - sent, "done": done - start,
-            "tokens": tokens, "tpot": (done - first) / max(tokens - 1, 1)}
+            "tokens": tokens, "tpot": (done - first) / max(tokens - 1, 1),
+            "prompt": len(prompt), "gaps": np.diff(seen).tolist()}
   return await asyncio.gather(*(one(*r) for r in zip(arrivals, prompts, outputs)))
 
 
@@ -257,13 +281,26 @@ def run_generate(checkpoint, args, prompt: list[int], tree=ROOT) -> dict:
   return json.loads(out.strip().splitlines()[-1])
 
 
-def summary(rows: list[dict]) -> dict:
+def summary(rows: list[dict], short: int = 0) -> dict:
+  """Throughput, time to first token and per output token (p50, p99); with `short` (a
+  long-prompt load) also the requests of prompts up to `short` tokens alone: their time per
+  output token and the gaps between their tokens (inter-token latency)."""
   ttft, tpot = [r["ttft"] for r in rows], [r["tpot"] for r in rows]
   span = max(r["done"] for r in rows) - min(r["arrival"] for r in rows)
-  return {"tokens_per_s": sum(r["tokens"] for r in rows) / span,
-          "ttft_p50_s": float(np.percentile(ttft, 50)), "ttft_p99_s": float(np.percentile(ttft, 99)),
-          "tpot_p50_s": float(np.percentile(tpot, 50)), "tpot_p99_s": float(np.percentile(tpot, 99)),
-          "makespan_s": span}
+  out = {"tokens_per_s": sum(r["tokens"] for r in rows) / span,
+         "ttft_p50_s": float(np.percentile(ttft, 50)),
+         "ttft_p99_s": float(np.percentile(ttft, 99)),
+         "tpot_p50_s": float(np.percentile(tpot, 50)),
+         "tpot_p99_s": float(np.percentile(tpot, 99)), "makespan_s": span}
+  if short:
+    few = [r for r in rows if r.get("prompt", 0) <= short]
+    tpot, gaps = [r["tpot"] for r in few], [g for r in few for g in r.get("gaps", [])]
+    long = [r["ttft"] for r in rows if r.get("prompt", 0) > short]
+    out.update({f"short_{k}": float(np.percentile(v, q)) for k, v, q in (
+        ("tpot_p50_s", tpot, 50), ("tpot_p99_s", tpot, 99), ("itl_p50_s", gaps, 50),
+        ("itl_p99_s", gaps, 99), ("itl_max_s", gaps, 100))})
+    out["long_ttft_p50_s"] = float(np.percentile(long, 50))
+  return out
 
 
 def plot(results: dict, path: str) -> None:
@@ -307,12 +344,20 @@ def main() -> None:
   p.add_argument("--k", type=int, default=4, help="speculative.k")
   p.add_argument("--workload", choices=("random", "repeating"), default="random")
   p.add_argument("--init-std", type=float, default=0.2, help="the checkpoint's init range")
+  p.add_argument("--long-prompts", type=int, default=0, metavar="L",
+                 help="a prompt of L tokens (8 output tokens) every --long-every seconds "
+                      "among the requests; compares serve.step_tokens of --step-tokens")
+  p.add_argument("--long-every", type=float, default=1.0, help="seconds between long prompts")
+  p.add_argument("--step-tokens", type=int, nargs="+", default=[512, 256, 0],
+                 help="serve.step_tokens values compared with --long-prompts")
   p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve.json"))
   p.add_argument("--plot", default=str(ROOT / "benchmarks" / "results" / "serve.png"))
   args = p.parse_args()
   emulate_cpu_devices(1)
   from benchmarks.common import write_json
   work = workload(args.alone or args.requests, args.rate, args.seed, 8192, args.shared_prefix)
+  if args.long_prompts:
+    work = with_long_prompts(work, args)
   if args.alone:
     work = (work[0], work[1], [args.alone_tokens] * args.alone)
     print(f"{args.alone} requests one at a time, prompts {min(map(len, work[1]))}-"
@@ -344,7 +389,11 @@ def main() -> None:
         elif args.shared_prefix:  # what reusing the cached system prompt buys
           runs.append((f"{label}no prefix reuse{suffix}", lambda tree=tree: run_jaxpar(
               tmp, "continuous", args, work, "serve.prefix_reuse=false", tree=tree)))
-    if not (args.alone or args.shared_prefix or args.baseline or args.speculative):
+    if args.long_prompts:  # the first run (default step_tokens) is replaced by the sweep
+      runs = [(f"step_tokens={n}{f' #{r + 1}' if args.rounds > 1 else ''}",
+               lambda n=n: run_jaxpar(tmp, "continuous", args, work, f"serve.step_tokens={n}"))
+              for r in range(args.rounds) for n in args.step_tokens]
+    elif not (args.alone or args.shared_prefix or args.baseline or args.speculative):
       runs += [("static", lambda: run_jaxpar(tmp, "static", args, work)),
                ("transformers", lambda: run_transformers(tmp, work))]
     for name, run in runs:
@@ -355,7 +404,8 @@ def main() -> None:
         results[name] = {"summary": {"tokens_per_s": speed, "tpot_p50_s": 1 / speed},
                          "generate": rows}
       else:
-        results[name] = {"summary": summary(rows), "requests": rows}
+        results[name] = {"summary": summary(rows, 96 * bool(args.long_prompts)),
+                         "requests": rows}
       if counts.get(name):
         results[name]["speculative"] = counts[name]
   base = results[runs[0][0]]["summary"]
@@ -369,6 +419,16 @@ def main() -> None:
     print(f"| {name:22} | {s['tokens_per_s']:8.1f} | {ratio:4.2f}x | "
           f"{sec(s.get('ttft_p50_s'))} | {sec(s.get('ttft_p99_s'))} | "
           f"{ms(s['tpot_p50_s'])} | {ms(s.get('tpot_p99_s'))} |")
+  if args.long_prompts:
+    print(f"\nrequests of 8-96 prompt tokens, with a {args.long_prompts}-token prompt every "
+          f"{args.long_every:g} s:\n| {'':22} | TPOT p50 | TPOT p99 | p99/p50 | gap p50 | "
+          f"gap p99 | gap max | long TTFT p50 |\n|---|---|---|---|---|---|---|---|")
+    for name, r in results.items():
+      s = r["summary"]
+      print(f"| {name:22} | {ms(s['short_tpot_p50_s'])} | {ms(s['short_tpot_p99_s'])} | "
+            f"{s['short_tpot_p99_s'] / s['short_tpot_p50_s']:5.2f}x | "
+            f"{ms(s['short_itl_p50_s'])} | {ms(s['short_itl_p99_s'])} | "
+            f"{ms(s['short_itl_max_s'])} | {sec(s['long_ttft_p50_s'])} |")
   for name, c in counts.items():
     proposed, accepted = (c.get(f"jaxpar_speculative_{n}_tokens_total", 0)
                           for n in ("proposed", "accepted"))

@@ -46,6 +46,9 @@ def validate(config: Any) -> None:
   if config.serve.policy not in ("continuous", "static"):
     raise UserError(f"serve.policy={config.serve.policy!r}: expected 'continuous' (refill slots "
                     f"every step) or 'static' (whole batches)")
+  if 0 < config.serve.step_tokens < config.serve.min_bucket or config.serve.step_tokens < 0:
+    raise UserError(f"serve.step_tokens={config.serve.step_tokens}: must be 0 (no limit) or at "
+                    f"least serve.min_bucket={config.serve.min_bucket} (the smallest chunk)")
   if config.serve.max_len < 0 or config.serve.shutdown_timeout < 0:
     raise UserError(f"serve.max_len={config.serve.max_len}, serve.shutdown_timeout="
                     f"{config.serve.shutdown_timeout}: must be 0 or more")

@@ -60,6 +60,9 @@ def test_make_mesh_has_auto_axes(devices):
     ({"rules": {"foo": "model"}}, "unknown logical name 'foo'"),
     ({"rules": {"mlp": "tensor"}}, "'tensor' is not a mesh axis"),
     ({"rules": ["batch"]}, "expected a mapping"),
+    ({"serve": {"step_tokens": 8}}, r"serve.step_tokens=8: must be 0 \(no limit\) or at least "
+                                    r"serve.min_bucket=16"),
+    ({"serve": {"step_tokens": -1}}, "serve.step_tokens=-1"),
 ])
 def test_bad_config_values(raw, message):
   with pytest.raises(UserError, match=message):

@@ -155,7 +155,7 @@ def test_cancelled_requests_leave_the_queue_and_their_rows():
   assert sched.release(a) == 0
   d.cancel()  # cancelled after the engine looked: admission drops it
   e, = submit(sched, [5])
-  assert sched.admit() == ([Placement(e, 0, 0, 4, 0)], [d])
+  assert sched.admit() == ([Placement(e, 0, 0, 4, 0, 1)], [d])
   assert sched.cancelled() == []
 
 
@@ -171,6 +171,83 @@ def test_a_full_queue_refuses_with_429_and_a_closing_one_with_503():
   with pytest.raises(RequestError, match="shutting down") as e:
     sched.submit([4], Params())
   assert e.value.status == 503
+
+
+def chunks(placements: list[Placement]) -> list[tuple]:
+  """(request id, row, start, bucket, source, end, first) of each placement, in order."""
+  return [(p.stream.id, p.row, p.start, p.bucket, p.source, p.end, p.first) for p in placements]
+
+
+def test_a_long_prompt_fills_its_row_in_chunks_within_the_budget():
+  """step_tokens=12: budget 12 less the rows decoding; a chunk that is not a prompt's last is
+  the largest bucket that fits, exactly that many tokens."""
+  sched = scheduler(2, length=64, buckets=(4, 8, 16, 32, 64), prefix_reuse=False)
+  sched.step_tokens = 12
+  a, b = submit(sched, list(range(30)), [1, 2, 3])
+  # Budget 12: a's 30 tokens pad to 32, so its chunk is bucket 8 (tokens 0-7); b's 3 tokens
+  # (bucket 4) fit the 4 left: its whole prompt.
+  assert chunks(sched.admit()[0]) == [(0, 0, 0, 8, 0, 8, True), (1, 1, 0, 4, 1, 3, True)]
+  assert sched.decoding() == [None, b] and sched.running == [a, b]
+  assert sched.filled == {0: 8} and sched.cached[0] == list(range(8))
+  # b decodes: budget 11. a goes on from its own row: 8 of the 22 left (bucket 32 > 11).
+  assert chunks(sched.admit()[0]) == [(0, 0, 8, 8, 0, 16, False)]
+  assert chunks(sched.admit()[0]) == [(0, 0, 16, 8, 0, 24, False)]
+  # 6 left: bucket 8 fits, its last chunk; then a decodes too.
+  assert chunks(sched.admit()[0]) == [(0, 0, 24, 8, 0, 30, False)]
+  assert sched.decoding() == [a, b] and sched.filled == {} and sched.cached[0] == a.prompt
+
+
+def test_chunks_continue_a_cached_prefix_and_started_prompts_go_first():
+  sched = scheduler(3, length=64, buckets=(4, 8, 16, 32, 64))
+  sched.step_tokens = 12
+  sched.cached[1] = list(range(20))
+  a, b = submit(sched, list(range(30)), [7] * 9)
+  # a continues row 1's 20 tokens (copied into row 0, level 0): 10 left, bucket 16 > 12, so
+  # 8 of them; b's 9 tokens (bucket 16) into row 1 (level 1): 4 of them in the 4 left.
+  assert chunks(sched.admit()[0]) == [(0, 0, 20, 8, 1, 28, True), (1, 1, 0, 4, 1, 4, True)]
+  sched.submit([5] * 9, Params())  # waits: the started prompts go first and spend the budget
+  # a's last 2 tokens (bucket 4, from its own row), then b's last 5 (bucket 8): 12.
+  assert chunks(sched.admit()[0]) == [(0, 0, 28, 4, 0, 30, False), (1, 1, 4, 8, 1, 9, False)]
+  assert sched.decoding() == [a, b, None] and sched.filled == {} and len(sched.waiting) == 1
+
+
+def test_the_first_chunk_of_a_step_always_runs():
+  """Three rows decoding eat a budget of 6: a prompt still gets the smallest bucket a step;
+  a prompt scored whole (echo with logprobs) runs whole, alone in its step."""
+  sched = scheduler(5, length=64, buckets=(4, 8, 16, 32, 64), prefix_reuse=False)
+  submit(sched, [0], [1], [2])
+  sched.admit()  # no budget yet: rows 0-2 decode
+  sched.step_tokens = 6
+  a = sched.submit(list(range(10)), Params())
+  scored = sched.submit(list(range(10)), Params(logprobs=1, echo=True))
+  assert chunks(sched.admit()[0]) == [(a.id, 3, 0, 4, 3, 4, True)]
+  assert chunks(sched.admit()[0]) == [(a.id, 3, 4, 4, 3, 8, False)]
+  assert chunks(sched.admit()[0]) == [(a.id, 3, 8, 4, 3, 10, False)]
+  assert chunks(sched.admit()[0]) == [(scored.id, 4, 0, 16, 4, 10, True)]
+
+
+def test_a_cancelled_filling_request_frees_its_row():
+  sched = scheduler(1, length=64, buckets=(4, 8, 16, 32, 64), prefix_reuse=False)
+  sched.step_tokens = 8
+  a, = submit(sched, list(range(20)))
+  sched.admit()
+  a.cancel()
+  assert sched.cancelled() == [a] and sched.release(a) == 0
+  assert sched.filled == {} and sched.running == [None]
+
+
+def test_without_a_budget_or_chunks_prompts_run_whole():
+  """step_tokens=0: every prompt whole; a runner that cannot continue a row (chunked=False):
+  whole prompts while the budget lasts, at least one a step."""
+  sched = scheduler(3, length=64, buckets=(4, 8, 16, 32, 64), prefix_reuse=False)
+  submit(sched, list(range(30)), list(range(20)))
+  assert chunks(sched.admit()[0]) == [(0, 0, 0, 32, 0, 30, True), (1, 1, 0, 32, 1, 20, True)]
+  sched = Scheduler(3, 64, buckets=(4, 8, 16, 32, 64), max_queue=8, policy="continuous",
+                    prefix_reuse=False, step_tokens=40, chunked=False)
+  submit(sched, list(range(30)), list(range(20)), [1])
+  assert chunks(sched.admit()[0]) == [(0, 0, 0, 32, 0, 30, True)]  # 20 more: not in 8
+  # Alone in its step; then 8 left, and the 1-token prompt's bucket 4 fits.
+  assert chunks(sched.admit()[0]) == [(1, 1, 0, 32, 1, 20, True), (2, 2, 0, 4, 2, 1, True)]
 
 
 def test_reset_forgets_requests_and_prefixes():
@@ -212,7 +289,7 @@ class FakeRunner:
 
   def prefill(self, placement):
     self.calls.append(("prefill", placement.stream.id, placement.row))
-    return [(placement.row, placement.stream, 5, None)]
+    return [(placement.row, placement.stream, 5, None)] if placement.last else []
 
   def release(self, row):
     self.calls.append(("release", row))
@@ -224,11 +301,30 @@ class FakeRunner:
     self.calls.append(("reset",))
 
 
-def engine_over(runner: FakeRunner, *, prefix_reuse: bool = True):
+def engine_over(runner: FakeRunner, *, prefix_reuse: bool = True, step_tokens: int = 0):
   from jaxpar.serve.engine import Engine
   from jaxpar.serve.metrics import Metrics
   return Engine(runner, eos_ids=(9,), detokenize=None, max_queue=8, policy="continuous",
-                metrics=Metrics(), prefix_reuse=prefix_reuse)
+                metrics=Metrics(), prefix_reuse=prefix_reuse, step_tokens=step_tokens)
+
+
+def test_the_engine_decodes_between_the_chunks_of_a_long_prompt():
+  """step_tokens=9 over buckets 8, 16, 32: a decodes while b's 20 tokens go in 8-token
+  chunks, one a step; b's row is not decoded until its last chunk, its first token next."""
+  runner = FakeRunner()
+  engine = engine_over(runner, step_tokens=9)
+  a = engine.submit([1], Params(max_tokens=5))
+  engine.step()  # a prefilled (bucket 8 of 9)
+  b = engine.submit(list(range(20)), Params(max_tokens=2))
+  for _ in range(4):
+    engine.step()
+  assert runner.calls == [("step", [None, None]), ("prefill", 0, 0),
+                          ("step", [0, None]), ("prefill", 1, 1),  # b: tokens 0-7
+                          ("step", [0, None]), ("prefill", 1, 1),  # 8-15
+                          ("step", [0, None]), ("prefill", 1, 1),  # 16-19 (bucket 8)
+                          ("step", [0, 1]), ("release", 0), ("release", 1)]
+  assert (a.token_ids, b.token_ids, b.finish_reason) == ([5, 7, 7, 7, 7], [5, 7], "length")
+  assert engine.metrics.registry.get_sample_value("jaxpar_prompt_tokens_total") == 21
 
 
 def test_the_engine_runs_admits_and_frees_rows_in_order():

@@ -702,6 +702,52 @@ def test_prefix_reuse_gives_the_tokens_of_a_fresh_prefill(root, checkpoint, devi
       engine.stop()
 
 
+@pytest.mark.parametrize("data,model", [(1, 1), (2, 4)])
+def test_chunked_prefill_gives_the_tokens_of_a_whole_prefill(root, checkpoint, devices, hf,
+                                                               data, model):
+  """serve.step_tokens=16 (chunks of 16, the smallest bucket): a 40-token prompt arriving
+  while three requests decode is computed 16 tokens a step between their steps (never more
+  in a step), and every request gives transformers' greedy tokens; a seeded sampled request
+  gives the tokens it gives with whole prompts."""
+  rng = np.random.default_rng(3)
+  long = rng.integers(0, 247, 40).tolist()
+  short = [rng.integers(0, 247, int(n)).tolist() for n in (5, 3, 7)]
+  sampled = serve.Params(max_tokens=6, temperature=0.9, top_k=20, seed=11)
+  outs = {}
+  for budget in (16, 0):
+    engine = engine_for(root, checkpoint, devices[:data * model], f"mesh.data={data}",
+                        f"mesh.model={model}", "serve.max_len=64",
+                        f"serve.step_tokens={budget}")
+    steps = []  # each step's prefill chunks: (request id, start, end, bucket)
+    admit = engine.scheduler.admit
+
+    def recorded():
+      placements, dropped = admit()
+      steps.append([(p.stream.id, p.start, p.end, p.bucket) for p in placements])
+      return placements, dropped
+    engine.scheduler.admit = recorded
+    engine.start()
+    try:
+      streams = [engine.submit(p, serve.Params(max_tokens=12)) for p in short]
+      while len(engine.scheduler.decoding()) - engine.scheduler.decoding().count(None) < 3:
+        time.sleep(0.01)
+      streams.append(engine.submit(long, serve.Params(max_tokens=8)))
+      streams.append(engine.submit(long, sampled))
+      for stream, prompt, m in zip(streams, short + [long], [12, 12, 12, 8]):
+        assert stream.result().token_ids == hf_greedy(hf[0], prompt, m)
+      outs[budget] = streams[-1].result().token_ids
+    finally:
+      engine.stop()
+    chunks = [c for step in steps for c in step if c[0] == streams[3].id]
+    if budget:
+      assert chunks == [(streams[3].id, 0, 16, 16), (streams[3].id, 16, 32, 16),
+                        (streams[3].id, 32, 40, 16)]
+      assert max(sum(c[3] for c in step) for step in steps) == 16
+    else:
+      assert chunks == [(streams[3].id, 0, 40, 48)]
+  assert outs[16] == outs[0]
+
+
 # (method, data, model): each proposer and each mesh kind once.
 SPECULATING = [("ngram", 1, 1), ("self", 2, 4), ("draft", 4, 2)]
 

@@ -15,11 +15,11 @@ owns the device state; one step of it:
 
     for request in scheduler.cancelled():            # waiting or running
       output.finish(request, "cancelled")            # -> its row frees (release)
-    deliver(runner.step(scheduler.running))          # queue step t, read step t-1's tokens
-    runner.choose(scheduler.running)                 # step t's choice, if it waited (masks)
-    placements, cancelled = scheduler.admit()        # waiting requests into free rows
+    deliver(runner.step(scheduler.decoding()))       # queue step t, read step t-1's tokens
+    runner.choose(scheduler.decoding())              # step t's choice, if it waited (masks)
+    placements, cancelled = scheduler.admit()        # prompt chunks, within serve.step_tokens
     for p in placements:
-      deliver(runner.prefill(p))                     # its first token comes next step
+      deliver(runner.prefill(p))                     # a last chunk's first token: next step
 
     deliver(events):
       for row, owner, token, logprobs in events:
@@ -61,7 +61,8 @@ class Engine:
 
   def __init__(self, runner: "RunnerLike", *, eos_ids: tuple[int, ...],
                detokenize: Callable[[list[int]], str] | None, max_queue: int,
-               policy: str, metrics: Metrics, prefix_reuse: bool = True, tokenizer=None):
+               policy: str, metrics: Metrics, prefix_reuse: bool = True, tokenizer=None,
+               step_tokens: int = 0):
     self.runner, self.generator = runner, runner.generator
     self.tokenizer = tokenizer  # structured output's grammars are built over it
     self.slots, self.length = runner.slots, runner.length
@@ -70,7 +71,8 @@ class Engine:
     self.scheduler = Scheduler(self.slots, self.length, buckets=runner.buckets,
                                max_queue=max_queue, policy=policy,
                                prefix_reuse=prefix_reuse and runner.prefix_reuse,
-                               group_rows=runner.group_rows)
+                               group_rows=runner.group_rows, step_tokens=step_tokens,
+                               chunked=runner.prefix_reuse)
     self.output = OutputProcessor(eos_ids=eos_ids, detokenize=detokenize, metrics=metrics,
                                   on_finish=self._release)
     self._thread: threading.Thread | None = None
@@ -190,14 +192,15 @@ class Engine:
     sched = self.scheduler
     for stream in sched.cancelled():
       self.output.finish(stream, "cancelled")
-    self._deliver(self.runner.step(sched.running))  # while step t's forward runs
-    self.runner.choose(sched.running)  # masks need the tokens just delivered
+    self._deliver(self.runner.step(sched.decoding()))  # while step t's forward runs
+    self.runner.choose(sched.decoding())  # masks need the tokens just delivered
     placements, cancelled = sched.admit()
     for stream in cancelled:
       self.output.finish(stream, "cancelled")
     for placement in placements:
       events = self.runner.prefill(placement)
-      self.metrics.prompt_tokens(len(placement.stream.prompt), placement.start)
+      if placement.first:
+        self.metrics.prompt_tokens(len(placement.stream.prompt), placement.start)
       self._deliver(events)
 
   def _deliver(self, events: "list[Event]") -> None:
@@ -251,7 +254,7 @@ def build(config: Config, mesh, *, tokenizer=None, progress: bool = True) -> Eng
     detokenize = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
   return Engine(runner, eos_ids=generator.eos_ids, detokenize=detokenize,
                 max_queue=s.max_queue, policy=s.policy, metrics=metrics,
-                prefix_reuse=s.prefix_reuse, tokenizer=tokenizer)
+                prefix_reuse=s.prefix_reuse, tokenizer=tokenizer, step_tokens=s.step_tokens)
 
 
 DEFAULT_MAX_LEN = 8192  # positions per slot unless serve.max_len asks for more

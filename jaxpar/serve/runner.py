@@ -309,10 +309,10 @@ class Runner:
     if start and not self.prefix_reuse:
       raise ValueError(f"{placement}: this runner prefills whole prompts (prefix_reuse is "
                        f"False), from position 0")
-    P = len(stream.prompt)
+    P = placement.end  # the prompt's tokens computed after this chunk
     seed, sampling = settings(stream, self.generator.eos_ids, self.decoder.bias, self.width)
     tokens = np.zeros((1, placement.bucket), np.int32)
-    tokens[0, :P - start] = stream.prompt[start:]
+    tokens[0, :P - start] = stream.prompt[start:P]
     one = lambda v: np.asarray([v])
     first, self._state = self.compiled["prefill", placement.bucket](
         self.generator.params, self._state, tokens, np.int32(start), one(np.int32(P)),
@@ -325,6 +325,8 @@ class Runner:
           one(np.int32(P)), np.int32(placement.source), np.int32(b),
           jax.tree.map(one, sampling), one(seed), one(np.int32(stream.params.choice)))
     self._positions[b], self._sampled[b] = P, not stream.params.greedy()
+    if not placement.last:  # the row fills on (not decoded): its token is not the request's
+      return []
     self._seen.start(b, stream.prompt)
     self._firsts.append((first, {b: stream}, {b: 0}))  # read after the next step is queued
     return []
