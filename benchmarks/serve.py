@@ -38,7 +38,7 @@ each round.
 
 `--long-prompts L` adds a prompt of L tokens (8 output tokens) every `--long-every` seconds
 (1) to the load and runs continuous batching with each `serve.step_tokens` of `--step-tokens`
-(512, 256, 0: no limit): a long prompt is prefilled in chunks between decode steps, or whole.
+(512, 256, 128, 0: no limit): a long prompt is prefilled in chunks between decode steps, or whole.
 The second table gives, for the short requests (prompts up to 96 tokens), the time per output
 token and the gaps between their tokens as their clients see them. Goal: TPOT p99 at most
 1.5x TPOT p50; no gap as long as a whole long prefill.
@@ -348,8 +348,9 @@ def main() -> None:
                  help="a prompt of L tokens (8 output tokens) every --long-every seconds "
                       "among the requests; compares serve.step_tokens of --step-tokens")
   p.add_argument("--long-every", type=float, default=1.0, help="seconds between long prompts")
-  p.add_argument("--step-tokens", type=int, nargs="+", default=[512, 256, 0],
-                 help="serve.step_tokens values compared with --long-prompts")
+  p.add_argument("--step-tokens", type=int, nargs="+",
+                 help="continuous batching with each of these serve.step_tokens (with "
+                      "--long-prompts: 512 256 128 0 unless given)")
   p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve.json"))
   p.add_argument("--plot", default=str(ROOT / "benchmarks" / "results" / "serve.png"))
   args = p.parse_args()
@@ -389,10 +390,10 @@ def main() -> None:
         elif args.shared_prefix:  # what reusing the cached system prompt buys
           runs.append((f"{label}no prefix reuse{suffix}", lambda tree=tree: run_jaxpar(
               tmp, "continuous", args, work, "serve.prefix_reuse=false", tree=tree)))
-    if args.long_prompts:  # the first run (default step_tokens) is replaced by the sweep
+    if args.long_prompts or args.step_tokens:  # the budgets instead of the default's run
       runs = [(f"step_tokens={n}{f' #{r + 1}' if args.rounds > 1 else ''}",
                lambda n=n: run_jaxpar(tmp, "continuous", args, work, f"serve.step_tokens={n}"))
-              for r in range(args.rounds) for n in args.step_tokens]
+              for r in range(args.rounds) for n in args.step_tokens or (512, 256, 128, 0)]
     elif not (args.alone or args.shared_prefix or args.baseline or args.speculative):
       runs += [("static", lambda: run_jaxpar(tmp, "static", args, work)),
                ("transformers", lambda: run_transformers(tmp, work))]
