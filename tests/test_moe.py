@@ -96,6 +96,41 @@ def test_greedy_equals_transformers(root, devices, checkpoints, hf_greedy, famil
   np.testing.assert_array_equal(tokens, hf_greedy[family])
 
 
+def hf_expert_tokens(checkpoint, tokens) -> np.ndarray:
+  """[L, E]: how many of `tokens`' tokens each layer's router sent to each expert in
+  transformers (its router logits, top 2 of the softmax)."""
+  import torch
+
+  from tests.test_llama import hf_model
+  with torch.no_grad():
+    logits = hf_model(checkpoint)(torch.as_tensor(tokens), output_router_logits=True
+                                  ).router_logits
+  chosen = [torch.topk(torch.softmax(l.float(), -1), 2, dim=-1).indices for l in logits]
+  return np.stack([np.bincount(c.numpy().ravel(), minlength=8) for c in chosen])
+
+
+@pytest.mark.parametrize("family,data,stage,expert,model,batch_rule", [
+    ("mixtral", 1, 1, 1, 1, None), ("mixtral", 1, 1, 4, 2, None),
+    ("qwen3_moe", 1, 3, 2, 1, None), ("qwen3_moe", 1, 1, 8, 1, "data")])
+def test_expert_token_counts_equal_transformers_routing(root, devices, checkpoints, family,
+                                                        data, stage, expert, model,
+                                                        batch_rule):
+  """`Forward.expert_tokens` (forward --json's `experts`): each layer's counts equal those of
+  transformers' router on the same batch (exchanged; pipelined over 3 stages, where 2 of the
+  6 layer slots are padding; and replicated over the expert axis), and sum to tokens x top
+  2."""
+  config = load(root, checkpoints[family], "run.batch=12")
+  if batch_rule:
+    config = dataclasses.replace(config, rules=Rules(config.rules).replace(
+        axes.BATCH, batch_rule).table)
+  config, mesh = on(config, devices, data, stage, expert, model)
+  fwd = inference.build(config, mesh)
+  tokens = inference.seeded_tokens(config)
+  counts = fwd.expert_tokens(fwd.tokens(tokens))
+  np.testing.assert_array_equal(counts, hf_expert_tokens(checkpoints[family], tokens))
+  assert (counts.sum(1) == 12 * config.run.seq_len * 2).all()
+
+
 def _reference(x, weights, experts, w_gate, w_up, w_down) -> np.ndarray:
   """NumPy float64: sum over k of weights * SwiGLU of expert experts[..., k]."""
   x, out = np.float64(x), 0.0

@@ -142,6 +142,9 @@ def test_shipped_configs_run(root, monkeypatch, capsys, name, command):
   code, out, err, result = run(capsys, *args)
   assert code == 0, err
   assert result["command"] == command
+  if name == "mixtral" and command == "forward":  # each layer's pairs: batch x seq x top k
+    pairs = config.run.batch * config.run.seq_len * config.model.options.experts_per_token
+    assert [sum(layer) for layer in result["experts"]["tokens_per_expert"]] == [pairs] * depth
 
 
 def test_errors_name_the_key_to_change(root, monkeypatch, capsys):

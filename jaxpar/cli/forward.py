@@ -65,6 +65,8 @@ def run(args, config: config_lib.Config) -> dict:
   logits = inference.unpad(fwd(tokens), config.model.vocab_size)[:rows_given]  # no padding rows
   if fwd.schedule is not None:
     result["pipeline"] = fwd.schedule.as_dict()
+  if fwd.census is not None:
+    result["experts"] = _experts(config, fwd.expert_tokens(tokens))
   hint = VERIFY_HINT.get(config.model.dtype, "")
   result.update(report.verify(
       args, config, logits,
@@ -73,6 +75,22 @@ def run(args, config: config_lib.Config) -> dict:
   if args.save_logits:
     report.save_npy(args.save_logits, logits, "logits")
   return result
+
+
+def _experts(config: config_lib.Config, counts) -> dict:
+  """Each layer's (token, expert) pairs per expert, said (every expert up to 16 of them, else
+  the least, mean and most) and as JSON fields."""
+  o = config.model.options
+  pairs = config.run.batch * config.run.seq_len * o.experts_per_token
+  say(f"experts: (token, expert) pairs each expert got, of {pairs:,} a layer ({config.run.batch}"
+      f" x {config.run.seq_len} tokens x top {o.experts_per_token}); most / mean = load "
+      f"imbalance")
+  for layer, row in enumerate(counts):
+    shown = (" ".join(map(str, row)) if len(row) <= 16 else
+             f"least {row.min()}, mean {row.mean():.1f}, most {row.max()}")
+    say(f"  layer {layer}: {shown} (imbalance {row.max() / row.mean():.2f})")
+  return {"tokens_per_expert": counts.tolist(), "pairs_per_layer": pairs,
+          "imbalance": [round(float(r.max() / r.mean()), 4) for r in counts]}
 
 
 def _given_tokens(text: str):

@@ -22,6 +22,9 @@ one per row [B] (the serving engine's slots each sit at their own length). `cach
 whose shapes and logical names `Family.kv_cache` gives; the block writes its T new entries
 at `step.index` (`write_cache`) and attends over all S slots.
 
+A block may also `taps.tap` arrays of what it computed (a mixture of experts: the tokens each
+expert got), which `run_blocks(taps=True)` returns per layer; only then are they computed.
+
 Shape letters: B batch, T query tokens, S key slots, D width, N query heads, K key/value
 heads, G = N/K queries per key/value head, H head width, F MLP width, V vocabulary, L layers.
 """
@@ -38,6 +41,7 @@ from flax import nnx
 from jax import lax
 
 from jaxpar import families, quant
+from jaxpar.models import taps as taps_lib
 from jaxpar.axes import ACT_EMBED, BATCH, HEAD_DIM, KV_HEADS, LAYERS, SEQ
 from jaxpar.config import ModelConfig
 from jaxpar.rules import by_group, constrain, lead_rows
@@ -122,7 +126,7 @@ class Family:
 def run_blocks(graphdef: nnx.GraphDef, layers: Any, x_BTD: jax.Array, step: Step,
                caches: Any = None, *, scan: bool,
                active: jax.Array | None = None,
-               window: tuple[Any, int] | None = None) -> tuple[jax.Array, Any]:
+               window: tuple[Any, int] | None = None, taps: bool = False):
   """Runs every block in order: the one way through a stack.
 
   `scan`: `layers` are the stacked parameters [L, ...] and `caches` (if any) stacked
@@ -134,9 +138,15 @@ def run_blocks(graphdef: nnx.GraphDef, layers: Any, x_BTD: jax.Array, step: Step
   `window` = (first, count) (scan only, no caches): layers first..first+count-1 of the
   stack (`first` may be traced), each picked inside the loop (slicing them out first would
   copy their weights: the circular pipeline's chunks).
+  Returns (x_BTD, caches); with `taps`, (x_BTD, caches, taps): the blocks' `tap`ped arrays, a
+  tuple of [L, ...] (the layers' in order).
   """
   def block(params, x_BTD, cache):
-    return nnx.merge(graphdef, params)(x_BTD, step, cache)
+    if not taps:
+      return nnx.merge(graphdef, params)(x_BTD, step, cache)
+    with taps_lib.collecting() as tapped:
+      y_BTD, cache = nnx.merge(graphdef, params)(x_BTD, step, cache)
+    return y_BTD, (cache, tuple(tapped))
 
   if scan:
     def picked(j):  # layer first + j of the stack, no cache
@@ -150,12 +160,17 @@ def run_blocks(graphdef: nnx.GraphDef, layers: Any, x_BTD: jax.Array, step: Step
         y_BTD, cache = block(params, x_BTD, cache)
       return (y_BTD if on is None else jnp.where(on, y_BTD, x_BTD)), cache
     xs = (layers, caches, active) if window is None else jnp.arange(window[1])
-    return lax.scan(layer, x_BTD, xs)
+    x_BTD, out = lax.scan(layer, x_BTD, xs)
+    return (x_BTD, *out) if taps else (x_BTD, out)
   new = []
   for l, params in enumerate(layers):
     with jax.named_scope(f"block_{l}"):
       x_BTD, cache = block(params, x_BTD, None if caches is None else caches[l])
     new.append(cache)
+  if taps:
+    caches, tapped = zip(*new)
+    return x_BTD, None if caches[0] is None else caches, jax.tree.map(
+        lambda *a: jnp.stack(a), *tapped)
   return x_BTD, None if caches is None else tuple(new)
 
 

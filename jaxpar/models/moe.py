@@ -38,7 +38,7 @@ from jax.sharding import PartitionSpec as P
 from jaxpar import axes, quant
 from jaxpar.axes import EMBED, EXPERTS, MLP
 from jaxpar.config import ModelConfig
-from jaxpar.models import base
+from jaxpar.models import base, taps
 from jaxpar.parallel import ring
 from jaxpar.rules import active_rules
 
@@ -173,9 +173,10 @@ def _axes(name: str, mesh) -> tuple[str, ...]:
 
 
 def experts_mlp(x_BTD: jax.Array, router_ED: jax.Array, w_gate_EFD, w_up_EFD, w_down_EDF, *,
-                top_k: int, norm_topk: bool, route_fn=None) -> jax.Array:
+                top_k: int, norm_topk: bool, route_fn=None, counts: bool = False):
   """The MoE MLP of x on the mesh (module docstring): each token through its top_k experts
-  (`route(x @ router.T)`, or `route_fn(x_ND)` -> (weights, experts) [N, k]), weighted."""
+  (`route(x @ router.T)`, or `route_fn(x_ND)` -> (weights, experts) [N, k]), weighted.
+  `counts`: (y, int32 [B, E]: how many of each row's tokens chose each expert)."""
   mesh = jax.sharding.get_abstract_mesh()
   batch, expert, width = _axes(axes.BATCH, mesh), _axes(axes.EXPERTS, mesh), _axes(axes.MLP, mesh)
   devices = math.prod(mesh.shape[a] for a in expert)
@@ -200,7 +201,11 @@ def experts_mlp(x_BTD: jax.Array, router_ED: jax.Array, w_gate_EFD, w_up_EFD, w_
     y_ND = jnp.einsum("nkd,nk->nd", y_AD.reshape(B * T, top_k, D).astype(jnp.float32), w_Nk)
     summed = width + (() if exchange else expert)
     y_ND = lax.psum(y_ND, summed) if summed else y_ND
-    return y_ND.astype(x_BTD.dtype).reshape(B, T, D)
+    y_BTD = y_ND.astype(x_BTD.dtype).reshape(B, T, D)
+    if not counts:
+      return y_BTD
+    row_A = jnp.arange(e_A.shape[0]) // (T * top_k)
+    return y_BTD, jnp.zeros((B, E), jnp.int32).at[row_A, e_A].add(1)
 
   args = (x_BTD, router_ED, w_gate_EFD, w_up_EFD, w_down_EDF)
   manual = set(batch) | set(expert) | set(width)
@@ -212,7 +217,8 @@ def experts_mlp(x_BTD: jax.Array, router_ED: jax.Array, w_gate_EFD, w_up_EFD, w_
     spec_in = quant.QWeight(spec_in, spec_in, w_gate_EFD.mode)
     spec_out = quant.QWeight(spec_out, P(expert or None), w_down_EDF.mode)
   mapped = jax.shard_map(per_device, in_specs=(tokens, P(), spec_in, spec_in, spec_out),
-                         out_specs=tokens, axis_names=manual, check_vma=False)
+                         out_specs=(tokens, tokens) if counts else tokens, axis_names=manual,
+                         check_vma=False)
   return mapped(*args)
 
 
@@ -230,6 +236,11 @@ class MoeMlp(nnx.Module):
                              std / math.sqrt(2 * cfg.n_layers), dtype)
 
   def __call__(self, x_BTD: jax.Array) -> jax.Array:
-    return base.residual(experts_mlp(x_BTD, self.router[...], self.w_gate[...],
-                                     self.w_up[...], self.w_down[...], top_k=self.top_k,
-                                     norm_topk=self.norm_topk))
+    """The layer's output; `taps.tap`s each row's tokens per expert [B, E] when asked."""
+    out = experts_mlp(x_BTD, self.router[...], self.w_gate[...], self.w_up[...],
+                      self.w_down[...], top_k=self.top_k, norm_topk=self.norm_topk,
+                      counts=taps.tapping())
+    if taps.tapping():
+      out, counts_BE = out
+      taps.tap(counts_BE)
+    return base.residual(out)

@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import math
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +48,7 @@ class Forward(state.ShardedModel):
   layout: Layout = Layout()
   schedule: pipeline.Schedule | None = None
   init_timings: dict = dataclasses.field(default_factory=dict)  # seeded init: compile_s, run_s
+  census: Any = None  # a mixture of experts: jitted (params, tokens) -> int32 [L, E]
 
   @property
   def vocab_size(self) -> int:
@@ -56,6 +58,12 @@ class Forward(state.ShardedModel):
     """Places host token ids [B, T] on the mesh, batch over `data`."""
     sharding = self.rules.sharding((axes.BATCH, axes.SEQ), self.mesh, what="tokens")
     return jax.device_put(jnp.asarray(tokens_BT, jnp.int32), sharding)
+
+  def expert_tokens(self, tokens_BT: jax.Array) -> np.ndarray:
+    """[L, E]: how many of the batch's (token, expert) pairs each layer's experts got (a
+    mixture of experts; each layer's row sums to B * T * experts_per_token)."""
+    with jax.set_mesh(self.mesh):
+      return np.asarray(to_host(self.census(self.params, tokens_BT)))
 
   def natural_params(self) -> dict:
     """The parameters on the host in the model's own layout (blocks stacked [L, ...]).
@@ -265,9 +273,12 @@ def load_params(pl: Placement, *, params: dict | None = None,
   return params, names, timings
 
 
-def forward_fn(pl: Placement):
+def forward_fn(pl: Placement, *, census: bool = False):
   """The forward pass, traced: (params, tokens [B, T]) -> logits [B, T, V_padded], laid out
-  by the rules (after a pipeline the batch is spread over the stages too)."""
+  by the rules (after a pipeline the batch is spread over the stages too). `census` (a
+  mixture of experts): -> (logits, int32 [L, E]: the batch's tokens each layer's experts got,
+  from the blocks' taps; through a pipeline each microbatch carries its rows' counts per
+  layer slot, [B, S*R*Lc, E], written by the stage that runs the slot)."""
   config, rules, keys, schedule = pl.config, pl.rules, pl.family.config_keys, pl.schedule
   out_rules = rules
   if schedule is not None:
@@ -289,18 +300,36 @@ def forward_fn(pl: Placement):
         blocks = params["blocks"]
         layers = blocks if scan else [jax.tree.map(lambda a: a[l], blocks)
                                       for l in range(config.model.n_layers)]
-        x_BTD, _ = run_blocks(block_graphdef, layers, x_BTD, step, scan=scan)
+        x_BTD, _, *tapped = run_blocks(block_graphdef, layers, x_BTD, step, scan=scan,
+                                       taps=census)
+        counts = tapped and tapped[0][0].sum(1)  # [L, B, E] -> [L, E]
       else:
-        def stage_fn(layers, first, x_BTD):  # positions are 0..T-1 on every stage
+        def stage_fn(layers, first, x):  # positions are 0..T-1 on every stage
           blocks, on = layers  # `on`: None, or which layers are not padding [R*Lc]
-          y_BTD, _ = run_blocks(block_graphdef, blocks, x_BTD, causal_step(x_BTD.shape[0], T),
-                                scan=True, active=on, window=(first, chunk))
-          return y_BTD
+          x_BTD, counts_BJE = x if census else (x, None)
+          y_BTD, _, *tapped = run_blocks(block_graphdef, blocks, x_BTD,
+                                         causal_step(x_BTD.shape[0], T), scan=True, active=on,
+                                         window=(first, chunk), taps=census)
+          if not census:
+            return y_BTD
+          at = jax.lax.axis_index(axes.STAGE) * (schedule.repeats * chunk) + first
+          return y_BTD, jax.lax.dynamic_update_slice_in_dim(
+              counts_BJE, tapped[0][0].transpose(1, 0, 2), at, axis=1)
         on = None if active is None else jnp.asarray(active)
-        x_BTD = pipeline.run(stage_fn, (params["blocks"], on), x_BTD, mesh=pl.mesh,
-                             schedule=schedule, batch_axes=rules.mesh_axes(axes.BATCH))
+        slots = schedule.stages * schedule.repeats * chunk
+        x = (x_BTD, jnp.zeros((B, slots, config.model.options.n_experts), jnp.int32)
+             ) if census else x_BTD
+        x = pipeline.run(stage_fn, (params["blocks"], on), x, mesh=pl.mesh,
+                         schedule=schedule, batch_axes=rules.mesh_axes(axes.BATCH))
+        x_BTD, counts = x if census else (x, None)
+        if census:  # layer slots -> layers (padding slots dropped)
+          where = pipeline.staged_layers(config.model.n_layers, stages=schedule.stages,
+                                         repeats=schedule.repeats).ravel()
+          counts = counts.sum(0)[np.argsort(np.where(where < 0, where.size, where))[
+              :config.model.n_layers]]
     with use_rules(out_rules, keys=keys):
-      return model.head(x_BTD)
+      logits = model.head(x_BTD)
+    return (logits, counts) if census else logits
   return forward, out_rules
 
 
@@ -329,8 +358,12 @@ def build(config: Config, mesh: Mesh, *, params: dict | None = None,
     jax.eval_shape(forward, pl.shapes, tokens_shape)
   params, names, timings = load_params(pl, params=params, abstract=abstract)
   fn = jax.jit(forward, in_shardings=(pl.shardings(names), tokens), out_shardings=logits)
+  census = None
+  if getattr(config.model.options, "n_experts", 0):
+    census = jax.jit(lambda p, t: forward_fn(pl, census=True)[0](p, t)[1],
+                     in_shardings=(pl.shardings(names), tokens))
   return Forward(config, mesh, pl.rules, pl.graphdef, params, names, fn, family=pl.family,
-                 layout=pl.layout, schedule=pl.schedule, init_timings=timings)
+                 layout=pl.layout, schedule=pl.schedule, init_timings=timings, census=census)
 
 
 def seeded_tokens(config: Config) -> np.ndarray:
