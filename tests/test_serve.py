@@ -549,6 +549,16 @@ def test_slot_length_is_capped_and_must_fit(root, devices):
     engine_lib.slot_length(huge, gen)
 
 
+def test_spans_past_the_shortest_read_at_most_8_mib_of_a_leaf():
+  """Worked by hand: 2048 positions from 256 (length / 8), doubling while 4 t <= 3 x 2048;
+  at 24 KiB a position (8 slots x 12 heads x 64 float32) 512 positions are 12 MiB, so only
+  the shortest and the whole; at 8 KiB, 1024 positions are exactly 8 MiB."""
+  from jaxpar.serve.shapes import spans
+  assert spans(2048, 16, 24 << 10) == (256, 2048)
+  assert spans(2048, 16, 8 << 10) == (256, 512, 1024, 2048)
+  assert spans(32, 16) == (16, 32)
+
+
 def test_a_body_over_the_limit_gets_413_unread(live, client, hf):
   """The context is 32 positions, so the limit is 1 MiB: a body that says it has 2 MiB is
   refused before it is sent, and one streamed without a length (chunked) as soon as it passes

@@ -246,8 +246,10 @@ def build(config: Config, mesh, *, tokenizer=None, progress: bool = True) -> Eng
   decoder = Decoder(generator, s.max_slots, length + k, bias=bias)
   draft = Decoder(spec.draft, s.max_slots, length + k, bias=bias) if spec.uses_draft else None
   metrics = Metrics()
+  leaf_bytes = generator.cache_bytes_per_device(s.max_slots, length + k) // (
+      2 * config.model.n_layers * (length + k))  # a position of one layer's keys
   runner = Runner(decoder, buckets=prompt_buckets,
-                  spans=spans(length + k, s.min_bucket), progress=progress,
+                  spans=spans(length + k, s.min_bucket, leaf_bytes), progress=progress,
                   precompile=s.precompile, speculation=spec, draft=draft, metrics=metrics)
   detokenize = None
   if tokenizer is not None:

@@ -19,15 +19,22 @@ def buckets(length: int, smallest: int = 16) -> tuple[int, ...]:
   return tuple(sorted(b for b in out if b < length)) + (length,)
 
 
-def spans(length: int, smallest: int) -> tuple[int, ...]:
-  """The decode step's attention spans: doubling from `smallest` or length / 8 (at most four
-  programs) up to three quarters of `length`, then `length` itself. (A span just short of
-  the cache saves little and reads a slice of every layer's cache each step: a speculating
-  server, whose rows hold k positions more, had 256 of 260 slots and made 0.93x the tokens/s
-  of a plain one on random prompts, in-process; 0.99x without that span.)"""
+SPAN_SLICE = 8 << 20  # bytes of one cache leaf's slice a span (but the shortest) may read
+
+
+def spans(length: int, smallest: int, position_bytes: int = 0) -> tuple[int, ...]:
+  """The decode step's attention spans: doubling from `smallest` or length / 8 up to three
+  quarters of `length` (at most four programs), then `length` itself; past the shortest,
+  only those whose slice of a cache leaf (`position_bytes` a position, on a device) is at
+  most SPAN_SLICE. A span reads a slice of every layer's cache, which XLA:CPU copies first,
+  and a slice over about 8 MiB cost more than reading the whole cache: 8 slots, 4 layers, one
+  CPU device, ms per step against the whole cache's, 12 key/value heads of 64 (24 KiB a
+  position): 512 of 1024 positions 1.33x, 1024 of 2048 1.76x, 256 of 1024 0.82x; 4 heads:
+  2048 of 4096 1.47x, 1024 of 4096 0.63x (`python benchmarks/serve_spans.py`)."""
   out, t = [], max(smallest, length // 8)
   while 4 * t <= 3 * length:
-    out.append(t)
+    if not out or t * position_bytes <= SPAN_SLICE:
+      out.append(t)
     t *= 2
   return (*out, length)
 
