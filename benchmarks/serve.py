@@ -45,6 +45,12 @@ token and the gaps between their tokens as their clients see them. Goal: TPOT p9
 
   python benchmarks/serve.py --long-prompts 2048 --max-len 2304 --rate 16 --requests 64
 
+`--peer vllm --peer-python ENV/bin/python` serves the same load with vLLM's CPU build after
+jaxpar's rows (installed in its own environment as ../shared/JAX_NOTES.md says; float32, its
+defaults otherwise), the checkpoint given a word-level tokenizer of its 8192 ids.
+
+  python benchmarks/serve.py --peer vllm --peer-python /tmp/vllm/bin/python
+
 `--speculative METHOD` (ngram or self, `--k` 4) runs continuous batching with and without
 `speculative.method=METHOD`, alternating for `--rounds` rounds, on `--workload random` (the
 default load) or `repeating` (each prompt: its first half random, its second half the
@@ -161,7 +167,9 @@ async def _stream(host: str, port: int, body: dict):
     writer.close()
 
 
-async def _client_run(url: str, arrivals, prompts, outputs) -> list[dict]:
+async def _client_run(url: str, arrivals, prompts, outputs, extra=None) -> list[dict]:
+  """Streams each request at its arrival time; `extra`: more fields of every body (a peer's
+  options)."""
   host, port = url.split("//")[1].split("/")[0].split(":")
   start = time.perf_counter()
 
@@ -170,9 +178,9 @@ async def _client_run(url: str, arrivals, prompts, outputs) -> list[dict]:
     sent = time.perf_counter()
     first, tokens, seen = None, 0, []
     body = {"model": "bench", "prompt": prompt, "max_tokens": new, "temperature": 0,
-            "stream": True}
+            "stream": True, **(extra or {})}
     async for chunk in _stream(host, int(port), body):
-      n = len(chunk["choices"][0]["token_ids"]) if chunk["choices"] else 0
+      n = len(chunk["choices"][0].get("token_ids") or []) if chunk["choices"] else 0
       if n:
         seen.append(time.perf_counter())
       if n and first is None:
@@ -229,6 +237,52 @@ def run_jaxpar(checkpoint, policy: str, args, work, *overrides, tree=ROOT,
   finally:
     server.send_signal(signal.SIGTERM)
     server.wait(timeout=60)
+
+
+def run_vllm(checkpoint, args, work) -> list[dict]:
+  """vLLM's CPU build serving the same checkpoint (float32, its defaults otherwise: a paged
+  KV cache of 2 GiB, chunked prefill), started from `args.peer_python`'s environment (see
+  ../shared/JAX_NOTES.md), under the same load; token ids in and out."""
+  import socket
+  import urllib.request
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+  env = {**__import__("os").environ, "VLLM_CPU_KVCACHE_SPACE": "2",
+         "VLLM_CPU_OMP_THREADS_BIND": "0-1"}
+  server = subprocess.Popen(
+      [args.peer_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(checkpoint),
+       "--served-model-name", "bench", "--dtype", "float32", "--max-model-len",
+       str(args.max_len), "--host", "127.0.0.1", "--port", str(port)],
+      stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=env)
+  url = f"http://127.0.0.1:{port}/v1"
+  try:
+    for _ in range(600):  # about 90 s on 2 cores
+      try:
+        urllib.request.urlopen(url + "/models", timeout=2)
+        break
+      except OSError:
+        if server.poll() is not None:
+          raise RuntimeError(f"vLLM exited ({server.returncode}) before it served")
+        time.sleep(1)
+    else:
+      raise RuntimeError("vLLM did not start within 10 minutes")
+    extra = {"ignore_eos": True, "return_token_ids": True}
+    asyncio.run(_client_run(url, [0.0, 0.0], [[1] * 8, [2] * 8], [2, 2], extra))
+    return asyncio.run(_client_run(url, *work, extra))
+  finally:
+    server.send_signal(signal.SIGTERM)
+    server.wait(timeout=60)
+
+
+def write_tokenizer(path) -> None:
+  """A word-level tokenizer over the checkpoint's 8192 ids (vLLM needs one; prompts are ids)."""
+  import transformers
+  from tokenizers import Tokenizer, models, pre_tokenizers
+  tokenizer = Tokenizer(models.WordLevel({f"w{i}": i for i in range(8192)}, unk_token="w0"))
+  tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+  transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="w0",
+                                       eos_token="w1").save_pretrained(path)
 
 
 def run_transformers(checkpoint, work) -> list[dict]:
@@ -348,6 +402,10 @@ def main() -> None:
                  help="a prompt of L tokens (8 output tokens) every --long-every seconds "
                       "among the requests; compares serve.step_tokens of --step-tokens")
   p.add_argument("--long-every", type=float, default=1.0, help="seconds between long prompts")
+  p.add_argument("--peer", choices=("vllm",),
+                 help="also serve the load with this peer (vLLM's CPU build), after jaxpar")
+  p.add_argument("--peer-python", default="python",
+                 help="the Python of the peer's own virtual environment")
   p.add_argument("--step-tokens", type=int, nargs="+",
                  help="continuous batching with each of these serve.step_tokens (with "
                       "--long-prompts: 512 256 128 0 unless given)")
@@ -394,9 +452,13 @@ def main() -> None:
       runs = [(f"step_tokens={n}{f' #{r + 1}' if args.rounds > 1 else ''}",
                lambda n=n: run_jaxpar(tmp, "continuous", args, work, f"serve.step_tokens={n}"))
               for r in range(args.rounds) for n in args.step_tokens or (512, 256, 128, 0)]
-    elif not (args.alone or args.shared_prefix or args.baseline or args.speculative):
+    elif not (args.alone or args.shared_prefix or args.baseline or args.speculative or
+              args.peer):
       runs += [("static", lambda: run_jaxpar(tmp, "static", args, work)),
                ("transformers", lambda: run_transformers(tmp, work))]
+    if args.peer:
+      write_tokenizer(tmp)
+      runs.append((args.peer, lambda: run_vllm(tmp, args, work)))
     for name, run in runs:
       print(f"running {name}...", flush=True)
       rows = run()

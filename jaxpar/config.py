@@ -151,7 +151,7 @@ class ServeConfig:
   min_bucket: int = 16      # prompts pad to 16, 24, 32, 48, 64, ... tokens (a program each)
   policy: str = "continuous"  # continuous: refill slots every step; static: whole batches
   prefix_reuse: bool = True  # a prompt starts from the longest prefix a slot's cache holds
-  step_tokens: int = 512    # prompt tokens computed between two decode steps, less the rows
+  step_tokens: int = 4096   # prompt tokens computed between two decode steps, less the rows
                             # decoding; a longer prompt is prefilled in chunks; 0: no limit
   precompile: bool = True   # compile every program at start; false: each on first use
   shutdown_timeout: float = 10.0  # on SIGTERM, seconds in-flight requests get to finish
