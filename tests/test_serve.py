@@ -717,45 +717,41 @@ def test_chunked_prefill_gives_the_tokens_of_a_whole_prefill(root, checkpoint, d
   chunk continues its row the way prefix reuse does, tested on other meshes above): a
   40-token prompt arriving while three requests decode is computed 16 tokens a step between
   their steps (never more in a step), and every request gives transformers' greedy tokens; a
-  seeded sampled request gives the tokens it gives with whole prompts."""
-  data, model = 2, 4
+  seeded sampled request gives the tokens the same engine gives it with whole prompts (no
+  budget, no prefix reuse: one 48-token bucket from position 0)."""
   rng = np.random.default_rng(3)
   long = rng.integers(0, 247, 40).tolist()
   short = [rng.integers(0, 247, int(n)).tolist() for n in (5, 3, 7)]
   sampled = serve.Params(max_tokens=6, temperature=0.9, top_k=20, seed=11)
-  outs = {}
-  for budget in (16, 0):
-    engine = engine_for(root, checkpoint, devices[:data * model], f"mesh.data={data}",
-                        f"mesh.model={model}", "serve.max_len=64",
-                        f"serve.step_tokens={budget}")
-    steps = []  # each step's prefill chunks: (request id, start, end, bucket)
-    admit = engine.scheduler.admit
+  engine = engine_for(root, checkpoint, devices, "mesh.data=2", "mesh.model=4",
+                      "serve.max_len=64", "serve.step_tokens=16")
+  steps = []  # each step's prefill chunks: (request id, start, end, bucket)
+  admit = engine.scheduler.admit
 
-    def recorded():
-      placements, dropped = admit()
-      steps.append([(p.stream.id, p.start, p.end, p.bucket) for p in placements])
-      return placements, dropped
-    engine.scheduler.admit = recorded
-    engine.start()
-    try:
-      streams = [engine.submit(p, serve.Params(max_tokens=12)) for p in short]
-      while len(engine.scheduler.decoding()) - engine.scheduler.decoding().count(None) < 3:
-        time.sleep(0.01)
-      streams.append(engine.submit(long, serve.Params(max_tokens=8)))
-      streams.append(engine.submit(long, sampled))
-      for stream, prompt, m in zip(streams, short + [long], [12, 12, 12, 8]):
-        assert stream.result().token_ids == hf_greedy(hf[0], prompt, m)
-      outs[budget] = streams[-1].result().token_ids
-    finally:
-      engine.stop()
-    chunks = [c for step in steps for c in step if c[0] == streams[3].id]
-    if budget:
-      assert chunks == [(streams[3].id, 0, 16, 16), (streams[3].id, 16, 32, 16),
-                        (streams[3].id, 32, 40, 16)]
-      assert max(sum(c[3] for c in step) for step in steps) == 16
-    else:
-      assert chunks == [(streams[3].id, 0, 40, 48)]
-  assert outs[16] == outs[0]
+  def recorded():
+    placements, dropped = admit()
+    steps.append([(p.stream.id, p.start, p.end, p.bucket) for p in placements])
+    return placements, dropped
+  engine.scheduler.admit = recorded
+  engine.start()
+  try:
+    streams = [engine.submit(p, serve.Params(max_tokens=12)) for p in short]
+    while len(engine.scheduler.decoding()) - engine.scheduler.decoding().count(None) < 3:
+      time.sleep(0.01)
+    streams.append(engine.submit(long, serve.Params(max_tokens=8)))
+    chunked = engine.submit(long[:-1] + [7], sampled)
+    for stream, prompt, m in zip(streams, short + [long], [12, 12, 12, 8]):
+      assert stream.result().token_ids == hf_greedy(hf[0], prompt, m)
+    chunked = chunked.result().token_ids
+    assert [c for step in steps for c in step if c[0] == streams[3].id] == [
+        (streams[3].id, 0, 16, 16), (streams[3].id, 16, 32, 16), (streams[3].id, 32, 40, 16)]
+    assert max(sum(c[3] for c in step) for step in steps) == 16
+    engine.scheduler.step_tokens, engine.scheduler.prefix_reuse = 0, False
+    whole = engine.submit(long[:-1] + [7], sampled).result()
+    assert [c for step in steps for c in step if c[0] == whole.id] == [(whole.id, 0, 40, 48)]
+    assert chunked == whole.token_ids
+  finally:
+    engine.stop()
 
 
 # (method, data, model): each proposer and each mesh kind once.
