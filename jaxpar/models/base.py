@@ -41,9 +41,9 @@ from flax import nnx
 from jax import lax
 
 from jaxpar import families, quant
-from jaxpar.models import taps as taps_lib
 from jaxpar.axes import ACT_EMBED, BATCH, HEAD_DIM, KV_HEADS, LAYERS, SEQ
 from jaxpar.config import ModelConfig
+from jaxpar.models import taps as taps_lib
 from jaxpar.rules import by_group, constrain, lead_rows
 
 

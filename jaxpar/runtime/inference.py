@@ -302,7 +302,7 @@ def forward_fn(pl: Placement, *, census: bool = False):
                                       for l in range(config.model.n_layers)]
         x_BTD, _, *tapped = run_blocks(block_graphdef, layers, x_BTD, step, scan=scan,
                                        taps=census)
-        counts = tapped and tapped[0][0].sum(1)  # [L, B, E] -> [L, E]
+        counts = tapped[0][0].sum(1) if census else None  # [L, B, E] -> [L, E]
       else:
         def stage_fn(layers, first, x):  # positions are 0..T-1 on every stage
           blocks, on = layers  # `on`: None, or which layers are not padding [R*Lc]
@@ -322,15 +322,20 @@ def forward_fn(pl: Placement, *, census: bool = False):
         x = pipeline.run(stage_fn, (params["blocks"], on), x, mesh=pl.mesh,
                          schedule=schedule, batch_axes=rules.mesh_axes(axes.BATCH))
         x_BTD, counts = x if census else (x, None)
-        if census:  # layer slots -> layers (padding slots dropped)
-          where = pipeline.staged_layers(config.model.n_layers, stages=schedule.stages,
-                                         repeats=schedule.repeats).ravel()
-          counts = counts.sum(0)[np.argsort(np.where(where < 0, where.size, where))[
-              :config.model.n_layers]]
+        if census:
+          counts = _slots_to_layers(counts.sum(0), config.model.n_layers, schedule)
     with use_rules(out_rules, keys=keys):
       logits = model.head(x_BTD)
     return (logits, counts) if census else logits
   return forward, out_rules
+
+
+def _slots_to_layers(per_slot: jax.Array, n_layers: int, schedule) -> jax.Array:
+  """[S*R*Lc, ...] per pipeline layer slot (stage, repeat, layer of the chunk) -> [L, ...]
+  per layer, the padding slots dropped."""
+  where = pipeline.staged_layers(n_layers, stages=schedule.stages,
+                                 repeats=schedule.repeats).ravel()
+  return per_slot[np.argsort(np.where(where < 0, where.size, where))[:n_layers]]
 
 
 def build(config: Config, mesh: Mesh, *, params: dict | None = None,
