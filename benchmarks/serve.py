@@ -69,6 +69,7 @@ token below static batching's.
 import argparse
 import asyncio
 import json
+import os
 import pathlib
 import signal
 import subprocess
@@ -248,7 +249,7 @@ def run_vllm(checkpoint, args, work) -> list[dict]:
   with socket.socket() as sock:
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-  env = {**__import__("os").environ, "VLLM_CPU_KVCACHE_SPACE": "2",
+  env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2",
          "VLLM_CPU_OMP_THREADS_BIND": "0-1"}
   server = subprocess.Popen(
       [args.peer_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(checkpoint),

@@ -32,6 +32,7 @@ def measure(length: int, kv: int, rounds: int) -> dict:
   from jaxpar import config as config_lib
   from jaxpar import serve
   from jaxpar.mesh import make_mesh
+  from jaxpar.serve import engine as engine_lib
   from jaxpar.serve import shapes
   config = config_lib.load(ROOT / "configs" / "tiny.yaml", [
       "mesh.data=1", "mesh.model=1", "mesh.stage=1", "mesh.cpu_devices=1",
@@ -46,8 +47,8 @@ def measure(length: int, kv: int, rounds: int) -> dict:
   finally:
     shapes.SPAN_SLICE = slice_bytes
   runner, gen = engine.runner, engine.generator
-  position = gen.cache_bytes_per_device(8, length) // (2 * 4 * length)
-  kept = shapes.spans(length, config.serve.min_bucket, position)
+  kept = engine_lib.decode_spans(config, gen, length)
+  position = gen.cache_bytes_per_device(8, length) // (2 * config.model.n_layers * length)
   rows = runner.rows[-1]
   best = {span: float("inf") for span in runner.spans}
   for _ in range(rounds):

@@ -224,7 +224,7 @@ def build(config: Config, mesh, *, tokenizer=None, progress: bool = True) -> Eng
   from jaxpar.runtime import generate as gen_lib
   from jaxpar.runtime.decoder import Decoder
   from jaxpar.serve.runner import Runner
-  from jaxpar.serve.shapes import bias_entries, buckets, spans
+  from jaxpar.serve.shapes import bias_entries, buckets
 
   s = config.serve
   if s.max_len > config.model.max_seq_len:
@@ -246,10 +246,8 @@ def build(config: Config, mesh, *, tokenizer=None, progress: bool = True) -> Eng
   decoder = Decoder(generator, s.max_slots, length + k, bias=bias)
   draft = Decoder(spec.draft, s.max_slots, length + k, bias=bias) if spec.uses_draft else None
   metrics = Metrics()
-  leaf_bytes = generator.cache_bytes_per_device(s.max_slots, length + k) // (
-      2 * config.model.n_layers * (length + k))  # a position of one layer's keys
   runner = Runner(decoder, buckets=prompt_buckets,
-                  spans=spans(length + k, s.min_bucket, leaf_bytes), progress=progress,
+                  spans=decode_spans(config, generator, length + k), progress=progress,
                   precompile=s.precompile, speculation=spec, draft=draft, metrics=metrics)
   detokenize = None
   if tokenizer is not None:
@@ -257,6 +255,16 @@ def build(config: Config, mesh, *, tokenizer=None, progress: bool = True) -> Eng
   return Engine(runner, eos_ids=generator.eos_ids, detokenize=detokenize,
                 max_queue=s.max_queue, policy=s.policy, metrics=metrics,
                 prefix_reuse=s.prefix_reuse, tokenizer=tokenizer, step_tokens=s.step_tokens)
+
+
+def decode_spans(config: Config, generator, length: int) -> tuple[int, ...]:
+  """The decode steps' attention spans of `serve.max_slots` rows of `length` positions
+  (`shapes.spans`, its slices measured in bytes of one layer's keys on a device)."""
+  from jaxpar.serve.shapes import spans
+  s = config.serve
+  position = generator.cache_bytes_per_device(s.max_slots, length) // (
+      2 * config.model.n_layers * length)
+  return spans(length, s.min_bucket, position)
 
 
 DEFAULT_MAX_LEN = 8192  # positions per slot unless serve.max_len asks for more
