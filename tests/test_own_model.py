@@ -18,7 +18,7 @@ from jaxpar import families
 from jaxpar.axes import BATCH, EMBED, HEAD_DIM, HEADS, KV_HEADS, MLP, SEQ, VOCAB
 from jaxpar.config import MeshConfig
 from jaxpar.mesh import make_mesh
-from jaxpar.models import base, registry
+from jaxpar.models import attention, base, registry
 from jaxpar.rules import constrain
 from jaxpar.runtime import generate, inference
 
@@ -40,9 +40,9 @@ class Block(nnx.Module):
     x_BTD = x_BTD + jnp.take(self.pos[...], step.positions_BT, axis=0)
     heads = lambda w, name: constrain(base.project(x_BTD, w[...]).reshape(B, T, self.n_heads, -1),
                                       (BATCH, SEQ, name, HEAD_DIM))
-    k, v, cache = base.write_cache(cache, heads(self.w_k, KV_HEADS), heads(self.w_v, KV_HEADS),
+    k, v, cache = attention.write_cache(cache, heads(self.w_k, KV_HEADS), heads(self.w_v, KV_HEADS),
                                    step)
-    attn_BTK = base.attend(heads(self.w_q, HEADS), k, v, step)
+    attn_BTK = attention.attend(heads(self.w_q, HEADS), k, v, step)
     x_BTD = x_BTD + 0.5 * base.residual(base.project(attn_BTK, self.w_o[...]))
     h_BTF = constrain(jax.nn.relu(base.project(x_BTD, self.w_in[...])), (BATCH, SEQ, MLP))
     return x_BTD + 0.5 * base.residual(base.project(h_BTF, self.w_out[...])), cache
@@ -68,7 +68,7 @@ def no_hf(*args):
 
 TINY = registry.register(base.Family(
     spec=families.Spec(name="tiny-test"), make=lambda cfg, layout, rngs: Tiny(cfg, layout, rngs),
-    weights=no_hf, kv_cache=base.attention_cache,
+    weights=no_hf, kv_cache=attention.attention_cache,
     config_keys={HEADS: "model.n_heads", KV_HEADS: "model.n_heads", MLP: "model.d_ff"}))
 
 

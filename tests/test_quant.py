@@ -22,7 +22,7 @@ from jaxpar import config as config_lib
 from jaxpar.config import MeshConfig
 from jaxpar.errors import UserError
 from jaxpar.mesh import make_mesh, single_device_mesh
-from jaxpar.models import base
+from jaxpar.models import attention, base
 from jaxpar.runtime import generate, inference, slots, state
 from jaxpar.rules import Rules, tree_shardings, use_rules
 
@@ -114,9 +114,9 @@ def _int8_attention_near_float():
   cache = {"k": jnp.zeros((2, 4, 16, 40), jnp.int8), "v": jnp.zeros((2, 4, 40, 16), jnp.int8),
            "k_scale": jnp.zeros((2, 4, 40), jnp.float16),
            "v_scale": jnp.zeros((2, 4, 40), jnp.float16)}
-  keys, values, new = base.write_cache(cache, k_BTKH, v_BTKH, step)
-  got = base.attend(q_BTNH, keys, values, step)
-  want = base.attend(q_BTNH, *base.write_cache(None, k_BTKH, v_BTKH, step)[:2], step)
+  keys, values, new = attention.write_cache(cache, k_BTKH, v_BTKH, step)
+  got = attention.attend(q_BTNH, keys, values, step)
+  want = attention.attend(q_BTNH, *attention.write_cache(None, k_BTKH, v_BTKH, step)[:2], step)
   assert new["k"].dtype == jnp.int8 and new["k_scale"].dtype == jnp.float16
   assert 0 < np.abs(got - want).max() <= 0.02 * np.abs(want).max()
 

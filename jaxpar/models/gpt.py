@@ -24,7 +24,7 @@ from flax import nnx
 
 from jaxpar.axes import ACT_EMBED, BATCH, EMBED, HEAD_DIM, HEADS, KV_HEADS, LAYERS, MLP, SEQ, VOCAB
 from jaxpar.config import ModelConfig
-from jaxpar.models import base, gpt_config
+from jaxpar.models import attention, base, gpt_config
 from jaxpar.models.base import HFTensor, Layout, Step
 from jaxpar.rules import constrain
 
@@ -71,8 +71,8 @@ class Attention(nnx.Module):
     q_BTNH = heads(base.project(x_BTD, self.w_q[...], self.b_q[...]), HEADS)
     k_BTNH = heads(base.project(x_BTD, self.w_k[...], self.b_k[...]), KV_HEADS)
     v_BTNH = heads(base.project(x_BTD, self.w_v[...], self.b_v[...]), KV_HEADS)
-    k_BNHS, v_BNSH, cache = base.write_cache(cache, k_BTNH, v_BTNH, step)
-    out_BTK = base.attend(q_BTNH, k_BNHS, v_BNSH, step)
+    k_BNHS, v_BNSH, cache = attention.write_cache(cache, k_BTNH, v_BTNH, step)
+    out_BTK = attention.attend(q_BTNH, k_BNHS, v_BNSH, step)
     return base.residual(base.project(out_BTK, self.w_o[...], self.b_o[...])), cache
 
 
@@ -154,4 +154,4 @@ def weights(cfg: ModelConfig, layout: Layout) -> dict:
 
 FAMILY = base.Family(
     spec=gpt_config.SPEC, make=lambda cfg, layout, rngs: GPT(cfg, layout, rngs=rngs),
-    weights=weights, kv_cache=base.attention_cache, config_keys=CONFIG_KEYS)
+    weights=weights, kv_cache=attention.attention_cache, config_keys=CONFIG_KEYS)

@@ -32,7 +32,7 @@ from flax import nnx
 
 from jaxpar.axes import ACT_EMBED, BATCH, EMBED, HEAD_DIM, HEADS, KV_HEADS, LAYERS, MLP, SEQ, VOCAB
 from jaxpar.config import ModelConfig
-from jaxpar.models import base, llama_config, moe
+from jaxpar.models import attention, base, llama_config, moe
 from jaxpar.models.base import HFTensor, Layout, Step
 from jaxpar.rules import constrain
 
@@ -95,8 +95,8 @@ class Attention(nnx.Module):
     v_BTKH = self._heads(x_BTD, self.w_v, self.b_v, None, KV_HEADS)
     q_BTNH = base.rope(q_BTNH, step.positions_BT, self.inv_freq)
     k_BTKH = base.rope(k_BTKH, step.positions_BT, self.inv_freq)
-    k_BKHS, v_BKSH, cache = base.write_cache(cache, k_BTKH, v_BTKH, step)
-    out_BTK = base.attend(q_BTNH, k_BKHS, v_BKSH, step, window=self.window)
+    k_BKHS, v_BKSH, cache = attention.write_cache(cache, k_BTKH, v_BTKH, step)
+    out_BTK = attention.attend(q_BTNH, k_BKHS, v_BKSH, step, window=self.window)
     return base.residual(base.project(out_BTK, self.w_o[...])), cache
 
 
@@ -201,7 +201,7 @@ def _experts(cfg: ModelConfig, at) -> dict:
 def _family(spec) -> base.Family:
   return base.Family(
       spec=spec, make=lambda cfg, layout, rngs: Llama(cfg, layout, rngs=rngs),
-      weights=weights, kv_cache=base.attention_cache, config_keys=CONFIG_KEYS)
+      weights=weights, kv_cache=attention.attention_cache, config_keys=CONFIG_KEYS)
 
 
 LLAMA = _family(llama_config.LLAMA)

@@ -19,7 +19,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax import lax
 
 from jaxpar import axes
 from jaxpar.axes import BATCH, LAYERS, SEQ
@@ -27,13 +26,11 @@ from jaxpar.config import Config
 from jaxpar.distributed import say, to_host, tree_to_host
 from jaxpar.errors import UserError
 from jaxpar.models.base import cache_leaf
-from jaxpar.rules import Logical, is_logical, tree_shardings, use_rules
+from jaxpar.rules import Logical, is_logical, tree_shardings
 from jaxpar.parallel import pipeline
-from jaxpar.runtime import inference, state
-from jaxpar.runtime.decoder import Decoder
-from jaxpar.runtime.slots import State
+from jaxpar.runtime import decode_loop, inference, state
 from jaxpar.runtime.sampling import Sampling
-from jaxpar.runtime.speculative import Speculation, draft_config, round_fn
+from jaxpar.runtime.speculative import Speculation, draft_config
 
 
 def pad_right(prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -44,20 +41,6 @@ def pad_right(prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
   for b, p in enumerate(prompts):
     tokens[b, :len(p)] = p
   return tokens, np.asarray([len(p) for p in prompts], np.int32)
-
-
-def is_eos(tokens: jax.Array, eos_ids: tuple[int, ...]) -> jax.Array:
-  return jnp.isin(tokens, jnp.asarray(eos_ids or (-1,), jnp.int32))
-
-
-def report(before: jax.Array, done: jax.Array, total: int) -> None:
-  """Progress from inside a compiled decode loop, about 8 lines: a host callback only on the
-  rounds that pass an eighth of `total` tokens (one on every step cost 6% of a batch-1 GPT-2
-  decode on CPU)."""
-  every = max(1, total // 8)
-  say_it = lambda: jax.debug.callback(lambda d: say(f"  decoded {int(d)}/{total} tokens"), done)
-  lax.cond((done // every > before // every) | ((done == total) & (before < total)), say_it,
-           lambda: None)
 
 
 @dataclasses.dataclass
@@ -77,27 +60,6 @@ def use_scan(config: Config, platform: str) -> bool:
   if config.model.scan_layers is not None:
     return config.model.scan_layers
   return platform != "cpu"
-
-
-def batch_dim(state, scan: bool, batch: int, *, add: bool):
-  """At batch 1, the caches without their batch dim (`add=False`) or with it back: a decode
-  loop carries them so. Carried with it, XLA:CPU fuses the squeeze that each attention
-  product makes into the cache's update, runs the update twice and copies the whole cache
-  for each (GPT-2 at batch 1: 97 cache copies per step; without them the step is 1.08-1.11x
-  faster); carried
-  without it, and updated without it (`write_cache`), every update is in place."""
-  if batch != 1:
-    return state
-  dim = 1 if scan else 0  # stacked caches: [L, B, ...]
-  change = jnp.expand_dims if add else jnp.squeeze
-  return dataclasses.replace(state, caches=jax.tree.map(lambda a: change(a, dim),
-                                                        state.caches))
-
-
-def loop_steps(decoder: Decoder, max_new: int) -> int:
-  """Steps after the prefill that make `max_new` tokens per row: one more when some rows
-  are `late` (their step gives the token of the entry before)."""
-  return 0 if max_new == 1 else max_new - 1 + int(decoder.late().any())
 
 
 @dataclasses.dataclass
@@ -183,95 +145,6 @@ class Generator:
     model = nnx.merge(graphdef, {**rest, "blocks": stacked})
     return model, nnx.graphdef(model.blocks), layers
 
-  def _programs(self, batch: int, prompt_len: int, max_new: int, sampling: Sampling,
-                progress: bool, spec: Speculation):
-    """(decoder, prefill, decode, draft decoder or None) over a `Decoder` of `batch` rows:
-    the prefill of every prompt, then a `lax.while_loop` of rounds until every row has made
-    an EOS id or `max_new` tokens. A round is the decoder's step (one token per row; a
-    `late` row's first gives the token of its prefill's entry, not kept), or with `spec`
-    the proposals of every row and their verification (1 to k + 1 tokens per row). After its
-    first EOS a row repeats it."""
-    k = spec.k if spec.on else 0
-    decoder = Decoder(self, batch, prompt_len + max_new + k)
-    greedy, eos_ids = sampling.temperature == 0 and not sampling.adjusts(), self.eos_ids
-    span = decoder.length
-    step = decoder.step_fn(greedy=greedy, span=span)
-    late_B = jnp.asarray(decoder.late(), jnp.int32)
-    lag = int(decoder.late().any()) if not spec.on else 0  # (speculation: no ring rounds)
-    draft = Decoder(spec.draft, batch, decoder.length) if spec.uses_draft else None
-    rules, keys = self.rules, self.family.config_keys
-
-    def squeeze(state, d, add):  # a state, or a draft's caches
-      if isinstance(state, State):
-        return batch_dim(state, d.scan, batch, add=add)
-      return batch_dim(State(state, None), d.scan, batch, add=add).caches
-
-    def in_place(fn, d):
-      """`fn(params, state, ...) -> (out, state)` on a state carried as `batch_dim` keeps it
-      (the batch dim put back for the call only, so no loop carries it)."""
-      def run(params, state, *args):
-        out, state = fn(params, squeeze(state, d, True), *args)
-        return out, squeeze(state, d, False)
-      return run
-    step = in_place(step, decoder)
-
-    def plain(params, state, n):
-      new_B, state = step(params, state)
-      return (new_B[:, None], jnp.where(n >= late_B, 1, 0)), state
-
-    if spec.on:
-      spec_round = round_fn(decoder, spec, span=span, greedy=greedy, draft=draft,
-                            wrap=in_place)
-
-      def one_round(params, draft_params, state, aux, n, done_B):
-        """((tokens_BT, made_B), state, aux, proposed_B)."""
-        (tokens_BT, made_B, proposed_B), state, aux = spec_round(params, state, ~done_B,
-                                                                 draft_params, aux)
-        return (tokens_BT, made_B), state, aux, proposed_B
-    else:
-      def one_round(params, draft_params, state, aux, n, done_B):
-        return (*plain(params, state, n), aux, jnp.zeros((batch,), jnp.int32))
-
-    def decode(params, state, first_B, draft_params=None, aux=None):
-      with use_rules(rules, keys=keys):
-        def cond(carry):
-          return ~jnp.all(carry[5])
-
-        def body(carry):
-          n, state, aux, out_BN, count_B, done_B, checked_B2 = carry
-          (tokens_BT, made_B), state, aux, proposed_B = one_round(params, draft_params, state,
-                                                                  aux, n, done_B)
-          T = tokens_BT.shape[1]
-          at_BT = count_B[:, None] + jnp.arange(T)
-          kept_BT = (jnp.arange(T) < made_B[:, None]) & (at_BT < max_new) & ~done_B[:, None]
-          out_BN = out_BN.at[jnp.arange(batch)[:, None], jnp.where(kept_BT, at_BT, max_new)
-                             ].set(tokens_BT, mode="drop")
-          live_B = (~done_B).astype(jnp.int32)
-          checked_B2 += jnp.stack([proposed_B, jnp.maximum(made_B - 1, 0)], axis=1) * live_B[
-              :, None]
-          done_B |= jnp.any(is_eos(tokens_BT, eos_ids) & kept_BT, axis=1)
-          if progress:
-            report(jnp.min(count_B), jnp.min(jnp.minimum(count_B + made_B, max_new)), max_new)
-          count_B = count_B + made_B
-          return n + 1, state, aux, out_BN, count_B, done_B | (count_B >= max_new), checked_B2
-
-        out_BN = jnp.zeros((batch, max_new), jnp.int32).at[:, 0].set(first_B)
-        ones_B = jnp.ones((batch,), jnp.int32)
-        carry = (0, squeeze(state, decoder, False),
-                 squeeze(aux, draft, False) if draft else aux, out_BN, ones_B,
-                 is_eos(first_B, eos_ids) | (max_new <= 1), jnp.zeros((batch, 2), jnp.int32))
-        n, _, _, out_BN, count_B, _, checked_B2 = lax.while_loop(cond, body, carry)
-        # After its first EOS a row repeats it (rows that stopped early: the unwritten tail).
-        eos = is_eos(out_BN, eos_ids)
-        after = jnp.cumsum(eos, axis=-1) - eos > 0
-        first_eos = jnp.take_along_axis(out_BN, jnp.argmax(eos, axis=-1)[:, None], axis=-1)
-        made = jnp.max(jnp.minimum(count_B, max_new))
-        return jnp.where(after, first_eos, out_BN), made, n + 1 - lag, checked_B2
-
-    prefill = decoder.prefill(batch, prompt_len, greedy=greedy)
-    draft_prefill = draft.prefill(batch, prompt_len, greedy=True) if draft else None
-    return decoder, prefill, jax.jit(decode), draft_prefill
-
   def generate(self, prompts: list[list[int]], *, max_new_tokens: int,
                sampling: Sampling = Sampling(), seed: int = 0, progress: bool = False,
                speculation: Speculation = Speculation()) -> Result:
@@ -321,7 +194,7 @@ class Generator:
     draft_params = spec.draft.params if spec.uses_draft else None
 
     def make():
-      decoder, prefill, decode, draft_prefill = self._programs(B, T0, max_new, sampling,
+      decoder, prefill, decode, draft_prefill = decode_loop.programs(self, B, T0, max_new, sampling,
                                                                progress, spec)
       abstract = lambda tree, shardings: jax.tree.map(
           lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
@@ -345,7 +218,7 @@ class Generator:
     prefill_s = time.perf_counter() - start
     if progress:
       how = (f", pipelined: {decoder.G} groups over {decoder.S} stages, "
-             f"{loop_steps(decoder, max_new)} rounds of {decoder.G} ticks"
+             f"{decode_loop.loop_steps(decoder, max_new)} rounds of {decoder.G} ticks"
              if decoder.pipelined else "")
       say(f"prefill: {B} prompt{'s' if B != 1 else ''} x {T0} tokens in "
           f"{prefill_s:.3f} s; decoding {max_new} tokens{how}...")

@@ -12,25 +12,22 @@ needs of one (tests give it fakes).
 """
 
 import collections
-import contextlib
 import dataclasses
-import functools
-import time
 from collections.abc import Sequence
 from typing import Protocol
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxpar.distributed import say
 from jaxpar.runtime.decoder import Decoder
-from jaxpar.runtime.slots import State, row_buckets
-from jaxpar.runtime.speculative import Speculation, round_fn
+from jaxpar.runtime.slots import row_buckets
+from jaxpar.runtime.speculative import Speculation
 from jaxpar.serve import grammar
+from jaxpar.serve.compiled import Programs, compiling, makers
 from jaxpar.serve.request import Stream, TokenLogprobs
 from jaxpar.serve.scheduler import Placement
-from jaxpar.serve.shapes import abstract_sampling, scalar, settings
+from jaxpar.serve.shapes import settings
 
 Event = tuple[int, Stream, int, "TokenLogprobs | None"]  # (row, its owner, token, logprobs)
 
@@ -65,19 +62,6 @@ class RunnerLike(Protocol):
 
   def reset(self) -> None:
     """Zeroed caches and no rows (after a failed program)."""
-
-
-@contextlib.contextmanager
-def compiling(count: int, prompt_buckets: tuple[int, ...], steps: str, *, progress: bool):
-  """Says that `count` programs compile (prefill per bucket, then `steps`), and how long they
-  took."""
-  start = time.perf_counter()
-  if progress:
-    say(f"compiling {count} programs: prefill for prompts of up to "
-        f"{', '.join(map(str, prompt_buckets))} tokens, {steps} (greedy, sampled)...")
-  yield
-  if progress:
-    say(f"compiled in {time.perf_counter() - start:.1f} s")
 
 
 class Seen:
@@ -154,7 +138,7 @@ class Runner:
     self._late = decoder.late()
     self.width = grammar.words(self.generator.config.model.vocab_size)  # a row's mask
     with jax.set_mesh(self.generator.mesh):
-      self.compiled = Programs(self._makers(), self.generator.mesh)
+      self.compiled = Programs(makers(self), self.generator.mesh)
     if precompile:
       self.compile_all(progress)
     elif progress:
@@ -345,66 +329,6 @@ class Runner:
     with compiling(len(self.compiled.makers), self.buckets, steps, progress=progress):
       self.compiled.compile_all()
 
-  def _makers(self) -> dict:
-    """{key: a function that compiles the program}: prefill per prompt bucket; per span and
-    active-row count the greedy step, and the forward (a pipeline: the sampled step, every
-    row); per row count the choice."""
-    d, g = self.decoder, self.generator
-    state = d.empty_state(abstract=True)
-    one = lambda a: jax.ShapeDtypeStruct((1, *a.shape), a.dtype)
-    lower = lambda fn, *args: lambda: d.jit(fn).lower(g.params, state, *args).compile()
-
-    def prefill(d, bucket, **flags):
-      echo = flags.get("echo", False)
-      return lambda: d.prefill(1, bucket, reuse=self.prefix_reuse, **flags).lower(
-          d.generator.params, d.empty_state(abstract=True),
-          jax.ShapeDtypeStruct((1, bucket), jnp.int32), scalar(jnp.int32),
-          one(scalar(jnp.int32)), scalar(jnp.int32), scalar(jnp.int32),
-          jax.tree.map(one, abstract_sampling(d.bias, self.width)), one(scalar(jnp.uint32)),
-          one(scalar(jnp.int32)), *[one(scalar(jnp.bool_))] * echo).compile()
-    makers = {}
-    for bucket in self.buckets:
-      makers["prefill", bucket] = prefill(d, bucket, logprobs=True, echo=True)
-      if self.draft:
-        makers["draft prefill", bucket] = prefill(self.draft, bucket, greedy=True)
-    for A in self.rows:
-      mask = jax.ShapeDtypeStruct((len(self.active(A)), self.width), jnp.int32)
-      for span in self.spans:
-        if self.k and span > self.k:
-          for greedy in (True, False):
-            makers["speculate", greedy, span, A] = functools.partial(
-                self._lower_round, greedy, span, A)
-        if d.pipelined:  # every row; the choice inside the ring
-          makers["decode", True, span, A] = lower(d.step_fn(greedy=True, span=span))
-          makers["decode", False, span, A] = lower(
-              d.step_fn(greedy=False, span=span, logprobs=True), mask)
-          continue
-        makers["decode", True, span, A] = lower(d.step_fn(greedy=True, span=span, rows=A))
-        makers["forward", span, A] = lower(d.forward_fn(span=span, rows=A))
-      if not d.pipelined:  # takes the logits as the forward lays them out
-        choice = d.choice_fn(greedy=False, logprobs=True, rows=A)
-        makers["choose", A] = lambda choice=choice, A=A, mask=mask: lower(
-            choice, self.compiled["forward", self.spans[0], A].out_info[0], mask)()
-    return makers
-
-  def _lower_round(self, greedy: bool, span: int, A: int):
-    """The compiled `round_fn` of `A` active rows per data group over `span` positions:
-    (params, state, live, draft params, draft state) -> ((tokens_BT, made_B, proposed_B),
-    state, draft state), both states donated."""
-    d, draft = self.decoder, self.draft
-    one_round = round_fn(d, self.spec, span=span, greedy=greedy, rows=A, draft=draft)
-
-    def program(params, state, live_B, draft_params, draft_state):
-      caches = None if draft is None else draft_state.caches
-      out, state, caches = one_round(params, state, live_B, draft_params, caches)
-      return out, state, None if draft is None else State(caches, draft_state.slots)
-    draft_args = (None, None) if draft is None else (
-        self.spec.draft.params, draft.empty_state(abstract=True))
-    return jax.jit(program, donate_argnums=(1, 4), out_shardings=(
-        None, d.state_shardings(), None if draft is None else draft.state_shardings())).lower(
-        self.generator.params, d.empty_state(abstract=True),
-        jax.ShapeDtypeStruct((len(self.active(A)),), jnp.bool_), *draft_args).compile()
-
   def _open_mask(self, program, rows: int):
     """The mask that allows every token, for a step of `rows` rows (made once per count)."""
     if rows not in self._open:
@@ -420,24 +344,6 @@ class Checked:
   tokens: jax.Array
   made: jax.Array
   proposed: jax.Array
-
-
-class Programs(dict):
-  """The runner's compiled programs by key. A program not compiled yet compiles on first use
-  (`makers[key]()`); `compile_all` compiles every one."""
-
-  def __init__(self, makers: dict, mesh):
-    super().__init__()
-    self.makers, self.mesh = makers, mesh
-
-  def __missing__(self, key):
-    with jax.set_mesh(self.mesh):
-      self[key] = program = self.makers[key]()
-    return program
-
-  def compile_all(self) -> None:
-    for key in self.makers:
-      self[key]  # noqa: B018 (compiles it)
 
 
 def _token_logprobs(logprobs, at: int, owner: Stream) -> TokenLogprobs | None:
