@@ -668,22 +668,20 @@ def test_python_api_on_other_meshes(root, checkpoint, devices, hf, data, model, 
       engine.stop()
 
 
-@pytest.mark.parametrize("data,stage,model,scan", [(2, 1, 4, False), (1, 1, 8, False),
-                                                   (1, 1, 8, True), (1, 2, 4, True)])
+@pytest.mark.parametrize("data,model,scan", [(2, 4, False), (1, 8, False), (1, 8, True)])
 def test_prefix_reuse_gives_the_tokens_of_a_fresh_prefill(root, checkpoint, devices, hf, data,
-                                                          stage, model, scan):
+                                                          model, scan):
   """Prompts that share a 12-token system prompt, then a second turn that repeats the first
   with its answer: each starts from the longest prefix a slot holds (a running or a finished
-  request's; on a pipeline, each stage's layers' cache of the source slot in its group) and
-  gives transformers' greedy tokens; the reused tokens are counted, and with
+  request's) and gives transformers' greedy tokens; the reused tokens are counted, and with
   serve.prefix_reuse=false none are."""
   rng = np.random.default_rng(7)
   system = rng.integers(0, 247, 12).tolist()
   prompts = [system + rng.integers(0, 247, int(n)).tolist() for n in (3, 1, 5, 2, 4, 3)]
   new = [8, 3, 6, 5, 2, 7]
   for reuse in (True, False):
-    engine = engine_for(root, checkpoint, devices, f"mesh.data={data}", f"mesh.stage={stage}",
-                        f"mesh.model={model}", f"model.scan_layers={str(scan).lower()}",
+    engine = engine_for(root, checkpoint, devices, f"mesh.data={data}", f"mesh.model={model}",
+                        f"model.scan_layers={str(scan).lower()}",
                         f"serve.prefix_reuse={str(reuse).lower()}").start()
     reused = lambda: engine.metrics.registry.get_sample_value(
         "jaxpar_prefix_reused_tokens_total")
@@ -714,10 +712,8 @@ def test_prefix_reuse_gives_the_tokens_of_a_fresh_prefill(root, checkpoint, devi
       engine.stop()
 
 
-@pytest.mark.parametrize("data,stage,model", [(2, 1, 4), (2, 2, 2)])
-def test_chunked_prefill_gives_the_tokens_of_a_whole_prefill(root, checkpoint, devices, hf,
-                                                             data, stage, model):
-  """serve.step_tokens=16 (chunks of 16, the smallest bucket), plain and pipelined (each
+def test_chunked_prefill_gives_the_tokens_of_a_whole_prefill(root, checkpoint, devices, hf):
+  """serve.step_tokens=16 (chunks of 16, the smallest bucket) on data=2 x model=4 (each
   chunk continues its row the way prefix reuse does, tested on other meshes above): a
   40-token prompt arriving while three requests decode is computed 16 tokens a step between
   their steps (never more in a step), and every request gives transformers' greedy tokens; a
@@ -727,8 +723,8 @@ def test_chunked_prefill_gives_the_tokens_of_a_whole_prefill(root, checkpoint, d
   long = rng.integers(0, 247, 40).tolist()
   short = [rng.integers(0, 247, int(n)).tolist() for n in (5, 3, 7)]
   sampled = serve.Params(max_tokens=6, temperature=0.9, top_k=20, seed=11)
-  engine = engine_for(root, checkpoint, devices, f"mesh.data={data}", f"mesh.stage={stage}",
-                      f"mesh.model={model}", "serve.max_len=64", "serve.step_tokens=16")
+  engine = engine_for(root, checkpoint, devices, "mesh.data=2", "mesh.model=4",
+                      "serve.max_len=64", "serve.step_tokens=16")
   steps = []  # each step's prefill chunks: (request id, start, end, bucket)
   admit = engine.scheduler.admit
 

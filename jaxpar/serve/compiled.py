@@ -56,7 +56,7 @@ def makers(runner) -> dict:
 
   def prefill(d, bucket, **flags):
     echo = flags.get("echo", False)
-    return lambda: d.prefill(1, bucket, reuse=True, **flags).lower(
+    return lambda: d.prefill(1, bucket, reuse=runner.prefix_reuse, **flags).lower(
         d.generator.params, d.empty_state(abstract=True),
         jax.ShapeDtypeStruct((1, bucket), jnp.int32), scalar(jnp.int32),
         one(scalar(jnp.int32)), scalar(jnp.int32), scalar(jnp.int32),

@@ -70,8 +70,9 @@ class Engine:
     self.detokenize, self.metrics = detokenize, metrics
     self.scheduler = Scheduler(self.slots, self.length, buckets=runner.buckets,
                                max_queue=max_queue, policy=policy,
-                               prefix_reuse=prefix_reuse, group_rows=runner.group_rows,
-                               step_tokens=step_tokens)
+                               prefix_reuse=prefix_reuse and runner.prefix_reuse,
+                               group_rows=runner.group_rows, step_tokens=step_tokens,
+                               chunked=runner.prefix_reuse)
     self.output = OutputProcessor(eos_ids=eos_ids, detokenize=detokenize, metrics=metrics,
                                   on_finish=self._release)
     self._thread: threading.Thread | None = None

@@ -39,6 +39,7 @@ class RunnerLike(Protocol):
   length: int
   buckets: tuple[int, ...]
   group_rows: int  # rows per data group (the scheduler fills each group's first rows first)
+  prefix_reuse: bool  # a prefill can start from another row's cached prefix
   compiled: dict  # every program, compiled
 
   def step(self, running: Sequence[Stream | None]) -> list[Event]:
@@ -133,6 +134,7 @@ class Runner:
     self.buckets, self.spans = tuple(buckets), tuple(spans)
     self.rows = row_buckets(decoder)
     self.group_rows = self.slots // decoder.data_ways
+    self.prefix_reuse = not decoder.pipelined  # a pipeline prefills whole prompts
     self._late = decoder.late()
     self.width = grammar.words(self.generator.config.model.vocab_size)  # a row's mask
     with jax.set_mesh(self.generator.mesh):
@@ -288,6 +290,9 @@ class Runner:
 
   def prefill(self, placement: Placement) -> list[Event]:
     stream, b, start = placement.stream, placement.row, placement.start
+    if start and not self.prefix_reuse:
+      raise ValueError(f"{placement}: this runner prefills whole prompts (prefix_reuse is "
+                       f"False), from position 0")
     P = placement.end  # the prompt's tokens computed after this chunk
     seed, sampling = settings(stream, self.generator.eos_ids, self.decoder.bias, self.width)
     tokens = np.zeros((1, placement.bucket), np.int32)
