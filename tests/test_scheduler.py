@@ -236,18 +236,11 @@ def test_a_cancelled_filling_request_frees_its_row():
   assert sched.filled == {} and sched.running == [None]
 
 
-def test_without_a_budget_or_chunks_prompts_run_whole():
-  """step_tokens=0: every prompt whole; a runner that cannot continue a row (chunked=False):
-  whole prompts while the budget lasts, at least one a step."""
+def test_without_a_budget_prompts_run_whole():
+  """step_tokens=0: every prompt whole."""
   sched = scheduler(3, length=64, buckets=(4, 8, 16, 32, 64), prefix_reuse=False)
   submit(sched, list(range(30)), list(range(20)))
   assert chunks(sched.admit()[0]) == [(0, 0, 0, 32, 0, 30, True), (1, 1, 0, 32, 1, 20, True)]
-  sched = Scheduler(3, 64, buckets=(4, 8, 16, 32, 64), max_queue=8, policy="continuous",
-                    prefix_reuse=False, step_tokens=40, chunked=False)
-  submit(sched, list(range(30)), list(range(20)), [1])
-  assert chunks(sched.admit()[0]) == [(0, 0, 0, 32, 0, 30, True)]  # 20 more: not in 8
-  # Alone in its step; then 8 left, and the 1-token prompt's bucket 4 fits.
-  assert chunks(sched.admit()[0]) == [(1, 1, 0, 32, 1, 20, True), (2, 2, 0, 4, 2, 1, True)]
 
 
 def test_reset_forgets_requests_and_prefixes():
@@ -269,7 +262,6 @@ def test_an_unknown_policy_is_refused():
 class FakeRunner:
   """Each prefill's first token is 5, each decode step gives every running row 7; it records
   what the engine asks of it."""
-  prefix_reuse = True
 
   def __init__(self, slots: int = 2, *, fail_step: int = 0):
     model = type("Model", (), {"vocab_size": 250})

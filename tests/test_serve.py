@@ -668,20 +668,22 @@ def test_python_api_on_other_meshes(root, checkpoint, devices, hf, data, model, 
       engine.stop()
 
 
-@pytest.mark.parametrize("data,model,scan", [(2, 4, False), (1, 8, False), (1, 8, True)])
+@pytest.mark.parametrize("data,stage,model,scan", [(2, 1, 4, False), (1, 1, 8, False),
+                                                   (1, 1, 8, True), (1, 2, 4, True)])
 def test_prefix_reuse_gives_the_tokens_of_a_fresh_prefill(root, checkpoint, devices, hf, data,
-                                                          model, scan):
+                                                          stage, model, scan):
   """Prompts that share a 12-token system prompt, then a second turn that repeats the first
   with its answer: each starts from the longest prefix a slot holds (a running or a finished
-  request's) and gives transformers' greedy tokens; the reused tokens are counted, and with
+  request's; on a pipeline, each stage's layers' cache of the source slot in its group) and
+  gives transformers' greedy tokens; the reused tokens are counted, and with
   serve.prefix_reuse=false none are."""
   rng = np.random.default_rng(7)
   system = rng.integers(0, 247, 12).tolist()
   prompts = [system + rng.integers(0, 247, int(n)).tolist() for n in (3, 1, 5, 2, 4, 3)]
   new = [8, 3, 6, 5, 2, 7]
   for reuse in (True, False):
-    engine = engine_for(root, checkpoint, devices, f"mesh.data={data}", f"mesh.model={model}",
-                        f"model.scan_layers={str(scan).lower()}",
+    engine = engine_for(root, checkpoint, devices, f"mesh.data={data}", f"mesh.stage={stage}",
+                        f"mesh.model={model}", f"model.scan_layers={str(scan).lower()}",
                         f"serve.prefix_reuse={str(reuse).lower()}").start()
     reused = lambda: engine.metrics.registry.get_sample_value(
         "jaxpar_prefix_reused_tokens_total")
@@ -712,8 +714,10 @@ def test_prefix_reuse_gives_the_tokens_of_a_fresh_prefill(root, checkpoint, devi
       engine.stop()
 
 
-def test_chunked_prefill_gives_the_tokens_of_a_whole_prefill(root, checkpoint, devices, hf):
-  """serve.step_tokens=16 (chunks of 16, the smallest bucket) on data=2 x model=4 (each
+@pytest.mark.parametrize("data,stage,model", [(2, 1, 4), (2, 2, 2)])
+def test_chunked_prefill_gives_the_tokens_of_a_whole_prefill(root, checkpoint, devices, hf,
+                                                             data, stage, model):
+  """serve.step_tokens=16 (chunks of 16, the smallest bucket), plain and pipelined (each
   chunk continues its row the way prefix reuse does, tested on other meshes above): a
   40-token prompt arriving while three requests decode is computed 16 tokens a step between
   their steps (never more in a step), and every request gives transformers' greedy tokens; a
@@ -723,8 +727,8 @@ def test_chunked_prefill_gives_the_tokens_of_a_whole_prefill(root, checkpoint, d
   long = rng.integers(0, 247, 40).tolist()
   short = [rng.integers(0, 247, int(n)).tolist() for n in (5, 3, 7)]
   sampled = serve.Params(max_tokens=6, temperature=0.9, top_k=20, seed=11)
-  engine = engine_for(root, checkpoint, devices, "mesh.data=2", "mesh.model=4",
-                      "serve.max_len=64", "serve.step_tokens=16")
+  engine = engine_for(root, checkpoint, devices, f"mesh.data={data}", f"mesh.stage={stage}",
+                      f"mesh.model={model}", "serve.max_len=64", "serve.step_tokens=16")
   steps = []  # each step's prefill chunks: (request id, start, end, bucket)
   admit = engine.scheduler.admit
 
@@ -754,8 +758,10 @@ def test_chunked_prefill_gives_the_tokens_of_a_whole_prefill(root, checkpoint, d
     engine.stop()
 
 
-# (method, data, model): each proposer and each mesh kind once.
-SPECULATING = [("ngram", 1, 1), ("self", 2, 4), ("draft", 4, 2)]
+# (method, data, stage, model): each proposer and each mesh kind once, and pipelines (rounds
+# between ring steps: a request with log-probabilities does not speculate).
+SPECULATING = [("ngram", 1, 1, 1), ("self", 2, 1, 4), ("draft", 4, 1, 2), ("ngram", 2, 2, 2),
+               ("draft", 1, 2, 4)]
 
 
 def perturbed_copy(model, path):
@@ -773,9 +779,10 @@ def perturbed_copy(model, path):
   return path
 
 
-@pytest.mark.parametrize("method,data,model", SPECULATING)
+@pytest.mark.parametrize("method,data,stage,model", SPECULATING)
 def test_speculating_engine_gives_the_tokens_of_transformers(root, checkpoint, devices, hf,
-                                                             tmp_path, method, data, model):
+                                                             tmp_path, method, data, stage,
+                                                             model):
   """A speculating engine (k=2) serves continuous batches of greedy requests (runs of two
   tokens, which this model continues with repeats that prompt lookup finds; prompts sharing a
   system prompt, so prefix reuse copies the draft's cache too) beside a request that cannot
@@ -794,8 +801,8 @@ def test_speculating_engine_gives_the_tokens_of_transformers(root, checkpoint, d
   sets = [f"speculative.method={method}", f"speculative.k={K}", "speculative.ngram_min=1"]
   if method == "draft":
     sets.append(f"speculative.draft={perturbed_copy(hf[0], tmp_path)}")
-  engine = engine_for(root, checkpoint, devices[:data * model], f"mesh.data={data}",
-                      f"mesh.model={model}", *sets).start()
+  engine = engine_for(root, checkpoint, devices[:data * stage * model], f"mesh.data={data}",
+                      f"mesh.stage={stage}", f"mesh.model={model}", *sets).start()
   value = lambda name: engine.metrics.registry.get_sample_value(name + "_total")
   try:
     streams = [engine.submit(p, serve.Params(max_tokens=m)) for p, m in zip(prompts, new)]

@@ -227,8 +227,7 @@ def test_ngram_proposals_follow_the_latest_match():
 
 
 def test_speculation_errors(root, monkeypatch, capsys):
-  """Bad settings, and pipelines in the server, are refused before anything compiles, in one
-  line."""
+  """Bad settings are refused before anything compiles, in one line."""
   monkeypatch.chdir(root)
   for sets, message in [(["speculative.method=draft"], "a draft checkpoint goes with method "
                           "draft only"),
@@ -239,10 +238,6 @@ def test_speculation_errors(root, monkeypatch, capsys):
                      *[a for s in sets for a in ("--set", s)]])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and message in err[0], err
-  code = cli.main(["serve", "--config", "configs/tiny.yaml", "--set", "mesh.stage=2",
-                   "--set", "speculative.method=ngram"])
-  err = capsys.readouterr().err.strip().splitlines()
-  assert code == 2 and "the server speculates on meshes without stages" in err[-1], err
 
 
 def test_generate_cli_reports_what_was_proposed(root, monkeypatch, capsys):

@@ -66,16 +66,14 @@ def _engine(config: config_lib.Config, mesh, tokenizer, template):
   say(f"engine ready in {time.perf_counter() - start:.1f} s: {s.max_slots} slots of "
       f"{engine.length} positions, KV cache {inspect.human(cache)} per device, parameters "
       f"{inspect.human(engine.generator.param_bytes_per_device())} per device; "
-      f"{_prefill(s.step_tokens, engine.scheduler.chunked)}; tokenizer "
+      f"{_prefill(s.step_tokens)}; tokenizer "
       f"{'yes' if tokenizer else 'none (token ids only)'}, chat template "
       f"{'yes' if template else 'none'}")
   return engine
 
 
-def _prefill(budget: int, chunked: bool) -> str:
+def _prefill(budget: int) -> str:
   """How prompts are prefilled (the ready line's words)."""
   if not budget:
     return "prompts prefilled whole (serve.step_tokens=0)"
-  if not chunked:
-    return f"whole prompts, up to {budget} tokens a step (a pipeline does not chunk)"
   return f"prompts prefilled in chunks, up to {budget} tokens a step (serve.step_tokens)"

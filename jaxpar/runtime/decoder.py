@@ -23,8 +23,9 @@ server runs as two programs (computing grammars' masks between them).
       for t in range(n + S - 1):
         i = t - s                         # stage s works on group i; idle unless 0 <= i < n
         x = embed(tokens[i], start..) if s == 0 else msg
-        y, rows = layers(x, zeroed rows (start = 0) or a copy of row src (start > 0: a prompt
-                         continuing the prefix another request left there; S = 1 only))
+        y, rows = layers(x, zeroed rows (start = 0) or a copy of row src (start > 0: one
+                         prompt continuing the prefix a request left there, or its own
+                         earlier chunks; on a pipeline, row src of its group on this stage))
         group i's rows = rows               # whole rows, on valid ticks
         if s == S-1: first[i] = choose(head(y[lengths - 1]), key(seed, row), token 0)
         msg = y
@@ -166,10 +167,13 @@ class Decoder:
       mask_1TS = (jnp.arange(width)[None, :] <= positions_RT[0, :, None])[None]
       return self._layers(graphdef, layers, x_RTD, Step(positions_RT, mask_1TS, start), rows)
     fresh = lambda: through(zero_rows(self, R), T)
-    if reuse:  # a prompt that continues a cached prefix attends over all its row's slots
-      y_RTD, new = lax.cond(start == 0, fresh, lambda: through(
-          copy_rows(caches, src, R, axis=int(self.scan), split=self.data_ways > 1),
-          self.positions))
+    copied = lambda: through(self._row(caches, src), self.positions)
+    if reuse and self.pipelined:  # no `lax.cond` around the layers' collectives inside the
+      # ring (with one, XLA:CPU hung in this prefill in 3 of 5 runs of a speculating 2x2x2
+      # engine): the row is always copied, and from position 0 the mask hides what it held
+      y_RTD, new = copied()
+    elif reuse:  # a prompt that continues a cached prefix attends over all its row's slots
+      y_RTD, new = lax.cond(start == 0, fresh, copied)
     else:
       y_RTD, new = fresh()
     caches = put_rows(self, caches, new, slot + i * R, valid)
@@ -193,6 +197,15 @@ class Decoder:
 
   def _regroup(self, caches, g, new):
     return ring.put(caches, g, new, axis=1) if self.pipelined else new
+
+  def _row(self, caches, src):
+    """Row `src` of this stage's caches, laid out as `zero_rows(self, 1)` (a cached prefix
+    that a prompt continues): on a pipeline, row src % Bg of group src // Bg."""
+    split = self.data_ways > 1
+    if not self.pipelined:
+      return copy_rows(caches, src, 1, axis=int(self.scan), split=split)
+    return copy_rows(ring.pick(caches, src // self.Bg, axis=1), src % self.Bg, 1, axis=1,
+                     split=split)
 
   def _out(self, out, i, value, keep):
     return ring.put(out, i, value, keep) if self.pipelined else value
@@ -245,13 +258,14 @@ class Decoder:
   def prefill(self, rows: int, bucket: int, *, greedy: bool = False, reuse: bool = False,
               logprobs: bool = False, echo: bool = False):
     """The jitted prefill of `rows` prompts of up to `bucket` tokens (see the module
-    docstring); `reuse`: one prompt that may continue a cached prefix (start > 0; without
-    stages); `logprobs`: the first tokens come with their `LogProbs` ((first_R, LogProbs));
+    docstring); `reuse`: one prompt that may continue a cached prefix (start > 0);
+    `logprobs`: the first tokens come with their `LogProbs` ((first_R, LogProbs));
     `echo` (with `logprobs`): and with the `LogProbs` [R, bucket] of their prompts' tokens
     (`prompt_log_probs`) where `echo_R`, the last argument, asks. With rows = slots the
     state passed may be None: the prompts' rows become the whole state."""
-    if reuse and self.pipelined:
-      raise ValueError("a pipelined prefill starts every prompt at position 0 (no reuse)")
+    if reuse and rows != 1:
+      raise ValueError(f"rows={rows}: a prefill that may continue a cached prefix takes one "
+                       f"prompt")
     if echo and not logprobs:
       raise ValueError("echo scores the prompts with log-probabilities: logprobs=True")
     n = rows // self.Bg if rows > self.Bg else 1

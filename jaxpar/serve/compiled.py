@@ -2,6 +2,7 @@
 use or all at once (`Programs`), with a line saying so (`compiling`)."""
 
 import contextlib
+import dataclasses
 import functools
 import time
 
@@ -9,7 +10,6 @@ import jax
 import jax.numpy as jnp
 
 from jaxpar.distributed import say
-from jaxpar.runtime.slots import State
 from jaxpar.runtime.speculative import round_fn
 from jaxpar.serve.shapes import abstract_sampling, scalar
 
@@ -56,7 +56,7 @@ def makers(runner) -> dict:
 
   def prefill(d, bucket, **flags):
     echo = flags.get("echo", False)
-    return lambda: d.prefill(1, bucket, reuse=runner.prefix_reuse, **flags).lower(
+    return lambda: d.prefill(1, bucket, reuse=True, **flags).lower(
         d.generator.params, d.empty_state(abstract=True),
         jax.ShapeDtypeStruct((1, bucket), jnp.int32), scalar(jnp.int32),
         one(scalar(jnp.int32)), scalar(jnp.int32), scalar(jnp.int32),
@@ -98,7 +98,8 @@ def _lower_round(runner, greedy: bool, span: int, A: int):
   def program(params, state, live_B, draft_params, draft_state):
     caches = None if draft is None else draft_state.caches
     out, state, caches = one_round(params, state, live_B, draft_params, caches)
-    return out, state, None if draft is None else State(caches, draft_state.slots)
+    return out, state, None if draft is None else dataclasses.replace(draft_state,
+                                                                      caches=caches)
   draft_args = (None, None) if draft is None else (
       runner.spec.draft.params, draft.empty_state(abstract=True))
   return jax.jit(program, donate_argnums=(1, 4), out_shardings=(

@@ -70,9 +70,8 @@ class Engine:
     self.detokenize, self.metrics = detokenize, metrics
     self.scheduler = Scheduler(self.slots, self.length, buckets=runner.buckets,
                                max_queue=max_queue, policy=policy,
-                               prefix_reuse=prefix_reuse and runner.prefix_reuse,
-                               group_rows=runner.group_rows, step_tokens=step_tokens,
-                               chunked=runner.prefix_reuse)
+                               prefix_reuse=prefix_reuse, group_rows=runner.group_rows,
+                               step_tokens=step_tokens)
     self.output = OutputProcessor(eos_ids=eos_ids, detokenize=detokenize, metrics=metrics,
                                   on_finish=self._release)
     self._thread: threading.Thread | None = None
@@ -234,10 +233,6 @@ def build(config: Config, mesh, *, tokenizer=None, progress: bool = True) -> Eng
   if s.max_slots % data:
     raise UserError(f"serve.max_slots={s.max_slots} does not split over the {data} devices "
                     f"of the batch axes; use a multiple of {data}")
-  if config.speculative.method != "none" and mesh.shape[axes.STAGE] > 1:
-    raise UserError(f"speculative.method={config.speculative.method} with mesh.stage="
-                    f"{mesh.shape[axes.STAGE]}: the server speculates on meshes without stages "
-                    f"(generate on any); set speculative.method=none or mesh.stage=1")
   generator = gen_lib.build(config, mesh)
   spec = gen_lib.speculation(config, generator, mesh)
   length = slot_length(config, generator, spec)

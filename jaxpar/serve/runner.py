@@ -39,7 +39,6 @@ class RunnerLike(Protocol):
   length: int
   buckets: tuple[int, ...]
   group_rows: int  # rows per data group (the scheduler fills each group's first rows first)
-  prefix_reuse: bool  # a prefill can start from another row's cached prefix
   compiled: dict  # every program, compiled
 
   def step(self, running: Sequence[Stream | None]) -> list[Event]:
@@ -113,11 +112,13 @@ class Runner:
   and a new request prefilled into the row runs after it. On a pipeline the `late` rows' step
   gives the token of their previous entry: it belongs to whoever held the row then.
 
-  With `speculation` (without stages; `draft`: the draft's slot decoder, its own caches
+  With `speculation` (`draft`: the draft's slot decoder, its own caches
   prefilled beside the model's), a step whose running rows all `Params.speculates` is one
   round (`speculative.round_fn`): the proposals and their check, 1 to k + 1 tokens per row.
   The host does not know how many until it reads them: meanwhile a row's host position is
-  the most it can be. The decoder holds k positions per row more than requests may use."""
+  the most it can be. The decoder holds k positions per row more than requests may use. On
+  a pipeline a round gives every row's own tokens (a late row's first is the one its last
+  step left in the ring, computed again) and leaves nothing in flight."""
 
   def __init__(self, decoder: Decoder, *, buckets: tuple[int, ...], spans: tuple[int, ...],
                progress: bool = True, precompile: bool = True,
@@ -126,15 +127,14 @@ class Runner:
     self.decoder, self.generator = decoder, decoder.generator
     self.spec, self.draft, self.metrics = speculation, draft, metrics
     self.k = speculation.k if speculation.on else 0
-    if speculation.on and (decoder.pipelined or speculation.uses_draft != (draft is not None)):
-      raise ValueError(f"speculation {speculation.method}: a decoder without stages, and a "
-                       f"draft decoder exactly when it uses one")
+    if speculation.on and speculation.uses_draft != (draft is not None):
+      raise ValueError(f"speculation {speculation.method}: a draft decoder exactly when it "
+                       f"uses one")
     # A row's last k positions hold its checked proposals: requests end k before them.
     self.slots, self.length = decoder.slots, decoder.length - self.k
     self.buckets, self.spans = tuple(buckets), tuple(spans)
     self.rows = row_buckets(decoder)
     self.group_rows = self.slots // decoder.data_ways
-    self.prefix_reuse = not decoder.pipelined  # a pipeline prefills whole prompts
     self._late = decoder.late()
     self.width = grammar.words(self.generator.config.model.vocab_size)  # a row's mask
     with jax.set_mesh(self.generator.mesh):
@@ -149,6 +149,9 @@ class Runner:
     # the sampled step.
     self._positions = np.zeros(self.slots, np.int32)
     self._sampled = np.zeros(self.slots, bool)
+    # On a pipeline, the late rows whose last step's entry is still in the ring (a round
+    # computes it again: the host has counted its token already).
+    self._in_ring = np.zeros(self.slots, bool)
     self.reset()
 
   def reset(self) -> None:
@@ -163,6 +166,7 @@ class Runner:
     self._firsts: list = []
     self._queued: list = []
     self._owners: dict = {}  # {row: owner} of the last step's entries
+    self._in_ring[:] = False
     # What prompt lookup would find, as far as the host has read (speculating by lookup).
     self._seen = Seen(self.spec.ngram_min if self.spec.method == "ngram" else 0)
 
@@ -184,13 +188,18 @@ class Runner:
       A = next(a for a in self.rows if a > max(b % self.group_rows for b in rows))
       at = {b: i for i, b in enumerate(self.active(A))}  # row -> its place in the step
       now = {b: running[b] for b in rows}
+      rounds = self.k and all(running[b].params.speculates() for b in rows) and (
+          self._guessable(rows))
+      # A step's late rows give their entry of the step before; a round gives every row's
+      # own (and the late rows' next step gives nothing kept).
+      late = self._late & (not rounds)
       owners = {b: owner for b in range(self.slots)
-                if (owner := (self._owners if self._late[b] else now).get(b)) is not None}
-      self._owners = now
+                if (owner := (self._owners if late[b] else now).get(b)) is not None}
+      self._owners = {} if rounds else now
       self._positions[rows] += 1
       params = self.generator.params
       masked = any(running[b].matcher is not None for b in rows)
-      if self.k and all(running[b].params.speculates() for b in rows) and self._guessable(rows):
+      if rounds:
         queued = [(self._speculate(greedy, last, A, rows, at), owners, at)]
       elif greedy:
         next_B, self._state = self.compiled["decode", True, span, A](params, self._state)
@@ -204,6 +213,8 @@ class Runner:
         program = self.compiled["decode", False, span, A]
         next_B, self._state = program(params, self._state, self._open_mask(program, len(at)))
         queued = [(next_B, owners, at)]
+      if not rounds and self.decoder.pipelined:
+        self._in_ring[:] = self._late
     events = self._read(running)
     self._queued = queued
     return events
@@ -215,7 +226,8 @@ class Runner:
     span = next(t for t in self.spans if t > last + k)  # it writes positions up to last + k
     live = np.zeros(len(at), bool)
     live[[at[b] for b in rows]] = True
-    self._positions[rows] += k
+    self._positions[rows] += k - self._in_ring[rows]
+    self._in_ring[:] = False
     draft_params = self.spec.draft.params if self.draft else None
     out, self._state, self._draft_state = self.compiled["speculate", greedy, span, A](
         self.generator.params, self._state, live, draft_params, self._draft_state)
@@ -290,9 +302,6 @@ class Runner:
 
   def prefill(self, placement: Placement) -> list[Event]:
     stream, b, start = placement.stream, placement.row, placement.start
-    if start and not self.prefix_reuse:
-      raise ValueError(f"{placement}: this runner prefills whole prompts (prefix_reuse is "
-                       f"False), from position 0")
     P = placement.end  # the prompt's tokens computed after this chunk
     seed, sampling = settings(stream, self.generator.eos_ids, self.decoder.bias, self.width)
     tokens = np.zeros((1, placement.bucket), np.int32)
@@ -309,6 +318,7 @@ class Runner:
           one(np.int32(P)), np.int32(placement.source), np.int32(b),
           jax.tree.map(one, sampling), one(seed), one(np.int32(stream.params.choice)))
     self._positions[b], self._sampled[b] = P, not stream.params.greedy()
+    self._in_ring[b] = False  # (its entry in flight is not kept)
     if not placement.last:  # the row fills on (not decoded): its token is not the request's
       return []
     self._seen.start(b, stream.prompt)

@@ -69,19 +69,17 @@ class Scheduler:
   positions, in groups of `group_rows` (a runner's data groups, whose first rows it steps
   alone when the others are free); prompts pad to the least of `buckets` that holds them.
   `prefix_reuse` false: every prompt is computed from position 0 (the index is kept all the
-  same). `step_tokens` (0: no limit): the budget of chunked prefill (module docstring);
-  `chunked` false (a runner that cannot continue a row): prompts whole, as many a step as
-  the budget holds (at least one)."""
+  same). `step_tokens` (0: no limit): the budget of chunked prefill (module docstring)."""
 
   def __init__(self, slots: int, length: int, *, buckets: tuple[int, ...], max_queue: int,
                policy: str, prefix_reuse: bool, group_rows: int | None = None,
-               step_tokens: int = 0, chunked: bool = True):
+               step_tokens: int = 0):
     if policy not in POLICIES:
       raise ValueError(f"policy={policy!r}: expected one of {', '.join(POLICIES)}")
     self.slots, self.length, self.buckets = slots, length, tuple(buckets)
     self.max_queue, self.policy, self.prefix_reuse = max_queue, policy, prefix_reuse
     self.group_rows = group_rows or slots
-    self.step_tokens, self.chunked = step_tokens, chunked
+    self.step_tokens = step_tokens
     # The request of each row (decoding, or filling: its prompt part computed).
     self.running: list[Stream | None] = [None] * slots
     self.filled: dict[int, int] = {}  # filling row -> its prompt's tokens computed so far
@@ -189,7 +187,7 @@ class Scheduler:
     bucket, end = self.bucket(P - start), P
     if left is not None and bucket > left:
       fit = [t for t in self.buckets if t <= left]
-      if not self.chunked or stream.params.scores_prompt or not (fit or alone):
+      if stream.params.scores_prompt or not (fit or alone):
         if not alone:  # whole prompts only (it needs every token's logits in one call)
           return None
       elif fit:
