@@ -74,8 +74,8 @@ from jaxpar.runtime.sampling import Context
 from jaxpar.runtime.slots import (Ring, State, advance, as_rows, base_keys, blank_chosen,
                                   blank_first, cache_spec, choose, chosen_tokens, copy_rows,
                                   lead_count, lead_rows, prefilled, prompt_history,
-                                  prompt_log_probs, put_rows, state_program, with_mask,
-                                  zero_rows, zeroed_state)
+                                  prompt_log_probs, put_rows, source_row, state_program,
+                                  with_mask, zero_rows, zeroed_state)
 
 
 @dataclasses.dataclass
@@ -167,10 +167,9 @@ class Decoder:
       mask_1TS = (jnp.arange(width)[None, :] <= positions_RT[0, :, None])[None]
       return self._layers(graphdef, layers, x_RTD, Step(positions_RT, mask_1TS, start), rows)
     fresh = lambda: through(zero_rows(self, R), T)
-    copied = lambda: through(self._row(caches, src), self.positions)
-    if reuse and self.pipelined:  # no `lax.cond` around the layers' collectives inside the
-      # ring (with one, XLA:CPU hung in this prefill in 3 of 5 runs of a speculating 2x2x2
-      # engine): the row is always copied, and from position 0 the mask hides what it held
+    copied = lambda: through(source_row(self, caches, src), self.positions)
+    if reuse and self.pipelined:  # always copied (from position 0 the mask hides what the
+      # row held): a `lax.cond` around the layers' collectives in the ring hung XLA:CPU
       y_RTD, new = copied()
     elif reuse:  # a prompt that continues a cached prefix attends over all its row's slots
       y_RTD, new = lax.cond(start == 0, fresh, copied)
@@ -197,15 +196,6 @@ class Decoder:
 
   def _regroup(self, caches, g, new):
     return ring.put(caches, g, new, axis=1) if self.pipelined else new
-
-  def _row(self, caches, src):
-    """Row `src` of this stage's caches, laid out as `zero_rows(self, 1)` (a cached prefix
-    that a prompt continues): on a pipeline, row src % Bg of group src // Bg."""
-    split = self.data_ways > 1
-    if not self.pipelined:
-      return copy_rows(caches, src, 1, axis=int(self.scan), split=split)
-    return copy_rows(ring.pick(caches, src // self.Bg, axis=1), src % self.Bg, 1, axis=1,
-                     split=split)
 
   def _out(self, out, i, value, keep):
     return ring.put(out, i, value, keep) if self.pipelined else value

@@ -328,6 +328,15 @@ def zero_rows(d, R: int):
                        cache_spec(g, R, d.positions).items()})
 
 
+def source_row(d, caches, src):
+  """Row `src` of decoder `d`'s caches (a stage's, on a pipeline: row src % Bg of group
+  src // Bg), laid out as `zero_rows(d, 1)`: a cached prefix that a prompt continues."""
+  split = d.data_ways > 1
+  if not d.pipelined:
+    return copy_rows(caches, src, 1, axis=int(d.scan), split=split)
+  return copy_rows(ring.pick(caches, src // d.Bg, axis=1), src % d.Bg, 1, axis=1, split=split)
+
+
 def put_rows(d, caches, rows, slot, valid):
   """`rows` (whole rows) into slots slot.. of decoder `d`'s `caches` (None: the rows are the
   caches); on a pipeline only where `valid`."""
@@ -363,3 +372,26 @@ def state_program(d):
     shardings = State(caches, jax.tree.map(lambda _: rows, empty_slots_of(d, 1)))
   with jax.set_mesh(g.mesh):
     return jax.jit(lambda: zeroed_state(d), out_shardings=shardings).lower().compile()
+
+
+# ---- a pipeline's rows around a speculating round (`speculative.round_fn`) ----
+
+def rewound(d, state: State) -> State:
+  """On a pipeline, the rows whose entry is still in the ring after a step (`late` rows, kept:
+  their state is one token past it) set back to that entry (its token at the position before,
+  one draw fewer), which the round computes again; elsewhere `state`."""
+  if not d.pipelined:
+    return state
+  s = state.slots
+  back_B = (jnp.asarray(d.late()) & state.ring.keep).astype(jnp.int32)
+  before_B = jnp.take_along_axis(s.history, jnp.maximum(s.positions - 1, 0)[:, None], axis=1)
+  slots = dataclasses.replace(s, tokens=jnp.where(back_B > 0, before_B[:, 0], s.tokens),
+                              positions=s.positions - back_B, counts=s.counts - back_B)
+  return dataclasses.replace(state, slots=slots)
+
+
+def drained(r):
+  """A pipeline's ring after a pass that computed every row to its new position (an entry
+  still in flight from a step before was computed again, as its first token): nothing in
+  flight is kept, and every row's next input is its own last token."""
+  return dataclasses.replace(r, keep=jnp.zeros_like(r.keep), fresh=jnp.ones_like(r.fresh))

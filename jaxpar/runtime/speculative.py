@@ -4,7 +4,7 @@ the model (greedy: the output is the same token for token, whatever is proposed;
 proposer only makes more tokens per pass). On a pipeline each pass is a trip of the stage
 ring (`_staged_pass`: the groups one after another, GPipe) and every round checks; a round
 between a server's ring steps first sets rows whose entry is still in the ring back to it
-(`_rewound`) and leaves nothing in flight (`_drained`).
+(`slots.rewound`) and leaves nothing in flight (`slots.drained`).
 
     ngram   prompt lookup: the tokens that followed the latest earlier occurrence of the row's
             longest suffix of ngram_max..ngram_min tokens, in its own prompt and output; no
@@ -27,7 +27,8 @@ from jaxpar.errors import UserError
 from jaxpar.models.base import Step
 from jaxpar.runtime.sampling import Context, Sampling, adjust, filter_logits, likeliest
 from jaxpar.parallel import ring
-from jaxpar.runtime.slots import State, advance_by, as_rows, lead_count, lead_rows, token_keys
+from jaxpar.runtime.slots import (State, advance_by, as_rows, drained, lead_count, lead_rows,
+                                  rewound, token_keys)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,7 +189,7 @@ def verify_fn(d, *, k: int, span: int, greedy: bool = True, rows: int | None = N
                             rows if greedy else ())
       tokens_BT, made_B = out if greedy else draw(params, out, rows)
       slots = advance_by(cur, tokens_BT, made_B, limit)
-      return (tokens_BT, made_B), State(caches, slots, _drained(state.ring))
+      return (tokens_BT, made_B), State(caches, slots, drained(state.ring))
     return run
 
   def body(parts, caches, slots, proposed_BK):
@@ -203,27 +204,6 @@ def verify_fn(d, *, k: int, span: int, greedy: bool = True, rows: int | None = N
     out, caches, slots = body(params, state.caches, state.slots, proposed_BK)
     return out, State(caches, slots)
   return run
-
-
-def _rewound(d, state: State) -> State:
-  """On a pipeline, the rows whose entry is still in the ring after a step (`late` rows, kept:
-  their state is one token past it) set back to that entry (its token at the position before,
-  one draw fewer), which the round computes again; elsewhere `state`."""
-  if not d.pipelined:
-    return state
-  s = state.slots
-  back_B = (jnp.asarray(d.late()) & state.ring.keep).astype(jnp.int32)
-  before_B = jnp.take_along_axis(s.history, jnp.maximum(s.positions - 1, 0)[:, None], axis=1)
-  slots = dataclasses.replace(s, tokens=jnp.where(back_B > 0, before_B[:, 0], s.tokens),
-                              positions=s.positions - back_B, counts=s.counts - back_B)
-  return dataclasses.replace(state, slots=slots)
-
-
-def _drained(r):
-  """A pipeline's ring after a pass that computed every row to its new position (an entry
-  still in flight from a step before was computed again, as its first token): nothing in
-  flight is kept, and every row's next input is its own last token."""
-  return dataclasses.replace(r, keep=jnp.zeros_like(r.keep), fresh=jnp.ones_like(r.fresh))
 
 
 def propose_fn(d, *, k: int, span: int, rows: int | None = None):
@@ -292,7 +272,7 @@ def round_fn(d, spec: Speculation, *, span: int, greedy: bool, rows: int | None 
     propose = wrap(propose_fn(draft, k=k, span=span, rows=rows), draft)
 
     def run(params, state, live_B, draft_params, draft_caches):
-      state = _rewound(d, state)
+      state = rewound(d, state)
       proposed_BK, draft_caches = propose(draft_params, draft_caches, state.slots)
       return (*check(params, state, proposed_BK), draft_caches)
     return run
@@ -302,7 +282,7 @@ def round_fn(d, spec: Speculation, *, span: int, greedy: bool, rows: int | None 
       take(slots).history, take(slots).positions, k, spec.ngram_min, spec.ngram_max))
   if d.pipelined:  # every round checks (a one-token step would use the ring's own rounds)
     def run(params, state, live_B, draft_params, draft_caches):
-      state = _rewound(d, state)
+      state = rewound(d, state)
       return (*check(params, state, guess(params, state.slots)[0]), draft_caches)
     return run
   step = wrap(d.step_fn(greedy=greedy, span=span, rows=rows), d)
