@@ -373,6 +373,7 @@ def plot(results: dict, path: str) -> None:
     ax.set_yscale("log")
     ax.set_title(title + ", whiskers p1-p99")
   fig.tight_layout()
+  pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)  # (a fresh clone has none)
   fig.savefig(path, dpi=110)
 
 

@@ -24,7 +24,7 @@ from jaxpar.runtime.decoder import Decoder
 from jaxpar.runtime.slots import row_buckets
 from jaxpar.runtime.speculative import Speculation
 from jaxpar.serve import grammar
-from jaxpar.serve.compiled import Programs, compiling, makers
+from jaxpar.serve.compiled import Programs, compiling, makers, warm_up
 from jaxpar.serve.request import Stream, TokenLogprobs
 from jaxpar.serve.scheduler import Placement
 from jaxpar.serve.shapes import settings
@@ -139,11 +139,6 @@ class Runner:
     self.width = grammar.words(self.generator.config.model.vocab_size)  # a row's mask
     with jax.set_mesh(self.generator.mesh):
       self.compiled = Programs(makers(self), self.generator.mesh)
-    if precompile:
-      self.compile_all(progress)
-    elif progress:
-      say(f"{len(self.compiled.makers)} programs compile on first use "
-          f"(serve.precompile=false)")
     self._open = {}  # the open masks of a step's rows, by how many it computes
     # The host's copy of the rows' positions (which span) and whether their request needs
     # the sampled step.
@@ -153,6 +148,11 @@ class Runner:
     # computes it again: the host has counted its token already).
     self._in_ring = np.zeros(self.slots, bool)
     self.reset()
+    if precompile:
+      self.compile_all(progress)
+    elif progress:
+      say(f"{len(self.compiled.makers)} programs compile on first use "
+          f"(serve.precompile=false)")
 
   def reset(self) -> None:
     self._state = self.decoder.empty_state()
@@ -330,7 +330,8 @@ class Runner:
     self._seen.end(row)
 
   def compile_all(self, progress: bool = True) -> None:
-    """Compiles every program (so that no request waits for a compile), said in a line."""
+    """Compiles every program and runs each once (`compiled.warm_up`), so that no request
+    waits for a compile or a program's slow first run; said in a line."""
     d = self.decoder
     rows = "" if len(self.rows) == 1 else f" ({', '.join(map(str, self.rows))} active rows)"
     steps = (f"decode steps of {self.slots} slots{rows} over {', '.join(map(str, self.spans))} "
@@ -338,6 +339,7 @@ class Runner:
              + (f", rounds checking {self.k} {self.spec.method} proposals" if self.k else ""))
     with compiling(len(self.compiled.makers), self.buckets, steps, progress=progress):
       self.compiled.compile_all()
+      warm_up(self)
 
   def _open_mask(self, program, rows: int):
     """The mask that allows every token, for a step of `rows` rows (made once per count)."""
