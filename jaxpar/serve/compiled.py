@@ -1,5 +1,6 @@
 """The runner's programs: how each is compiled (`makers`), kept by key and compiled on first
-use or all at once (`Programs`), with a line saying so (`compiling`)."""
+use or all at once (`Programs`), with a line saying so (`compiling`), and each run once
+before serving (`warm_up`)."""
 
 import contextlib
 import dataclasses
@@ -112,8 +113,9 @@ def _lower_round(runner, greedy: bool, span: int, A: int):
 def warm_up(runner) -> None:
   """Runs each of a `runner.Runner`'s compiled programs once, on its own state and zeros for
   the other inputs, then zeroes the state: XLA:CPU's first run of a program costs several
-  times the next ones (GPT-2 124M's shape, one CPU device, the 8-row decode step: 106-143
-  ms, then 21-40 ms), which the first requests would otherwise pay, program by program."""
+  times the next ones (GPT-2 124M's shape, one CPU device, the 8-row decode step: 128-143
+  ms, then 23-35 ms; `benchmarks/warm_up.py`), which the first requests would otherwise pay,
+  program by program."""
   draft_params = runner.spec.draft.params if runner.draft else None
   for key, program in runner.compiled.items():
     own = key[0] != "draft prefill"  # else the draft's program, on its params and state
@@ -132,4 +134,3 @@ def warm_up(runner) -> None:
       runner._draft_state = out[1]
     jax.block_until_ready(out)
   runner.reset()
-
