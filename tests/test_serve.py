@@ -812,6 +812,10 @@ def test_speculating_engine_gives_the_tokens_of_transformers(root, checkpoint, d
                 ("speculate", True, runner.spans[0], runner.rows[-1])]:
       runner.compiled[key]  # noqa: B018 (compiles it)
     warm_up(runner)
+    import jax
+    for state, d in ((runner._state, runner.decoder), (runner._draft_state, runner.draft)):
+      for warm, empty in zip(jax.tree.leaves(state), jax.tree.leaves(d.empty_state())):
+        np.testing.assert_array_equal(np.asarray(warm), np.asarray(empty))
 
   def checked_step(running):  # the host's positions are the devices' once no round is unread
     if not runner._firsts and not any(isinstance(q[0], Checked) for q in runner._queued):
